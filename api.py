@@ -1,0 +1,1412 @@
+"""A self-hosted Web Push server in one file.
+
+Copy ``api.py``, ``static/`` and ``requirements.txt``, then run ``python api.py``.
+It keeps a VAPID key pair in ``vapid/``, stores browser push subscriptions in a
+JSON-lines file, and fans notifications out to them with pywebpush.
+
+Sections, top to bottom, each using only those above it:
+Configuration, Keys, Store, Delivery, HTTP, Command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import bottle
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from py_vapid import Vapid
+from pywebpush import WebPushException, webpush_async
+
+__version__ = "0.1.0"
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("webpush")
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+
+def _setting(default: Any, env: str, help: str, cli: bool = True) -> Any:
+    """A setting: its default, the environment variable that overrides it, and help.
+
+    Secrets have ``cli=False``: command lines are visible to every local user.
+    """
+    return field(default=default, metadata={"env": env, "help": help, "cli": cli})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting with its default, in one place. Environment variables
+    override the defaults; command-line options override both."""
+
+    host: str = _setting("127.0.0.1", "HOST", "address to listen on")
+    port: int = _setting(8080, "PORT", "port to listen on")
+    vapid_dir: str = _setting(
+        str(HERE / "vapid"),
+        "VAPID_DIR",
+        "directory of the VAPID key pair and push token",
+    )
+    vapid_private_key: str = _setting(
+        "",
+        "VAPID_PRIVATE_KEY",
+        "path of a VAPID private key (PEM or base64url), or the base64url key itself; "
+        "overrides the key in VAPID_DIR",
+        cli=False,
+    )
+    vapid_subject: str = _setting(
+        "",
+        "VAPID_SUBJECT",
+        "contact for push services, a mailto: or https: URL (the JWT 'sub')",
+    )
+    push_token: str = _setting(
+        "",
+        "PUSH_TOKEN",
+        "admin bearer token for POST /push; when unset, one is generated "
+        "into VAPID_DIR/push_token",
+        cli=False,
+    )
+    subscriptions_file: str = _setting(
+        str(HERE / "subscriptions.json"),
+        "SUBSCRIPTIONS_FILE",
+        "the subscription store (JSON lines)",
+    )
+    cors_origins: str = _setting(
+        "*",
+        "CORS_ORIGINS",
+        "origins allowed to call the API: * or a comma-separated list",
+    )
+    push_endpoint_pattern: str = _setting(
+        "",
+        "PUSH_ENDPOINT_PATTERN",
+        "regular expression, matched from the start of the endpoint URL, that replaces "
+        "the built-in push service allowlist (e.g. for a self-hosted push service)",
+    )
+    max_body_bytes: int = _setting(
+        32768, "MAX_BODY_BYTES", "largest request body accepted"
+    )
+    max_topics: int = _setting(
+        20, "MAX_TOPICS", "most topics one subscription may name"
+    )
+    default_ttl: int = _setting(
+        86400,
+        "DEFAULT_TTL",
+        "seconds a push service keeps a message for an offline device",
+    )
+    push_concurrency: int = _setting(
+        200, "PUSH_CONCURRENCY", "most push messages in flight at once"
+    )
+    push_timeout: float = _setting(
+        10.0, "PUSH_TIMEOUT", "seconds to wait for one push service answer"
+    )
+    threads: int = _setting(16, "THREADS", "HTTP worker threads")
+    log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
+
+    @classmethod
+    def from_env(
+        cls, environ: dict[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Defaults, then environment variables, then ``overrides``."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = type(f.default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(
+            f"error: {f.metadata['env']}={raw!r} is not a valid {kind.__name__}"
+        ) from None
+
+
+###############################################################################
+# Keys ########################################################################
+###############################################################################
+
+PRIVATE_PEM = "private_key.pem"
+PUBLIC_TXT = "public_key.txt"
+PUSH_TOKEN_FILE = "push_token"
+# Files made "the blog's way" with openssl, accepted as they are.
+OPENSSL_PEM = "vapid_private.pem"
+OPENSSL_PRIVATE_TXT = "private_key.txt"
+
+VAPID_LIFETIME = 12 * 3600  # JWT exp: push services refuse more than 24 h ahead
+VAPID_REFRESH = 3600  # sign a new header when the cached one has less than this left
+
+
+def b64url_encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without padding or line breaks; raises ValueError."""
+    text = "".join(text.split())
+    if not re.fullmatch(r"[A-Za-z0-9_\-]*={0,2}", text):
+        raise ValueError("not base64url")
+    text = text.rstrip("=")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 (never readable by others, even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _parse_private_key(text: str) -> ec.EllipticCurvePrivateKey:
+    """A P-256 private key from PEM, base64url raw (32 bytes) or base64 DER."""
+    text = text.strip()
+    if "-----BEGIN" in text:
+        # openssl ecparam without -noout puts an EC PARAMETERS block first.
+        match = re.search(
+            r"-----BEGIN (EC )?PRIVATE KEY-----.*?-----END (EC )?PRIVATE KEY-----",
+            text,
+            re.DOTALL,
+        )
+        if not match:
+            raise ValueError("no PRIVATE KEY block in the PEM text")
+        key = serialization.load_pem_private_key(match.group(0).encode(), password=None)
+    else:
+        raw = b64url_decode(text.replace("+", "-").replace("/", "_"))
+        if len(raw) == 32:
+            key = ec.derive_private_key(int.from_bytes(raw, "big"), ec.SECP256R1())
+        else:
+            key = serialization.load_der_private_key(raw, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError("not a P-256 (prime256v1) EC private key")
+    return key
+
+
+class VapidKeys:
+    """The server's VAPID identity (RFC 8292): key pair, subject, signed headers."""
+
+    def __init__(
+        self, private_key: ec.EllipticCurvePrivateKey, subject: str, source: str
+    ):
+        self._vapid = Vapid(private_key)
+        self.subject = subject
+        self.source = source
+        self.public_key = b64url_encode(
+            private_key.public_key().public_bytes(
+                serialization.Encoding.X962,
+                serialization.PublicFormat.UncompressedPoint,
+            )
+        )
+        self._headers: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load_or_create(cls, settings: Settings) -> VapidKeys:
+        """Load the key from VAPID_PRIVATE_KEY or VAPID_DIR; create one only when
+        none exists (a new key would orphan every stored subscription)."""
+        subject = settings.vapid_subject or "mailto:webpush@localhost"
+        directory = Path(settings.vapid_dir)
+        if settings.vapid_private_key:
+            value = settings.vapid_private_key
+            if os.path.isfile(value):
+                return cls(_load_key_file(Path(value)), subject, value)
+            try:
+                return cls(_parse_private_key(value), subject, "VAPID_PRIVATE_KEY")
+            except ValueError as e:
+                raise SystemExit(
+                    f"error: VAPID_PRIVATE_KEY is neither a file nor a P-256 key ({e})"
+                ) from None
+        for name in (PRIVATE_PEM, OPENSSL_PEM, OPENSSL_PRIVATE_TXT):
+            path = directory / name
+            if path.is_file():
+                keys = cls(_load_key_file(path), subject, str(path))
+                keys._check_public_file(directory / PUBLIC_TXT)
+                return keys
+        return cls._create(directory, subject)
+
+    @classmethod
+    def _create(cls, directory: Path, subject: str) -> VapidKeys:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        private_key = ec.generate_private_key(ec.SECP256R1())
+        pem = private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_secret(directory / PRIVATE_PEM, pem)
+        keys = cls(private_key, subject, str(directory / PRIVATE_PEM))
+        (directory / PUBLIC_TXT).write_text(keys.public_key + "\n")
+        log.info("generated a new VAPID key pair in %s", directory)
+        return keys
+
+    def _check_public_file(self, path: Path) -> None:
+        if not path.is_file():
+            path.write_text(self.public_key + "\n")
+            return
+        try:
+            stored = b64url_encode(b64url_decode(path.read_text()))
+        except ValueError:
+            stored = None
+        if stored != self.public_key:
+            raise SystemExit(
+                f"error: {path} does not match the private key {self.source}; "
+                "delete the public key file to have it written anew"
+            )
+
+    def authorization(self, audience: str) -> str:
+        """The ``Authorization`` header for one push service origin, signed once
+        and reused until it nears expiry. Each call gets its own claims dict."""
+        now = time.time()
+        with self._lock:
+            cached = self._headers.get(audience)
+            if cached and cached[1] - now > VAPID_REFRESH:
+                return cached[0]
+            expires = int(now) + VAPID_LIFETIME
+            claims = {"aud": audience, "exp": expires, "sub": self.subject}
+            header = self._vapid.sign(claims)["Authorization"]
+            self._headers[audience] = (header, expires)
+            return header
+
+
+def _load_key_file(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        return _parse_private_key(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(
+            f"error: cannot read a VAPID private key from {path}: {e}"
+        ) from None
+
+
+def subject_warning(subject: str) -> str | None:
+    """Why push services may refuse this VAPID subject, or None."""
+    if not subject:
+        return (
+            "VAPID_SUBJECT is unset: set it to a mailto: or https: contact; "
+            "Apple's push service refuses pushes without one (403 BadJwtToken)"
+        )
+    if not re.match(r"^(mailto:[^@\s]+@[^@\s]+|https://[^\s/]+)", subject):
+        return f"VAPID_SUBJECT {subject!r} is not a mailto: or https: URL"
+    host = (
+        subject.split("@")[-1]
+        if subject.startswith("mailto:")
+        else urlsplit(subject).hostname
+    )
+    host = (host or "").lower().rstrip("/")
+    if host in ("localhost", "127.0.0.1", "[::1]") or host.endswith(
+        (
+            ".localhost",
+            ".local",
+            "example.com",
+            "example.org",
+            "example.net",
+            ".example",
+        )
+    ):
+        return (
+            f"VAPID_SUBJECT {subject!r} is a local or example address: "
+            "Apple's push service answers it with 403 BadJwtToken"
+        )
+    return None
+
+
+def load_or_create_token(settings: Settings) -> tuple[str, bool]:
+    """The admin token and whether it was just generated."""
+    if settings.push_token:
+        return settings.push_token, False
+    path = Path(settings.vapid_dir) / PUSH_TOKEN_FILE
+    if path.is_file():
+        token = path.read_text().strip()
+        if token:
+            return token, False
+        raise SystemExit(f"error: {path} is empty; delete it to have a new token made")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    _write_secret(path, (token + "\n").encode())
+    return token, True
+
+
+###############################################################################
+# Store #######################################################################
+###############################################################################
+
+
+class StoreLocked(Exception):
+    """Another process holds the subscription file."""
+
+
+class StoreDamaged(Exception):
+    """The subscription file has a bad record before its last line."""
+
+
+def _lock_file(path: Path) -> Any:
+    """Hold an exclusive lock on ``path`` for as long as the returned file is open."""
+    handle = open(path, "a+b")  # noqa: SIM115 - it must outlive this function
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreLocked(
+            f"{path} is locked: another api.py is using this subscription file; "
+            "stop it, or give this one another SUBSCRIPTIONS_FILE"
+        ) from None
+    return handle
+
+
+class SubscriptionStore:
+    """Subscriptions by id, kept in a JSON-lines journal.
+
+    Each line is one record: a subscription (``{"id": ..., ...}``) that adds or
+    replaces the one with that id, or ``{"id": ..., "deleted": true}``. The file
+    is replayed at start and rewritten (atomically, via a temporary file and
+    rename) once it holds more than twice as many lines as live records, so one
+    write costs the same whatever the number stored. A write returns only after
+    fsync; writers that arrive while an fsync runs share the next one.
+    """
+
+    COMPACT_MIN_LINES = 1000
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_handle = _lock_file(self.path.with_name(self.path.name + ".lock"))
+        self._records: dict[str, dict] = {}
+        self._lines = 0
+        self._mutex = threading.Lock()  # order of writes and the in-memory view
+        self._sync = threading.Condition()  # group commit of fsync
+        self._written = 0
+        self._synced = 0
+        self._syncing = False
+        self._fd = -1
+        try:
+            self._replay()
+            if self._lines > max(2 * len(self._records), self.COMPACT_MIN_LINES):
+                self._compact()
+            self._fd = self._open_append()
+        except BaseException:
+            self._lock_handle.close()
+            raise
+
+    # -- reading ----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, record_id: str) -> dict | None:
+        return self._records.get(record_id)
+
+    def list(self, topic: str | None = None) -> list[dict]:
+        """A snapshot of the records, all or those subscribed to ``topic``."""
+        with self._mutex:
+            records = list(self._records.values())
+        if topic is None:
+            return records
+        return [r for r in records if topic in r.get("topics", ())]
+
+    # -- writing ----------------------------------------------------------------
+
+    def upsert(self, record: dict) -> bool:
+        """Store ``record`` (it must have an ``id``); True when the id is new."""
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        with self._mutex:
+            created = record["id"] not in self._records
+            self._append(line)
+            self._records[record["id"]] = record
+            seq = self._compact_if_due()
+        self._wait_synced(seq)
+        return created
+
+    def remove(self, record_id: str) -> bool:
+        """Forget a record; False when it was not stored."""
+        with self._mutex:
+            if record_id not in self._records:
+                return False
+            self._append(json.dumps({"id": record_id, "deleted": True}))
+            del self._records[record_id]
+            seq = self._compact_if_due()
+        self._wait_synced(seq)
+        return True
+
+    def close(self) -> None:
+        with self._mutex, self._sync:
+            while self._syncing:
+                self._sync.wait()
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+            self._lock_handle.close()
+
+    # -- the file ---------------------------------------------------------------
+
+    def _replay(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        last = len(lines)
+        while last and not lines[last - 1].strip():
+            last -= 1
+        good_end = 0
+        for number, raw in enumerate(lines[:last], start=1):
+            if raw.strip():
+                record = _parse_record(raw)
+                if record is None:
+                    if number < last:
+                        raise StoreDamaged(
+                            f"{self.path} line {number} is not a valid record; the file "
+                            f"is damaged in the middle. Inspect it (sed -n {number}p "
+                            f"{self.path}), then fix or delete that line and start again"
+                        )
+                    log.warning(
+                        "%s: skipping the torn last line %d (a write cut short by a crash)",
+                        self.path,
+                        number,
+                    )
+                    self._truncate(good_end)
+                    break
+                self._lines += 1
+                if record.get("deleted"):
+                    self._records.pop(record["id"], None)
+                else:
+                    self._records[record["id"]] = record
+            good_end += len(raw) + 1
+
+    def _truncate(self, size: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _open_append(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        size = os.fstat(fd).st_size
+        if size:
+            # A file edited by hand may lack its last newline: never glue two records.
+            with open(self.path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(fd, b"\n")
+        _fsync_dir(self.path.parent)
+        return fd
+
+    def _append(self, line: str) -> None:
+        """Append one record; the caller holds the mutex."""
+        data = (line + "\n").encode("utf-8")
+        written = os.write(self._fd, data)
+        if written != len(data):  # disk full mid-line: the replay skips a torn tail
+            raise OSError(f"short write to {self.path}")
+        self._lines += 1
+        self._written += 1
+
+    def _compact_if_due(self) -> int:
+        """Rewrite the file when it is mostly dead lines (caller holds the mutex);
+        returns the write number the caller must wait for."""
+        if self._lines > max(2 * len(self._records), self.COMPACT_MIN_LINES):
+            with self._sync:
+                while self._syncing:  # never close the fd under a running fsync
+                    self._sync.wait()
+                os.fsync(self._fd)  # the journal is durable before it is replaced
+                os.close(self._fd)
+                self._fd = -1
+                self._compact()
+                self._fd = self._open_append()
+                self._synced = self._written
+        return self._written
+
+    def _compact(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8", opener=_private_opener) as f:
+            for record in self._records.values():
+                f.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False))
+                f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self._lines = len(self._records)
+        log.info("compacted %s to %d records", self.path, self._lines)
+
+    def _wait_synced(self, seq: int) -> None:
+        """Return once write number ``seq`` is on disk, sharing fsyncs."""
+        with self._sync:
+            while self._synced < seq:
+                if self._syncing:
+                    self._sync.wait()
+                    continue
+                self._syncing = True
+                target = self._written
+                fd = self._fd
+                self._sync.release()
+                try:
+                    os.fsync(fd)
+                finally:
+                    self._sync.acquire()
+                    self._syncing = False
+                    self._sync.notify_all()
+                self._synced = max(self._synced, target)
+
+
+def _parse_record(raw: bytes) -> dict | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        return None
+    return record
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+###############################################################################
+# Delivery ####################################################################
+###############################################################################
+
+MAX_PLAINTEXT = 3993  # 4096-byte encrypted record minus aes128gcm overhead (RFC 8291)
+URGENCIES = ("very-low", "low", "normal", "high")
+RETRY_TRIES = 3
+RETRY_MAX_WAIT = 30.0
+
+
+@dataclass
+class Message:
+    """One notification as sent to every subscriber."""
+
+    payload: bytes
+    ttl: int
+    urgency: str | None = None
+    topic: str | None = None  # the Topic header: a newer message replaces an older one
+
+
+@dataclass
+class PushOutcome:
+    """What happened to one subscriber."""
+
+    record_id: str
+    origin: str
+    status: int | None  # HTTP status from the push service; None: no answer
+    result: str  # sent, failed or removed
+    reason: str = ""
+    tries: int = 1
+
+
+@dataclass
+class PushReport:
+    outcomes: list[PushOutcome] = field(default_factory=list)
+
+    def summary(self, detail: bool = False) -> dict:
+        counts = {"sent": 0, "failed": 0, "removed": 0, "retried": 0}
+        for outcome in self.outcomes:
+            counts[outcome.result] += 1
+            counts["retried"] += outcome.tries > 1
+        if detail:
+            counts["results"] = [
+                {
+                    "id": o.record_id,
+                    "origin": o.origin,
+                    "status": o.status,
+                    "result": o.result,
+                    "reason": o.reason,
+                }
+                for o in self.outcomes
+            ]
+        return counts
+
+
+def endpoint_origin(endpoint: str) -> str:
+    parts = urlsplit(endpoint)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _retry_delay(retry_after: str | None, attempt: int) -> float:
+    """Seconds to wait before retry ``attempt``: Retry-After when given, else backoff."""
+    if retry_after:
+        try:
+            return min(max(float(retry_after), 0.0), RETRY_MAX_WAIT)
+        except ValueError:
+            pass
+        try:
+            from email.utils import parsedate_to_datetime
+
+            when = parsedate_to_datetime(retry_after).timestamp()
+            return min(max(when - time.time(), 0.0), RETRY_MAX_WAIT)
+        except (TypeError, ValueError):
+            pass
+    return min(0.5 * 2**attempt, RETRY_MAX_WAIT)
+
+
+class WebPushSender:
+    """Sends messages to web push subscriptions, many at a time.
+
+    An asyncio loop on its own thread owns one aiohttp session, so connections
+    to each push service are reused; a semaphore bounds the messages in flight.
+    HTTP worker threads call :meth:`send` and wait only for their own push.
+    """
+
+    def __init__(self, keys: VapidKeys, store: SubscriptionStore, settings: Settings):
+        self.keys = keys
+        self.store = store
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="push-sender", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._open())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _open(self) -> None:
+        self._limit = asyncio.Semaphore(self.settings.push_concurrency)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.settings.push_concurrency),
+            timeout=aiohttp.ClientTimeout(total=self.settings.push_timeout),
+        )
+
+    def close(self) -> None:
+        async def _close() -> None:
+            await self._session.close()
+
+        asyncio.run_coroutine_threadsafe(_close(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def send(self, records: Iterable[dict], message: Message) -> PushReport:
+        """Deliver ``message`` to every record and wait for all outcomes."""
+        future = asyncio.run_coroutine_threadsafe(
+            self._send_all(list(records), message), self._loop
+        )
+        return future.result()
+
+    async def _send_all(self, records: list[dict], message: Message) -> PushReport:
+        outcomes = await asyncio.gather(*(self._send_one(r, message) for r in records))
+        return PushReport(list(outcomes))
+
+    async def _send_one(self, record: dict, message: Message) -> PushOutcome:
+        origin = endpoint_origin(record["endpoint"])
+        headers = {"TTL": str(message.ttl)}
+        if message.urgency:
+            headers["Urgency"] = message.urgency
+        if message.topic:
+            headers["Topic"] = message.topic
+        attempt = 0
+        while True:
+            attempt += 1
+            headers["Authorization"] = self.keys.authorization(origin)
+            status, reason, retry_after = await self._post(record, message, headers)
+            outcome = PushOutcome(
+                record["id"], origin, status, "failed", reason, attempt
+            )
+            if status in (200, 201, 202):
+                outcome.result = "sent"
+                return outcome
+            if status in (404, 410):
+                self.store.remove(record["id"])
+                outcome.result = "removed"
+                log.info(
+                    "removed subscription %s: %s answered %s",
+                    record["id"],
+                    origin,
+                    status,
+                )
+                return outcome
+            retryable = status is None or status == 429 or status >= 500
+            if not retryable or attempt >= RETRY_TRIES:
+                log.warning(
+                    "push to %s failed (subscription %s): %s %s",
+                    origin,
+                    record["id"],
+                    status or "no answer",
+                    reason,
+                )
+                return outcome
+            await asyncio.sleep(_retry_delay(retry_after, attempt))
+
+    async def _post(
+        self, record: dict, message: Message, headers: dict
+    ) -> tuple[int | None, str, str | None]:
+        """One POST to the push service: (status, reason, Retry-After)."""
+        async with self._limit:
+            try:
+                response = await webpush_async(
+                    {"endpoint": record["endpoint"], "keys": record["keys"]},
+                    data=message.payload,
+                    headers=dict(headers),
+                    ttl=message.ttl,
+                    timeout=aiohttp.ClientTimeout(total=self.settings.push_timeout),
+                    aiohttp_session=self._session,
+                )
+                return response.status, "", None
+            except WebPushException as e:
+                if e.response is None:
+                    return None, e.message, None
+                try:
+                    body = (await e.response.text())[:200]
+                except (aiohttp.ClientError, UnicodeDecodeError):  # only for the log
+                    body = ""
+                return (
+                    e.status_code,
+                    f"{e.response.reason}: {body}".strip(": "),
+                    e.retry_after,
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                return None, f"{type(e).__name__}: {e}".rstrip(": "), None
+
+
+###############################################################################
+# HTTP ########################################################################
+###############################################################################
+
+TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+COLLAPSE_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+MAX_ENDPOINT_LENGTH = 2048
+MAX_TTL = 28 * 86400
+PUSH_SERVICE_HOSTS = (
+    "fcm.googleapis.com",
+    "updates.push.services.mozilla.com",
+    "web.push.apple.com",
+)
+PUSH_SERVICE_DOMAINS = (
+    "notify.windows.com",
+    "push.services.mozilla.com",
+)  # one label under
+STATIC_DIR = HERE / "static"
+
+
+class ApiError(Exception):
+    """An answer other than success: status and a message that says how to fix it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
+    """Whether the server may POST to ``endpoint``: a known push service, or
+    whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits instead."""
+    if pattern is not None:
+        return pattern.match(endpoint) is not None
+    if any(c.isspace() or ord(c) < 32 or c == "\\" for c in endpoint):
+        return False
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme != "https" or "@" in parts.netloc or port not in (None, 443):
+        return False
+    host = parts.hostname or ""
+    if host in PUSH_SERVICE_HOSTS:
+        return True
+    label, _, domain = host.partition(".")
+    return (
+        domain in PUSH_SERVICE_DOMAINS
+        and re.fullmatch(r"[a-z0-9-]{1,63}", label) is not None
+    )
+
+
+def subscription_id(endpoint: str) -> str:
+    """A stable id: the same endpoint always maps to the same record."""
+    return b64url_encode(hashlib.sha256(endpoint.encode("utf-8")).digest()[:16])
+
+
+class Validator:
+    """Turns request bodies into clean values, or raises ApiError(400)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.pattern = (
+            re.compile(settings.push_endpoint_pattern)
+            if settings.push_endpoint_pattern
+            else None
+        )
+
+    def subscription(self, body: dict) -> dict:
+        """A stored-record dict from a PushSubscription body (or the blog's
+        ``{"subscription_token": ...}`` form)."""
+        sub = body
+        if "subscription_token" in body:
+            sub = body["subscription_token"]
+            if isinstance(sub, str):
+                try:
+                    sub = json.loads(sub)
+                except ValueError:
+                    raise ApiError(
+                        400, "subscription_token is not valid JSON"
+                    ) from None
+        if not isinstance(sub, dict):
+            raise ApiError(
+                400,
+                "the subscription must be a JSON object, as PushSubscription.toJSON() gives it",
+            )
+        endpoint = sub.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint:
+            raise ApiError(
+                400, "missing 'endpoint': send the browser's PushSubscription.toJSON()"
+            )
+        if len(endpoint) > MAX_ENDPOINT_LENGTH:
+            raise ApiError(
+                400, f"'endpoint' is longer than {MAX_ENDPOINT_LENGTH} characters"
+            )
+        if not endpoint_allowed(endpoint, self.pattern):
+            raise ApiError(
+                400,
+                "'endpoint' is not a known push service (https on the default port at "
+                "fcm.googleapis.com, *.push.services.mozilla.com, web.push.apple.com or "
+                "*.notify.windows.com); set PUSH_ENDPOINT_PATTERN for another one",
+            )
+        keys = sub.get("keys")
+        if not isinstance(keys, dict):
+            raise ApiError(400, "missing 'keys': an object with 'p256dh' and 'auth'")
+        p256dh = self._key(keys, "p256dh", 65)
+        if p256dh[0] != 4:
+            raise ApiError(
+                400,
+                "'keys.p256dh' is not an uncompressed P-256 point (it must start with 0x04)",
+            )
+        try:
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), p256dh)
+        except ValueError:
+            raise ApiError(
+                400, "'keys.p256dh' is not a point on the P-256 curve"
+            ) from None
+        auth = self._key(keys, "auth", 16)
+        expiration = sub.get("expirationTime")
+        if expiration is not None and (
+            isinstance(expiration, bool) or not isinstance(expiration, (int, float))
+        ):
+            raise ApiError(
+                400, "'expirationTime' must be null or a number (milliseconds)"
+            )
+        return {
+            "id": subscription_id(endpoint),
+            "endpoint": endpoint,
+            "keys": {"p256dh": b64url_encode(p256dh), "auth": b64url_encode(auth)},
+            "expirationTime": expiration,
+            "topics": self.topics(body.get("topics", sub.get("topics"))),
+        }
+
+    def _key(self, keys: dict, name: str, size: int) -> bytes:
+        value = keys.get(name)
+        if not isinstance(value, str):
+            raise ApiError(400, f"missing 'keys.{name}': a base64url string")
+        try:
+            raw = b64url_decode(value)
+        except ValueError:
+            raise ApiError(400, f"'keys.{name}' is not base64url") from None
+        if len(raw) != size:
+            raise ApiError(
+                400, f"'keys.{name}' must decode to {size} bytes, not {len(raw)}"
+            )
+        return raw
+
+    def topics(self, value: Any) -> list[str] | None:
+        """Clean topic names; None when none were given."""
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise ApiError(400, "'topics' must be a list of names")
+        if len(value) > self.settings.max_topics:
+            raise ApiError(
+                400, f"'topics' may name at most {self.settings.max_topics} topics"
+            )
+        for topic in value:
+            self.topic(topic, "topics")
+        return sorted(set(value))
+
+    def topic(self, value: Any, where: str = "topic") -> str:
+        if not isinstance(value, str) or not TOPIC_RE.match(value):
+            raise ApiError(
+                400, f"'{where}' names must be 1-64 letters, digits, '.', '_' or '-'"
+            )
+        return value
+
+    def push(self, body: dict) -> tuple[Message, str | None]:
+        """The message and topic of a POST /push body."""
+        text = {}
+        for name in ("title", "body", "icon", "url", "message"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, str):
+                raise ApiError(400, f"'{name}' must be a string")
+            text[name] = value
+        if text["body"] is None:
+            text["body"] = text["message"]
+        if not text["title"] and not text["body"]:
+            raise ApiError(
+                400,
+                "nothing to send: give a 'title' or a 'body' (or the legacy 'message')",
+            )
+        payload = json.dumps(
+            {
+                "title": text["title"] or "Notification",
+                "body": text["body"] or "",
+                "icon": text["icon"],
+                "url": text["url"],
+                "data": body.get("data"),
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode("utf-8")
+        if len(payload) > MAX_PLAINTEXT:
+            raise ApiError(
+                413,
+                f"the notification is {len(payload)} bytes as JSON, {len(payload) - MAX_PLAINTEXT} "
+                f"over the {MAX_PLAINTEXT}-byte limit of an encrypted push message; shorten it",
+            )
+        ttl = body.get("ttl", self.settings.default_ttl)
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= MAX_TTL:
+            raise ApiError(400, f"'ttl' must be whole seconds from 0 to {MAX_TTL}")
+        urgency = body.get("urgency")
+        if urgency is not None and urgency not in URGENCIES:
+            raise ApiError(400, f"'urgency' must be one of {', '.join(URGENCIES)}")
+        collapse_key = body.get("collapse_key")
+        if collapse_key is not None and (
+            not isinstance(collapse_key, str) or not COLLAPSE_KEY_RE.match(collapse_key)
+        ):
+            raise ApiError(
+                400,
+                "'collapse_key' must be 1-32 base64url characters (A-Z a-z 0-9 - _)",
+            )
+        topic = body.get("topic")
+        if topic is not None:
+            self.topic(topic)
+        return Message(payload, ttl, urgency, collapse_key), topic
+
+
+class JsonApiPlugin:
+    """Bottle plugin for API routes: ApiError and crashes become JSON errors,
+    dicts become JSON (Bottle already does that), and the body is read with a
+    size limit."""
+
+    name = "json_api"
+    api = 2
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        if not route.config.get("api"):
+            return callback
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except ApiError as e:
+                bottle.response.status = e.status
+                return {"error": e.message}
+            except bottle.HTTPResponse:
+                raise
+            except OSError:
+                log.exception(
+                    "storage error in %s %s", bottle.request.method, bottle.request.path
+                )
+                bottle.response.status = 503
+                return {
+                    "error": "the subscription store cannot be written; see the server log"
+                }
+            except Exception:
+                log.exception(
+                    "error in %s %s", bottle.request.method, bottle.request.path
+                )
+                bottle.response.status = 500
+                return {"error": "internal error; see the server log"}
+
+        return wrapper
+
+
+class CorsPlugin:
+    """Bottle plugin that adds CORS headers to API responses (CORS_ORIGINS)."""
+
+    name = "cors"
+    api = 2
+    methods = "GET, POST, DELETE, OPTIONS"
+    headers = "Content-Type, Authorization"
+
+    def __init__(self, origins: str):
+        self.origins = {o.strip() for o in origins.split(",") if o.strip()}
+
+    def add_headers(self) -> None:
+        origin = bottle.request.headers.get("Origin")
+        if "*" in self.origins:
+            bottle.response.set_header("Access-Control-Allow-Origin", "*")
+        elif origin in self.origins:
+            bottle.response.set_header("Access-Control-Allow-Origin", origin)
+            bottle.response.add_header("Vary", "Origin")
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        if not route.config.get("api"):
+            return callback
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = callback(*args, **kwargs)
+            self.add_headers()
+            return result
+
+        return wrapper
+
+    def preflight(self) -> None:
+        """The answer to an OPTIONS preflight on an API route."""
+        bottle.response.status = 204
+        bottle.response.set_header("Access-Control-Allow-Methods", self.methods)
+        bottle.response.set_header("Access-Control-Allow-Headers", self.headers)
+        bottle.response.set_header("Access-Control-Max-Age", "86400")
+
+
+def read_json(max_bytes: int) -> dict:
+    """The request body as a JSON object, or ApiError (400, 413)."""
+    length = bottle.request.content_length
+    if length > max_bytes:
+        raise ApiError(
+            413,
+            f"the body is {length} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)",
+        )
+    raw = bottle.request.body.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(
+            413, f"the body is over the {max_bytes}-byte limit (MAX_BODY_BYTES)"
+        )
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise ApiError(
+            400, "the body is not valid JSON; send Content-Type: application/json"
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def create_app(
+    settings: Settings | None = None,
+    keys: VapidKeys | None = None,
+    store: SubscriptionStore | None = None,
+    token: str | None = None,
+) -> bottle.Bottle:
+    """The WSGI application. Anything not given is made from ``settings``."""
+    settings = settings or Settings.from_env()
+    keys = keys if keys is not None else VapidKeys.load_or_create(settings)
+    store = (
+        store if store is not None else SubscriptionStore(settings.subscriptions_file)
+    )
+    token = token if token is not None else load_or_create_token(settings)[0]
+    sender = WebPushSender(keys, store, settings)
+    validate = Validator(settings)
+    cors = CorsPlugin(settings.cors_origins)
+    started = time.time()
+
+    app = bottle.Bottle()
+    app.install(cors)  # installed first, so it wraps the JSON errors too
+    app.install(JsonApiPlugin())
+    app.config.update(
+        {"webpush.store": store, "webpush.sender": sender, "webpush.keys": keys}
+    )
+    bottle.BaseRequest.MEMFILE_MAX = settings.max_body_bytes
+
+    def require_token() -> None:
+        header = bottle.request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8"), token.encode("utf-8")
+        ):
+            bottle.response.set_header("WWW-Authenticate", 'Bearer realm="push"')
+            log.warning(
+                "refused POST /push from %s: wrong or missing token",
+                bottle.request.remote_addr,
+            )
+            raise ApiError(
+                401, "send the push token as 'Authorization: Bearer <PUSH_TOKEN>'"
+            )
+
+    @app.get("/subscription", api=True)
+    def get_public_key() -> dict:
+        return {"public_key": keys.public_key}
+
+    @app.post("/subscription", api=True)
+    def subscribe() -> dict:
+        record = validate.subscription(read_json(settings.max_body_bytes))
+        previous = store.get(record["id"]) or {}
+        record["created"] = previous.get("created", int(time.time()))
+        if record["topics"] is None:  # a browser re-posting itself keeps its topics
+            record["topics"] = previous.get("topics", [])
+        created = store.upsert(record)
+        bottle.response.status = 201 if created else 200
+        log.info(
+            "%s subscription %s (%s) topics=%s",
+            "new" if created else "updated",
+            record["id"],
+            endpoint_origin(record["endpoint"]),
+            ",".join(record["topics"]) or "-",
+        )
+        return {"id": record["id"]}
+
+    @app.delete("/subscription", api=True)
+    def unsubscribe() -> None:
+        endpoint = read_json(settings.max_body_bytes).get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint:
+            raise ApiError(
+                400, 'send {"endpoint": "..."} of the subscription to delete'
+            )
+        record_id = subscription_id(endpoint)
+        if not store.remove(record_id):
+            raise ApiError(404, "no subscription with that endpoint is stored")
+        log.info("deleted subscription %s", record_id)
+        bottle.response.status = 204
+
+    @app.post("/subscription/test", api=True)
+    def test_notification() -> dict:
+        given = validate.subscription(read_json(settings.max_body_bytes))
+        stored = store.get(given["id"])
+        if stored is None:
+            raise ApiError(
+                404, "this subscription is not stored; POST /subscription first"
+            )
+        if not hmac.compare_digest(stored["keys"]["auth"], given["keys"]["auth"]):
+            raise ApiError(
+                403, "the 'auth' secret does not match the stored subscription"
+            )
+        payload = json.dumps(
+            {
+                "title": "Test notification",
+                "body": "Push works for this browser.",
+                "icon": None,
+                "url": "/",
+                "data": {"test": True},
+            },
+            separators=(",", ":"),
+        ).encode()
+        report = sender.send([stored], Message(payload, settings.default_ttl, "high"))
+        return report.summary(detail=True)
+
+    @app.post("/push", api=True)
+    def push() -> dict:
+        require_token()
+        body = read_json(settings.max_body_bytes)
+        message, topic = validate.push(body)
+        records = store.list(topic)
+        started_at = time.monotonic()
+        report = sender.send(records, message)
+        summary = report.summary(detail=bool(body.get("detail")) or len(records) <= 10)
+        log.info(
+            "push%s to %d subscriptions in %.2fs: sent=%d failed=%d removed=%d retried=%d",
+            f" (topic {topic})" if topic else "",
+            len(records),
+            time.monotonic() - started_at,
+            summary["sent"],
+            summary["failed"],
+            summary["removed"],
+            summary["retried"],
+        )
+        return summary
+
+    @app.get("/health", api=True)
+    def health() -> dict:
+        return {
+            "status": "ok",
+            "subscriptions": len(store),
+            "version": __version__,
+            "uptime_seconds": int(time.time() - started),
+        }
+
+    @app.get("/")
+    def index() -> bottle.HTTPResponse:
+        return serve_static("index.html")
+
+    @app.get("/sw.js")
+    def service_worker() -> bottle.HTTPResponse:
+        response = serve_static("sw.js")
+        response.set_header("Cache-Control", "no-cache")
+        return response
+
+    @app.get("/static/<name:path>")
+    def static(name: str) -> bottle.HTTPResponse:
+        return serve_static(name)
+
+    for rule in {route.rule for route in app.routes if route.config.get("api")}:
+        app.route(rule, "OPTIONS", cors.preflight, api=True)
+
+    def json_error(error: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        cors.add_headers()
+        messages = {
+            404: "no such route; see README for the API",
+            405: "method not allowed on this route",
+        }
+        return json.dumps({"error": messages.get(error.status_code, error.status_line)})
+
+    for status in (400, 404, 405, 413, 500):
+        app.error(status)(json_error)
+    return app
+
+
+def serve_static(name: str) -> bottle.HTTPResponse:
+    """A file from static/, never one outside it (no '..', no symlinks out)."""
+    root = STATIC_DIR.resolve()
+    path = (root / name).resolve()
+    if root not in path.parents or any(
+        part.startswith(".") for part in Path(name).parts
+    ):
+        return bottle.HTTPError(404, "Not found")
+    mimetype: str | bool = "application/javascript" if path.suffix == ".js" else True
+    if path.suffix == ".webmanifest":
+        mimetype = "application/manifest+json"
+    return bottle.static_file(
+        str(path.relative_to(root)), root=str(root), mimetype=mimetype
+    )
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Settings from the command line over the environment over the defaults."""
+    env_defaults = Settings.from_env()
+    epilog = [
+        "settings only read from the environment (secrets stay off command lines):"
+    ]
+    parser = argparse.ArgumentParser(
+        prog="api.py",
+        description="A self-hosted Web Push server: VAPID keys, subscriptions, fan-out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for f in dataclasses.fields(Settings):
+        env, help_text = f.metadata["env"], f.metadata["help"]
+        if not f.metadata["cli"]:
+            epilog.append(f"  {env:<18} {help_text} [default: unset]")
+            continue
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=getattr(env_defaults, f.name),
+            help=f"{help_text} (env {env}; default: {f.default!r})",
+        )
+    parser.epilog = "\n".join(epilog)
+    parser.add_argument("--version", action="version", version=__version__)
+    args = vars(parser.parse_args(argv))
+    return dataclasses.replace(env_defaults, **args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # waitress warns at every queued request once its threads are busy: noise under load.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    try:
+        store = SubscriptionStore(settings.subscriptions_file)
+    except (StoreLocked, StoreDamaged) as e:
+        log.error("%s", e)
+        return 2
+    keys = VapidKeys.load_or_create(settings)
+    token, generated = load_or_create_token(settings)
+    warning = subject_warning(settings.vapid_subject)
+    if warning:
+        log.warning("%s", warning)
+    if settings.push_endpoint_pattern:
+        log.warning(
+            "push endpoint allowlist replaced by PUSH_ENDPOINT_PATTERN=%r",
+            settings.push_endpoint_pattern,
+        )
+    app = create_app(settings, keys, store, token)
+
+    url = f"http://{settings.host}:{settings.port}"
+    log.info("VAPID key: %s (public %s...)", keys.source, keys.public_key[:12])
+    log.info("store: %s, %d subscriptions", settings.subscriptions_file, len(store))
+    token_file = Path(settings.vapid_dir) / PUSH_TOKEN_FILE
+    if settings.push_token:
+        log.info("push token: from PUSH_TOKEN (%s...)", token[:4])
+        shown_token = "$PUSH_TOKEN"
+    elif generated:
+        print(
+            f"Generated a push token, kept in {token_file} (mode 0600):\n  {token}",
+            flush=True,
+        )
+        shown_token = token
+    else:
+        log.info("push token: %s (%s...)", token_file, token[:4])
+        shown_token = f"$(cat {token_file})"
+    print(
+        f"Send a notification to every subscriber:\n"
+        f'  curl -X POST {url}/push -H "Authorization: Bearer {shown_token}" '
+        f'-H \'Content-Type: application/json\' -d \'{{"title": "Hello", "body": "It works"}}\'',
+        flush=True,
+    )
+    log.info("serving on %s (demo page at %s/)", url, url)
+
+    import waitress
+
+    try:
+        waitress.serve(
+            app,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.threads,
+            ident="webpush",
+        )
+    except OSError as e:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

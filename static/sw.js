@@ -1,0 +1,60 @@
+// The service worker: only event handlers. Registered as /sw.js?api=<server URL>.
+"use strict";
+
+const API = new URL(self.location).searchParams.get("api") || self.location.origin;
+
+self.addEventListener("push", (event) => {
+  let data = {};
+  if (event.data) {
+    try {
+      data = event.data.json();
+    } catch {
+      data = { body: event.data.text() };
+    }
+  }
+  if (typeof data !== "object" || data === null) data = { body: String(data) };
+  const title = data.title || "New notification";
+  event.waitUntil(
+    self.registration.showNotification(title, {
+      body: data.body || "",
+      icon: data.icon || "/static/icon.png",
+      badge: "/static/badge.png",
+      data: { url: data.url || "/", data: data.data ?? null },
+    }),
+  );
+});
+
+self.addEventListener("notificationclick", (event) => {
+  event.notification.close();
+  const url = new URL(event.notification.data?.url || "/", self.location.origin).href;
+  event.waitUntil(
+    (async () => {
+      const windows = await self.clients.matchAll({ type: "window", includeUncontrolled: true });
+      const open = windows.find((client) => client.url === url);
+      if (open) return open.focus();
+      return self.clients.openWindow(url);
+    })(),
+  );
+});
+
+self.addEventListener("pushsubscriptionchange", (event) => {
+  event.waitUntil(
+    (async () => {
+      let key = event.oldSubscription?.options?.applicationServerKey;
+      if (!key) {
+        const response = await fetch(`${API}/subscription`);
+        const { public_key } = await response.json();
+        const base64 = (public_key + "=".repeat((4 - (public_key.length % 4)) % 4)).replace(/-/g, "+").replace(/_/g, "/");
+        key = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+      }
+      const subscription =
+        event.newSubscription ||
+        (await self.registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key }));
+      await fetch(`${API}/subscription`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(subscription.toJSON()),
+      });
+    })(),
+  );
+});
