@@ -1,0 +1,973 @@
+"""Tests for api.py, one per promise in README.
+
+Everything talks to real parts: the WSGI app through WebTest, a real
+``python api.py`` process over HTTP, and a push-service stand-in on 127.0.0.1
+(tests/push_service.py) that checks VAPID and decrypts what it receives.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import webtest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import api
+from tests.push_service import PushService
+
+ROOT = Path(__file__).resolve().parent
+LOCAL_PUSH = r"^http://127\.0\.0\.1:\d+/"
+TOKEN = "test-push-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+# -- fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def push_service():
+    with PushService() as service:
+        yield service
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return api.Settings.from_env(
+        {},
+        vapid_dir=str(tmp_path / "vapid"),
+        subscriptions_file=str(tmp_path / "subscriptions.json"),
+        push_endpoint_pattern=LOCAL_PUSH,
+        vapid_subject="mailto:ops@push.test",
+        push_token=TOKEN,
+        push_timeout=3.0,
+    )
+
+
+def _close(application) -> None:
+    application.config["webpush.sender"].close()
+    application.config["webpush.store"].close()
+
+
+@pytest.fixture
+def app(settings):
+    application = api.create_app(settings)
+    yield webtest.TestApp(application)
+    _close(application)
+
+
+@pytest.fixture
+def store(app):
+    return app.app.config["webpush.store"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real ``python api.py`` process."""
+
+    def __init__(self, tmp_path: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"server-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "VAPID_DIR": str(tmp_path / "vapid"),
+            "SUBSCRIPTIONS_FILE": str(tmp_path / "subscriptions.json"),
+            "PUSH_ENDPOINT_PATTERN": LOCAL_PUSH,
+            "VAPID_SUBJECT": "mailto:ops@push.test",
+            "PUSH_TOKEN": TOKEN,
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Server:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "api.py")],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if wait:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited: {self.output()}")
+                try:
+                    if requests.get(self.url + "/health", timeout=1).ok:
+                        return self
+                except requests.ConnectionError:
+                    time.sleep(0.05)
+            raise RuntimeError(f"server did not start: {self.output()}")
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    servers: list[Server] = []
+
+    def make(**env: str) -> Server:
+        servers.append(Server(tmp_path, **env))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop(signal.SIGKILL)
+
+
+def fake_subscription(n: int, port: int = 9) -> dict:
+    """A valid subscription that points at a local port nobody answers on."""
+    key = ec.derive_private_key(1000 + n, ec.SECP256R1()).public_key()
+    point = key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return {
+        "endpoint": f"http://127.0.0.1:{port}/push/fake-{n}",
+        "expirationTime": None,
+        "keys": {"p256dh": b64url(point), "auth": b64url(n.to_bytes(16, "big"))},
+    }
+
+
+# -- keys -------------------------------------------------------------------------
+
+
+def test_first_start_generates_a_vapid_key_pair_with_private_modes(app, settings):
+    vapid = Path(settings.vapid_dir)
+    assert stat.S_IMODE(vapid.stat().st_mode) == 0o700
+    assert stat.S_IMODE((vapid / "private_key.pem").stat().st_mode) == 0o600
+    public = app.get("/subscription").json["public_key"]
+    assert (vapid / "public_key.txt").read_text().strip() == public
+    raw = base64.urlsafe_b64decode(public + "=" * (-len(public) % 4))
+    assert len(raw) == 65 and raw[0] == 4 and "=" not in public
+    ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+
+
+def test_later_starts_load_the_same_key_and_never_regenerate(settings):
+    first = api.VapidKeys.load_or_create(settings)
+    pem = (Path(settings.vapid_dir) / "private_key.pem").read_bytes()
+    second = api.VapidKeys.load_or_create(settings)
+    assert second.public_key == first.public_key
+    assert (Path(settings.vapid_dir) / "private_key.pem").read_bytes() == pem
+
+
+def _openssl(directory: Path, *script: str) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    for line in script:
+        subprocess.run(line, shell=True, check=True, cwd=directory, capture_output=True)
+
+
+BLOG_KEYS = (
+    "openssl ecparam -name prime256v1 -genkey -noout -out vapid_private.pem",
+    (
+        "openssl ec -in vapid_private.pem -outform DER | tail -c +8 | head -c 32 | base64 "
+        "| tr -d '=' | tr '/+' '_-' >> private_key.txt"
+    ),
+    (
+        "openssl ec -in vapid_private.pem -pubout -outform DER | tail -c 65 | base64 "
+        "| tr -d '=' | tr '/+' '_-' >> public_key.txt"
+    ),
+)
+
+
+def test_keys_made_the_blogs_way_with_openssl_are_accepted(tmp_path, settings):
+    blog = tmp_path / "blog"
+    _openssl(blog, *BLOG_KEYS)
+    expected = "".join((blog / "public_key.txt").read_text().split())  # base64 wraps it
+
+    pem_only = tmp_path / "pem-only"
+    pem_only.mkdir()
+    shutil.copy(blog / "vapid_private.pem", pem_only)
+    keys = api.VapidKeys.load_or_create(
+        api.Settings.from_env({}, vapid_dir=str(pem_only))
+    )
+    assert keys.public_key == expected
+
+    txt_only = tmp_path / "txt-only"
+    txt_only.mkdir()
+    shutil.copy(blog / "private_key.txt", txt_only)
+    shutil.copy(blog / "public_key.txt", txt_only)
+    keys = api.VapidKeys.load_or_create(
+        api.Settings.from_env({}, vapid_dir=str(txt_only))
+    )
+    assert keys.public_key == expected
+
+    raw = (blog / "private_key.txt").read_text().strip()
+    for value in (
+        raw,
+        str(blog / "vapid_private.pem"),
+        (blog / "vapid_private.pem").read_text(),
+    ):
+        keys = api.VapidKeys.load_or_create(
+            api.Settings.from_env(
+                {"VAPID_PRIVATE_KEY": value}, vapid_dir=str(tmp_path / "unused")
+            )
+        )
+        assert keys.public_key == expected
+    assert not (tmp_path / "unused").exists()
+
+
+def test_a_pem_with_ec_parameters_first_is_accepted(tmp_path):
+    _openssl(
+        tmp_path / "k", "openssl ecparam -name prime256v1 -genkey -out private_key.pem"
+    )
+    assert "EC PARAMETERS" in (tmp_path / "k" / "private_key.pem").read_text()
+    keys = api.VapidKeys.load_or_create(
+        api.Settings.from_env({}, vapid_dir=str(tmp_path / "k"))
+    )
+    assert len(keys.public_key) == 87
+
+
+def test_a_public_key_file_that_does_not_match_stops_the_start(settings):
+    api.VapidKeys.load_or_create(settings)
+    other = api.b64url_encode(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+    )
+    (Path(settings.vapid_dir) / "public_key.txt").write_text(other)
+    with pytest.raises(SystemExit, match="does not match"):
+        api.VapidKeys.load_or_create(settings)
+
+
+def test_a_vapid_private_key_that_is_not_a_key_stops_the_start(tmp_path):
+    settings = api.Settings.from_env(
+        {"VAPID_PRIVATE_KEY": "not-a-key"}, vapid_dir=str(tmp_path)
+    )
+    with pytest.raises(SystemExit, match="VAPID_PRIVATE_KEY"):
+        api.VapidKeys.load_or_create(settings)
+
+
+@pytest.mark.parametrize(
+    ("subject", "warns"),
+    [
+        ("", True),
+        ("mailto:admin@localhost", True),
+        ("mailto:me@example.com", True),
+        ("https://localhost", True),
+        ("admin@site.org", True),
+        ("mailto:push@mysite.org", False),
+        ("https://mysite.org", False),
+    ],
+)
+def test_vapid_subject_warns_when_push_services_would_refuse_it(subject, warns):
+    assert (api.subject_warning(subject) is not None) == warns
+
+
+def test_vapid_header_is_signed_once_per_audience_with_its_own_claims(settings):
+    keys = api.VapidKeys.load_or_create(settings)
+    a = keys.authorization("https://fcm.googleapis.com")
+    b = keys.authorization("https://web.push.apple.com")
+    assert a != b and keys.authorization("https://fcm.googleapis.com") == a
+
+    def claims(header: str) -> dict:
+        jwt = header.split("t=")[1].split(",")[0]
+        payload = jwt.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+    assert claims(a)["aud"] == "https://fcm.googleapis.com"
+    assert claims(b)["aud"] == "https://web.push.apple.com"
+    assert 0 < claims(a)["exp"] - time.time() <= 24 * 3600
+
+
+# -- subscriptions ------------------------------------------------------------------
+
+
+def test_subscribe_returns_201_then_200_for_the_same_endpoint_without_duplicates(
+    app, store
+):
+    sub = fake_subscription(1)
+    first = app.post_json("/subscription", sub)
+    assert first.status_int == 201 and first.json["id"]
+    sub["keys"]["auth"] = b64url(b"\x07" * 16)
+    again = app.post_json("/subscription", {**sub, "topics": ["news"]})
+    assert again.status_int == 200 and again.json["id"] == first.json["id"]
+    assert len(store) == 1
+    record = store.get(first.json["id"])
+    assert record["keys"]["auth"] == b64url(b"\x07" * 16) and record["topics"] == [
+        "news"
+    ]
+
+
+def test_resubscribing_without_topics_keeps_the_stored_topics(app, store):
+    sub = fake_subscription(1)
+    sub_id = app.post_json("/subscription", {**sub, "topics": ["news", "alerts"]}).json[
+        "id"
+    ]
+    app.post_json("/subscription", sub)
+    assert store.get(sub_id)["topics"] == ["alerts", "news"]
+    app.post_json("/subscription", {**sub, "topics": []})
+    assert store.get(sub_id)["topics"] == []
+
+
+@pytest.mark.parametrize("as_string", [False, True])
+def test_the_blogs_subscription_token_form_is_accepted(app, store, as_string):
+    sub = fake_subscription(2)
+    token = json.dumps(sub) if as_string else sub
+    response = app.post_json(
+        "/subscription", {"subscription_token": token, "topics": ["a"]}
+    )
+    assert response.status_int == 201
+    assert store.get(response.json["id"])["endpoint"] == sub["endpoint"]
+    assert store.get(response.json["id"])["topics"] == ["a"]
+
+
+def test_unsubscribe_returns_204_then_404(app, store):
+    sub = fake_subscription(3)
+    app.post_json("/subscription", sub)
+    assert (
+        app.delete_json("/subscription", {"endpoint": sub["endpoint"]}).status_int
+        == 204
+    )
+    assert len(store) == 0
+    gone = app.delete_json("/subscription", {"endpoint": sub["endpoint"]}, status=404)
+    assert "error" in gone.json
+
+
+def test_health_counts_subscriptions(app):
+    assert app.get("/health").json["subscriptions"] == 0
+    app.post_json("/subscription", fake_subscription(4))
+    health = app.get("/health").json
+    assert health["status"] == "ok" and health["subscriptions"] == 1
+
+
+def _point(prefix: int, fill: int) -> str:
+    return b64url(bytes([prefix]) + bytes([fill]) * 64)
+
+
+VALID = fake_subscription(99)
+KEYS = VALID["keys"]
+BAD_SUBSCRIPTIONS = {
+    "not json": b"endpoint=x",
+    "json array": b"[1, 2]",
+    "NaN constant": b'{"endpoint": NaN}',
+    "endpoint missing": {"keys": KEYS},
+    "endpoint not a string": {"endpoint": 5, "keys": KEYS},
+    "endpoint not a push service": {"endpoint": "https://evil.example/x", "keys": KEYS},
+    "endpoint too long": {"endpoint": VALID["endpoint"] + "a" * 3000, "keys": KEYS},
+    "keys missing": {"endpoint": VALID["endpoint"]},
+    "keys not an object": {"endpoint": VALID["endpoint"], "keys": "abc"},
+    "p256dh missing": {"endpoint": VALID["endpoint"], "keys": {"auth": KEYS["auth"]}},
+    "p256dh not base64url": {
+        "endpoint": VALID["endpoint"],
+        "keys": {**KEYS, "p256dh": "!!!"},
+    },
+    "p256dh 64 bytes": {
+        "endpoint": VALID["endpoint"],
+        "keys": {**KEYS, "p256dh": b64url(b"\x04" * 64)},
+    },
+    "p256dh compressed": {
+        "endpoint": VALID["endpoint"],
+        "keys": {**KEYS, "p256dh": _point(2, 1)},
+    },
+    "p256dh not on the curve": {
+        "endpoint": VALID["endpoint"],
+        "keys": {**KEYS, "p256dh": _point(4, 1)},
+    },
+    "auth 15 bytes": {
+        "endpoint": VALID["endpoint"],
+        "keys": {**KEYS, "auth": b64url(b"a" * 15)},
+    },
+    "auth a number": {"endpoint": VALID["endpoint"], "keys": {**KEYS, "auth": 16}},
+    "expirationTime text": {**VALID, "expirationTime": "tomorrow"},
+    "topics not a list": {**VALID, "topics": "news"},
+    "topic with a space": {**VALID, "topics": ["bad topic"]},
+    "topic too long": {**VALID, "topics": ["a" * 65]},
+    "too many topics": {**VALID, "topics": [f"t{i}" for i in range(21)]},
+    "topic not a string": {**VALID, "topics": [1]},
+    "subscription_token bad json": {"subscription_token": "{nope"},
+    "subscription_token a number": {"subscription_token": 7},
+}
+
+
+@pytest.fixture
+def stored_file(app, settings):
+    """One subscription stored; returns a function that checks nothing changed."""
+    app.post_json("/subscription", fake_subscription(50))
+    path = Path(settings.subscriptions_file)
+    before = path.read_bytes()
+    store = app.app.config["webpush.store"]
+
+    def unchanged() -> bool:
+        return path.read_bytes() == before and len(store) == 1
+
+    return unchanged
+
+
+def _send(app, method: str, path: str, body, status, headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return app.request(
+        path,
+        method=method,
+        body=data,
+        headers={"Content-Type": "application/json", **(headers or {})},
+        status=status,
+    )
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SUBSCRIPTIONS))
+def test_bad_subscriptions_get_a_400_json_error_and_store_nothing(
+    app, stored_file, case
+):
+    response = _send(app, "POST", "/subscription", BAD_SUBSCRIPTIONS[case], 400)
+    assert response.content_type == "application/json"
+    assert isinstance(response.json["error"], str) and response.json["error"]
+    assert stored_file()
+
+
+def test_a_body_over_the_limit_gets_413_and_stores_nothing(app, stored_file):
+    big = {**VALID, "padding": "x" * 40000}
+    response = _send(app, "POST", "/subscription", big, 413)
+    assert "limit" in response.json["error"] and stored_file()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{}", {"endpoint": 7}, {"endpoint": ""}],
+    ids=["empty", "no endpoint", "number", "blank"],
+)
+def test_bad_unsubscribes_get_a_400_and_delete_nothing(app, stored_file, body):
+    response = _send(app, "DELETE", "/subscription", body, 400)
+    assert response.json["error"] and stored_file()
+
+
+BAD_PUSHES = {
+    "nothing to send": {},
+    "title a number": {"title": 5},
+    "ttl negative": {"title": "t", "ttl": -1},
+    "ttl text": {"title": "t", "ttl": "60"},
+    "urgency unknown": {"title": "t", "urgency": "urgent"},
+    "collapse_key too long": {"title": "t", "collapse_key": "a" * 33},
+    "collapse_key with slash": {"title": "t", "collapse_key": "a/b"},
+    "topic with a space": {"title": "t", "topic": "a b"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PUSHES))
+def test_bad_pushes_get_a_400_and_send_nothing(app, stored_file, push_service, case):
+    response = _send(app, "POST", "/push", BAD_PUSHES[case], 400, AUTH)
+    assert response.json["error"] and stored_file()
+    assert push_service.received() == []
+
+
+def test_a_push_over_the_payload_limit_gets_413_saying_by_how_much(app, push_service):
+    app.post_json("/subscription", push_service.subscriber().subscription)
+    response = _send(
+        app, "POST", "/push", {"title": "t", "body": "x" * 4000}, 413, AUTH
+    )
+    assert "over" in response.json["error"]
+    assert push_service.received() == []
+
+
+# -- the endpoint allowlist ---------------------------------------------------------
+
+ALLOWED = [
+    "https://fcm.googleapis.com/fcm/send/abc:def",
+    "https://updates.push.services.mozilla.com/wpush/v2/gAAAA",
+    "https://web.push.apple.com/QGx5",
+    "https://wns2-par02p.notify.windows.com/w/?token=BQYAAA",
+    "https://eu-1.push.services.mozilla.com/wpush/v1/x",
+]
+REFUSED = [
+    "http://fcm.googleapis.com/fcm/send/abc",
+    "https://fcm.googleapis.com:8443/fcm/send/abc",
+    "https://fcm.googleapis.com@evil.com/x",
+    "https://user:pw@fcm.googleapis.com/x",
+    "https://fcm.googleapis.com.evil.com/x",
+    "https://evil.com/fcm.googleapis.com/x",
+    "https://evil.com/?u=https://fcm.googleapis.com/",
+    "https://a.b.notify.windows.com/x",
+    "https://notify.windows.com/x",
+    "https://evilnotify.windows.com/x",
+    "https://127.0.0.1/x",
+    "https://[::1]/x",
+    "https://localhost/x",
+    "file:///etc/passwd",
+    "https://fcm.googleapis.com\\@evil.com/",
+    "https://fcm.googleapis.com./x",
+    "https://fcm.googleapis.com:abc/x",
+]
+
+
+@pytest.mark.parametrize("url", ALLOWED)
+def test_the_allowlist_accepts_real_push_services(url):
+    assert api.endpoint_allowed(url)
+
+
+@pytest.mark.parametrize("url", REFUSED)
+def test_the_allowlist_refuses_everything_else(url):
+    assert not api.endpoint_allowed(url)
+
+
+def test_push_endpoint_pattern_replaces_the_allowlist():
+    import re
+
+    pattern = re.compile(LOCAL_PUSH)
+    assert api.endpoint_allowed("http://127.0.0.1:8000/push/1", pattern)
+    assert not api.endpoint_allowed("https://fcm.googleapis.com/fcm/send/x", pattern)
+    assert not api.endpoint_allowed("http://x/http://127.0.0.1:8000/", pattern)
+
+
+# -- push -------------------------------------------------------------------------------
+
+
+def test_push_sends_the_notification_to_every_subscriber_encrypted_and_signed(
+    app, push_service
+):
+    subs = [push_service.subscriber() for _ in range(3)]
+    for sub in subs:
+        app.post_json("/subscription", sub.subscription)
+    body = {
+        "title": "Deploy",
+        "body": "v2 is live",
+        "icon": "/i.png",
+        "url": "/news",
+        "data": {"n": 1},
+    }
+    result = app.post_json("/push", body, headers=AUTH).json
+    assert (result["sent"], result["failed"], result["removed"]) == (3, 0, 0)
+    deliveries = push_service.received()
+    assert sorted(d.subscriber for d in deliveries) == sorted(s.id for s in subs)
+    for delivery in deliveries:
+        assert delivery.error is None and delivery.status == 201
+        assert delivery.message == {**body}
+        assert delivery.claims["aud"] == push_service.origin
+        assert delivery.claims["sub"] == "mailto:ops@push.test"
+        assert delivery.headers["ttl"] == "86400"
+
+
+def test_push_to_a_topic_reaches_only_its_subscribers(app, push_service):
+    news, other = push_service.subscriber(), push_service.subscriber()
+    app.post_json("/subscription", {**news.subscription, "topics": ["news"]})
+    app.post_json("/subscription", other.subscription)
+    result = app.post_json("/push", {"title": "t", "topic": "news"}, headers=AUTH).json
+    assert result["sent"] == 1
+    assert [d.subscriber for d in push_service.received()] == [news.id]
+
+
+def test_the_legacy_message_form_still_works(app, push_service):
+    sub = push_service.subscriber()
+    app.post_json("/subscription", sub.subscription)
+    assert app.post_json("/push", {"message": "hello"}, headers=AUTH).json["sent"] == 1
+    message = push_service.received()[0].message
+    assert message["body"] == "hello" and message["title"]
+    assert set(message) == {"title", "body", "icon", "url", "data"}
+
+
+def test_push_headers_carry_ttl_urgency_and_topic(app, push_service):
+    app.post_json("/subscription", push_service.subscriber().subscription)
+    body = {"title": "t", "ttl": 60, "urgency": "high", "collapse_key": "build-42"}
+    app.post_json("/push", body, headers=AUTH)
+    headers = push_service.received()[0].headers
+    assert (headers["ttl"], headers["urgency"], headers["topic"]) == (
+        "60",
+        "high",
+        "build-42",
+    )
+
+
+def test_gone_subscriptions_are_removed_and_failures_kept(app, push_service, store):
+    gone = push_service.subscriber(script=[410])
+    missing = push_service.subscriber(script=[404])
+    refused = push_service.subscriber(script=[403])
+    fine = push_service.subscriber()
+    for sub in (gone, missing, refused, fine):
+        app.post_json("/subscription", sub.subscription)
+    result = app.post_json("/push", {"title": "t"}, headers=AUTH).json
+    assert (result["sent"], result["failed"], result["removed"]) == (1, 1, 2)
+    assert len(store) == 2
+    assert {api.subscription_id(s.endpoint) for s in (refused, fine)} == {
+        r["id"] for r in store.list()
+    }
+
+
+def test_push_with_no_subscribers_sends_nothing(app):
+    assert app.post_json("/push", {"title": "t"}, headers=AUTH).json == {
+        "sent": 0,
+        "failed": 0,
+        "removed": 0,
+        "retried": 0,
+        "results": [],
+    }
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+    ],
+    ids=["none", "wrong", "no scheme", "basic"],
+)
+def test_push_without_the_right_token_gets_401(app, push_service, headers):
+    app.post_json("/subscription", push_service.subscriber().subscription)
+    response = app.post_json("/push", {"title": "t"}, headers=headers, status=401)
+    assert response.json["error"] and response.headers["WWW-Authenticate"].startswith(
+        "Bearer"
+    )
+    assert push_service.received() == []
+
+
+def test_test_notification_goes_only_to_the_caller(app, push_service):
+    mine, other = push_service.subscriber(), push_service.subscriber()
+    app.post_json("/subscription", mine.subscription)
+    app.post_json("/subscription", other.subscription)
+    result = app.post_json("/subscription/test", mine.subscription).json
+    assert result["sent"] == 1
+    assert [d.subscriber for d in push_service.received()] == [mine.id]
+    assert push_service.received()[0].message["title"] == "Test notification"
+
+
+def test_test_notification_needs_a_stored_subscription_and_its_auth_secret(
+    app, push_service
+):
+    sub = push_service.subscriber()
+    app.post_json("/subscription/test", sub.subscription, status=404)
+    app.post_json("/subscription", sub.subscription)
+    forged = {
+        **sub.subscription,
+        "keys": {**sub.subscription["keys"], "auth": b64url(b"f" * 16)},
+    }
+    assert (
+        "auth" in app.post_json("/subscription/test", forged, status=403).json["error"]
+    )
+    assert push_service.received() == []
+
+
+# -- HTTP details -------------------------------------------------------------------------
+
+
+def test_cors_headers_on_api_answers_errors_and_preflights(app):
+    assert app.get("/subscription").headers["Access-Control-Allow-Origin"] == "*"
+    assert (
+        app.post_json("/push", {}, status=401).headers["Access-Control-Allow-Origin"]
+        == "*"
+    )
+    preflight = app.options("/push", headers={"Origin": "https://site.test"})
+    assert preflight.status_int == 204
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    allowed = preflight.headers["Access-Control-Allow-Headers"]
+    assert "Content-Type" in allowed and "Authorization" in allowed
+
+
+def test_cors_origins_lists_the_sites_allowed(settings):
+    application = api.create_app(
+        api.Settings(
+            **{**settings.__dict__, "cors_origins": "https://a.test, https://b.test"}
+        )
+    )
+    try:
+        client = webtest.TestApp(application)
+        ok = client.get("/subscription", headers={"Origin": "https://b.test"})
+        assert ok.headers["Access-Control-Allow-Origin"] == "https://b.test"
+        assert "Origin" in ok.headers["Vary"]
+        other = client.get("/subscription", headers={"Origin": "https://evil.test"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        _close(application)
+
+
+def test_unknown_routes_and_methods_answer_json(app):
+    assert app.get("/nope", status=404).json["error"]
+    assert app.put("/subscription", status=405).json["error"]
+
+
+def test_demo_page_and_service_worker_are_served(app):
+    page = app.get("/")
+    assert page.content_type == "text/html" and "main.js" in page.text
+    worker = app.get("/sw.js")
+    assert worker.content_type == "application/javascript"
+    assert "showNotification" in worker.text
+    assert app.get("/static/main.js").content_type == "application/javascript"
+    assert app.get("/static/manifest.webmanifest").json["start_url"] == "/"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../api.py",
+        "/static/..%2fapi.py",
+        "/static/%2e%2e/vapid/private_key.pem",
+        "/static/.hidden",
+    ],
+)
+def test_static_files_cannot_reach_outside_static(app, path):
+    response = app.get(path, status=404, expect_errors=True)
+    assert b"PRIVATE KEY" not in response.body and b"import" not in response.body
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+def _record(n: int) -> dict:
+    sub = fake_subscription(n)
+    return {"id": api.subscription_id(sub["endpoint"]), **sub, "topics": []}
+
+
+def test_store_survives_reopen_and_compacts_when_mostly_dead(tmp_path):
+    path = tmp_path / "subs.json"
+    store = api.SubscriptionStore(path)
+    for n in range(1200):
+        store.upsert(_record(n % 100))
+    store.remove(_record(0)["id"])
+    store.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) <= 2 * 99 + api.SubscriptionStore.COMPACT_MIN_LINES
+    reopened = api.SubscriptionStore(path)
+    assert len(reopened) == 99 and reopened.get(_record(5)["id"])["endpoint"].endswith(
+        "fake-5"
+    )
+    assert reopened.get(_record(0)["id"]) is None
+    reopened.close()
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "subs.json"
+    store = api.SubscriptionStore(path)
+    store.upsert(_record(1))
+    store.close()
+    with open(path, "ab") as f:
+        f.write(b'{"id":"torn","endpoint":"http://127.0.0.1:9/x","ke')
+    store = api.SubscriptionStore(path)
+    assert len(store) == 1 and "torn last line" in caplog.text
+    store.upsert(_record(2))
+    store.close()
+    store = api.SubscriptionStore(path)
+    assert len(store) == 2
+    store.close()
+
+
+def test_damage_in_the_middle_stops_the_start_with_the_line_number(tmp_path):
+    path = tmp_path / "subs.json"
+    store = api.SubscriptionStore(path)
+    for n in range(3):
+        store.upsert(_record(n))
+    store.close()
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b"garbage"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(api.StoreDamaged, match="line 2"):
+        api.SubscriptionStore(path)
+
+
+def test_a_second_store_on_the_same_file_is_refused(tmp_path):
+    store = api.SubscriptionStore(tmp_path / "subs.json")
+    with pytest.raises(api.StoreLocked, match="another api.py"):
+        api.SubscriptionStore(tmp_path / "subs.json")
+    store.close()
+
+
+def test_concurrent_writers_lose_no_update(tmp_path):
+    path = tmp_path / "subs.json"
+    store = api.SubscriptionStore(path)
+
+    def write(start: int) -> None:
+        for n in range(start, start + 150):
+            store.upsert(_record(n))
+            if n % 3 == 0:
+                store.remove(_record(n)["id"])
+
+    threads = [threading.Thread(target=write, args=(i * 150,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = {_record(n)["id"] for n in range(1200) if n % 3}
+    assert {r["id"] for r in store.list()} == expected
+    store.close()
+    reopened = api.SubscriptionStore(path)
+    assert {r["id"] for r in reopened.list()} == expected
+    reopened.close()
+
+
+# -- the real server process ------------------------------------------------------------
+
+
+def test_server_process_keeps_subscriptions_across_restarts(
+    server_factory, push_service
+):
+    server = server_factory().start()
+    sub = push_service.subscriber()
+    assert (
+        requests.post(
+            server.url + "/subscription", json={**sub.subscription, "topics": ["x"]}
+        ).status_code
+        == 201
+    )
+    server.stop()
+    server.start()
+    assert requests.get(server.url + "/health").json()["subscriptions"] == 1
+    result = requests.post(
+        server.url + "/push",
+        json={"title": "after restart", "topic": "x"},
+        headers=AUTH,
+    )
+    assert result.json()["sent"] == 1
+    assert push_service.received()[0].message["title"] == "after restart"
+
+
+def test_a_second_server_on_the_same_file_fails_fast(server_factory, tmp_path):
+    server_factory().start()
+    second = server_factory().start(wait=False)
+    assert second.proc.wait(15) != 0
+    assert "another api.py" in second.output()
+
+
+def test_concurrent_subscribes_through_the_server_are_all_stored(server_factory):
+    server = server_factory(THREADS="8").start()
+    subs = [fake_subscription(n) for n in range(400)]
+    statuses: list[int] = []
+
+    def post(chunk: list[dict]) -> None:
+        with requests.Session() as http:
+            for sub in chunk:
+                statuses.append(
+                    http.post(server.url + "/subscription", json=sub).status_code
+                )
+
+    threads = [threading.Thread(target=post, args=(subs[i::16],)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses.count(201) == 400
+    server.stop()
+    server.start()
+    assert requests.get(server.url + "/health").json()["subscriptions"] == 400
+
+
+def _subscribe_until(
+    url: str, first: int, stop: threading.Event, acknowledged: set[str]
+) -> None:
+    """POST new subscriptions until ``stop``; add each one answered 201."""
+    n = first
+    with requests.Session() as http:
+        while not stop.is_set():
+            sub = fake_subscription(n)
+            n += 1
+            try:
+                response = http.post(url + "/subscription", json=sub, timeout=5)
+            except requests.RequestException:
+                return
+            if response.status_code == 201:
+                acknowledged.add(sub["endpoint"])  # set.add is atomic
+
+
+def test_kill_9_loses_no_acknowledged_subscription(server_factory):
+    server = server_factory(THREADS="8")
+    acknowledged: set[str] = set()
+    for round_ in range(3):
+        server.start()
+        stop = threading.Event()
+        threads = [
+            threading.Thread(
+                target=_subscribe_until,
+                args=(server.url, round_ * 100000 + w * 10000, stop, acknowledged),
+            )
+            for w in range(8)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        server.stop(signal.SIGKILL)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(acknowledged) > 100
+    store = api.SubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
+    stored = {r["endpoint"] for r in store.list()}
+    store.close()
+    assert acknowledged <= stored
+
+
+def test_first_start_prints_the_token_and_a_curl_command_and_keeps_it_private(
+    server_factory, tmp_path
+):
+    server = server_factory()
+    server.env.pop("PUSH_TOKEN")
+    server.start()
+    token_file = tmp_path / "vapid" / "push_token"
+    token = token_file.read_text().strip()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    output = server.output()
+    assert token in output and "curl -X POST" in output
+    assert requests.post(
+        server.url + "/push",
+        json={"title": "t"},
+        headers={"Authorization": f"Bearer {token}"},
+    ).ok
+    server.stop()
+    first_run = len(output)
+    server.start()
+    later = server.output()[first_run:]
+    assert token not in later and f"$(cat {token_file})" in later
+
+
+def test_help_lists_every_option_and_environment_variable():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for f in api.Settings.__dataclass_fields__.values():
+        assert f.metadata["env"] in result.stdout
+        if f.metadata["cli"]:
+            assert "--" + f.name.replace("_", "-") in result.stdout
+
+
+def test_a_busy_port_is_a_clear_error(server_factory):
+    first = server_factory().start()
+    second = Server(Path(first.env["VAPID_DIR"]).parent / "other", PORT=str(first.port))
+    second.log.parent.mkdir()
+    second.start(wait=False)
+    assert second.proc.wait(15) != 0
+    assert "cannot listen" in second.output()
+
+
+def test_readme_documents_every_setting_and_route(app):
+    readme = (ROOT / "README.md").read_text()
+    for f in api.Settings.__dataclass_fields__.values():
+        assert f"| `{f.metadata['env']}` |" in readme, f.metadata["env"]
+    for route in app.app.routes:
+        if route.config.get("api") and route.method != "OPTIONS":
+            assert f"`{route.method} {route.rule}`" in readme, route.rule
+    assert "pip install -r requirements.txt && python api.py" in readme
+    assert "pip install -r requirements-dev.txt && python -m pytest" in readme
