@@ -58,6 +58,7 @@ def settings(tmp_path):
         vapid_subject="mailto:ops@push.test",
         push_token=TOKEN,
         push_timeout=3.0,
+        push_processes=1,  # the server-process tests cover delivery processes
     )
 
 
@@ -971,3 +972,171 @@ def test_readme_documents_every_setting_and_route(app):
             assert f"`{route.method} {route.rule}`" in readme, route.rule
     assert "pip install -r requirements.txt && python api.py" in readme
     assert "pip install -r requirements-dev.txt && python -m pytest" in readme
+
+
+# -- fan-out: origins, retries, faults, TLS ------------------------------------------------
+
+
+def test_one_fan_out_signs_each_push_service_origin_with_its_own_audience(app):
+    with PushService() as second, PushService() as third, PushService() as first:
+        services = (first, second, third)
+        subs = [service.subscriber() for service in services for _ in range(3)]
+        for sub in subs:
+            app.post_json("/subscription", sub.subscription)
+        result = app.post_json("/push", {"title": "t"}, headers=AUTH).json
+        assert result["sent"] == 9 and result["failed"] == 0
+        for service in services:
+            deliveries = service.received()
+            assert len(deliveries) == 3
+            assert all(
+                d.error is None and d.claims["aud"] == service.origin
+                for d in deliveries
+            )
+
+
+def test_429_is_retried_after_the_retry_after_it_names(app, push_service):
+    busy = push_service.subscriber(script=[(429, {"Retry-After": "1"}), 201])
+    app.post_json("/subscription", busy.subscription)
+    result = app.post_json("/push", {"title": "t", "detail": True}, headers=AUTH).json
+    assert (result["sent"], result["retried"]) == (1, 1)
+    first, second = push_service.received(busy)
+    assert (first.status, second.status) == (429, 201)
+    assert second.at - first.at >= 0.95
+
+
+def test_5xx_is_retried_with_backoff_then_sent(app, push_service):
+    flaky = push_service.subscriber(script=[500, 503])
+    app.post_json("/subscription", flaky.subscription)
+    result = app.post_json("/push", {"title": "t"}, headers=AUTH).json
+    assert (result["sent"], result["retried"], result["failed"]) == (1, 1, 0)
+    assert [d.status for d in push_service.received(flaky)] == [500, 503, 201]
+
+
+def test_a_push_service_that_keeps_failing_is_reported_and_kept(
+    app, push_service, store
+):
+    broken = push_service.subscriber(script=[500, 500, 500, 500])
+    fine = push_service.subscriber()
+    for sub in (broken, fine):
+        app.post_json("/subscription", sub.subscription)
+    result = app.post_json("/push", {"title": "t", "detail": True}, headers=AUTH).json
+    assert (result["sent"], result["failed"]) == (1, 1)
+    failure = next(r for r in result["results"] if r["result"] == "failed")
+    assert failure["status"] == 500 and failure["origin"] == push_service.origin
+    assert len(store) == 2
+
+
+def test_a_hung_push_service_times_out_and_the_rest_is_delivered(
+    settings, push_service
+):
+    from tests.push_service import HANG
+
+    application = api.create_app(
+        api.Settings(**{**settings.__dict__, "push_timeout": 0.5})
+    )
+    try:
+        client = webtest.TestApp(application)
+        hung = push_service.subscriber(script=[HANG, HANG, HANG])
+        fine = push_service.subscriber()
+        for sub in (hung, fine):
+            client.post_json("/subscription", sub.subscription)
+        started = time.monotonic()
+        result = client.post_json(
+            "/push", {"title": "t", "detail": True}, headers=AUTH
+        ).json
+        assert time.monotonic() - started < 10
+        assert (result["sent"], result["failed"]) == (1, 1)
+        failure = next(r for r in result["results"] if r["result"] == "failed")
+        assert failure["status"] is None and "no answer" in failure["reason"]
+        assert len(push_service.received(hung)) == 3  # tried, retried, given up
+    finally:
+        _close(application)
+
+
+def test_a_refused_connection_is_retried_then_reported(app):
+    app.post_json("/subscription", fake_subscription(7, port=free_port()))
+    result = app.post_json("/push", {"title": "t", "detail": True}, headers=AUTH).json
+    assert (result["failed"], result["retried"]) == (1, 1)
+    assert "connect" in result["results"][0]["reason"]
+
+
+def test_push_services_are_reached_over_tls_verified_with_ssl_cert_file(
+    settings, monkeypatch
+):
+    with PushService(tls=True) as service:
+        sub = service.subscriber()
+        tls_settings = api.Settings(
+            **{
+                **settings.__dict__,
+                "push_endpoint_pattern": r"^https://127\.0\.0\.1:\d+/",
+            }
+        )
+        untrusted = api.create_app(tls_settings)
+        try:
+            client = webtest.TestApp(untrusted)
+            client.post_json("/subscription", sub.subscription)
+            result = client.post_json(
+                "/push", {"title": "t", "detail": True}, headers=AUTH
+            ).json
+            assert (
+                result["failed"] == 1
+                and "CERTIFICATE_VERIFY_FAILED" in result["results"][0]["reason"]
+            )
+        finally:
+            _close(untrusted)
+        monkeypatch.setenv("SSL_CERT_FILE", service.ca_file)
+        trusted = api.create_app(tls_settings)
+        try:
+            result = (
+                webtest.TestApp(trusted)
+                .post_json("/push", {"title": "t"}, headers=AUTH)
+                .json
+            )
+            assert result["sent"] == 1
+            assert service.received(sub)[-1].message["title"] == "t"
+        finally:
+            _close(trusted)
+
+
+def test_encryption_decrypts_like_pywebpush(push_service):
+    from pywebpush import WebPusher
+
+    sub = push_service.subscriber()
+    plaintext = json.dumps({"title": "é", "body": "x" * 3000}).encode()
+    keys = sub.subscription["keys"]
+    ours = api.encrypt_payload(
+        api.b64url_decode(keys["p256dh"]), api.b64url_decode(keys["auth"]), plaintext
+    )
+    theirs = WebPusher(sub.subscription).encode(plaintext)["body"]
+    assert sub.decrypt(ours) == sub.decrypt(theirs) == plaintext
+    assert len(ours) == len(theirs)
+    largest = api.encrypt_payload(
+        api.b64url_decode(keys["p256dh"]),
+        api.b64url_decode(keys["auth"]),
+        b"x" * api.MAX_PLAINTEXT,
+    )
+    assert len(largest) == api.RECORD_SIZE
+
+
+def test_health_answers_while_a_fan_out_is_under_way(server_factory):
+    with PushService(latency=1.0) as slow:
+        server = server_factory(PUSH_CONCURRENCY="4", PUSH_PROCESSES="2").start()
+        for _ in range(16):
+            requests.post(
+                server.url + "/subscription", json=slow.subscriber().subscription
+            )
+        result: dict = {}
+        pushing = threading.Thread(
+            target=lambda: result.update(
+                requests.post(
+                    server.url + "/push", json={"title": "t"}, headers=AUTH
+                ).json()
+            )
+        )
+        pushing.start()
+        slow.wait_for(2)  # the fan-out has begun
+        health = requests.get(server.url + "/health", timeout=5)
+        assert health.json()["status"] == "ok"
+        assert pushing.is_alive()  # answered before the push ended
+        pushing.join(30)
+        assert result["sent"] == 16
