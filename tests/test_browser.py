@@ -1,0 +1,299 @@
+"""The demo client (static/) in a real Chromium, driven by Playwright.
+
+Chromium cannot reach a real push service here, so only
+``PushManager.prototype.subscribe`` / ``getSubscription`` are replaced, by an
+init script that returns a subscription on the push-service stand-in with keys
+this test holds. Everything else is real: the page fetches the key and posts the
+subscription to a real server process, the server encrypts and sends, the
+stand-in decrypts, and the test hands the plaintext to the service worker
+through the DevTools protocol (``ServiceWorker.deliverPushMessage``) and reads
+the notification it shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from test_api import AUTH, Server
+from tests.push_service import PushService
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "static" / "screenshot.png"
+
+if not shutil.which(CHROMIUM):
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{CHROMIUM} is missing: CI must install Debian's chromium")
+    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
+
+from playwright.sync_api import sync_playwright
+
+STUB_PUSH_MANAGER = """
+(({endpoint, p256dh, auth}) => {
+  let current = null;
+  const bytes = (b64) => Uint8Array.from(
+    atob(b64.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (b64.length % 4)) % 4)),
+    (c) => c.charCodeAt(0)).buffer;
+  PushManager.prototype.subscribe = async function (options) {
+    if (!options || !options.userVisibleOnly || !options.applicationServerKey) {
+      throw new DOMException("userVisibleOnly and applicationServerKey are required", "NotAllowedError");
+    }
+    current = {
+      endpoint, expirationTime: null,
+      options: { userVisibleOnly: true, applicationServerKey: options.applicationServerKey },
+      getKey: (name) => bytes(name === "p256dh" ? p256dh : auth),
+      toJSON: () => ({ endpoint, expirationTime: null, keys: { p256dh, auth } }),
+      unsubscribe: async () => { current = null; return true; },
+    };
+    window.__subscribeOptions = options;
+    return current;
+  };
+  PushManager.prototype.getSubscription = async function () { return current; };
+})
+"""
+
+NOTIFICATIONS = """async () => {
+  const registration = await navigator.serviceWorker.ready;
+  const shown = await registration.getNotifications();
+  return shown.map((n) => ({ title: n.title, body: n.body, icon: n.icon, data: n.data }));
+}"""
+
+
+@pytest.fixture
+def push_service():
+    with PushService() as service:
+        yield service
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path, PUSH_PROCESSES="1").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+class Demo:
+    """The demo page in a fresh browser context, with its console watched."""
+
+    def __init__(self, browser, server: Server, subscriber, query: str = ""):
+        self.server = server
+        self.context = browser.new_context(viewport={"width": 420, "height": 900})
+        self.context.grant_permissions(["notifications"], origin=server.url)
+        keys = subscriber.subscription["keys"]
+        stub = {
+            "endpoint": subscriber.endpoint,
+            "p256dh": keys["p256dh"],
+            "auth": keys["auth"],
+        }
+        self.context.add_init_script(f"({STUB_PUSH_MANAGER})({json.dumps(stub)})")
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on(
+            "console", lambda m: m.type == "error" and self.errors.append(m.text)
+        )
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(server.url + "/" + query)
+        self.page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+        self.page.wait_for_function(
+            "!document.querySelector('#status').textContent.startsWith('Checking')"
+        )
+        self.cdp = self.context.new_cdp_session(self.page)
+        self.registrations: dict[str, str] = {}
+        self.cdp.on("ServiceWorker.workerRegistrationUpdated", self._registrations)
+        self.cdp.send("ServiceWorker.enable")
+
+    def _registrations(self, event: dict) -> None:
+        for registration in event["registrations"]:
+            if not registration["isDeleted"]:
+                self.registrations[registration["scopeURL"]] = registration[
+                    "registrationId"
+                ]
+
+    def status(self) -> str:
+        return self.page.inner_text("#status")
+
+    def click(self, button: str, status_contains: str) -> None:
+        self.page.click(button)
+        self.page.wait_for_function(
+            "text => document.querySelector('#status').textContent.includes(text)",
+            arg=status_contains,
+        )
+
+    def deliver(self, data: str) -> None:
+        """What Chromium does when its push service hands it a message."""
+        deadline = time.monotonic() + 10
+        while not self.registrations and time.monotonic() < deadline:
+            self.page.wait_for_timeout(50)
+        scope = self.server.url + "/"
+        self.cdp.send(
+            "ServiceWorker.deliverPushMessage",
+            {
+                "origin": self.server.url,
+                "registrationId": self.registrations[scope],
+                "data": data,
+            },
+        )
+
+    def notifications(self, count: int = 1) -> list[dict]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            shown = self.page.evaluate(NOTIFICATIONS)
+            if len(shown) >= count:
+                return shown
+            self.page.wait_for_timeout(50)
+        raise AssertionError(f"{count} notification(s) expected, saw {shown}")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def demo(browser, server, push_service):
+    subscriber = push_service.subscriber()
+    demo = Demo(browser, server, subscriber)
+    demo.subscriber = subscriber
+    yield demo
+    demo.close()
+
+
+def stored(server: Server) -> int:
+    return requests.get(server.url + "/health").json()["subscriptions"]
+
+
+def test_enabling_push_subscribes_with_the_servers_key_and_stores_the_subscription(
+    demo, server
+):
+    assert "Push is off" in demo.status()
+    demo.page.fill("#topics", "news, alerts")
+    demo.click("#enable", "Push is enabled")
+    options = demo.page.evaluate(
+        "() => ({ visible: __subscribeOptions.userVisibleOnly, "
+        "key: btoa(String.fromCharCode(...new Uint8Array(__subscribeOptions.applicationServerKey))) })"
+    )
+    public_key = requests.get(server.url + "/subscription").json()["public_key"]
+    assert options["visible"] is True
+    assert options["key"].rstrip("=").replace("+", "-").replace("/", "_") == public_key
+    assert stored(server) == 1
+    [line] = Path(server.env["SUBSCRIPTIONS_FILE"]).read_text().splitlines()
+    record = json.loads(line)
+    assert record["topics"] == ["alerts", "news"]
+    shown = json.loads(demo.page.inner_text("#subscription"))
+    assert shown["endpoint"] == demo.subscriber.endpoint
+    assert demo.errors == []
+
+
+def test_a_push_from_the_server_is_shown_as_a_notification(demo, server, push_service):
+    demo.click("#enable", "Push is enabled")
+    body = {"title": "Deploy done", "body": "v2 is live", "url": "/static/index.html"}
+    assert (
+        requests.post(server.url + "/push", json=body, headers=AUTH).json()["sent"] == 1
+    )
+    delivery = push_service.wait_for(1)[0]
+    assert delivery.error is None
+    demo.deliver(delivery.plaintext.decode())
+    [notification] = demo.notifications()
+    assert (notification["title"], notification["body"]) == (
+        "Deploy done",
+        "v2 is live",
+    )
+    assert notification["data"]["url"] == "/static/index.html"
+    assert notification["icon"].endswith("/static/icon.png")
+    assert demo.errors == []
+
+
+def test_an_empty_or_non_json_push_still_shows_a_generic_notification(demo):
+    demo.click("#enable", "Push is enabled")
+    demo.deliver("")
+    demo.deliver("plain text, not JSON")
+    shown = demo.notifications(2)
+    assert {n["title"] for n in shown} == {"New notification"}
+    assert "plain text, not JSON" in {n["body"] for n in shown}
+    assert demo.errors == []
+
+
+def test_the_test_button_sends_a_notification_to_this_browser_only(demo, push_service):
+    demo.click("#enable", "Push is enabled")
+    demo.click("#test", "Test notification sent")
+    delivery = push_service.wait_for(1)[0]
+    assert delivery.subscriber == demo.subscriber.id
+    demo.deliver(delivery.plaintext.decode())
+    [notification] = demo.notifications()
+    assert notification["title"] == "Test notification"
+
+
+def test_disabling_push_unsubscribes_and_deletes_the_subscription_on_the_server(
+    demo, server
+):
+    demo.click("#enable", "Push is enabled")
+    assert stored(server) == 1
+    demo.click("#disable", "Push is disabled")
+    assert stored(server) == 0
+    assert demo.page.is_enabled("#enable") and not demo.page.is_enabled("#test")
+    assert demo.errors == []
+
+
+def test_the_page_shows_the_curl_command_and_reads_well_on_a_phone(
+    demo, server, tmp_path
+):
+    demo.click("#enable", "Push is enabled")
+    curl = demo.page.inner_text("#curl")
+    assert f"{server.url}/push" in curl and "Bearer <PUSH_TOKEN>" in curl
+    width = demo.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 420  # no sideways scrolling at phone width
+    # UPDATE_SCREENSHOT=1 refreshes the picture in README.
+    path = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "demo.png"
+    demo.page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+
+
+def test_denied_permission_is_explained(browser, server, push_service):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.evaluate("Notification.requestPermission = async () => 'denied'")
+    page.click("#enable")
+    page.wait_for_function("document.querySelector('#status').className === 'error'")
+    assert "blocked" in page.inner_text("#status")
+    assert stored(server) == 0
+    context.close()
+
+
+def test_a_page_hosted_elsewhere_uses_the_api_across_origins(
+    browser, server, tmp_path, push_service
+):
+    api_server = Server(tmp_path / "api", PUSH_PROCESSES="1")
+    api_server.log.parent.mkdir()
+    api_server.start()
+    try:
+        subscriber = push_service.subscriber()
+        demo = Demo(browser, server, subscriber, query=f"?api={api_server.url}")
+        demo.click("#enable", "Push is enabled")
+        assert (stored(api_server), stored(server)) == (1, 0)
+        assert api_server.url in demo.page.inner_text("#curl")
+        demo.click("#test", "Test notification sent")
+        assert push_service.wait_for(1)[0].subscriber == subscriber.id
+        assert demo.errors == []
+        demo.close()
+    finally:
+        api_server.stop()
