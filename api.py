@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -37,10 +38,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import bottle
+import google.auth.exceptions
+import google.auth.transport.requests
+import google.oauth2.service_account
+import pyfcm
+import pyfcm.errors
+import requests
+import requests.adapters
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from py_vapid import Vapid
+from pyfcm import FCMNotification
 
 __version__ = "0.1.0"
 
@@ -130,6 +139,22 @@ class Settings:
     push_timeout: float = _setting(
         10.0, "PUSH_TIMEOUT", "seconds to wait for one push service answer"
     )
+    fcm_service_account: str = _setting(
+        "",
+        "FCM_SERVICE_ACCOUNT",
+        "path of the Firebase service-account JSON file; enables FCM device tokens",
+    )
+    fcm_project_id: str = _setting(
+        "",
+        "FCM_PROJECT_ID",
+        "Firebase project id, when the service-account file lacks it",
+    )
+    fcm_api_url: str = _setting(
+        "https://fcm.googleapis.com",
+        "FCM_API_URL",
+        "FCM HTTP v1 API base (for an emulator)",
+    )
+    fcm_threads: int = _setting(32, "FCM_THREADS", "FCM messages in flight at once")
     threads: int = _setting(16, "THREADS", "HTTP worker threads")
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
 
@@ -423,6 +448,7 @@ class SubscriptionStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_handle = _lock_file(self.path.with_name(self.path.name + ".lock"))
         self._records: dict[str, dict] = {}
+        self._kinds: collections.Counter[str] = collections.Counter()
         self._lines = 0
         self._mutex = threading.Lock()  # order of writes and the in-memory view
         self._sync = threading.Condition()  # group commit of fsync
@@ -444,6 +470,10 @@ class SubscriptionStore:
     def __len__(self) -> int:
         return len(self._records)
 
+    def count(self, kind: str) -> int:
+        """How many records of a kind (a record's ``kind``, "webpush" if it has none)."""
+        return self._kinds[kind]
+
     def get(self, record_id: str) -> dict | None:
         return self._records.get(record_id)
 
@@ -463,7 +493,7 @@ class SubscriptionStore:
         with self._mutex:
             created = record["id"] not in self._records
             self._append(line)
-            self._records[record["id"]] = record
+            self._put(record)
             seq = self._compact_if_due()
         self._wait_synced(seq)
         return created
@@ -474,7 +504,7 @@ class SubscriptionStore:
             if record_id not in self._records:
                 return False
             self._append(json.dumps({"id": record_id, "deleted": True}))
-            del self._records[record_id]
+            self._drop(record_id)
             seq = self._compact_if_due()
         self._wait_synced(seq)
         return True
@@ -488,6 +518,16 @@ class SubscriptionStore:
                 os.close(self._fd)
                 self._fd = -1
             self._lock_handle.close()
+
+    def _put(self, record: dict) -> None:
+        self._drop(record["id"])
+        self._records[record["id"]] = record
+        self._kinds[record.get("kind", "webpush")] += 1
+
+    def _drop(self, record_id: str) -> None:
+        old = self._records.pop(record_id, None)
+        if old is not None:
+            self._kinds[old.get("kind", "webpush")] -= 1
 
     # -- the file ---------------------------------------------------------------
 
@@ -519,9 +559,9 @@ class SubscriptionStore:
                     break
                 self._lines += 1
                 if record.get("deleted"):
-                    self._records.pop(record["id"], None)
+                    self._drop(record["id"])
                 else:
-                    self._records[record["id"]] = record
+                    self._put(record)
             good_end += len(raw) + 1
 
     def _truncate(self, size: int) -> None:
@@ -634,6 +674,7 @@ MAX_PLAINTEXT = (
 MAX_RESPONSE_BYTES = 65536
 URGENCIES = ("very-low", "low", "normal", "high")
 RETRY_TRIES = 3
+CHANNELS = ("webpush", "fcm")
 RETRY_MAX_WAIT = 30.0
 
 
@@ -641,10 +682,13 @@ RETRY_MAX_WAIT = 30.0
 class Message:
     """One notification as sent to every subscriber."""
 
-    payload: bytes
+    notification: dict  # title, body, icon, url, data
+    payload: bytes  # the notification as the JSON a browser receives
     ttl: int
     urgency: str | None = None
-    topic: str | None = None  # the Topic header: a newer message replaces an older one
+    topic: str | None = (
+        None  # collapse key: a newer message replaces an undelivered older one
+    )
 
 
 @dataclass
@@ -657,6 +701,7 @@ class PushOutcome:
     result: str  # sent, failed or removed
     reason: str = ""
     tries: int = 1
+    channel: str = "webpush"  # or fcm
 
 
 @dataclass
@@ -664,14 +709,20 @@ class PushReport:
     outcomes: list[PushOutcome] = field(default_factory=list)
 
     def summary(self, detail: bool = False) -> dict:
-        counts = {"sent": 0, "failed": 0, "removed": 0, "retried": 0}
+        """Counts across both channels, with a breakdown per channel."""
+        channels = {
+            c: {"sent": 0, "failed": 0, "removed": 0, "retried": 0} for c in CHANNELS
+        }
         for outcome in self.outcomes:
-            counts[outcome.result] += 1
-            counts["retried"] += outcome.tries > 1
+            channels[outcome.channel][outcome.result] += 1
+            channels[outcome.channel]["retried"] += outcome.tries > 1
+        counts = {k: sum(c[k] for c in channels.values()) for k in channels["webpush"]}
+        counts["channels"] = channels
         if detail:
             counts["results"] = [
                 {
                     "id": o.record_id,
+                    "channel": o.channel,
                     "origin": o.origin,
                     "status": o.status,
                     "result": o.result,
@@ -1056,13 +1107,180 @@ _process_worker: DeliveryWorker
 _process_loop: asyncio.AbstractEventLoop
 
 
-class WebPushSender:
-    """Fans a message out to subscriptions and applies the outcomes to the store.
+class _OneAttemptFcm(FCMNotification):
+    """pyfcm, one attempt per call. Its own ``send_request`` sleeps on every
+    Retry-After and tries again without a bound; FcmSender retries instead, a
+    bounded number of times. The OAuth token is fetched under a lock and shared
+    by all threads while it is valid (pyfcm would refresh the one credentials
+    object from every thread at once)."""
+
+    _token_lock = threading.Lock()
+
+    def _get_access_token(self) -> str:
+        with self._token_lock:
+            if not self.credentials.valid:
+                try:
+                    self.credentials.refresh(google.auth.transport.requests.Request())
+                except google.auth.exceptions.GoogleAuthError as e:
+                    raise pyfcm.errors.InvalidDataError(e) from None
+            return self.credentials.token
+
+    def send_request(
+        self, payload: bytes | None = None, timeout: float | None = None
+    ) -> Any:
+        response = self.requests_session.post(
+            self.fcm_end_point, data=payload, timeout=timeout
+        )
+        if self._is_access_token_expired(response):
+            self.thread_local.token_expiry = 0  # fetch a new token, then once more
+            response = self.requests_session.post(
+                self.fcm_end_point, data=payload, timeout=timeout
+            )
+        return response
+
+
+def fcm_message_options(message: Message) -> dict:
+    """The FCM HTTP v1 fields of ``message``, as pyfcm's ``parse_payload`` takes them."""
+    note = message.notification
+    data = note.get("data")
+    values = {}
+    if isinstance(data, dict):  # FCM v1 data values must be strings
+        values = {
+            str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()
+        }
+    elif data is not None:
+        values["data"] = data if isinstance(data, str) else json.dumps(data)
+    if note.get("url"):
+        values["url"] = note["url"]
+    immediate = message.urgency in (None, "normal", "high")
+    android: dict = {
+        "ttl": f"{message.ttl}s",
+        "priority": "HIGH" if message.urgency == "high" else "NORMAL",
+    }
+    apns_headers = {
+        "apns-priority": "10" if immediate else "5",
+        "apns-expiration": str(int(time.time()) + message.ttl) if message.ttl else "0",
+    }
+    if message.topic:
+        android["collapse_key"] = message.topic
+        apns_headers["apns-collapse-id"] = message.topic
+    return {
+        "notification_title": note.get("title"),
+        "notification_body": note.get("body"),
+        "notification_image": note.get("icon"),
+        "data_payload": values or None,
+        "android_config": android,
+        "apns_config": {"headers": apns_headers},
+    }
+
+
+class FcmSender:
+    """Sends to native-app FCM tokens with pyfcm (FCM HTTP v1), on bounded threads:
+    pyfcm is blocking, with one requests session and OAuth token per thread."""
+
+    def __init__(self, settings: Settings):
+        try:
+            credentials = (
+                google.oauth2.service_account.Credentials.from_service_account_file(
+                    settings.fcm_service_account,
+                    scopes=["https://www.googleapis.com/auth/firebase.messaging"],
+                )
+            )
+        except (OSError, ValueError) as e:
+            raise SystemExit(
+                f"error: FCM_SERVICE_ACCOUNT {settings.fcm_service_account}: not a "
+                f"service-account JSON file ({e})"
+            ) from None
+        self.client = _OneAttemptFcm(
+            credentials=credentials,
+            project_id=settings.fcm_project_id or None,
+            adapter=requests.adapters.HTTPAdapter(max_retries=0),  # retries are ours
+        )
+        self.client.FCM_END_POINT_BASE = (
+            settings.fcm_api_url.rstrip("/") + "/v1/projects"
+        )
+        try:
+            log.info("FCM: sending to %s", self.client.fcm_end_point)
+        except pyfcm.errors.AuthenticationError:
+            raise SystemExit(
+                "error: the service-account file names no project: set FCM_PROJECT_ID"
+            ) from None
+        self.timeout = settings.push_timeout
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            settings.fcm_threads, thread_name_prefix="fcm"
+        )
+
+    def submit(
+        self, records: list[dict], message: Message
+    ) -> list[concurrent.futures.Future]:
+        options = fcm_message_options(message)
+        return [self._threads.submit(self._send_one, r, options) for r in records]
+
+    def _send_one(self, record: dict, options: dict) -> PushOutcome:
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome = PushOutcome(
+                record["id"], "fcm", None, "failed", "", attempt, "fcm"
+            )
+            retry_after = None
+            try:
+                payload = self.client.parse_payload(
+                    fcm_token=record["fcm_token"], **options
+                )
+                response = self.client.send_request(payload, self.timeout)
+                outcome.status = response.status_code
+                outcome.reason = response.text[:200]
+                retry_after = response.headers.get("Retry-After")
+                self.client.parse_response(response)
+                outcome.result, outcome.reason = "sent", ""
+                return outcome
+            except pyfcm.errors.FCMNotRegisteredError:
+                outcome.result = "removed"  # 404 UNREGISTERED: the app was uninstalled
+                return outcome
+            except pyfcm.errors.InvalidDataError as e:
+                if outcome.status is None:  # no OAuth token for the service account
+                    outcome.reason = f"cannot get an access token: {e}"
+                    log.error("FCM: %s", outcome.reason)
+                    return outcome
+                if (
+                    "registration token" in outcome.reason
+                    or "message.token" in outcome.reason
+                ):
+                    outcome.result = "removed"  # 400 INVALID_ARGUMENT about the token
+                return outcome
+            except (
+                pyfcm.errors.AuthenticationError,
+                pyfcm.errors.FCMSenderIdMismatchError,
+            ):
+                log.error(
+                    "FCM refused the service account (%s): check FCM_SERVICE_ACCOUNT and "
+                    "that the Firebase Cloud Messaging API is enabled for the project",
+                    outcome.status,
+                )
+                return outcome
+            except pyfcm.errors.FCMServerError:
+                pass  # 429, 5xx: retried below
+            except requests.RequestException as e:
+                outcome.reason = f"{type(e).__name__}: {e}"
+            if attempt >= RETRY_TRIES:
+                return outcome
+            time.sleep(_retry_delay(retry_after, attempt))
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=True)
+
+
+class PushSender:
+    """Fans a message out to web push subscriptions and FCM tokens, both at
+    once, and applies the outcomes to the store.
 
     Encryption and TLS are CPU work that one Python process does on one core,
-    so with PUSH_PROCESSES > 1 each fan-out is split across that many delivery
-    processes; with 1, a loop thread in this process delivers. HTTP worker
-    threads call :meth:`send` and wait only for their own push.
+    so with PUSH_PROCESSES > 1 each web push fan-out is split across that many
+    delivery processes; with 1, a loop thread in this process delivers. FCM
+    tokens go through FcmSender's threads when FCM is configured, and are
+    skipped when it is not. HTTP worker threads call :meth:`send` and wait only
+    for their own push.
     """
 
     def __init__(self, keys: VapidKeys, store: SubscriptionStore, settings: Settings):
@@ -1071,6 +1289,7 @@ class WebPushSender:
         self.settings = settings
         self.processes = max(1, settings.push_processes)
         self.concurrency = max(1, settings.push_concurrency // self.processes)
+        self.fcm = FcmSender(settings) if settings.fcm_service_account else None
         if self.processes > 1:
             self._executor = self._start_processes()
         else:
@@ -1099,11 +1318,17 @@ class WebPushSender:
 
     def send(self, records: list[dict], message: Message) -> PushReport:
         """Deliver ``message`` to every record and wait for all outcomes."""
-        if self.processes > 1:
-            outcomes = self._send_in_processes(records, message)
+        web = [r for r in records if r.get("kind", "webpush") == "webpush"]
+        tokens = [r for r in records if r.get("kind") == "fcm"]
+        fcm_futures = self.fcm.submit(tokens, message) if self.fcm and tokens else []
+        if not web:
+            outcomes = []
+        elif self.processes > 1:
+            outcomes = self._send_in_processes(web, message)
         else:
-            coroutine = self._worker.deliver(records, message)
+            coroutine = self._worker.deliver(web, message)
             outcomes = asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        outcomes += [future.result() for future in fcm_futures]
         for outcome in outcomes:
             if outcome.result == "removed":
                 self.store.remove(outcome.record_id)
@@ -1153,6 +1378,8 @@ class WebPushSender:
         return outcomes
 
     def close(self) -> None:
+        if self.fcm:
+            self.fcm.close()
         if self.processes > 1:
             self._executor.shutdown(wait=True, cancel_futures=True)
         else:
@@ -1166,6 +1393,7 @@ class WebPushSender:
 ###############################################################################
 
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.\-]{1,4096}$")
 COLLAPSE_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 MAX_ENDPOINT_LENGTH = 2048
 MAX_TTL = 28 * 86400
@@ -1179,6 +1407,11 @@ PUSH_SERVICE_DOMAINS = (
     "push.services.mozilla.com",
 )  # one label under
 STATIC_DIR = HERE / "static"
+
+
+def notification_json(notification: dict) -> bytes:
+    """What a browser's service worker receives."""
+    return json.dumps(notification, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class ApiError(Exception):
@@ -1229,6 +1462,27 @@ class Validator:
             if settings.push_endpoint_pattern
             else None
         )
+
+    def fcm_token(self, body: dict) -> dict:
+        """A stored-record dict from ``{"fcm_token": ..., "topics": [...]}``."""
+        if not self.settings.fcm_service_account:
+            raise ApiError(
+                400,
+                "FCM is not configured on this server: set FCM_SERVICE_ACCOUNT to the "
+                "Firebase service-account JSON file (Firebase console, Project settings, "
+                "Service accounts, Generate new private key) and restart",
+            )
+        token = body["fcm_token"]
+        if not isinstance(token, str) or not FCM_TOKEN_RE.match(token):
+            raise ApiError(
+                400, "'fcm_token' must be the device's FCM registration token"
+            )
+        return {
+            "id": subscription_id("fcm:" + token),
+            "kind": "fcm",
+            "fcm_token": token,
+            "topics": self.topics(body.get("topics")),
+        }
 
     def subscription(self, body: dict) -> dict:
         """A stored-record dict from a PushSubscription body (or the blog's
@@ -1345,17 +1599,14 @@ class Validator:
                 400,
                 "nothing to send: give a 'title' or a 'body' (or the legacy 'message')",
             )
-        payload = json.dumps(
-            {
-                "title": text["title"] or "Notification",
-                "body": text["body"] or "",
-                "icon": text["icon"],
-                "url": text["url"],
-                "data": body.get("data"),
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        ).encode("utf-8")
+        notification = {
+            "title": text["title"] or "Notification",
+            "body": text["body"] or "",
+            "icon": text["icon"],
+            "url": text["url"],
+            "data": body.get("data"),
+        }
+        payload = notification_json(notification)
         if len(payload) > MAX_PLAINTEXT:
             raise ApiError(
                 413,
@@ -1379,7 +1630,7 @@ class Validator:
         topic = body.get("topic")
         if topic is not None:
             self.topic(topic)
-        return Message(payload, ttl, urgency, collapse_key), topic
+        return Message(notification, payload, ttl, urgency, collapse_key), topic
 
 
 class JsonApiPlugin:
@@ -1499,7 +1750,7 @@ def create_app(
         store if store is not None else SubscriptionStore(settings.subscriptions_file)
     )
     token = token if token is not None else load_or_create_token(settings)[0]
-    sender = WebPushSender(keys, store, settings)
+    sender = PushSender(keys, store, settings)
     validate = Validator(settings)
     cors = CorsPlugin(settings.cors_origins)
     started = time.time()
@@ -1533,7 +1784,11 @@ def create_app(
 
     @app.post("/subscription", api=True)
     def subscribe() -> dict:
-        record = validate.subscription(read_json(settings.max_body_bytes))
+        body = read_json(settings.max_body_bytes)
+        if "fcm_token" in body:
+            record = validate.fcm_token(body)
+        else:
+            record = validate.subscription(body)
         previous = store.get(record["id"]) or {}
         record["created"] = previous.get("created", int(time.time()))
         if record["topics"] is None:  # a browser re-posting itself keeps its topics
@@ -1544,21 +1799,27 @@ def create_app(
             "%s subscription %s (%s) topics=%s",
             "new" if created else "updated",
             record["id"],
-            endpoint_origin(record["endpoint"]),
+            endpoint_origin(record["endpoint"]) if "endpoint" in record else "fcm",
             ",".join(record["topics"]) or "-",
         )
         return {"id": record["id"]}
 
     @app.delete("/subscription", api=True)
     def unsubscribe() -> None:
-        endpoint = read_json(settings.max_body_bytes).get("endpoint")
-        if not isinstance(endpoint, str) or not endpoint:
+        body = read_json(settings.max_body_bytes)
+        endpoint, token = body.get("endpoint"), body.get("fcm_token")
+        if isinstance(endpoint, str) and endpoint:
+            record_id = subscription_id(endpoint)
+        elif isinstance(token, str) and token:
+            record_id = subscription_id("fcm:" + token)
+        else:
             raise ApiError(
-                400, 'send {"endpoint": "..."} of the subscription to delete'
+                400,
+                'send {"endpoint": "..."} of the subscription to delete, '
+                'or {"fcm_token": "..."} of the device',
             )
-        record_id = subscription_id(endpoint)
         if not store.remove(record_id):
-            raise ApiError(404, "no subscription with that endpoint is stored")
+            raise ApiError(404, "no subscription with that endpoint or token is stored")
         log.info("deleted subscription %s", record_id)
         bottle.response.status = 204
 
@@ -1574,17 +1835,17 @@ def create_app(
             raise ApiError(
                 403, "the 'auth' secret does not match the stored subscription"
             )
-        payload = json.dumps(
-            {
-                "title": "Test notification",
-                "body": "Push works for this browser.",
-                "icon": None,
-                "url": "/",
-                "data": {"test": True},
-            },
-            separators=(",", ":"),
-        ).encode()
-        report = sender.send([stored], Message(payload, settings.default_ttl, "high"))
+        notification = {
+            "title": "Test notification",
+            "body": "Push works for this browser.",
+            "icon": None,
+            "url": "/",
+            "data": {"test": True},
+        }
+        message = Message(
+            notification, notification_json(notification), settings.default_ttl, "high"
+        )
+        report = sender.send([stored], message)
         return report.summary(detail=True)
 
     @app.post("/push", api=True)
@@ -1612,7 +1873,8 @@ def create_app(
     def health() -> dict:
         return {
             "status": "ok",
-            "subscriptions": len(store),
+            "subscriptions": store.count("webpush"),
+            "fcm_tokens": store.count("fcm"),
             "version": __version__,
             "uptime_seconds": int(time.time() - started),
         }

@@ -618,11 +618,10 @@ def test_gone_subscriptions_are_removed_and_failures_kept(app, push_service, sto
 
 
 def test_push_with_no_subscribers_sends_nothing(app):
+    zero = {"sent": 0, "failed": 0, "removed": 0, "retried": 0}
     assert app.post_json("/push", {"title": "t"}, headers=AUTH).json == {
-        "sent": 0,
-        "failed": 0,
-        "removed": 0,
-        "retried": 0,
+        **zero,
+        "channels": {"webpush": zero, "fcm": zero},
         "results": [],
     }
 
@@ -1140,3 +1139,222 @@ def test_health_answers_while_a_fan_out_is_under_way(server_factory):
         assert pushing.is_alive()  # answered before the push ended
         pushing.join(30)
         assert result["sent"] == 16
+
+
+# -- native apps through FCM -------------------------------------------------------------
+
+
+@pytest.fixture
+def fcm():
+    from tests.fcm_service import FcmService
+
+    with FcmService() as service:
+        yield service
+
+
+@pytest.fixture
+def fcm_app(settings, fcm, tmp_path):
+    account = fcm.service_account(tmp_path / "service-account.json")
+    application = api.create_app(
+        api.Settings(
+            **{
+                **settings.__dict__,
+                "fcm_service_account": str(account),
+                "fcm_api_url": fcm.url,
+            }
+        )
+    )
+    yield webtest.TestApp(application)
+    _close(application)
+
+
+def device_token(n: int) -> str:
+    return f"dev{n}:APA91b" + os.urandom(40).hex()
+
+
+def test_fcm_tokens_are_refused_with_a_how_to_when_fcm_is_not_configured(
+    app, stored_file
+):
+    response = app.post_json(
+        "/subscription", {"fcm_token": device_token(1)}, status=400
+    )
+    assert "FCM_SERVICE_ACCOUNT" in response.json["error"] and stored_file()
+
+
+def test_fcm_tokens_register_once_and_delete(fcm_app):
+    token = device_token(1)
+    first = fcm_app.post_json("/subscription", {"fcm_token": token, "topics": ["news"]})
+    assert first.status_int == 201
+    assert fcm_app.post_json("/subscription", {"fcm_token": token}).json == first.json
+    health = fcm_app.get("/health").json
+    assert (health["fcm_tokens"], health["subscriptions"]) == (1, 0)
+    assert fcm_app.delete_json("/subscription", {"fcm_token": token}).status_int == 204
+    fcm_app.delete_json("/subscription", {"fcm_token": token}, status=404)
+    assert fcm_app.get("/health").json["fcm_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    "token", ["", "has space", "x" * 4097, 12], ids=["empty", "space", "long", "number"]
+)
+def test_bad_fcm_tokens_get_a_400(fcm_app, token):
+    assert fcm_app.post_json("/subscription", {"fcm_token": token}, status=400).json[
+        "error"
+    ]
+    assert fcm_app.get("/health").json["fcm_tokens"] == 0
+
+
+def test_push_reaches_browsers_and_fcm_tokens_with_the_fields_mapped(
+    fcm_app, fcm, push_service
+):
+    browser = push_service.subscriber()
+    tokens = [device_token(n) for n in range(20)]
+    fcm_app.post_json("/subscription", browser.subscription)
+    for token in tokens:
+        fcm_app.post_json("/subscription", {"fcm_token": token})
+    body = {
+        "title": "Deploy",
+        "body": "v2 is live",
+        "icon": "https://site.test/i.png",
+        "url": "https://site.test/v2",
+        "data": {"build": 42, "ok": True, "who": "ci"},
+        "ttl": 60,
+        "urgency": "high",
+        "collapse_key": "deploys",
+    }
+    result = fcm_app.post_json("/push", body, headers=AUTH).json
+    assert (result["sent"], result["failed"]) == (21, 0)
+    assert (
+        result["channels"]["webpush"]["sent"] == 1
+        and result["channels"]["fcm"]["sent"] == 20
+    )
+    assert {m.token for m in fcm.received()} == set(tokens)
+    message = fcm.received(tokens[0])[0].message
+    assert message["notification"] == {
+        "title": "Deploy",
+        "body": "v2 is live",
+        "image": "https://site.test/i.png",
+    }
+    assert message["data"] == {
+        "build": "42",
+        "ok": "true",
+        "who": "ci",
+        "url": "https://site.test/v2",
+    }
+    assert message["android"] == {
+        "ttl": "60s",
+        "priority": "HIGH",
+        "collapse_key": "deploys",
+    }
+    apns = message["apns"]["headers"]
+    assert (apns["apns-priority"], apns["apns-collapse-id"]) == ("10", "deploys")
+    assert 0 < int(apns["apns-expiration"]) - time.time() <= 60
+    assert push_service.received(browser)[0].message["title"] == "Deploy"
+
+
+def test_a_topic_push_reaches_only_the_tokens_on_that_topic(fcm_app, fcm):
+    news, other = device_token(1), device_token(2)
+    fcm_app.post_json("/subscription", {"fcm_token": news, "topics": ["news"]})
+    fcm_app.post_json("/subscription", {"fcm_token": other})
+    assert (
+        fcm_app.post_json("/push", {"title": "t", "topic": "news"}, headers=AUTH).json[
+            "sent"
+        ]
+        == 1
+    )
+    assert [m.token for m in fcm.received()] == [news]
+
+
+def test_unregistered_and_invalid_tokens_are_removed(fcm_app, fcm):
+    from tests.fcm_service import INVALID_TOKEN, UNREGISTERED
+
+    gone, invalid, fine = device_token(1), device_token(2), device_token(3)
+    fcm.script(gone, UNREGISTERED)
+    fcm.script(invalid, INVALID_TOKEN)
+    for token in (gone, invalid, fine):
+        fcm_app.post_json("/subscription", {"fcm_token": token})
+    result = fcm_app.post_json("/push", {"title": "t"}, headers=AUTH).json
+    assert (result["sent"], result["removed"]) == (1, 2)
+    assert fcm_app.get("/health").json["fcm_tokens"] == 1
+
+
+def test_fcm_429_and_5xx_are_retried_honouring_retry_after(fcm_app, fcm):
+    busy, flaky = device_token(1), device_token(2)
+    fcm.script(busy, (429, {"error": {"code": 429}}, {"Retry-After": "1"}))
+    fcm.script(flaky, 503)
+    for token in (busy, flaky):
+        fcm_app.post_json("/subscription", {"fcm_token": token})
+    result = fcm_app.post_json("/push", {"title": "t"}, headers=AUTH).json
+    assert (result["sent"], result["retried"], result["failed"]) == (2, 2, 0)
+    first, second = fcm.received(busy)
+    assert (first.status, second.status) == (429, 200) and second.at - first.at >= 0.95
+    assert [m.status for m in fcm.received(flaky)] == [503, 200]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_fcm_auth_refusals_fail_loudly_and_keep_the_token(fcm_app, fcm, status, caplog):
+    token = device_token(1)
+    fcm.script(token, status)
+    fcm_app.post_json("/subscription", {"fcm_token": token})
+    result = fcm_app.post_json("/push", {"title": "t"}, headers=AUTH).json
+    assert (result["failed"], result["removed"]) == (1, 0)
+    assert fcm_app.get("/health").json["fcm_tokens"] == 1
+    assert "FCM refused the service account" in caplog.text
+
+
+def test_a_service_account_with_the_wrong_key_fails_without_removing(
+    settings, fcm, tmp_path, caplog
+):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    account = fcm.service_account(tmp_path / "service-account.json")
+    fcm.key = rsa.generate_private_key(
+        public_exponent=65537, key_size=2048
+    )  # Google's view changes
+    application = api.create_app(
+        api.Settings(
+            **{
+                **settings.__dict__,
+                "fcm_service_account": str(account),
+                "fcm_api_url": fcm.url,
+            }
+        )
+    )
+    try:
+        client = webtest.TestApp(application)
+        client.post_json("/subscription", {"fcm_token": device_token(1)})
+        result = client.post_json(
+            "/push", {"title": "t", "detail": True}, headers=AUTH
+        ).json
+        assert (result["failed"], result["removed"]) == (1, 0)
+        assert fcm.refused_assertions >= 1 and fcm.received() == []
+        assert "access token" in result["results"][0]["reason"]
+    finally:
+        _close(application)
+
+
+def test_the_server_process_sends_to_fcm_when_configured(server_factory, fcm, tmp_path):
+    account = fcm.service_account(tmp_path / "service-account.json")
+    server = server_factory(
+        FCM_SERVICE_ACCOUNT=str(account), FCM_API_URL=fcm.url
+    ).start()
+    token = device_token(1)
+    assert (
+        requests.post(
+            server.url + "/subscription", json={"fcm_token": token}
+        ).status_code
+        == 201
+    )
+    result = requests.post(
+        server.url + "/push", json={"title": "hi"}, headers=AUTH
+    ).json()
+    assert result["channels"]["fcm"]["sent"] == 1
+    assert fcm.received(token)[0].message["notification"]["title"] == "hi"
+
+
+def test_a_bad_service_account_file_stops_the_start(server_factory, tmp_path):
+    (tmp_path / "broken.json").write_text("{}")
+    server = server_factory(FCM_SERVICE_ACCOUNT=str(tmp_path / "broken.json")).start(
+        wait=False
+    )
+    assert server.proc.wait(15) != 0
+    assert "FCM_SERVICE_ACCOUNT" in server.output()
