@@ -30,6 +30,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 HANG = "hang"  # a scripted answer: keep the connection open, never answer
+MALFORMED = "malformed"  # answer with something that is not HTTP
+SLOW_BODY = "slow body"  # send the head, then the body a byte at a time, too slowly
+RESET = "reset"  # drop the connection without answering
+FAULTS = (HANG, MALFORMED, SLOW_BODY, RESET)
 
 
 def b64url(raw: bytes) -> str:
@@ -195,8 +199,8 @@ class PushService:
             context.load_cert_chain(chain.name)
         return context
 
-    def handle(self, path: str, headers: dict[str, str], body: bytes) -> tuple | None:
-        """The answer to one POST: (status, extra headers), or None to never answer."""
+    def handle(self, path: str, headers: dict[str, str], body: bytes) -> tuple | str:
+        """The answer to one POST: (status, extra headers), or one of FAULTS."""
         sub_id = path.rsplit("/", 1)[-1] if path.startswith("/push/") else ""
         sub = self.subscribers.get(sub_id)
         if sub is None:
@@ -205,7 +209,7 @@ class PushService:
             )
         answer = sub.script.pop(0) if sub.script else 201
         self.requests += 1
-        if self.requests % self.verify_every and answer != HANG:  # not sampled
+        if self.requests % self.verify_every and answer not in FAULTS:  # not sampled
             return (answer, {}) if isinstance(answer, int) else answer
         claims, error = self._check_vapid(headers.get("authorization", ""))
         if error:
@@ -220,9 +224,9 @@ class PushService:
             return self._record(
                 Delivery(sub.id, 400, headers, claims, error=f"decrypt: {e!r}")
             )
-        if answer == HANG:
-            self._record(Delivery(sub.id, 0, headers, claims, plaintext))
-            return None
+        if answer in FAULTS:
+            self._record(Delivery(sub.id, 0, headers, claims, plaintext, error=answer))
+            return answer
         status, extra = (answer, {}) if isinstance(answer, int) else answer
         return self._record(Delivery(sub.id, status, headers, claims, plaintext), extra)
 
@@ -346,13 +350,31 @@ class _PushProtocol(asyncio.Protocol):
             del self.buffer[: end + 4 + length]
             path = lines[0].split(" ")[1]
             answer = self.service.handle(path, headers, body)
-            if answer is not None:
+            if answer in FAULTS:
+                self._fault(answer)
+            else:
                 if self.service.latency:
                     asyncio.get_running_loop().call_later(
                         self.service.latency, self._respond, *answer
                     )
                 else:
                     self._respond(*answer)
+
+    def _fault(self, fault: str) -> None:
+        if fault == MALFORMED:
+            self.transport.write(b"HTTP/9 banana\r\nno colon here\r\n\r\n")
+        elif fault == RESET:
+            self.transport.abort()
+        elif fault == SLOW_BODY:
+            self.transport.write(
+                b"HTTP/1.1 201 Created\r\nContent-Length: 1000\r\n\r\n"
+            )
+            self._trickle(1000)
+
+    def _trickle(self, left: int) -> None:
+        if left and not self.transport.is_closing():
+            self.transport.write(b"x")
+            asyncio.get_running_loop().call_later(0.2, self._trickle, left - 1)
 
     def _respond(self, status: int, extra: dict) -> None:
         if self.transport.is_closing():
