@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -155,6 +156,26 @@ class Settings:
         "FCM HTTP v1 API base (for an emulator)",
     )
     fcm_threads: int = _setting(32, "FCM_THREADS", "FCM messages in flight at once")
+    max_subscriptions: int = _setting(
+        1_000_000,
+        "MAX_SUBSCRIPTIONS",
+        "most subscriptions and tokens stored (0: no cap)",
+    )
+    rate_limit: int = _setting(
+        60,
+        "RATE_LIMIT",
+        "subscription writes one client may make per minute, in bursts of as many (0: off)",
+    )
+    trusted_proxies: str = _setting(
+        "",
+        "TRUSTED_PROXIES",
+        "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed",
+    )
+    shutdown_timeout: float = _setting(
+        30.0,
+        "SHUTDOWN_TIMEOUT",
+        "seconds SIGTERM waits for requests and pushes under way",
+    )
     threads: int = _setting(16, "THREADS", "HTTP worker threads")
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
 
@@ -546,9 +567,10 @@ class SubscriptionStore:
                 if record is None:
                     if number < last:
                         raise StoreDamaged(
-                            f"{self.path} line {number} is not a valid record; the file "
+                            f"{self.path} line {number} is not a valid record: the file "
                             f"is damaged in the middle. Inspect it (sed -n {number}p "
-                            f"{self.path}), then fix or delete that line and start again"
+                            f"{self.path}); `python api.py --repair-store` keeps every "
+                            f"valid record and moves the damaged lines to a side file"
                         )
                     log.warning(
                         "%s: skipping the torn last line %d (a write cut short by a crash)",
@@ -637,6 +659,34 @@ class SubscriptionStore:
                     self._syncing = False
                     self._sync.notify_all()
                 self._synced = max(self._synced, target)
+
+
+def repair_store(path: Path) -> tuple[int, int, Path | None]:
+    """Rewrite a damaged store with its valid records, the damaged lines moved to
+    ``<file>.damaged-<time>``: (records kept, lines moved, the side file)."""
+    lock = _lock_file(path.with_name(path.name + ".lock"))
+    try:
+        good, bad = [], []
+        for raw in path.read_bytes().split(b"\n"):
+            if raw.strip():
+                (good if _parse_record(raw) is not None else bad).append(raw)
+        side = None
+        if bad:
+            side = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            side.write_bytes(b"\n".join(bad) + b"\n")
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb", opener=_private_opener) as f:
+            f.write(b"".join(line + b"\n" for line in good))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        lock.close()
+    store = SubscriptionStore(path)  # the replay keeps the last state of each id
+    kept = len(store)
+    store.close()
+    return kept, len(bad), side
 
 
 def _parse_record(raw: bytes) -> dict | None:
@@ -948,14 +998,18 @@ class ConnectionPool:
             f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n{headers}"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode("latin-1") + body
+        fresh = False
         while True:
-            connection = self._checkout(key)
+            connection = None if fresh else self._checkout(key)
             if connection is None:
                 connection = await self._connect(key, tls)
             try:
                 response = await self._exchange(connection, request)
             except StaleConnection:
-                continue  # the next try takes another idle connection or a new one
+                if fresh:
+                    raise
+                fresh = True  # once more, on a new connection: a stale one is no answer
+                continue
             except PushServiceError:
                 connection.close()
                 raise
@@ -1428,8 +1482,8 @@ def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
     whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits instead."""
     if pattern is not None:
         return pattern.match(endpoint) is not None
-    if any(c.isspace() or ord(c) < 32 or c == "\\" for c in endpoint):
-        return False
+    if any(c.isspace() or ord(c) < 32 or c in "\\#" for c in endpoint):
+        return False  # parsers disagree on these; no push service endpoint has them
     try:
         parts = urlsplit(endpoint)
         port = parts.port
@@ -1671,6 +1725,113 @@ class JsonApiPlugin:
         return wrapper
 
 
+def client_address(environ: dict, trusted_proxies: frozenset[str]) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy,
+    the nearest untrusted address in X-Forwarded-For (clients can forge the rest)."""
+    address = environ.get("REMOTE_ADDR") or "?"
+    if address not in trusted_proxies:
+        return address
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if hop not in trusted_proxies:
+            return hop
+    return address
+
+
+class RateLimitPlugin:
+    """Bottle plugin: a token bucket per client on routes marked ``rate_limited``;
+    over the limit, 429 with Retry-After."""
+
+    name = "rate_limit"
+    api = 2
+
+    def __init__(self, per_minute: int, trusted_proxies: str):
+        self.per_minute = per_minute
+        self.trusted = frozenset(
+            p.strip() for p in trusted_proxies.split(",") if p.strip()
+        )
+        self._buckets: dict[str, tuple[float, float]] = {}  # client: (tokens, when)
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> float:
+        """0 when ``client`` may go on, else the seconds until it may."""
+        now = time.monotonic()
+        rate = self.per_minute / 60
+        with self._lock:
+            if (
+                len(self._buckets) > 100_000
+            ):  # forget clients whose buckets are full again
+                full = now - self.per_minute / rate
+                self._buckets = {c: b for c, b in self._buckets.items() if b[1] > full}
+            tokens, when = self._buckets.get(client, (self.per_minute, now))
+            tokens = min(self.per_minute, tokens + (now - when) * rate)
+            if tokens < 1:
+                self._buckets[client] = (tokens, now)
+                return (1 - tokens) / rate
+            self._buckets[client] = (tokens - 1, now)
+            return 0.0
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        if not self.per_minute or not route.config.get("rate_limited"):
+            return callback
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            client = client_address(bottle.request.environ, self.trusted)
+            wait = self.take(client)
+            if wait:
+                bottle.response.set_header("Retry-After", str(math.ceil(wait)))
+                log.warning(
+                    "rate limit: %s %s from %s",
+                    bottle.request.method,
+                    bottle.request.path,
+                    client,
+                )
+                raise ApiError(
+                    429,
+                    f"too many subscription changes from {client}; try again in {math.ceil(wait)} s",
+                )
+            return callback(*args, **kwargs)
+
+        return wrapper
+
+
+class InFlight:
+    """WSGI wrapper that counts requests under way and, once draining, answers
+    new ones 503, so a shutdown can wait for the rest."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+        self.draining = False
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        if self.draining:
+            start_response(
+                "503 Service Unavailable",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Connection", "close"),
+                    ("Retry-After", "5"),
+                ],
+            )
+            return [b'{"error": "the server is shutting down; try again shortly"}']
+        with self._idle:
+            self._count += 1
+        try:
+            return self.app(environ, start_response)
+        finally:
+            with self._idle:
+                self._count -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait for those under way; False on timeout."""
+        self.draining = True
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
 class CorsPlugin:
     """Bottle plugin that adds CORS headers to API responses (CORS_ORIGINS)."""
 
@@ -1758,6 +1919,7 @@ def create_app(
     app = bottle.Bottle()
     app.install(cors)  # installed first, so it wraps the JSON errors too
     app.install(JsonApiPlugin())
+    app.install(RateLimitPlugin(settings.rate_limit, settings.trusted_proxies))
     app.config.update(
         {"webpush.store": store, "webpush.sender": sender, "webpush.keys": keys}
     )
@@ -1782,7 +1944,7 @@ def create_app(
     def get_public_key() -> dict:
         return {"public_key": keys.public_key}
 
-    @app.post("/subscription", api=True)
+    @app.post("/subscription", api=True, rate_limited=True)
     def subscribe() -> dict:
         body = read_json(settings.max_body_bytes)
         if "fcm_token" in body:
@@ -1790,6 +1952,19 @@ def create_app(
         else:
             record = validate.subscription(body)
         previous = store.get(record["id"]) or {}
+        if (
+            not previous
+            and settings.max_subscriptions
+            and len(store) >= settings.max_subscriptions
+        ):
+            log.warning(
+                "refused a new subscription: MAX_SUBSCRIPTIONS (%d) reached", len(store)
+            )
+            raise ApiError(
+                429,
+                "this server stores no more subscriptions (MAX_SUBSCRIPTIONS reached); "
+                "try again later",
+            )
         record["created"] = previous.get("created", int(time.time()))
         if record["topics"] is None:  # a browser re-posting itself keeps its topics
             record["topics"] = previous.get("topics", [])
@@ -1804,7 +1979,7 @@ def create_app(
         )
         return {"id": record["id"]}
 
-    @app.delete("/subscription", api=True)
+    @app.delete("/subscription", api=True, rate_limited=True)
     def unsubscribe() -> None:
         body = read_json(settings.max_body_bytes)
         endpoint, token = body.get("endpoint"), body.get("fcm_token")
@@ -1823,7 +1998,7 @@ def create_app(
         log.info("deleted subscription %s", record_id)
         bottle.response.status = 204
 
-    @app.post("/subscription/test", api=True)
+    @app.post("/subscription/test", api=True, rate_limited=True)
     def test_notification() -> dict:
         given = validate.subscription(read_json(settings.max_body_bytes))
         stored = store.get(given["id"])
@@ -1931,8 +2106,9 @@ def serve_static(name: str) -> bottle.HTTPResponse:
 ###############################################################################
 
 
-def parse_args(argv: list[str] | None = None) -> Settings:
-    """Settings from the command line over the environment over the defaults."""
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
+    """Settings from the command line over the environment over the defaults,
+    and whether to repair the store instead of serving."""
     env_defaults = Settings.from_env()
     epilog = [
         "settings only read from the environment (secrets stay off command lines):"
@@ -1955,18 +2131,39 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         )
     parser.epilog = "\n".join(epilog)
     parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument(
+        "--repair-store",
+        action="store_true",
+        help="rewrite a damaged SUBSCRIPTIONS_FILE with its valid records, move the "
+        "damaged lines to a side file, and exit (stop the server first)",
+    )
     args = vars(parser.parse_args(argv))
-    return dataclasses.replace(env_defaults, **args)
+    repair = args.pop("repair_store")
+    return dataclasses.replace(env_defaults, **args), repair
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
+    settings, repair = parse_args(argv)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # waitress warns at every queued request once its threads are busy: noise under load.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    if repair:
+        try:
+            kept, moved, side = repair_store(Path(settings.subscriptions_file))
+        except (StoreLocked, OSError) as e:
+            log.error("cannot repair %s: %s", settings.subscriptions_file, e)
+            return 2
+        log.info(
+            "%s: %d records kept, %d damaged lines moved to %s",
+            settings.subscriptions_file,
+            kept,
+            moved,
+            side or "(none)",
+        )
+        return 0
     try:
         store = SubscriptionStore(settings.subscriptions_file)
     except (StoreLocked, StoreDamaged) as e:
@@ -2010,27 +2207,45 @@ def main(argv: list[str] | None = None) -> int:
 
     import waitress
 
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    in_flight = InFlight(app)
     try:
-        waitress.serve(
-            app,
+        server = waitress.create_server(
+            in_flight,
             host=settings.host,
             port=settings.port,
             threads=settings.threads,
             ident="webpush",
         )
-        log.info("stopped")
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)
+        app.config["webpush.sender"].close()
+        store.close()
         return 1
+
+    def stop_gracefully(signum: int, frame: Any) -> None:
+        threading.Thread(target=drain, name="shutdown", daemon=True).start()
+
+    def drain() -> None:
+        log.info(
+            "stopping: finishing requests and pushes under way (%g s at most)",
+            settings.shutdown_timeout,
+        )
+        if not in_flight.drain(settings.shutdown_timeout):
+            log.warning(
+                "requests still under way after SHUTDOWN_TIMEOUT; stopping anyway"
+            )
+        os.kill(
+            os.getpid(), signal.SIGINT
+        )  # waitress stops its loop on KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_gracefully)
+    try:
+        server.run()  # returns on KeyboardInterrupt, after its threads finish
     finally:
         app.config["webpush.sender"].close()
         store.close()
+    log.info("stopped")
     return 0
-
-
-def _stop_on_signal(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # waitress.serve() stops on it and returns to main()
 
 
 if __name__ == "__main__":

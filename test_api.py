@@ -25,6 +25,9 @@ import requests
 import webtest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 import api
 from tests.push_service import PushService
@@ -59,6 +62,7 @@ def settings(tmp_path):
         push_token=TOKEN,
         push_timeout=3.0,
         push_processes=1,  # the server-process tests cover delivery processes
+        rate_limit=0,  # tests that check it turn it on
     )
 
 
@@ -100,6 +104,7 @@ class Server:
             "PUSH_ENDPOINT_PATTERN": LOCAL_PUSH,
             "VAPID_SUBJECT": "mailto:ops@push.test",
             "PUSH_TOKEN": TOKEN,
+            "RATE_LIMIT": "0",
             "PYTHONUNBUFFERED": "1",
             **env,
         }
@@ -1358,3 +1363,290 @@ def test_a_bad_service_account_file_stops_the_start(server_factory, tmp_path):
     )
     assert server.proc.wait(15) != 0
     assert "FCM_SERVICE_ACCOUNT" in server.output()
+
+
+# -- hardening: hostile input, limits, faults, crashes, secrets, shutdown ----------------
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+# Bodies shaped like the real ones, with every value hostile, reach deeper than random JSON.
+SHAPED = st.fixed_dictionaries(
+    {},
+    optional={
+        "endpoint": JSON | st.sampled_from(ALLOWED + REFUSED),
+        "keys": JSON
+        | st.fixed_dictionaries(
+            {}, optional={"p256dh": JSON | st.text(), "auth": JSON}
+        ),
+        "topics": JSON | st.lists(st.text(max_size=70), max_size=25),
+        "subscription_token": JSON | st.text(),
+        "fcm_token": JSON,
+        "expirationTime": JSON,
+        "title": JSON,
+        "body": JSON,
+        "ttl": JSON,
+        "urgency": JSON,
+        "collapse_key": JSON,
+        "topic": JSON,
+        "data": JSON,
+    },
+)
+ROUTES = [
+    ("POST", "/subscription"),
+    ("DELETE", "/subscription"),
+    ("POST", "/subscription/test"),
+    ("POST", "/push"),
+    ("GET", "/health"),
+    ("GET", "/subscription"),
+]
+
+
+@hypothesis_settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    route=st.sampled_from(ROUTES),
+    body=st.binary(max_size=300)
+    | JSON.map(lambda v: json.dumps(v).encode())
+    | SHAPED.map(lambda v: json.dumps(v).encode()),
+)
+def test_fuzzed_requests_never_give_a_5xx_or_store_anything(app, settings, route, body):
+    method, path = route
+    store = app.app.config["webpush.store"]
+    response = app.request(
+        path, method=method, body=body, headers=AUTH, expect_errors=True
+    )
+    assert response.status_int < 500, response.body
+    if response.status_int >= 400:
+        assert isinstance(response.json["error"], str)
+    assert len(store) == 0
+    path = Path(settings.subscriptions_file)
+    assert not path.exists() or path.stat().st_size == 0
+    assert app.get("/health").json["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://142.250.185.10/fcm/send/x",
+        "https://[2a00:1450:4001::200a]/x",
+        "https://xn--fcm-googleapis-0ub.com/x",
+        "https://fcm.googleapis.c\u03bfm/x",
+        "https://web.push.apple.com:443@evil.test/x",
+        "https://web.push.apple.com%2eevil.test/x",
+        "HTTPS://EVIL.TEST/web.push.apple.com",
+        "https://fcm.googleapis.com#@evil.test/",
+    ],
+)
+def test_the_allowlist_refuses_literals_and_look_alikes(url):
+    assert not api.endpoint_allowed(url)
+
+
+def test_rate_limit_counts_subscription_writes_per_client(settings):
+    application = api.create_app(api.Settings(**{**settings.__dict__, "rate_limit": 3}))
+    try:
+        client = webtest.TestApp(
+            application, extra_environ={"REMOTE_ADDR": "203.0.113.7"}
+        )
+        for n in range(3):
+            client.post_json("/subscription", fake_subscription(n))
+        refused = client.post_json("/subscription", fake_subscription(9), status=429)
+        assert (
+            int(refused.headers["Retry-After"]) >= 1
+            and "203.0.113.7" in refused.json["error"]
+        )
+        assert len(application.config["webpush.store"]) == 3
+        forged = {"X-Forwarded-For": "198.51.100.1"}  # the peer is no trusted proxy
+        client.post_json(
+            "/subscription", fake_subscription(9), headers=forged, status=429
+        )
+        other = webtest.TestApp(
+            application, extra_environ={"REMOTE_ADDR": "203.0.113.8"}
+        )
+        other.post_json("/subscription", fake_subscription(9))
+        assert client.get("/health").status_int == 200  # reads are not limited
+    finally:
+        _close(application)
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(settings):
+    changed = {"rate_limit": 1, "trusted_proxies": "10.0.0.2"}
+    application = api.create_app(api.Settings(**{**settings.__dict__, **changed}))
+    try:
+        proxy = webtest.TestApp(application, extra_environ={"REMOTE_ADDR": "10.0.0.2"})
+        first = {"X-Forwarded-For": "forged, 198.51.100.1"}
+        proxy.post_json("/subscription", fake_subscription(1), headers=first)
+        proxy.post_json(
+            "/subscription", fake_subscription(2), headers=first, status=429
+        )
+        second = {"X-Forwarded-For": "forged, 198.51.100.2"}
+        proxy.post_json("/subscription", fake_subscription(2), headers=second)
+    finally:
+        _close(application)
+
+
+def test_max_subscriptions_caps_new_ones_but_not_updates(settings):
+    application = api.create_app(
+        api.Settings(**{**settings.__dict__, "max_subscriptions": 2})
+    )
+    try:
+        client = webtest.TestApp(application)
+        for n in range(2):
+            client.post_json("/subscription", fake_subscription(n))
+        assert (
+            "MAX_SUBSCRIPTIONS"
+            in client.post_json("/subscription", fake_subscription(5), status=429).json[
+                "error"
+            ]
+        )
+        assert (
+            client.post_json(
+                "/subscription", {**fake_subscription(1), "topics": ["a"]}
+            ).status_int
+            == 200
+        )
+        assert len(application.config["webpush.store"]) == 2
+    finally:
+        _close(application)
+
+
+def test_faulty_push_services_fail_each_message_within_the_time_bound(
+    settings, push_service
+):
+    from tests.push_service import HANG, MALFORMED, RESET, SLOW_BODY
+
+    application = api.create_app(
+        api.Settings(**{**settings.__dict__, "push_timeout": 0.5})
+    )
+    try:
+        client = webtest.TestApp(application)
+        faulty = {
+            fault: push_service.subscriber(
+                script=[fault] * 10
+            )  # a service that keeps failing
+            for fault in (HANG, MALFORMED, RESET, SLOW_BODY)
+        }
+        storm = [push_service.subscriber(script=[500, 503, 502]) for _ in range(20)]
+        fine = push_service.subscriber()
+        for sub in [*faulty.values(), *storm, fine]:
+            client.post_json("/subscription", sub.subscription)
+        started = time.monotonic()
+        result = client.post_json(
+            "/push", {"title": "t", "detail": True}, headers=AUTH
+        ).json
+        # bound: 3 tries of PUSH_TIMEOUT each and the pauses between them (0.5 s, 1 s)
+        assert time.monotonic() - started < 3 * 0.5 + 1.5 + 2
+        assert (result["sent"], result["failed"], result["removed"]) == (1, 24, 0)
+        reasons = {r["id"]: r["reason"] for r in result["results"]}
+        assert "no answer" in reasons[api.subscription_id(faulty[HANG].endpoint)]
+        assert "malformed" in reasons[api.subscription_id(faulty[MALFORMED].endpoint)]
+        assert "closed" in reasons[api.subscription_id(faulty[RESET].endpoint)]
+        assert "no answer" in reasons[api.subscription_id(faulty[SLOW_BODY].endpoint)]
+        assert len(application.config["webpush.store"]) == 25  # failures are kept
+    finally:
+        _close(application)
+
+
+def test_repair_store_keeps_the_valid_records_and_sets_the_damage_aside(
+    tmp_path, server_factory
+):
+    path = tmp_path / "subscriptions.json"
+    store = api.SubscriptionStore(path)
+    for n in range(4):
+        store.upsert(_record(n))
+    store.close()
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b'{"id": "cut sh'
+    path.write_bytes(b"\n".join(lines))
+    server = server_factory().start(wait=False)
+    assert server.proc.wait(15) != 0 and "--repair-store" in server.output()
+    repair = subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), "--repair-store"],
+        check=False,
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert repair.returncode == 0, repair.stderr
+    [side] = tmp_path.glob("subscriptions.json.damaged-*")
+    assert side.read_bytes() == b'{"id": "cut sh\n'
+    server.start()
+    assert requests.get(server.url + "/health").json()["subscriptions"] == 3
+
+
+def test_static_files_never_follow_a_symlink_out_of_static(app, tmp_path, monkeypatch):
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "ok.txt").write_text("fine")
+    secret = tmp_path / "vapid" / "private_key.pem"
+    (static / "key.txt").symlink_to(secret)
+    (static / "vapid").symlink_to(secret.parent, target_is_directory=True)
+    monkeypatch.setattr(api, "STATIC_DIR", static)
+    assert app.get("/static/ok.txt").text == "fine"
+    for path in (
+        "/static/key.txt",
+        "/static/vapid/private_key.pem",
+        "/static/%2e%2e/vapid/private_key.pem",
+    ):
+        assert b"PRIVATE KEY" not in app.get(path, status=404).body
+
+
+def test_secrets_never_reach_the_log(server_factory, push_service):
+    server = server_factory(LOG_LEVEL="DEBUG").start()
+    sub = push_service.subscriber()
+    requests.post(server.url + "/subscription", json=sub.subscription)
+    requests.post(server.url + "/push", json={"title": "t"}, headers=AUTH)
+    requests.post(
+        server.url + "/push",
+        json={"title": "t"},
+        headers={"Authorization": "Bearer nope"},
+    )
+    server.stop()
+    log_text = server.output()
+    key = (Path(server.env["VAPID_DIR"]) / "private_key.pem").read_text()
+    body = "".join(key.splitlines()[1:-1])
+    assert TOKEN not in log_text and body[:40] not in log_text
+    assert sub.subscription["keys"]["auth"] not in log_text
+
+
+def test_sigterm_lets_a_push_under_way_finish_and_leaves_the_store_whole(
+    server_factory,
+):
+    with PushService(latency=1.0) as slow:
+        server = server_factory(PUSH_CONCURRENCY="4").start()
+        for _ in range(8):
+            requests.post(
+                server.url + "/subscription", json=slow.subscriber().subscription
+            )
+        result: dict = {}
+        pushing = threading.Thread(
+            target=lambda: result.update(
+                requests.post(
+                    server.url + "/push", json={"title": "t"}, headers=AUTH
+                ).json()
+            )
+        )
+        pushing.start()
+        slow.wait_for(2)
+        server.proc.send_signal(signal.SIGTERM)
+        pushing.join(30)
+        assert result["sent"] == 8
+        assert server.proc.wait(30) == 0
+        assert "stopped" in server.output()
+    store = api.SubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
+    assert len(store) == 8
+    store.close()

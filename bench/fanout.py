@@ -75,6 +75,7 @@ def start_server(directory: Path, ca_file: str) -> tuple[subprocess.Popen, str]:
         "VAPID_SUBJECT": "mailto:bench@push.test",
         "PUSH_TOKEN": TOKEN,
         "LOG_LEVEL": "WARNING",
+        "RATE_LIMIT": "0",  # one client on purpose
         "SSL_CERT_FILE": ca_file,
     }
     server = subprocess.Popen([sys.executable, str(ROOT / "api.py")], env=env)
