@@ -176,6 +176,12 @@ class Settings:
         "SHUTDOWN_TIMEOUT",
         "seconds SIGTERM waits for requests and pushes under way",
     )
+    webhook_secret: str = _setting(
+        "",
+        "WEBHOOK_SECRET",
+        "shared secret that signs webhooks (HMAC-SHA256); webhooks are refused without it",
+        cli=False,
+    )
     threads: int = _setting(16, "THREADS", "HTTP worker threads")
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
 
@@ -1443,6 +1449,154 @@ class PushSender:
 
 
 ###############################################################################
+# Webhooks ####################################################################
+###############################################################################
+
+WebhookHandler = Callable[[dict], "dict | None"]
+WEBHOOK_HANDLERS: dict[tuple[str, str], WebhookHandler] = {}
+
+
+@dataclass(frozen=True)
+class WebhookSource:
+    """How one service signs its webhooks and names their events."""
+
+    signature_header: (
+        str  # "sha256=<hex HMAC-SHA256 of the raw body with WEBHOOK_SECRET>"
+    )
+    event_header: str | None  # None: every delivery is the event "notify"
+    delivery_header: str  # a delivery id; a repeated one is sent once
+    token_allowed: bool = False  # the push token may stand in for a signature
+
+
+WEBHOOK_SOURCES = {
+    "github": WebhookSource(
+        "X-Hub-Signature-256", "X-GitHub-Event", "X-GitHub-Delivery"
+    ),
+    "generic": WebhookSource(
+        "X-Signature-256", None, "X-Delivery-Id", token_allowed=True
+    ),
+}
+
+
+def on_webhook(source: str, event: str) -> Callable[[WebhookHandler], WebhookHandler]:
+    """Register a function that turns one event's payload into a notification:
+    a dict of ``title``, ``body``, ``url``, ``topic`` (any POST /push fields),
+    or None to send nothing."""
+
+    def register(handler: WebhookHandler) -> WebhookHandler:
+        WEBHOOK_HANDLERS[(source, event)] = handler
+        return handler
+
+    return register
+
+
+def signature_valid(secret: str, body: bytes, header: str | None) -> bool:
+    """Whether ``header`` is ``sha256=`` and the HMAC-SHA256 of ``body``."""
+    if not secret or not header or not header.startswith("sha256="):
+        return False
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), header[7:].strip().encode())
+
+
+def _short(text: str | None, limit: int = 200) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@on_webhook("generic", "notify")
+def generic_notification(payload: dict) -> dict:
+    return {
+        k: payload[k]
+        for k in ("title", "body", "url", "topic", "icon", "data")
+        if k in payload
+    }
+
+
+@on_webhook("github", "push")
+def github_push(payload: dict) -> dict | None:
+    commits = payload.get("commits") or []
+    if payload.get("deleted") or not commits:
+        return None
+    branch = payload.get("ref", "").removeprefix("refs/heads/")
+    head = payload.get("head_commit") or commits[-1]
+    who = (payload.get("pusher") or {}).get("name", "someone")
+    count = f"{len(commits)} commit{'s' if len(commits) != 1 else ''}"
+    return {
+        "title": f"{payload['repository']['full_name']}: {count} pushed to {branch}",
+        "body": f"{who}: {_short(head.get('message'))}",
+        "url": payload.get("compare") or head.get("url"),
+    }
+
+
+@on_webhook("github", "pull_request")
+def github_pull_request(payload: dict) -> dict | None:
+    pr, action = payload["pull_request"], payload.get("action")
+    if action == "closed":
+        action = "merged" if pr.get("merged") else "closed"
+    if action not in ("opened", "reopened", "ready_for_review", "merged", "closed"):
+        return None
+    return {
+        "title": f"{payload['repository']['full_name']}: pull request #{pr['number']} {action.replace('_', ' ')}",
+        "body": _short(pr.get("title")),
+        "url": pr.get("html_url"),
+    }
+
+
+@on_webhook("github", "issues")
+def github_issue(payload: dict) -> dict | None:
+    issue, action = payload["issue"], payload.get("action")
+    if action not in ("opened", "reopened", "closed"):
+        return None
+    return {
+        "title": f"{payload['repository']['full_name']}: issue #{issue['number']} {action}",
+        "body": _short(issue.get("title")),
+        "url": issue.get("html_url"),
+    }
+
+
+@on_webhook("github", "release")
+def github_release(payload: dict) -> dict | None:
+    release = payload["release"]
+    if payload.get("action") != "published":
+        return None
+    return {
+        "title": f"{payload['repository']['full_name']}: release {release.get('tag_name')}",
+        "body": _short(release.get("name") or release.get("body")),
+        "url": release.get("html_url"),
+    }
+
+
+@on_webhook("github", "workflow_run")
+def github_failed_workflow(payload: dict) -> dict | None:
+    run = payload["workflow_run"]
+    if payload.get("action") != "completed" or run.get("conclusion") != "failure":
+        return None
+    return {
+        "title": f"{payload['repository']['full_name']}: {run.get('name', 'workflow')} failed",
+        "body": f"on {run.get('head_branch')}: {_short(run.get('display_title'))}",
+        "url": run.get("html_url"),
+    }
+
+
+class DeliveryIds:
+    """The last ``size`` delivery ids seen, so a repeated delivery is sent once."""
+
+    def __init__(self, size: int = 10_000):
+        self.size = size
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_time(self, delivery: str) -> bool:
+        with self._lock:
+            if delivery in self._seen:
+                return False
+            self._seen[delivery] = None
+            if len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+            return True
+
+
+###############################################################################
 # HTTP ########################################################################
 ###############################################################################
 
@@ -1872,6 +2026,11 @@ class CorsPlugin:
 
 def read_json(max_bytes: int) -> dict:
     """The request body as a JSON object, or ApiError (400, 413)."""
+    return parse_json(read_body(max_bytes))
+
+
+def read_body(max_bytes: int) -> bytes:
+    """The raw request body, or ApiError (413)."""
     length = bottle.request.content_length
     if length > max_bytes:
         raise ApiError(
@@ -1883,6 +2042,11 @@ def read_json(max_bytes: int) -> dict:
         raise ApiError(
             413, f"the body is over the {max_bytes}-byte limit (MAX_BODY_BYTES)"
         )
+    return raw
+
+
+def parse_json(raw: bytes) -> dict:
+    """A JSON object, or ApiError (400)."""
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
@@ -1925,12 +2089,15 @@ def create_app(
     )
     bottle.BaseRequest.MEMFILE_MAX = settings.max_body_bytes
 
-    def require_token() -> None:
+    def bearer_ok() -> bool:
         header = bottle.request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
+        return scheme.lower() == "bearer" and hmac.compare_digest(
             given.strip().encode("utf-8"), token.encode("utf-8")
-        ):
+        )
+
+    def require_token() -> None:
+        if not bearer_ok():
             bottle.response.set_header("WWW-Authenticate", 'Bearer realm="push"')
             log.warning(
                 "refused POST /push from %s: wrong or missing token",
@@ -2043,6 +2210,85 @@ def create_app(
             summary["retried"],
         )
         return summary
+
+    webhook_pushes = concurrent.futures.ThreadPoolExecutor(
+        4, thread_name_prefix="webhook"
+    )
+    app.config["webpush.webhook_pushes"] = webhook_pushes
+    deliveries = DeliveryIds()
+
+    def push_in_background(records: list[dict], message: Message, what: str) -> None:
+        summary = sender.send(records, message).summary()
+        log.info(
+            "webhook %s pushed to %d: sent=%d failed=%d removed=%d",
+            what,
+            len(records),
+            summary["sent"],
+            summary["failed"],
+            summary["removed"],
+        )
+
+    @app.post("/webhooks/<source>", api=True)
+    def webhook(source: str) -> dict:
+        kind = WEBHOOK_SOURCES.get(source)
+        if kind is None:
+            raise ApiError(
+                404,
+                f"no webhook source {source!r}; there are: {', '.join(WEBHOOK_SOURCES)}",
+            )
+        if not settings.webhook_secret:
+            raise ApiError(
+                503,
+                "webhooks are off: set WEBHOOK_SECRET to the secret the sender signs with",
+            )
+        raw = read_body(settings.max_body_bytes)
+        signature = bottle.request.headers.get(kind.signature_header)
+        if not signature_valid(settings.webhook_secret, raw, signature) and not (
+            kind.token_allowed and bearer_ok()
+        ):
+            log.warning(
+                "refused webhook %s from %s: bad signature",
+                source,
+                bottle.request.remote_addr,
+            )
+            how = f"{kind.signature_header}: sha256=<HMAC-SHA256 of the body with WEBHOOK_SECRET>"
+            if kind.token_allowed:
+                how += ", or Authorization: Bearer <PUSH_TOKEN>"
+            raise ApiError(401, f"missing or wrong signature: send {how}")
+        payload = parse_json(raw)
+        event = (
+            bottle.request.headers.get(kind.event_header, "")
+            if kind.event_header
+            else "notify"
+        )
+        if event == "ping":
+            return {"pong": True}
+        handler = WEBHOOK_HANDLERS.get((source, event))
+        if handler is None:
+            log.info("webhook %s event %r has no handler: ignored", source, event)
+            bottle.response.status = 202
+            return {"ignored": f"no handler for {source} event {event!r}"}
+        try:
+            fields = handler(payload)
+        except (KeyError, TypeError, AttributeError):
+            raise ApiError(
+                400, f"the {source} {event!r} payload lacks fields its handler needs"
+            ) from None
+        if fields is None:
+            bottle.response.status = 202
+            return {"ignored": f"{source} {event!r} of this kind sends no notification"}
+        message, topic = validate.push(fields)
+        delivery = bottle.request.headers.get(kind.delivery_header)
+        if delivery and not deliveries.first_time(f"{source}:{delivery}"):
+            return {"duplicate": delivery}
+        records = store.list(topic)
+        webhook_pushes.submit(push_in_background, records, message, f"{source}/{event}")
+        bottle.response.status = 202
+        return {
+            "accepted": event,
+            "title": message.notification["title"],
+            "subscriptions": len(records),
+        }
 
     @app.get("/health", api=True)
     def health() -> dict:
@@ -2242,6 +2488,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()  # returns on KeyboardInterrupt, after its threads finish
     finally:
+        app.config["webpush.webhook_pushes"].shutdown(wait=True)
         app.config["webpush.sender"].close()
         store.close()
     log.info("stopped")

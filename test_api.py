@@ -1650,3 +1650,223 @@ def test_sigterm_lets_a_push_under_way_finish_and_leaves_the_store_whole(
     store = api.SubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
     assert len(store) == 8
     store.close()
+
+
+# -- webhooks ------------------------------------------------------------------------------
+
+SECRET = "webhook-secret-for-tests"
+FIXTURES = ROOT / "tests" / "fixtures" / "github"
+
+
+@pytest.fixture
+def hook_app(settings):
+    application = api.create_app(
+        api.Settings(**{**settings.__dict__, "webhook_secret": SECRET})
+    )
+    yield webtest.TestApp(application)
+    application.config["webpush.webhook_pushes"].shutdown(wait=True)
+    _close(application)
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    import hashlib
+    import hmac
+
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def github(
+    app, event: str, fixture: str | None = None, delivery: str | None = None, **kw
+):
+    body = (FIXTURES / f"{fixture or event}.json").read_bytes()
+    headers = {
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery or os.urandom(8).hex(),
+        "X-Hub-Signature-256": sign(body),
+        "Content-Type": "application/json",
+        **kw.pop("headers", {}),
+    }
+    return app.request(
+        "/webhooks/github", method="POST", body=body, headers=headers, **kw
+    )
+
+
+@pytest.mark.parametrize(
+    ("event", "fixture", "title", "url"),
+    [
+        (
+            "push",
+            None,
+            "octo-org/hello-world: 2 commits pushed to main",
+            "https://github.com/octo-org/hello-world/compare/6113728f27ae...0d1a26e67d8f",
+        ),
+        (
+            "pull_request",
+            None,
+            "octo-org/hello-world: pull request #42 opened",
+            "https://github.com/octo-org/hello-world/pull/42",
+        ),
+        (
+            "issues",
+            None,
+            "octo-org/hello-world: issue #7 opened",
+            "https://github.com/octo-org/hello-world/issues/7",
+        ),
+        (
+            "release",
+            None,
+            "octo-org/hello-world: release v2.0.0",
+            "https://github.com/octo-org/hello-world/releases/tag/v2.0.0",
+        ),
+        (
+            "workflow_run",
+            "workflow_run_failure",
+            "octo-org/hello-world: CI failed",
+            "https://github.com/octo-org/hello-world/actions/runs/30433642",
+        ),
+    ],
+)
+def test_github_events_become_notifications(
+    hook_app, push_service, event, fixture, title, url
+):
+    sub = push_service.subscriber()
+    hook_app.post_json("/subscription", sub.subscription)
+    response = github(hook_app, event, fixture)
+    assert response.status_int == 202 and response.json["title"] == title
+    message = push_service.wait_for(1)[0].message
+    assert (message["title"], message["url"]) == (title, url)
+    assert message["body"]
+
+
+def test_a_push_notification_names_the_pusher_and_the_head_commit(
+    hook_app, push_service
+):
+    hook_app.post_json("/subscription", push_service.subscriber().subscription)
+    github(hook_app, "push")
+    assert push_service.wait_for(1)[0].message["body"] == "mona: Fix the login redirect"
+
+
+def test_github_ping_answers_200_and_sends_nothing(hook_app, push_service):
+    hook_app.post_json("/subscription", push_service.subscriber().subscription)
+    assert github(hook_app, "ping").json == {"pong": True}
+    time.sleep(0.3)
+    assert push_service.received() == []
+
+
+@pytest.mark.parametrize(
+    ("event", "fixture"), [("workflow_run", "workflow_run_success"), ("star", "ping")]
+)
+def test_events_without_a_notification_are_accepted_and_ignored(
+    hook_app, push_service, event, fixture
+):
+    hook_app.post_json("/subscription", push_service.subscriber().subscription)
+    response = github(hook_app, event, fixture)
+    assert response.status_int == 202 and "ignored" in response.json
+    time.sleep(0.3)
+    assert push_service.received() == []
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [None, "sha256=" + "0" * 64, "sha1=abc", sign(b"other body")],
+    ids=["none", "zeros", "sha1", "other body"],
+)
+def test_github_webhooks_with_a_missing_or_wrong_signature_get_401(
+    hook_app, push_service, signature
+):
+    hook_app.post_json("/subscription", push_service.subscriber().subscription)
+    headers = (
+        {"X-Hub-Signature-256": signature} if signature else {"X-Hub-Signature-256": ""}
+    )
+    response = github(hook_app, "push", headers=headers, status=401)
+    assert "X-Hub-Signature-256" in response.json["error"]
+    time.sleep(0.3)
+    assert push_service.received() == []
+
+
+def test_a_repeated_delivery_is_sent_once(hook_app, push_service):
+    hook_app.post_json("/subscription", push_service.subscriber().subscription)
+    assert github(hook_app, "issues", delivery="d-1").status_int == 202
+    assert github(hook_app, "issues", delivery="d-1").json == {"duplicate": "d-1"}
+    assert github(hook_app, "issues", delivery="d-2").status_int == 202
+    push_service.wait_for(2)
+    time.sleep(0.3)
+    assert len(push_service.received()) == 2
+
+
+def test_webhooks_are_refused_without_a_secret(app):
+    body = (FIXTURES / "push.json").read_bytes()
+    response = app.request(
+        "/webhooks/github",
+        method="POST",
+        body=body,
+        headers={"X-Hub-Signature-256": sign(body)},
+        status=503,
+    )
+    assert "WEBHOOK_SECRET" in response.json["error"]
+    assert (
+        "WEBHOOK_SECRET"
+        in app.post_json(
+            "/webhooks/generic", {"title": "t"}, headers=AUTH, status=503
+        ).json["error"]
+    )
+
+
+def test_the_generic_source_takes_a_signature_or_the_push_token(hook_app, push_service):
+    news = push_service.subscriber()
+    hook_app.post_json("/subscription", {**news.subscription, "topics": ["news"]})
+    hook_app.post_json("/subscription", push_service.subscriber().subscription)
+    body = json.dumps(
+        {"title": "Backup done", "body": "3 GB", "url": "/backups", "topic": "news"}
+    ).encode()
+    signed = hook_app.request(
+        "/webhooks/generic",
+        method="POST",
+        body=body,
+        headers={"X-Signature-256": sign(body)},
+    )
+    assert signed.status_int == 202 and signed.json["subscriptions"] == 1
+    assert push_service.wait_for(1)[0].message["title"] == "Backup done"
+    assert push_service.received()[0].subscriber == news.id
+    assert (
+        hook_app.post_json("/webhooks/generic", {"title": "t"}, headers=AUTH).status_int
+        == 202
+    )
+    hook_app.post_json("/webhooks/generic", {"title": "t"}, status=401)
+    hook_app.post_json("/webhooks/generic", {"title": 5}, headers=AUTH, status=400)
+    hook_app.post_json("/webhooks/nope", {"title": "t"}, headers=AUTH, status=404)
+
+
+def test_a_webhook_is_answered_before_its_fan_out_ends(settings):
+    with PushService(latency=3.0) as slow:
+        application = api.create_app(
+            api.Settings(**{**settings.__dict__, "webhook_secret": SECRET})
+        )
+        try:
+            client = webtest.TestApp(application)
+            client.post_json("/subscription", slow.subscriber().subscription)
+            started = time.monotonic()
+            assert github(client, "release").status_int == 202
+            assert (
+                time.monotonic() - started < 2.0
+            )  # the push service answers after 3 s
+            slow.wait_for(1)
+        finally:
+            application.config["webpush.webhook_pushes"].shutdown(wait=True)
+            _close(application)
+
+
+def test_a_new_event_is_one_decorated_function(hook_app, push_service):
+    @api.on_webhook("github", "star")
+    def starred(payload: dict) -> dict:
+        return {"title": f"{payload['repository']['full_name']} got a star"}
+
+    try:
+        hook_app.post_json("/subscription", push_service.subscriber().subscription)
+        assert github(hook_app, "star", "ping").status_int == 202
+        assert (
+            push_service.wait_for(1)[0].message["title"]
+            == "octo-org/hello-world got a star"
+        )
+    finally:
+        del api.WEBHOOK_HANDLERS[("github", "star")]
