@@ -124,6 +124,7 @@ class Settings:
     max_topics: int = _setting(
         20, "MAX_TOPICS", "most topics one subscription may name"
     )
+    max_topic_length: int = _setting(64, "MAX_TOPIC_LENGTH", "longest topic name")
     default_ttl: int = _setting(
         86400,
         "DEFAULT_TTL",
@@ -1600,7 +1601,7 @@ class DeliveryIds:
 # HTTP ########################################################################
 ###############################################################################
 
-TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.\-]{1,4096}$")
 COLLAPSE_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 MAX_ENDPOINT_LENGTH = 2048
@@ -1757,6 +1758,15 @@ class Validator:
             "topics": self.topics(body.get("topics", sub.get("topics"))),
         }
 
+    def replaces(self, body: dict) -> str:
+        """The old endpoint a rotated subscription replaces (pushsubscriptionchange)."""
+        old = body["replaces"]
+        if not isinstance(old, str) or not 0 < len(old) <= MAX_ENDPOINT_LENGTH:
+            raise ApiError(
+                400, "'replaces' must be the endpoint of the old subscription"
+            )
+        return old
+
     def _key(self, keys: dict, name: str, size: int) -> bytes:
         value = keys.get(name)
         if not isinstance(value, str):
@@ -1786,9 +1796,16 @@ class Validator:
         return sorted(set(value))
 
     def topic(self, value: Any, where: str = "topic") -> str:
-        if not isinstance(value, str) or not TOPIC_RE.match(value):
+        longest = self.settings.max_topic_length
+        if (
+            not isinstance(value, str)
+            or not TOPIC_RE.match(value)
+            or len(value) > longest
+        ):
             raise ApiError(
-                400, f"'{where}' names must be 1-64 letters, digits, '.', '_' or '-'"
+                400,
+                f"'{where}' names must be 1-{longest} letters, digits, '.', '_' or '-' "
+                "(MAX_TOPIC_LENGTH)",
             )
         return value
 
@@ -2119,8 +2136,16 @@ def create_app(
         else:
             record = validate.subscription(body)
         previous = store.get(record["id"]) or {}
+        replaced = (
+            store.get(subscription_id(validate.replaces(body)))
+            if "replaces" in body
+            else None
+        )
+        if replaced and replaced["id"] == record["id"]:
+            replaced = None
         if (
             not previous
+            and not replaced
             and settings.max_subscriptions
             and len(store) >= settings.max_subscriptions
         ):
@@ -2133,9 +2158,11 @@ def create_app(
                 "try again later",
             )
         record["created"] = previous.get("created", int(time.time()))
-        if record["topics"] is None:  # a browser re-posting itself keeps its topics
-            record["topics"] = previous.get("topics", [])
+        if record["topics"] is None:  # re-posted, or rotated by its push service
+            record["topics"] = (previous or replaced or {}).get("topics", [])
         created = store.upsert(record)
+        if replaced:
+            store.remove(replaced["id"])
         bottle.response.status = 201 if created else 200
         log.info(
             "%s subscription %s (%s) topics=%s",

@@ -53,7 +53,8 @@ self.addEventListener("pushsubscriptionchange", (event) => {
       await fetch(`${API}/subscription`, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(subscription.toJSON()),
+        // "replaces" lets the server carry the old subscription's topics over.
+        body: JSON.stringify({ ...subscription.toJSON(), replaces: event.oldSubscription?.endpoint }),
       });
     })(),
   );
