@@ -30,16 +30,12 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 import api
-from tests.push_service import PushService
+from tests.push_service import PushService, b64url
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_PUSH = r"^http://127\.0\.0\.1:\d+/"
 TOKEN = "test-push-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 # -- fixtures ---------------------------------------------------------------------
@@ -1122,23 +1118,30 @@ def test_encryption_decrypts_like_pywebpush(push_service):
     assert len(largest) == api.RECORD_SIZE
 
 
+def push_under_way(
+    server: Server, slow: PushService, browsers: int
+) -> tuple[threading.Thread, dict]:
+    """Subscribe ``browsers`` on a slow push service, start a push to them in the
+    background, and return once the fan-out has begun: (its thread, its answer)."""
+    for _ in range(browsers):
+        requests.post(server.url + "/subscription", json=slow.subscriber().subscription)
+    answer: dict = {}
+    pushing = threading.Thread(
+        target=lambda: answer.update(
+            requests.post(
+                server.url + "/push", json={"title": "t"}, headers=AUTH
+            ).json()
+        )
+    )
+    pushing.start()
+    slow.wait_for(2)
+    return pushing, answer
+
+
 def test_health_answers_while_a_fan_out_is_under_way(server_factory):
     with PushService(latency=1.0) as slow:
         server = server_factory(PUSH_CONCURRENCY="4", PUSH_PROCESSES="2").start()
-        for _ in range(16):
-            requests.post(
-                server.url + "/subscription", json=slow.subscriber().subscription
-            )
-        result: dict = {}
-        pushing = threading.Thread(
-            target=lambda: result.update(
-                requests.post(
-                    server.url + "/push", json={"title": "t"}, headers=AUTH
-                ).json()
-            )
-        )
-        pushing.start()
-        slow.wait_for(2)  # the fan-out has begun
+        pushing, result = push_under_way(server, slow, 16)
         health = requests.get(server.url + "/health", timeout=5)
         assert health.json()["status"] == "ok"
         assert pushing.is_alive()  # answered before the push ended
@@ -1392,6 +1395,7 @@ SHAPED = st.fixed_dictionaries(
         "topics": JSON | st.lists(st.text(max_size=70), max_size=25),
         "subscription_token": JSON | st.text(),
         "fcm_token": JSON,
+        "replaces": JSON | st.sampled_from(ALLOWED),
         "expirationTime": JSON,
         "title": JSON,
         "body": JSON,
@@ -1628,20 +1632,7 @@ def test_sigterm_lets_a_push_under_way_finish_and_leaves_the_store_whole(
 ):
     with PushService(latency=1.0) as slow:
         server = server_factory(PUSH_CONCURRENCY="4").start()
-        for _ in range(8):
-            requests.post(
-                server.url + "/subscription", json=slow.subscriber().subscription
-            )
-        result: dict = {}
-        pushing = threading.Thread(
-            target=lambda: result.update(
-                requests.post(
-                    server.url + "/push", json={"title": "t"}, headers=AUTH
-                ).json()
-            )
-        )
-        pushing.start()
-        slow.wait_for(2)
+        pushing, result = push_under_way(server, slow, 8)
         server.proc.send_signal(signal.SIGTERM)
         pushing.join(30)
         assert result["sent"] == 8
@@ -1870,3 +1861,30 @@ def test_a_new_event_is_one_decorated_function(hook_app, push_service):
         )
     finally:
         del api.WEBHOOK_HANDLERS[("github", "star")]
+
+
+def test_topic_names_are_limited_to_max_topic_length(settings):
+    application = api.create_app(
+        api.Settings(**{**settings.__dict__, "max_topic_length": 5})
+    )
+    try:
+        client = webtest.TestApp(application)
+        client.post_json("/subscription", {**fake_subscription(1), "topics": ["short"]})
+        error = client.post_json(
+            "/subscription", {**fake_subscription(2), "topics": ["longer"]}, status=400
+        )
+        assert "MAX_TOPIC_LENGTH" in error.json["error"]
+    finally:
+        _close(application)
+
+
+def test_a_rotated_subscription_replaces_the_old_one_and_keeps_its_topics(app, store):
+    old, new = fake_subscription(1), fake_subscription(2)
+    old_id = app.post_json("/subscription", {**old, "topics": ["news"]}).json["id"]
+    new_id = app.post_json("/subscription", {**new, "replaces": old["endpoint"]}).json[
+        "id"
+    ]
+    assert store.get(old_id) is None and store.get(new_id)["topics"] == ["news"]
+    assert len(store) == 1
+    app.post_json("/subscription", {**fake_subscription(3), "replaces": 7}, status=400)
+    assert len(store) == 1

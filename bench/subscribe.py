@@ -11,7 +11,6 @@ Target: at least 500 subscribes per second with 100,000 stored.
 from __future__ import annotations
 
 import argparse
-import base64
 import http.client
 import json
 import os
@@ -29,12 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import api
 
-
-def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-P256DH = b64url(
+P256DH = api.b64url_encode(
     ec.generate_private_key(ec.SECP256R1())
     .public_key()
     .public_bytes(
@@ -47,7 +41,7 @@ def subscription(name: str) -> dict:
     return {
         "endpoint": f"http://127.0.0.1:9/push/{name}",
         "expirationTime": None,
-        "keys": {"p256dh": P256DH, "auth": b64url(os.urandom(16))},
+        "keys": {"p256dh": P256DH, "auth": api.b64url_encode(os.urandom(16))},
     }
 
 

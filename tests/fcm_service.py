@@ -10,7 +10,6 @@ checks each message's shape, as FCM does: a ``token``, string-only ``data``,
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import threading
@@ -23,6 +22,8 @@ from urllib.parse import parse_qs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from tests.push_service import unb64url
 
 PROJECT = "demo-project"
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
@@ -52,10 +53,6 @@ INVALID_TOKEN = (
         }
     },
 )
-
-
-def unb64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @dataclass
