@@ -1,11 +1,13 @@
 """A self-hosted Web Push server in one file.
 
 Copy ``api.py``, ``static/`` and ``requirements.txt``, then run ``python api.py``.
-It keeps a VAPID key pair in ``vapid/``, stores browser push subscriptions in a
-JSON-lines file, and fans notifications out to them with pywebpush.
+It keeps a VAPID key pair in ``vapid/``, stores browser push subscriptions and
+native-app FCM tokens in a JSON-lines file, fans notifications out to them
+(RFC 8030/8291/8292 on pywebpush's building blocks; FCM HTTP v1 with pyfcm),
+and turns signed webhooks into notifications.
 
 Sections, top to bottom, each using only those above it:
-Configuration, Keys, Store, Delivery, HTTP, Command line.
+Configuration, Keys, Store, Delivery, Webhooks, HTTP, Command line.
 """
 
 from __future__ import annotations
@@ -42,14 +44,13 @@ import bottle
 import google.auth.exceptions
 import google.auth.transport.requests
 import google.oauth2.service_account
-import pyfcm
 import pyfcm.errors
 import requests
 import requests.adapters
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from py_vapid import Vapid
+from py_vapid import Vapid, VapidException
 from pyfcm import FCMNotification
 
 __version__ = "0.1.0"
@@ -289,6 +290,13 @@ class VapidKeys:
         )
         self._headers: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
+        try:  # py_vapid's rule for the subject, checked now rather than at every push
+            self.authorization("https://fcm.googleapis.com")
+        except VapidException:
+            raise SystemExit(
+                f"error: VAPID_SUBJECT {subject!r} is not a mailto: address or an https: "
+                "origin (e.g. mailto:you@yoursite.org or https://yoursite.org, no path)"
+            ) from None
 
     @classmethod
     def load_or_create(cls, settings: Settings) -> VapidKeys:
@@ -318,14 +326,12 @@ class VapidKeys:
     def _create(cls, directory: Path, subject: str) -> VapidKeys:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        private_key = ec.generate_private_key(ec.SECP256R1())
-        pem = private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+        keys = cls(
+            ec.generate_private_key(ec.SECP256R1()),
+            subject,
+            str(directory / PRIVATE_PEM),
         )
-        _write_secret(directory / PRIVATE_PEM, pem)
-        keys = cls(private_key, subject, str(directory / PRIVATE_PEM))
+        _write_secret(directory / PRIVATE_PEM, keys.private_pem())
         (directory / PUBLIC_TXT).write_text(keys.public_key + "\n")
         log.info("generated a new VAPID key pair in %s", directory)
         return keys

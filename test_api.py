@@ -291,6 +291,13 @@ def test_vapid_subject_warns_when_push_services_would_refuse_it(subject, warns):
     assert (api.subject_warning(subject) is not None) == warns
 
 
+@pytest.mark.parametrize("subject", ["admin@site.org", "https://site.org/contact"])
+def test_a_subject_push_services_would_refuse_stops_the_start(server_factory, subject):
+    server = server_factory(VAPID_SUBJECT=subject).start(wait=False)
+    assert server.proc.wait(15) != 0
+    assert "VAPID_SUBJECT" in server.output() and "mailto:" in server.output()
+
+
 def test_vapid_header_is_signed_once_per_audience_with_its_own_claims(settings):
     keys = api.VapidKeys.load_or_create(settings)
     a = keys.authorization("https://fcm.googleapis.com")
