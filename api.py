@@ -122,6 +122,11 @@ class Settings:
     max_body_bytes: int = _setting(
         32768, "MAX_BODY_BYTES", "largest request body accepted"
     )
+    max_webhook_bytes: int = _setting(
+        4 * 1024 * 1024,
+        "MAX_WEBHOOK_BYTES",
+        "largest webhook body accepted (GitHub's push events can be large)",
+    )
     max_topics: int = _setting(
         20, "MAX_TOPICS", "most topics one subscription may name"
     )
@@ -2052,19 +2057,17 @@ def read_json(max_bytes: int) -> dict:
     return parse_json(read_body(max_bytes))
 
 
-def read_body(max_bytes: int) -> bytes:
-    """The raw request body, or ApiError (413)."""
+def read_body(max_bytes: int, setting: str = "MAX_BODY_BYTES") -> bytes:
+    """The raw request body, or ApiError (413) naming the ``setting`` that limits it."""
     length = bottle.request.content_length
     if length > max_bytes:
         raise ApiError(
             413,
-            f"the body is {length} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)",
+            f"the body is {length} bytes; the limit is {max_bytes} ({setting})",
         )
     raw = bottle.request.body.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        raise ApiError(
-            413, f"the body is over the {max_bytes}-byte limit (MAX_BODY_BYTES)"
-        )
+        raise ApiError(413, f"the body is over the {max_bytes}-byte limit ({setting})")
     return raw
 
 
@@ -2274,7 +2277,7 @@ def create_app(
                 503,
                 "webhooks are off: set WEBHOOK_SECRET to the secret the sender signs with",
             )
-        raw = read_body(settings.max_body_bytes)
+        raw = read_body(settings.max_webhook_bytes, "MAX_WEBHOOK_BYTES")
         signature = bottle.request.headers.get(kind.signature_header)
         if not signature_valid(settings.webhook_secret, raw, signature) and not (
             kind.token_allowed and bearer_ok()

@@ -1895,3 +1895,38 @@ def test_a_rotated_subscription_replaces_the_old_one_and_keeps_its_topics(app, s
     assert len(store) == 1
     app.post_json("/subscription", {**fake_subscription(3), "replaces": 7}, status=400)
     assert len(store) == 1
+
+
+def test_large_github_payloads_are_accepted_up_to_max_webhook_bytes(
+    hook_app, push_service
+):
+    hook_app.post_json("/subscription", push_service.subscriber().subscription)
+    payload = json.loads((FIXTURES / "push.json").read_text())
+    commit = payload["commits"][0]
+    payload["commits"] = [
+        {**commit, "modified": [f"src/file{i}.py" for i in range(50)]}
+    ] * 200
+    body = json.dumps(payload).encode()
+    assert len(body) > 32768  # over MAX_BODY_BYTES
+    headers = {
+        "X-GitHub-Event": "push",
+        "X-GitHub-Delivery": "big",
+        "X-Hub-Signature-256": sign(body),
+    }
+    assert (
+        hook_app.request(
+            "/webhooks/github", method="POST", body=body, headers=headers
+        ).status_int
+        == 202
+    )
+    assert (
+        push_service.wait_for(1)[0]
+        .message["title"]
+        .endswith("200 commits pushed to main")
+    )
+    huge = b'{"pad": "' + b"x" * (4 * 1024 * 1024) + b'"}'
+    headers = {"X-GitHub-Event": "push", "X-Hub-Signature-256": sign(huge)}
+    response = hook_app.request(
+        "/webhooks/github", method="POST", body=huge, headers=headers, status=413
+    )
+    assert "MAX_WEBHOOK_BYTES" in response.json["error"]
