@@ -297,3 +297,33 @@ def test_a_page_hosted_elsewhere_uses_the_api_across_origins(
         demo.close()
     finally:
         api_server.stop()
+
+
+def test_an_insecure_origin_is_explained(server):
+    """http:// on a real host name is no secure context (127.0.0.1 would be)."""
+    port = server.url.rsplit(":", 1)[1]
+    rules = "--host-resolver-rules=MAP push.test 127.0.0.1"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=[*FLAGS, rules]
+        )
+        page = browser.new_page()
+        page.goto(f"http://push.test:{port}/")
+        assert page.evaluate("window.isSecureContext") is False
+        page.wait_for_function(
+            "document.querySelector('#status').className === 'error'"
+        )
+        assert "secure context" in page.inner_text("#status")
+        assert page.is_disabled("#enable")
+        browser.close()
+
+
+def test_a_browser_without_web_push_is_told_so(browser, server):
+    context = browser.new_context()
+    context.add_init_script("delete window.PushManager")
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#status').className === 'error'")
+    assert "does not support Web Push" in page.inner_text("#status")
+    assert page.is_disabled("#enable")
+    context.close()
