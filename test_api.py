@@ -8,6 +8,7 @@ Everything talks to real parts: the WSGI app through WebTest, a real
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -63,6 +64,7 @@ def settings(tmp_path):
 
 
 def _close(application) -> None:
+    application.config["webpush.webhook_pushes"].shutdown(wait=True)
     application.config["webpush.sender"].close()
     application.config["webpush.store"].close()
 
@@ -72,6 +74,21 @@ def app(settings):
     application = api.create_app(settings)
     yield webtest.TestApp(application)
     _close(application)
+
+
+@pytest.fixture
+def app_with(settings):
+    """Makes a client of the app on ``settings`` with some changed; all are
+    closed after the test."""
+    made = []
+
+    def make(**changes) -> webtest.TestApp:
+        made.append(api.create_app(dataclasses.replace(settings, **changes)))
+        return webtest.TestApp(made[-1])
+
+    yield make
+    for application in made:
+        _close(application)
 
 
 @pytest.fixture
@@ -695,21 +712,13 @@ def test_cors_headers_on_api_answers_errors_and_preflights(app):
     assert "Content-Type" in allowed and "Authorization" in allowed
 
 
-def test_cors_origins_lists_the_sites_allowed(settings):
-    application = api.create_app(
-        api.Settings(
-            **{**settings.__dict__, "cors_origins": "https://a.test, https://b.test"}
-        )
-    )
-    try:
-        client = webtest.TestApp(application)
-        ok = client.get("/subscription", headers={"Origin": "https://b.test"})
-        assert ok.headers["Access-Control-Allow-Origin"] == "https://b.test"
-        assert "Origin" in ok.headers["Vary"]
-        other = client.get("/subscription", headers={"Origin": "https://evil.test"})
-        assert "Access-Control-Allow-Origin" not in other.headers
-    finally:
-        _close(application)
+def test_cors_origins_lists_the_sites_allowed(app_with):
+    client = app_with(cors_origins="https://a.test, https://b.test")
+    ok = client.get("/subscription", headers={"Origin": "https://b.test"})
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://b.test"
+    assert "Origin" in ok.headers["Vary"]
+    other = client.get("/subscription", headers={"Origin": "https://evil.test"})
+    assert "Access-Control-Allow-Origin" not in other.headers
 
 
 def test_unknown_routes_and_methods_answer_json(app):
@@ -1034,30 +1043,24 @@ def test_a_push_service_that_keeps_failing_is_reported_and_kept(
 
 
 def test_a_hung_push_service_times_out_and_the_rest_is_delivered(
-    settings, push_service
+    app_with, push_service
 ):
     from tests.push_service import HANG
 
-    application = api.create_app(
-        api.Settings(**{**settings.__dict__, "push_timeout": 0.5})
-    )
-    try:
-        client = webtest.TestApp(application)
-        hung = push_service.subscriber(script=[HANG, HANG, HANG])
-        fine = push_service.subscriber()
-        for sub in (hung, fine):
-            client.post_json("/subscription", sub.subscription)
-        started = time.monotonic()
-        result = client.post_json(
-            "/push", {"title": "t", "detail": True}, headers=AUTH
-        ).json
-        assert time.monotonic() - started < 10
-        assert (result["sent"], result["failed"]) == (1, 1)
-        failure = next(r for r in result["results"] if r["result"] == "failed")
-        assert failure["status"] is None and "no answer" in failure["reason"]
-        assert len(push_service.received(hung)) == 3  # tried, retried, given up
-    finally:
-        _close(application)
+    client = app_with(push_timeout=0.5)
+    hung = push_service.subscriber(script=[HANG, HANG, HANG])
+    fine = push_service.subscriber()
+    for sub in (hung, fine):
+        client.post_json("/subscription", sub.subscription)
+    started = time.monotonic()
+    result = client.post_json(
+        "/push", {"title": "t", "detail": True}, headers=AUTH
+    ).json
+    assert time.monotonic() - started < 10
+    assert (result["sent"], result["failed"]) == (1, 1)
+    failure = next(r for r in result["results"] if r["result"] == "failed")
+    assert failure["status"] is None and "no answer" in failure["reason"]
+    assert len(push_service.received(hung)) == 3  # tried, retried, given up
 
 
 def test_a_refused_connection_is_retried_then_reported(app):
@@ -1168,19 +1171,9 @@ def fcm():
 
 
 @pytest.fixture
-def fcm_app(settings, fcm, tmp_path):
+def fcm_app(app_with, fcm, tmp_path):
     account = fcm.service_account(tmp_path / "service-account.json")
-    application = api.create_app(
-        api.Settings(
-            **{
-                **settings.__dict__,
-                "fcm_service_account": str(account),
-                "fcm_api_url": fcm.url,
-            }
-        )
-    )
-    yield webtest.TestApp(application)
-    _close(application)
+    return app_with(fcm_service_account=str(account), fcm_api_url=fcm.url)
 
 
 def device_token(n: int) -> str:
@@ -1317,7 +1310,7 @@ def test_fcm_auth_refusals_fail_loudly_and_keep_the_token(fcm_app, fcm, status, 
 
 
 def test_a_service_account_with_the_wrong_key_fails_without_removing(
-    settings, fcm, tmp_path, caplog
+    app_with, fcm, tmp_path, caplog
 ):
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -1325,26 +1318,14 @@ def test_a_service_account_with_the_wrong_key_fails_without_removing(
     fcm.key = rsa.generate_private_key(
         public_exponent=65537, key_size=2048
     )  # Google's view changes
-    application = api.create_app(
-        api.Settings(
-            **{
-                **settings.__dict__,
-                "fcm_service_account": str(account),
-                "fcm_api_url": fcm.url,
-            }
-        )
-    )
-    try:
-        client = webtest.TestApp(application)
-        client.post_json("/subscription", {"fcm_token": device_token(1)})
-        result = client.post_json(
-            "/push", {"title": "t", "detail": True}, headers=AUTH
-        ).json
-        assert (result["failed"], result["removed"]) == (1, 0)
-        assert fcm.refused_assertions >= 1 and fcm.received() == []
-        assert "access token" in result["results"][0]["reason"]
-    finally:
-        _close(application)
+    client = app_with(fcm_service_account=str(account), fcm_api_url=fcm.url)
+    client.post_json("/subscription", {"fcm_token": device_token(1)})
+    result = client.post_json(
+        "/push", {"title": "t", "detail": True}, headers=AUTH
+    ).json
+    assert (result["failed"], result["removed"]) == (1, 0)
+    assert fcm.refused_assertions >= 1 and fcm.received() == []
+    assert "access token" in result["results"][0]["reason"]
 
 
 def test_the_server_process_sends_to_fcm_when_configured(server_factory, fcm, tmp_path):
@@ -1466,109 +1447,82 @@ def test_the_allowlist_refuses_literals_and_look_alikes(url):
     assert not api.endpoint_allowed(url)
 
 
-def test_rate_limit_counts_subscription_writes_per_client(settings):
-    application = api.create_app(api.Settings(**{**settings.__dict__, "rate_limit": 3}))
-    try:
-        client = webtest.TestApp(
-            application, extra_environ={"REMOTE_ADDR": "203.0.113.7"}
-        )
-        for n in range(3):
-            client.post_json("/subscription", fake_subscription(n))
-        refused = client.post_json("/subscription", fake_subscription(9), status=429)
-        assert (
-            int(refused.headers["Retry-After"]) >= 1
-            and "203.0.113.7" in refused.json["error"]
-        )
-        assert len(application.config["webpush.store"]) == 3
-        forged = {"X-Forwarded-For": "198.51.100.1"}  # the peer is no trusted proxy
-        client.post_json(
-            "/subscription", fake_subscription(9), headers=forged, status=429
-        )
-        other = webtest.TestApp(
-            application, extra_environ={"REMOTE_ADDR": "203.0.113.8"}
-        )
-        other.post_json("/subscription", fake_subscription(9))
-        assert client.get("/health").status_int == 200  # reads are not limited
-    finally:
-        _close(application)
-
-
-def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(settings):
-    changed = {"rate_limit": 1, "trusted_proxies": "10.0.0.2"}
-    application = api.create_app(api.Settings(**{**settings.__dict__, **changed}))
-    try:
-        proxy = webtest.TestApp(application, extra_environ={"REMOTE_ADDR": "10.0.0.2"})
-        first = {"X-Forwarded-For": "forged, 198.51.100.1"}
-        proxy.post_json("/subscription", fake_subscription(1), headers=first)
-        proxy.post_json(
-            "/subscription", fake_subscription(2), headers=first, status=429
-        )
-        second = {"X-Forwarded-For": "forged, 198.51.100.2"}
-        proxy.post_json("/subscription", fake_subscription(2), headers=second)
-    finally:
-        _close(application)
-
-
-def test_max_subscriptions_caps_new_ones_but_not_updates(settings):
-    application = api.create_app(
-        api.Settings(**{**settings.__dict__, "max_subscriptions": 2})
+def test_rate_limit_counts_subscription_writes_per_client(app_with):
+    application = app_with(rate_limit=3).app  # one app, several clients
+    client = webtest.TestApp(application, extra_environ={"REMOTE_ADDR": "203.0.113.7"})
+    for n in range(3):
+        client.post_json("/subscription", fake_subscription(n))
+    refused = client.post_json("/subscription", fake_subscription(9), status=429)
+    assert (
+        int(refused.headers["Retry-After"]) >= 1
+        and "203.0.113.7" in refused.json["error"]
     )
-    try:
-        client = webtest.TestApp(application)
-        for n in range(2):
-            client.post_json("/subscription", fake_subscription(n))
-        assert (
-            "MAX_SUBSCRIPTIONS"
-            in client.post_json("/subscription", fake_subscription(5), status=429).json[
-                "error"
-            ]
-        )
-        assert (
-            client.post_json(
-                "/subscription", {**fake_subscription(1), "topics": ["a"]}
-            ).status_int
-            == 200
-        )
-        assert len(application.config["webpush.store"]) == 2
-    finally:
-        _close(application)
+    assert len(application.config["webpush.store"]) == 3
+    forged = {"X-Forwarded-For": "198.51.100.1"}  # the peer is no trusted proxy
+    client.post_json("/subscription", fake_subscription(9), headers=forged, status=429)
+    other = webtest.TestApp(application, extra_environ={"REMOTE_ADDR": "203.0.113.8"})
+    other.post_json("/subscription", fake_subscription(9))
+    assert client.get("/health").status_int == 200  # reads are not limited
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(app_with):
+    proxy = app_with(rate_limit=1, trusted_proxies="10.0.0.2")
+    proxy.extra_environ["REMOTE_ADDR"] = "10.0.0.2"
+    first = {"X-Forwarded-For": "forged, 198.51.100.1"}
+    proxy.post_json("/subscription", fake_subscription(1), headers=first)
+    proxy.post_json("/subscription", fake_subscription(2), headers=first, status=429)
+    second = {"X-Forwarded-For": "forged, 198.51.100.2"}
+    proxy.post_json("/subscription", fake_subscription(2), headers=second)
+
+
+def test_max_subscriptions_caps_new_ones_but_not_updates(app_with):
+    client = app_with(max_subscriptions=2)
+    for n in range(2):
+        client.post_json("/subscription", fake_subscription(n))
+    assert (
+        "MAX_SUBSCRIPTIONS"
+        in client.post_json("/subscription", fake_subscription(5), status=429).json[
+            "error"
+        ]
+    )
+    assert (
+        client.post_json(
+            "/subscription", {**fake_subscription(1), "topics": ["a"]}
+        ).status_int
+        == 200
+    )
+    assert len(client.app.config["webpush.store"]) == 2
 
 
 def test_faulty_push_services_fail_each_message_within_the_time_bound(
-    settings, push_service
+    app_with, push_service
 ):
     from tests.push_service import HANG, MALFORMED, RESET, SLOW_BODY
 
-    application = api.create_app(
-        api.Settings(**{**settings.__dict__, "push_timeout": 0.5})
-    )
-    try:
-        client = webtest.TestApp(application)
-        faulty = {
-            fault: push_service.subscriber(
-                script=[fault] * 10
-            )  # a service that keeps failing
-            for fault in (HANG, MALFORMED, RESET, SLOW_BODY)
-        }
-        storm = [push_service.subscriber(script=[500, 503, 502]) for _ in range(20)]
-        fine = push_service.subscriber()
-        for sub in [*faulty.values(), *storm, fine]:
-            client.post_json("/subscription", sub.subscription)
-        started = time.monotonic()
-        result = client.post_json(
-            "/push", {"title": "t", "detail": True}, headers=AUTH
-        ).json
-        # bound: 3 tries of PUSH_TIMEOUT each and the pauses between them (0.5 s, 1 s)
-        assert time.monotonic() - started < 3 * 0.5 + 1.5 + 2
-        assert (result["sent"], result["failed"], result["removed"]) == (1, 24, 0)
-        reasons = {r["id"]: r["reason"] for r in result["results"]}
-        assert "no answer" in reasons[api.subscription_id(faulty[HANG].endpoint)]
-        assert "malformed" in reasons[api.subscription_id(faulty[MALFORMED].endpoint)]
-        assert "closed" in reasons[api.subscription_id(faulty[RESET].endpoint)]
-        assert "no answer" in reasons[api.subscription_id(faulty[SLOW_BODY].endpoint)]
-        assert len(application.config["webpush.store"]) == 25  # failures are kept
-    finally:
-        _close(application)
+    client = app_with(push_timeout=0.5)
+    faulty = {
+        fault: push_service.subscriber(
+            script=[fault] * 10
+        )  # a service that keeps failing
+        for fault in (HANG, MALFORMED, RESET, SLOW_BODY)
+    }
+    storm = [push_service.subscriber(script=[500, 503, 502]) for _ in range(20)]
+    fine = push_service.subscriber()
+    for sub in [*faulty.values(), *storm, fine]:
+        client.post_json("/subscription", sub.subscription)
+    started = time.monotonic()
+    result = client.post_json(
+        "/push", {"title": "t", "detail": True}, headers=AUTH
+    ).json
+    # bound: 3 tries of PUSH_TIMEOUT each and the pauses between them (0.5 s, 1 s)
+    assert time.monotonic() - started < 3 * 0.5 + 1.5 + 2
+    assert (result["sent"], result["failed"], result["removed"]) == (1, 24, 0)
+    reasons = {r["id"]: r["reason"] for r in result["results"]}
+    assert "no answer" in reasons[api.subscription_id(faulty[HANG].endpoint)]
+    assert "malformed" in reasons[api.subscription_id(faulty[MALFORMED].endpoint)]
+    assert "closed" in reasons[api.subscription_id(faulty[RESET].endpoint)]
+    assert "no answer" in reasons[api.subscription_id(faulty[SLOW_BODY].endpoint)]
+    assert len(client.app.config["webpush.store"]) == 25  # failures are kept
 
 
 def test_repair_store_keeps_the_valid_records_and_sets_the_damage_aside(
@@ -1657,13 +1611,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "github"
 
 
 @pytest.fixture
-def hook_app(settings):
-    application = api.create_app(
-        api.Settings(**{**settings.__dict__, "webhook_secret": SECRET})
-    )
-    yield webtest.TestApp(application)
-    application.config["webpush.webhook_pushes"].shutdown(wait=True)
-    _close(application)
+def hook_app(app_with):
+    return app_with(webhook_secret=SECRET)
 
 
 def sign(body: bytes, secret: str = SECRET) -> str:
@@ -1850,7 +1799,6 @@ def test_a_webhook_is_answered_before_its_fan_out_ends(settings):
             )  # the push service answers after 3 s
             slow.wait_for(1)
         finally:
-            application.config["webpush.webhook_pushes"].shutdown(wait=True)
             _close(application)
 
 
@@ -1870,19 +1818,13 @@ def test_a_new_event_is_one_decorated_function(hook_app, push_service):
         del api.WEBHOOK_HANDLERS[("github", "star")]
 
 
-def test_topic_names_are_limited_to_max_topic_length(settings):
-    application = api.create_app(
-        api.Settings(**{**settings.__dict__, "max_topic_length": 5})
+def test_topic_names_are_limited_to_max_topic_length(app_with):
+    client = app_with(max_topic_length=5)
+    client.post_json("/subscription", {**fake_subscription(1), "topics": ["short"]})
+    error = client.post_json(
+        "/subscription", {**fake_subscription(2), "topics": ["longer"]}, status=400
     )
-    try:
-        client = webtest.TestApp(application)
-        client.post_json("/subscription", {**fake_subscription(1), "topics": ["short"]})
-        error = client.post_json(
-            "/subscription", {**fake_subscription(2), "topics": ["longer"]}, status=400
-        )
-        assert "MAX_TOPIC_LENGTH" in error.json["error"]
-    finally:
-        _close(application)
+    assert "MAX_TOPIC_LENGTH" in error.json["error"]
 
 
 def test_a_rotated_subscription_replaces_the_old_one_and_keeps_its_topics(app, store):
