@@ -791,15 +791,20 @@ def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path, caplog):
     store.close()
 
 
-def test_damage_in_the_middle_stops_the_start_with_the_line_number(tmp_path):
-    path = tmp_path / "subs.json"
+def damaged_store(path: Path, records: int, second_line: bytes) -> None:
+    """A store of ``records`` records whose second line is ``second_line``."""
     store = api.SubscriptionStore(path)
-    for n in range(3):
+    for n in range(records):
         store.upsert(_record(n))
     store.close()
     lines = path.read_bytes().split(b"\n")
-    lines[1] = b"garbage"
+    lines[1] = second_line
     path.write_bytes(b"\n".join(lines))
+
+
+def test_damage_in_the_middle_stops_the_start_with_the_line_number(tmp_path):
+    path = tmp_path / "subs.json"
+    damaged_store(path, 3, b"garbage")
     with pytest.raises(api.StoreDamaged, match="line 2"):
         api.SubscriptionStore(path)
 
@@ -1528,14 +1533,7 @@ def test_faulty_push_services_fail_each_message_within_the_time_bound(
 def test_repair_store_keeps_the_valid_records_and_sets_the_damage_aside(
     tmp_path, server_factory
 ):
-    path = tmp_path / "subscriptions.json"
-    store = api.SubscriptionStore(path)
-    for n in range(4):
-        store.upsert(_record(n))
-    store.close()
-    lines = path.read_bytes().split(b"\n")
-    lines[1] = b'{"id": "cut sh'
-    path.write_bytes(b"\n".join(lines))
+    damaged_store(tmp_path / "subscriptions.json", 4, b'{"id": "cut sh')
     server = server_factory().start(wait=False)
     assert server.proc.wait(15) != 0 and "--repair-store" in server.output()
     repair = subprocess.run(
