@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import bottle
 import google.auth.exceptions
@@ -1004,9 +1004,9 @@ class ConnectionPool:
         self.tls = ssl.create_default_context()
         self._idle: dict[tuple[str, str, int], list[PushConnection]] = {}
 
-    async def post(self, endpoint: str, headers: str, body: bytes) -> PushResponse:
-        """POST ``body`` with the ``headers`` block (CRLF-terminated lines)."""
-        parts = urlsplit(endpoint)
+    async def post(self, parts: SplitResult, headers: str, body: bytes) -> PushResponse:
+        """POST ``body`` to the endpoint ``parts`` (parsed once by the caller) with
+        the ``headers`` block (CRLF-terminated lines)."""
         tls = parts.scheme == "https"
         key = (parts.scheme, parts.hostname or "", parts.port or (443 if tls else 80))
         target = parts.path or "/"
@@ -1116,8 +1116,8 @@ class DeliveryWorker:
     async def _send_one(
         self, record: dict, payload: bytes, headers: str
     ) -> PushOutcome:
-        endpoint = record["endpoint"]
-        origin = endpoint_origin(endpoint)
+        parts = urlsplit(record["endpoint"])
+        origin = f"{parts.scheme}://{parts.netloc}"  # endpoint_origin, not parsed again
         keys = record["keys"]
         body = encrypt_payload(
             b64url_decode(keys["p256dh"]), b64url_decode(keys["auth"]), payload
@@ -1129,7 +1129,7 @@ class DeliveryWorker:
             retry_after = None
             vapid = f"Authorization: {self.keys.authorization(origin)}\r\n"
             try:
-                response = await self.pool.post(endpoint, headers + vapid, body)
+                response = await self.pool.post(parts, headers + vapid, body)
             except PushServiceError as e:
                 outcome.reason = str(e)
             else:
