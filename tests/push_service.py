@@ -33,7 +33,8 @@ HANG = "hang"  # a scripted answer: keep the connection open, never answer
 MALFORMED = "malformed"  # answer with something that is not HTTP
 SLOW_BODY = "slow body"  # send the head, then the body a byte at a time, too slowly
 RESET = "reset"  # drop the connection without answering
-FAULTS = (HANG, MALFORMED, SLOW_BODY, RESET)
+HUGE = "huge"  # answer 400 with a body of a megabyte
+FAULTS = (HANG, MALFORMED, SLOW_BODY, RESET, HUGE)
 
 
 def b64url(raw: bytes) -> str:
@@ -106,12 +107,18 @@ class PushService:
         self.deliveries: list[Delivery] = []
         self.port = 0
         self.ca_file: str | None = None
+        # Set by a front that proxies here (tests/nginx.py): subscriber endpoints
+        # and the VAPID aud check then use the front's origin instead of ours.
+        self.public_origin: str | None = None
         self._lock = threading.Condition()
         self._counter = 0
         self._loop = asyncio.new_event_loop()
 
     @property
     def origin(self) -> str:
+        """Where clients reach us: ``public_origin`` when a front is set, else us."""
+        if self.public_origin:
+            return self.public_origin
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def subscriber(self, script: list | None = None) -> Subscriber:
@@ -365,6 +372,11 @@ class _PushProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/9 banana\r\nno colon here\r\n\r\n")
         elif fault == RESET:
             self.transport.abort()
+        elif fault == HUGE:
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 1048576\r\n\r\n"
+                + b"x" * 1048576
+            )
         elif fault == SLOW_BODY:
             self.transport.write(
                 b"HTTP/1.1 201 Created\r\nContent-Length: 1000\r\n\r\n"
