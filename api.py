@@ -13,12 +13,13 @@ Configuration, Keys, Store, Delivery, Webhooks, HTTP, Command line.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ import multiprocessing.connection
 import os
 import re
 import secrets
+import selectors
 import signal
 import ssl
 import sys
@@ -38,18 +40,19 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import bottle
 import google.auth.exceptions
 import google.auth.transport.requests
 import google.oauth2.service_account
+import http_ece
+import pycurl
 import pyfcm.errors
 import requests
 import requests.adapters
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from py_vapid import Vapid, VapidException
 from pyfcm import FCMNotification
 
@@ -137,7 +140,10 @@ class Settings:
         "seconds a push service keeps a message for an offline device",
     )
     push_concurrency: int = _setting(
-        200, "PUSH_CONCURRENCY", "most push messages in flight at once"
+        1000,
+        "PUSH_CONCURRENCY",
+        "most messages in flight to one push service (split among the delivery "
+        "processes; over HTTP/2 they share a few connections)",
     )
     push_processes: int = _setting(
         os.cpu_count() or 1,
@@ -735,15 +741,15 @@ def _fsync_dir(directory: Path) -> None:
 # Delivery ####################################################################
 ###############################################################################
 
-RECORD_SIZE = 4096  # push services accept one aes128gcm record of at most 4096 bytes
 MAX_PLAINTEXT = (
-    RECORD_SIZE - 86 - 17
-)  # minus the header (86) and the tag and padding (17)
-MAX_RESPONSE_BYTES = 65536
+    3993  # one 4096-byte aes128gcm record: less its header (86), tag and delimiter (17)
+)
+MAX_RESPONSE_BYTES = 65536  # a push service's answer is a status and a short reason
 URGENCIES = ("very-low", "low", "normal", "high")
 RETRY_TRIES = 3
 CHANNELS = ("webpush", "fcm")
 RETRY_MAX_WAIT = 30.0
+START_BATCH = 64  # messages encrypted and started between two looks at the answers
 
 
 @dataclass
@@ -806,42 +812,18 @@ def endpoint_origin(endpoint: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def encrypt_payload(p256dh: bytes, auth: bytes, plaintext: bytes) -> bytes:
-    """Encrypt one push message for one subscriber: RFC 8291 with the aes128gcm
-    content coding of RFC 8188, as a single record.
-
-    This is what pywebpush's ``WebPusher.encode`` does (the tests check that
-    both decrypt alike), at about a third of its cost: per subscriber it is one
-    ephemeral key pair, one ECDH, four HMACs and one AES-GCM.
-    """
-    receiver = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, p256dh)
-    ephemeral = ec.generate_private_key(_CURVE)
-    sender_key = ephemeral.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+def encrypt_message(record: dict, payload: bytes) -> bytes:
+    """The push message body for one subscriber: RFC 8291 (aes128gcm), encrypted
+    exactly as pywebpush's ``WebPusher.encode`` does it, with http_ece and a
+    fresh ephemeral key, without building a WebPusher per subscriber."""
+    keys = record["keys"]
+    return http_ece.encrypt(
+        payload,
+        private_key=ec.generate_private_key(ec.SECP256R1()),
+        dh=b64url_decode(keys["p256dh"]),
+        auth_secret=b64url_decode(keys["auth"]),
+        version="aes128gcm",
     )
-    shared = ephemeral.exchange(_ECDH, receiver)
-    ikm = _hmac(
-        _hmac(auth, shared), b"WebPush: info\x00" + p256dh + sender_key + b"\x01"
-    )
-    salt = os.urandom(16)
-    prk = _hmac(salt, ikm)
-    key = _hmac(prk, b"Content-Encoding: aes128gcm\x00\x01")[:16]
-    nonce = _hmac(prk, b"Content-Encoding: nonce\x00\x01")[:12]
-    # header: salt, record size, key id length, key id (the ephemeral public key)
-    header = (
-        salt + RECORD_SIZE.to_bytes(4, "big") + bytes([len(sender_key)]) + sender_key
-    )
-    return header + AESGCM(key).encrypt(
-        nonce, plaintext + b"\x02", None
-    )  # 2: last record
-
-
-_CURVE = ec.SECP256R1()
-_ECDH = ec.ECDH()
-
-
-def _hmac(key: bytes, message: bytes) -> bytes:
-    return hmac.new(key, message, hashlib.sha256).digest()
 
 
 def _retry_delay(retry_after: str | None, attempt: int) -> float:
@@ -859,302 +841,333 @@ def _retry_delay(retry_after: str | None, attempt: int) -> float:
     return min(0.5 * 2**attempt, RETRY_MAX_WAIT)
 
 
-class PushServiceError(Exception):
-    """No usable answer from a push service: refused, reset, timed out, malformed."""
+def _curl_reason(code: int, text: str, timeout: float) -> tuple[str, bool]:
+    """What a libcurl error means for a push, and whether trying again may help."""
+    if code == pycurl.E_OPERATION_TIMEDOUT:
+        return f"no answer in {timeout:g} s", True
+    if code in _CURL_NO_CONNECTION:
+        return f"cannot connect: {text}", True
+    if code in _CURL_CLOSED:
+        return f"connection closed: {text}", True
+    if code == pycurl.E_WRITE_ERROR:
+        return "the answer is too large", False
+    if code in _CURL_TLS:
+        return f"TLS: {text}", False  # a certificate does not mend in a second
+    if code in _CURL_MALFORMED:
+        return f"malformed answer: {text}", False
+    return f"{text} (curl error {code})", True
 
 
-class StaleConnection(PushServiceError):
-    """A kept-alive connection the peer had closed: nothing was answered, so the
-    request may go again on a new connection."""
+_CURL_NO_CONNECTION = {
+    pycurl.E_COULDNT_CONNECT,
+    pycurl.E_COULDNT_RESOLVE_HOST,
+    pycurl.E_COULDNT_RESOLVE_PROXY,
+}
+_CURL_CLOSED = {pycurl.E_GOT_NOTHING, pycurl.E_RECV_ERROR, pycurl.E_SEND_ERROR}
+_CURL_TLS = {
+    pycurl.E_PEER_FAILED_VERIFICATION,
+    pycurl.E_SSL_CONNECT_ERROR,
+    pycurl.E_SSL_CACERT_BADFILE,
+    pycurl.E_SSL_CERTPROBLEM,
+}
+_CURL_MALFORMED = {
+    pycurl.E_UNSUPPORTED_PROTOCOL,  # what libcurl calls an unknown HTTP version
+    pycurl.E_FTP_WEIRD_SERVER_REPLY,  # CURLE_WEIRD_SERVER_REPLY, renamed in libcurl
+    pycurl.E_HTTP2,
+    92,  # CURLE_HTTP2_STREAM, which pycurl does not name
+}
 
 
-@dataclass
-class PushResponse:
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
+def _ca_options() -> dict[int, str]:
+    """Where libcurl finds trusted CAs: SSL_CERT_FILE / SSL_CERT_DIR as Python
+    and OpenSSL read them, else the system store Python's ssl module uses."""
+    paths = ssl.get_default_verify_paths()
+    options = {}
+    cafile = os.environ.get(paths.openssl_cafile_env) or paths.cafile
+    capath = os.environ.get(paths.openssl_capath_env) or paths.capath
+    if cafile:
+        options[pycurl.CAINFO] = cafile
+    if capath:
+        options[pycurl.CAPATH] = capath
+    return options
 
 
-class PushConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to a push service, one request at a time.
+@dataclass(eq=False)
+class _PushJob:
+    """One subscriber's message while it is being delivered."""
 
-    Push services answer a POST with a status and a small body, so this is all
-    the HTTP a fan-out needs; it costs a fraction of a general client's time
-    per request, which is what makes thousands of messages a second possible.
-    """
+    record: dict
+    origin: str
+    batch: _Batch
+    body: bytes = b""
+    attempt: int = 0
+    answer: bytearray = field(default_factory=bytearray)
 
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.used = False  # has answered a request: a reused connection may be stale
-        self._waiter: asyncio.Future | None = None
-        self._buffer = bytearray()
-        self._head: tuple[int, dict[str, str]] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        waiter = self._waiter
-        if waiter and not waiter.done():
-            head = self._head
-            if (
-                head
-                and "content-length" not in head[1]
-                and "chunked" not in head[1].get("transfer-encoding", "")
-            ):  # a body delimited by the end of the connection
-                waiter.set_result(PushResponse(head[0], head[1], bytes(self._buffer)))
-            elif head is None and not self._buffer and self.used:
-                waiter.set_exception(
-                    StaleConnection("kept-alive connection was closed")
-                )
-            else:
-                waiter.set_exception(
-                    PushServiceError(f"connection closed: {exc or 'by peer'}")
-                )
-
-    def request(self, data: bytes) -> asyncio.Future:
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._buffer.clear()
-        self._head = None
-        self.transport.write(data)
-        return self._waiter
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport:
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > MAX_RESPONSE_BYTES:
-            self._fail("the answer is too large")
-            return
-        try:
-            response = self._parse()
-        except ValueError as e:
-            self._fail(f"malformed answer: {e}")
-            return
-        if response is not None and self._waiter and not self._waiter.done():
-            self.used = True
-            if response.headers.get("connection", "").lower() == "close":
-                self.close()
-            self._waiter.set_result(response)
-
-    def _fail(self, reason: str) -> None:
-        if self._waiter and not self._waiter.done():
-            self._waiter.set_exception(PushServiceError(reason))
-        self.close()
-
-    def _parse(self) -> PushResponse | None:
-        """The whole response once it has arrived, else None; ValueError if malformed."""
-        if self._head is None:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return None
-            lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
-            version, status, *_ = lines[0].split(" ", 2) + [""]
-            if not version.startswith("HTTP/1.") or not status.isdigit():
-                raise ValueError(f"status line {lines[0][:60]!r}")
-            headers = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep:
-                    raise ValueError(f"header line {line[:60]!r}")
-                headers[name.strip().lower()] = value.strip()
-            self._head = (int(status), headers)
-            del self._buffer[: end + 4]
-        status, headers = self._head
-        if status in (204, 304) or 100 <= status < 200:
-            return PushResponse(status, headers, b"")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = _dechunk(self._buffer)
-            return None if body is None else PushResponse(status, headers, body)
-        if "content-length" in headers:
-            length = int(headers["content-length"])
-            if len(self._buffer) < length:
-                return None
-            return PushResponse(status, headers, bytes(self._buffer[:length]))
-        return None  # the body ends with the connection
-
-
-def _dechunk(buffer: bytearray) -> bytes | None:
-    """A chunked body once complete, else None; ValueError if malformed."""
-    body, pos = bytearray(), 0
-    while True:
-        end = buffer.find(b"\r\n", pos)
-        if end < 0:
-            return None
-        size = int(bytes(buffer[pos:end]).split(b";")[0], 16)
-        if size == 0:
-            return bytes(body) if buffer.find(b"\r\n", end + 2) >= 0 else None
-        if len(buffer) < end + 2 + size + 2:
-            return None
-        body += buffer[end + 2 : end + 2 + size]
-        pos = end + 2 + size + 2
-
-
-class ConnectionPool:
-    """Idle keep-alive connections per push service origin."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        # The system's trust store; SSL_CERT_FILE / SSL_CERT_DIR point it elsewhere.
-        self.tls = ssl.create_default_context()
-        self._idle: dict[tuple[str, str, int], list[PushConnection]] = {}
-
-    async def post(self, parts: SplitResult, headers: str, body: bytes) -> PushResponse:
-        """POST ``body`` to the endpoint ``parts`` (parsed once by the caller) with
-        the ``headers`` block (CRLF-terminated lines)."""
-        tls = parts.scheme == "https"
-        key = (parts.scheme, parts.hostname or "", parts.port or (443 if tls else 80))
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        request = (
-            f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n{headers}"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode("latin-1") + body
-        fresh = False
-        while True:
-            connection = None if fresh else self._checkout(key)
-            if connection is None:
-                connection = await self._connect(key, tls)
-            try:
-                response = await self._exchange(connection, request)
-            except StaleConnection:
-                if fresh:
-                    raise
-                fresh = True  # once more, on a new connection: a stale one is no answer
-                continue
-            except PushServiceError:
-                connection.close()
-                raise
-            if not connection.closed:
-                self._idle.setdefault(key, []).append(connection)
-            return response
-
-    def _checkout(self, key: tuple[str, str, int]) -> PushConnection | None:
-        idle = self._idle.get(key)
-        while idle:
-            connection = idle.pop()
-            if not connection.closed:
-                return connection
+    def write(self, data: bytes) -> int | None:
+        """libcurl's body callback: keep the answer, refuse one too large."""
+        if len(self.answer) + len(data) > MAX_RESPONSE_BYTES:
+            return 0  # libcurl ends the transfer with CURLE_WRITE_ERROR
+        self.answer += data
         return None
 
-    async def _connect(self, key: tuple[str, str, int], tls: bool) -> PushConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(
-                    PushConnection,
-                    key[1],
-                    key[2],
-                    ssl=self.tls if tls else None,
-                    server_hostname=key[1] if tls else None,
-                ),
-                self.timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as e:  # ssl.SSLError is an OSError
-            raise PushServiceError(f"cannot connect: {type(e).__name__}: {e}") from None
-        return connection
 
-    async def _exchange(
-        self, connection: PushConnection, request: bytes
-    ) -> PushResponse:
-        waiter = connection.request(request)
-        timer = asyncio.get_running_loop().call_later(
-            self.timeout,
-            lambda: (
-                waiter.done()
-                or waiter.set_exception(
-                    PushServiceError(f"no answer in {self.timeout:g} s")
-                )
-            ),
+@dataclass(eq=False)
+class _Batch:
+    """The records of one ``submit`` call and the future of their outcomes."""
+
+    message: Message
+    left: int
+    future: concurrent.futures.Future
+    headers: dict[str, list[str]] = field(default_factory=dict)  # per origin
+    outcomes: list[PushOutcome] = field(default_factory=list)
+
+
+class WebPushDelivery:
+    """Delivers web push messages from one process over libcurl (pycurl).
+
+    One thread runs libcurl's multi interface on an epoll loop: HTTP/2 with
+    many streams on one connection where the push service offers it (ALPN),
+    kept-alive HTTP/1.1 connections where not; proxies from HTTPS_PROXY and
+    NO_PROXY as every libcurl program reads them. Each push service origin has
+    its own limit of messages in flight, so a slow one fills only its own
+    slots. Outcomes only: what to do with the store is the caller's.
+    """
+
+    def __init__(self, keys: VapidKeys, per_origin: int, timeout: float):
+        self.keys = keys
+        self.per_origin = max(1, per_origin)
+        self.timeout = timeout
+        self._inbox: collections.deque[tuple[list[dict], _Batch]] = collections.deque()
+        self._waiting: dict[str, collections.deque[_PushJob]] = {}
+        self._in_flight: dict[str, int] = collections.defaultdict(int)
+        self._retries: list[tuple[float, int, _PushJob]] = []  # a heap by due time
+        self._free: list[pycurl.Curl] = []
+        self._ca = _ca_options()
+        self._selector = selectors.DefaultSelector()
+        self._timer: float | None = None  # when libcurl wants socket_action(TIMEOUT)
+        self._multi = pycurl.CurlMulti()
+        self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
+        self._multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, 1000)
+        self._multi.setopt(pycurl.M_MAXCONNECTS, max(100, 2 * self.per_origin))
+        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        self._closing = False
+        self._thread = threading.Thread(
+            target=self._run, name="push-delivery", daemon=True
         )
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
+        self._thread.start()
+
+    def submit(
+        self, records: list[dict], message: Message
+    ) -> concurrent.futures.Future:
+        """Deliver ``message`` to ``records``; the future gives their outcomes."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not records:
+            future.set_result([])
+            return future
+        self._inbox.append((records, _Batch(message, len(records), future)))
+        os.write(self._wake_write, b"\0")
+        return future
 
     def close(self) -> None:
-        for connections in self._idle.values():
-            for connection in connections:
-                connection.close()
-        self._idle.clear()
+        self._closing = True
+        os.write(self._wake_write, b"\0")
+        self._thread.join(timeout=5)
 
+    # -- the loop, on its own thread ------------------------------------------------
 
-class DeliveryWorker:
-    """Delivers messages from one process: its own event loop, connection pool
-    and VAPID signer. Outcomes only: what to do with the store is the caller's."""
+    def _run(self) -> None:
+        while not self._closing:
+            self._take_new()
+            more = self._start_waiting()
+            due = [t for t in (self._timer, self._next_retry()) if t is not None]
+            wait = 0.0 if more else None
+            if due and not more:
+                wait = max(0.0, min(due) - time.monotonic())
+            for key, mask in self._selector.select(wait):
+                if key.fd == self._wake_read:
+                    self._drain_wake()
+                    continue
+                flags = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
+                    pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0
+                )
+                self._multi.socket_action(key.fd, flags)
+            if self._timer is not None and self._timer <= time.monotonic():
+                self._timer = None
+                self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+            self._finish_done()
+            self._requeue_due_retries()
+        self._multi.close()
+        self._selector.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
-    def __init__(self, keys: VapidKeys, concurrency: int, timeout: float):
-        self.keys = keys
-        self.concurrency = concurrency
-        self.pool = ConnectionPool(timeout)
+    def _on_socket(self, what: int, fd: int, multi: Any, data: Any) -> None:
+        if what == pycurl.POLL_REMOVE:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(fd)
+            return
+        events = {
+            pycurl.POLL_IN: selectors.EVENT_READ,
+            pycurl.POLL_OUT: selectors.EVENT_WRITE,
+            pycurl.POLL_INOUT: selectors.EVENT_READ | selectors.EVENT_WRITE,
+        }[what]
+        try:
+            self._selector.modify(fd, events)
+        except KeyError:
+            self._selector.register(fd, events)
 
-    async def deliver(self, records: list[dict], message: Message) -> list[PushOutcome]:
-        headers = f"TTL: {message.ttl}\r\nContent-Encoding: aes128gcm\r\n"
-        headers += "Content-Type: application/octet-stream\r\n"
-        if message.urgency:
-            headers += f"Urgency: {message.urgency}\r\n"
-        if message.topic:
-            headers += f"Topic: {message.topic}\r\n"
-        pending = iter(records)  # shared by the workers: each takes the next record
-        outcomes: list[PushOutcome] = []
-
-        async def worker() -> None:
-            for record in pending:
-                outcomes.append(await self._send_one(record, message.payload, headers))
-
-        await asyncio.gather(
-            *(worker() for _ in range(min(self.concurrency, len(records))))
+    def _on_timer(self, milliseconds: int) -> None:
+        self._timer = (
+            None if milliseconds < 0 else time.monotonic() + milliseconds / 1000
         )
-        return outcomes
 
-    async def _send_one(
-        self, record: dict, payload: bytes, headers: str
-    ) -> PushOutcome:
-        parts = urlsplit(record["endpoint"])
-        origin = f"{parts.scheme}://{parts.netloc}"  # endpoint_origin, not parsed again
-        keys = record["keys"]
-        body = encrypt_payload(
-            b64url_decode(keys["p256dh"]), b64url_decode(keys["auth"]), payload
-        )
-        attempt = 0
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_read, 4096):
+                pass
+
+    def _take_new(self) -> None:
+        while self._inbox:
+            records, batch = self._inbox.popleft()
+            for record in records:
+                origin = endpoint_origin(record["endpoint"])
+                job = _PushJob(record, origin, batch)
+                self._waiting.setdefault(origin, collections.deque()).append(job)
+
+    def _start_waiting(self) -> bool:
+        """Start what the limits allow, a batch at a time; True if more could start."""
+        started = 0
+        for origin, waiting in self._waiting.items():
+            while waiting and self._in_flight[origin] < self.per_origin:
+                if started == START_BATCH:
+                    return True
+                self._start(waiting.popleft())
+                started += 1
+        return False
+
+    def _start(self, job: _PushJob) -> None:
+        """Encrypt (once) and hand the job to libcurl; a record that cannot be
+        sent ends as a failed outcome, never as an error of the whole batch."""
+        job.attempt += 1
+        job.answer.clear()
+        try:
+            if not job.body:
+                job.body = encrypt_message(job.record, job.batch.message.payload)
+            handle = self._free.pop() if self._free else self._new_handle()
+            handle.setopt(pycurl.URL, job.record["endpoint"])
+            # Over TLS, wait for ALPN to say whether HTTP/2 can carry this on an
+            # open connection; plain http has no ALPN, and the wait would
+            # serialise every message on one HTTP/1.1 connection.
+            handle.setopt(pycurl.PIPEWAIT, job.origin.startswith("https:"))
+            handle.setopt(pycurl.HTTPHEADER, self._headers(job))
+            handle.setopt(pycurl.POSTFIELDS, job.body)
+            handle.setopt(pycurl.WRITEFUNCTION, job.write)
+            handle.job = job
+            self._multi.add_handle(handle)
+        except Exception as e:  # noqa: BLE001 - one bad record must not stop a fan-out
+            self._settle(job, None, f"cannot send: {type(e).__name__}: {e}")
+            return
+        self._in_flight[job.origin] += 1
+
+    def _new_handle(self) -> pycurl.Curl:
+        handle = pycurl.Curl()
+        handle.setopt(pycurl.NOSIGNAL, 1)  # threads
+        handle.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
+        handle.setopt(pycurl.TIMEOUT_MS, int(self.timeout * 1000))
+        handle.setopt(pycurl.USERAGENT, f"webpush/{__version__}")
+        for option, value in self._ca.items():
+            handle.setopt(option, value)
+        return handle
+
+    def _headers(self, job: _PushJob) -> list[str]:
+        """The request headers, made once per message and origin; the VAPID
+        header is VapidKeys' cached one for that origin."""
+        cached = job.batch.headers.get(job.origin)
+        vapid = f"Authorization: {self.keys.authorization(job.origin)}"
+        if cached is None or cached[0] != vapid:
+            message = job.batch.message
+            cached = [
+                vapid,
+                f"TTL: {message.ttl}",
+                "Content-Encoding: aes128gcm",
+                "Content-Type: application/octet-stream",
+                "Expect:",  # no 100-continue round trip for bodies over 1 KB
+            ]
+            if message.urgency:
+                cached.append(f"Urgency: {message.urgency}")
+            if message.topic:
+                cached.append(f"Topic: {message.topic}")
+            job.batch.headers[job.origin] = cached
+        return cached
+
+    def _finish_done(self) -> None:
         while True:
-            attempt += 1
-            outcome = PushOutcome(record["id"], origin, None, "failed", "", attempt)
-            retry_after = None
-            vapid = f"Authorization: {self.keys.authorization(origin)}\r\n"
-            try:
-                response = await self.pool.post(parts, headers + vapid, body)
-            except PushServiceError as e:
-                outcome.reason = str(e)
-            else:
-                outcome.status = response.status
-                outcome.reason = response.body[:200].decode("utf-8", "replace").strip()
-                retry_after = response.headers.get("retry-after")
-            status = outcome.status
-            if status in (200, 201, 202):
-                outcome.result = "sent"
-                return outcome
-            if status in (404, 410):
-                outcome.result = "removed"
-                return outcome
-            retryable = status is None or status == 429 or status >= 500
-            if not retryable or attempt >= RETRY_TRIES:
-                return outcome
-            await asyncio.sleep(_retry_delay(retry_after, attempt))
+            queued, done, failed = self._multi.info_read()
+            for handle in done:
+                self._finish(handle, None)
+            for handle, code, text in failed:
+                self._finish(handle, (code, text))
+            if not queued:
+                return
+
+    def _finish(self, handle: pycurl.Curl, error: tuple[int, str] | None) -> None:
+        job: _PushJob = handle.job
+        self._multi.remove_handle(handle)
+        handle.job = None
+        self._in_flight[job.origin] -= 1
+        if error is not None:
+            reason, retryable = _curl_reason(*error, self.timeout)
+            status, retry_after = None, None
+        else:
+            status = handle.getinfo(pycurl.RESPONSE_CODE)
+            reason = job.answer[:200].decode("utf-8", "replace").strip()
+            retryable = status == 429 or status >= 500
+            retry_after = handle.getinfo(pycurl.RETRY_AFTER) or None
+        self._free.append(handle)
+        if retryable and job.attempt < RETRY_TRIES:
+            delay = _retry_delay(retry_after and str(retry_after), job.attempt)
+            heapq.heappush(self._retries, (time.monotonic() + delay, id(job), job))
+            return
+        self._settle(job, status, reason)
+
+    def _settle(self, job: _PushJob, status: int | None, reason: str) -> None:
+        if status in (200, 201, 202):
+            result, reason = "sent", ""
+        elif status in (404, 410):
+            result = "removed"
+        else:
+            result = "failed"
+        batch = job.batch
+        batch.outcomes.append(
+            PushOutcome(
+                job.record["id"], job.origin, status, result, reason, job.attempt
+            )
+        )
+        batch.left -= 1
+        if batch.left == 0:
+            batch.future.set_result(batch.outcomes)
+
+    def _next_retry(self) -> float | None:
+        return self._retries[0][0] if self._retries else None
+
+    def _requeue_due_retries(self) -> None:
+        now = time.monotonic()
+        while self._retries and self._retries[0][0] <= now:
+            job = heapq.heappop(self._retries)[2]
+            self._waiting[job.origin].appendleft(job)
 
 
-def _run_worker_process(
-    pem: bytes, subject: str, concurrency: int, timeout: float
+def _start_delivery_process(
+    pem: bytes, subject: str, per_origin: int, timeout: float
 ) -> None:
-    """Initializer of a delivery process: build its worker once, and make the
-    process end with the server, even one killed with SIGKILL."""
-    global _process_worker, _process_loop
+    """Initializer of a delivery process: build its delivery loop once, and make
+    the process end with the server, even one killed with SIGKILL."""
+    global _process_delivery
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(
@@ -1162,8 +1175,7 @@ def _run_worker_process(
         ).start()
     key = serialization.load_pem_private_key(pem, password=None)
     keys = VapidKeys(key, subject, "parent process")  # type: ignore[arg-type]
-    _process_worker = DeliveryWorker(keys, concurrency, timeout)
-    _process_loop = asyncio.new_event_loop()
+    _process_delivery = WebPushDelivery(keys, per_origin, timeout)
 
 
 def _exit_with(sentinel: int) -> None:
@@ -1172,11 +1184,10 @@ def _exit_with(sentinel: int) -> None:
 
 
 def _deliver_in_process(records: list[dict], message: Message) -> list[PushOutcome]:
-    return _process_loop.run_until_complete(_process_worker.deliver(records, message))
+    return _process_delivery.submit(records, message).result()
 
 
-_process_worker: DeliveryWorker
-_process_loop: asyncio.AbstractEventLoop
+_process_delivery: WebPushDelivery
 
 
 class _OneAttemptFcm(FCMNotification):
@@ -1349,10 +1360,10 @@ class PushSender:
 
     Encryption and TLS are CPU work that one Python process does on one core,
     so with PUSH_PROCESSES > 1 each web push fan-out is split across that many
-    delivery processes; with 1, a loop thread in this process delivers. FCM
-    tokens go through FcmSender's threads when FCM is configured, and are
-    skipped when it is not. HTTP worker threads call :meth:`send` and wait only
-    for their own push.
+    delivery processes, each with its own WebPushDelivery; with 1, one
+    WebPushDelivery in this process delivers. FCM tokens go through
+    FcmSender's threads when FCM is configured, and are skipped when it is
+    not. HTTP worker threads call :meth:`send` and wait only for their own push.
     """
 
     def __init__(self, keys: VapidKeys, store: SubscriptionStore, settings: Settings):
@@ -1360,27 +1371,25 @@ class PushSender:
         self.keys = keys
         self.settings = settings
         self.processes = max(1, settings.push_processes)
-        self.concurrency = max(1, settings.push_concurrency // self.processes)
+        # PUSH_CONCURRENCY is per push service, shared by the delivery processes.
+        self.per_origin = max(1, settings.push_concurrency // self.processes)
         self.fcm = FcmSender(settings) if settings.fcm_service_account else None
         if self.processes > 1:
             self._executor = self._start_processes()
         else:
-            self._worker = DeliveryWorker(keys, self.concurrency, settings.push_timeout)
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(
-                target=self._loop.run_forever, name="push-delivery", daemon=True
+            self._delivery = WebPushDelivery(
+                keys, self.per_origin, settings.push_timeout
             )
-            self._thread.start()
 
     def _start_processes(self) -> concurrent.futures.ProcessPoolExecutor:
         executor = concurrent.futures.ProcessPoolExecutor(
             self.processes,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_run_worker_process,
+            initializer=_start_delivery_process,
             initargs=(
                 self.keys.private_pem(),
                 self.keys.subject,
-                self.concurrency,
+                self.per_origin,
                 self.settings.push_timeout,
             ),
         )
@@ -1393,13 +1402,10 @@ class PushSender:
         web = [r for r in records if r.get("kind", "webpush") == "webpush"]
         tokens = [r for r in records if r.get("kind") == "fcm"]
         fcm_futures = self.fcm.submit(tokens, message) if self.fcm and tokens else []
-        if not web:
-            outcomes = []
-        elif self.processes > 1:
+        if self.processes > 1:
             outcomes = self._send_in_processes(web, message)
         else:
-            coroutine = self._worker.deliver(web, message)
-            outcomes = asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+            outcomes = self._delivery.submit(web, message).result()
         outcomes += [future.result() for future in fcm_futures]
         for outcome in outcomes:
             if outcome.result == "removed":
@@ -1455,9 +1461,7 @@ class PushSender:
         if self.processes > 1:
             self._executor.shutdown(wait=True, cancel_futures=True)
         else:
-            self._loop.call_soon_threadsafe(self._worker.pool.close)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+            self._delivery.close()
 
 
 ###############################################################################
@@ -1615,6 +1619,8 @@ class DeliveryIds:
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.\-]{1,4096}$")
 COLLAPSE_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+# printable ASCII but space, '#' and '\\' (parsers disagree on those)
+SENDABLE_URL_RE = re.compile(r"[!\"$-\[\]-~]+")
 MAX_ENDPOINT_LENGTH = 2048
 MAX_TTL = 28 * 86400
 PUSH_SERVICE_HOSTS = (
@@ -1643,18 +1649,29 @@ class ApiError(Exception):
         self.message = message
 
 
+def endpoint_sendable(endpoint: str) -> bool:
+    """Whether ``endpoint`` is a URL the delivery can POST to at all: http or
+    https with a host, in printable ASCII without the characters URL parsers
+    disagree on. Every push service's endpoints are."""
+    if not SENDABLE_URL_RE.fullmatch(endpoint):
+        return False
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
     """Whether the server may POST to ``endpoint``: a known push service, or
     whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits instead."""
+    if not endpoint_sendable(endpoint):
+        return False
     if pattern is not None:
         return pattern.match(endpoint) is not None
-    if any(c.isspace() or ord(c) < 32 or c in "\\#" for c in endpoint):
-        return False  # parsers disagree on these; no push service endpoint has them
-    try:
-        parts = urlsplit(endpoint)
-        port = parts.port
-    except ValueError:
-        return False
+    parts = urlsplit(endpoint)
+    port = parts.port
     if parts.scheme != "https" or "@" in parts.netloc or port not in (None, 443):
         return False
     host = parts.hostname or ""
@@ -1730,6 +1747,12 @@ class Validator:
         if len(endpoint) > MAX_ENDPOINT_LENGTH:
             raise ApiError(
                 400, f"'endpoint' is longer than {MAX_ENDPOINT_LENGTH} characters"
+            )
+        if not endpoint_sendable(endpoint):
+            raise ApiError(
+                400,
+                "'endpoint' must be an http or https URL in printable ASCII, as push "
+                "services give it (no spaces, no '\\' or '#')",
             )
         if not endpoint_allowed(endpoint, self.pattern):
             raise ApiError(

@@ -31,6 +31,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 import api
+from tests.connect_proxy import ConnectProxy
+from tests.nginx import ECHO_MODULE, NGINX, Nginx
 from tests.push_service import PushService, b64url
 
 ROOT = Path(__file__).resolve().parent
@@ -569,6 +571,47 @@ def test_push_endpoint_pattern_replaces_the_allowlist():
     assert not api.endpoint_allowed("http://x/http://127.0.0.1:8000/", pattern)
 
 
+UNSENDABLE = [
+    "http://127.0.0.1:9/push/\u4e2d\u6587",  # outside Latin-1
+    "http://127.0.0.1:9/push/caf\u00e9",  # Latin-1, not ASCII
+    "http://127.0.0.1:9/push/a b",
+    "http://127.0.0.1:9/push/a\tb",
+    "http://127.0.0.1:9/push/a#b",
+    "http://127.0.0.1:9/push/a\\b",
+    "http://127.0.0.1:99999/push/x",
+    "ftp://127.0.0.1:9/push/x",
+]
+
+
+@pytest.mark.parametrize("endpoint", UNSENDABLE)
+def test_an_endpoint_that_cannot_be_sent_to_is_refused_at_subscribe_time(
+    app_with, endpoint
+):
+    client = app_with(push_endpoint_pattern=".*")  # allows anything it can send to
+    answer = client.post_json(
+        "/subscription", {**VALID, "endpoint": endpoint}, status=400
+    )
+    assert "endpoint" in answer.json["error"]
+    assert len(client.app.config["webpush.store"]) == 0
+
+
+def test_one_unsendable_stored_record_never_aborts_a_fan_out_or_its_report(
+    app, push_service, store
+):
+    """A record stored by an older version, before endpoints were checked."""
+    gone, fine = push_service.subscriber(script=[410]), push_service.subscriber()
+    for sub in (gone, fine):
+        app.post_json("/subscription", sub.subscription)
+    bad = {**fake_subscription(3), "endpoint": push_service.origin + "/push/\u4e2d"}
+    store.upsert({**bad, "id": api.subscription_id(bad["endpoint"]), "topics": []})
+    result = app.post_json("/push", {"title": "t"}, headers=AUTH).json
+    assert (result["sent"], result["removed"], result["failed"]) == (1, 1, 1)
+    failure = next(r for r in result["results"] if r["result"] == "failed")
+    assert "cannot send" in failure["reason"]
+    assert store.get(api.subscription_id(gone.endpoint)) is None  # report applied
+    assert len(store) == 2
+
+
 # -- push -------------------------------------------------------------------------------
 
 
@@ -1068,6 +1111,33 @@ def test_a_hung_push_service_times_out_and_the_rest_is_delivered(
     assert len(push_service.received(hung)) == 3  # tried, retried, given up
 
 
+def test_a_slow_push_service_fills_only_its_own_slots(app_with):
+    """PUSH_CONCURRENCY is per push service: one that never answers holds its
+    own slots, and every other push service's messages go out at once."""
+    from tests.push_service import HANG
+
+    client = app_with(push_concurrency=4, push_timeout=2.0)
+    with PushService() as hung, PushService() as healthy:
+        for _ in range(8):
+            sub = hung.subscriber(script=[HANG])  # then answers when retried
+            client.post_json("/subscription", sub.subscription)
+        for _ in range(5):
+            client.post_json("/subscription", healthy.subscriber().subscription)
+        answer: dict = {}
+        pushing = threading.Thread(
+            target=lambda: answer.update(
+                client.post_json("/push", {"title": "t"}, headers=AUTH).json
+            )
+        )
+        started = time.monotonic()
+        pushing.start()
+        healthy.wait_for(5, timeout=1.5)  # before the hung ones' PUSH_TIMEOUT
+        assert time.monotonic() - started < 1.5
+        assert len(hung.received()) == 4  # its limit, and no more, while it hangs
+        pushing.join(60)
+        assert (answer["sent"], answer["retried"], answer["failed"]) == (13, 8, 0)
+
+
 def test_a_refused_connection_is_retried_then_reported(app):
     app.post_json("/subscription", fake_subscription(7, port=free_port()))
     result = app.post_json("/push", {"title": "t", "detail": True}, headers=AUTH).json
@@ -1095,7 +1165,8 @@ def test_push_services_are_reached_over_tls_verified_with_ssl_cert_file(
             ).json
             assert (
                 result["failed"] == 1
-                and "CERTIFICATE_VERIFY_FAILED" in result["results"][0]["reason"]
+                and "unable to get local issuer certificate"
+                in result["results"][0]["reason"]
             )
         finally:
             _close(untrusted)
@@ -1113,24 +1184,114 @@ def test_push_services_are_reached_over_tls_verified_with_ssl_cert_file(
             _close(trusted)
 
 
-def test_encryption_decrypts_like_pywebpush(push_service):
+@pytest.fixture
+def front(push_service):
+    """Debian's nginx on 127.0.0.1: TLS with HTTP/2 (ALPN), proxying to the
+    decrypting push service stand-in, which then checks VAPID for nginx's origin."""
+    made = []
+
+    def make(**options) -> Nginx:
+        for path in (NGINX, ECHO_MODULE):
+            if not Path(path).exists():
+                if os.environ.get("CI"):
+                    pytest.fail(f"{path} is missing: CI must install nginx-light")
+                pytest.skip(f"{path} is not installed (apt-get install nginx-light)")
+        made.append(Nginx(upstream=push_service, **options).__enter__())
+        return made[-1]
+
+    yield make
+    for nginx in made:
+        nginx.__exit__(None, None, None)
+
+
+def test_push_services_that_speak_http2_get_every_message_multiplexed_and_reused(
+    server_factory, push_service, front
+):
+    nginx = front()
+    server = server_factory(SSL_CERT_FILE=nginx.ca_file, PUSH_PROCESSES="2")
+    server.env["PUSH_ENDPOINT_PATTERN"] = r"^https://127\.0\.0\.1:\d+/"
+    server.start()
+    subs = [push_service.subscriber() for _ in range(30)]
+    for sub in subs:
+        requests.post(server.url + "/subscription", json=sub.subscription)
+    for title in ("first", "second"):
+        answer = requests.post(
+            server.url + "/push", json={"title": title}, headers=AUTH
+        ).json()
+        assert answer["sent"] == 30
+    log = nginx.requests(60)
+    assert {entry["protocol"] for entry in log} == {"HTTP/2.0"}
+    # one connection per delivery process, kept for the second push
+    assert len({entry["connection"] for entry in log}) <= 2
+    assert (
+        len(
+            {entry["connection"] for entry in log[30:]}
+            - {e["connection"] for e in log[:30]}
+        )
+        == 0
+    )
+    received = push_service.received()
+    assert len(received) == 60 and all(d.error is None for d in received)
+    assert {d.claims["aud"] for d in received} == {nginx.origin}
+    assert (
+        sorted(d.message["title"] for d in received) == ["first"] * 30 + ["second"] * 30
+    )
+
+
+def test_push_services_without_http2_get_kept_alive_http1_connections(
+    app_with, push_service, front, monkeypatch
+):
+    nginx = front(http2=False)
+    monkeypatch.setenv("SSL_CERT_FILE", nginx.ca_file)
+    client = app_with(
+        push_endpoint_pattern=r"^https://127\.0\.0\.1:\d+/", push_concurrency=4
+    )
+    for _ in range(20):
+        client.post_json("/subscription", push_service.subscriber().subscription)
+    for _ in range(2):
+        assert (
+            client.post_json("/push", {"title": "t"}, headers=AUTH).json["sent"] == 20
+        )
+    log = nginx.requests(40)
+    assert {entry["protocol"] for entry in log} == {"HTTP/1.1"}
+    assert len({entry["connection"] for entry in log}) <= 4  # PUSH_CONCURRENCY
+    assert all(d.error is None for d in push_service.received())
+
+
+def test_https_proxy_carries_pushes_and_no_proxy_bypasses_it(
+    app_with, push_service, front, monkeypatch
+):
+    nginx = front()
+    monkeypatch.setenv("SSL_CERT_FILE", nginx.ca_file)
+    sub = push_service.subscriber()
+    with ConnectProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        through = app_with(push_endpoint_pattern=r"^https://127\.0\.0\.1:\d+/")
+        through.post_json("/subscription", sub.subscription)
+        assert (
+            through.post_json("/push", {"title": "a"}, headers=AUTH).json["sent"] == 1
+        )
+        assert proxy.tunnels == [f"127.0.0.1:{nginx.port}"]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # libcurl reads it per transfer
+        assert (
+            through.post_json("/push", {"title": "b"}, headers=AUTH).json["sent"] == 1
+        )
+        assert len(proxy.tunnels) == 1
+    assert [d.message["title"] for d in push_service.received(sub)] == ["a", "b"]
+
+
+def test_encryption_is_pywebpush_s_own_and_fills_one_4096_byte_record(push_service):
     from pywebpush import WebPusher
 
     sub = push_service.subscriber()
+    record = sub.subscription
     plaintext = json.dumps({"title": "é", "body": "x" * 3000}).encode()
-    keys = sub.subscription["keys"]
-    ours = api.encrypt_payload(
-        api.b64url_decode(keys["p256dh"]), api.b64url_decode(keys["auth"]), plaintext
-    )
-    theirs = WebPusher(sub.subscription).encode(plaintext)["body"]
+    ours = api.encrypt_message(record, plaintext)
+    theirs = WebPusher(record).encode(plaintext)["body"]
     assert sub.decrypt(ours) == sub.decrypt(theirs) == plaintext
     assert len(ours) == len(theirs)
-    largest = api.encrypt_payload(
-        api.b64url_decode(keys["p256dh"]),
-        api.b64url_decode(keys["auth"]),
-        b"x" * api.MAX_PLAINTEXT,
-    )
-    assert len(largest) == api.RECORD_SIZE
+    largest = api.encrypt_message(record, b"x" * api.MAX_PLAINTEXT)
+    assert len(largest) == 4096 and sub.decrypt(largest) == b"x" * api.MAX_PLAINTEXT
 
 
 def push_under_way(
@@ -1502,14 +1663,14 @@ def test_max_subscriptions_caps_new_ones_but_not_updates(app_with):
 def test_faulty_push_services_fail_each_message_within_the_time_bound(
     app_with, push_service
 ):
-    from tests.push_service import HANG, MALFORMED, RESET, SLOW_BODY
+    from tests.push_service import HANG, HUGE, MALFORMED, RESET, SLOW_BODY
 
     client = app_with(push_timeout=0.5)
     faulty = {
-        fault: push_service.subscriber(
-            script=[fault] * 10
-        )  # a service that keeps failing
-        for fault in (HANG, MALFORMED, RESET, SLOW_BODY)
+        # A service that keeps failing. libcurl itself tries a reset connection
+        # again, fresh, within one try of ours: hence more answers than tries.
+        fault: push_service.subscriber(script=[fault] * 30)
+        for fault in (HANG, MALFORMED, RESET, SLOW_BODY, HUGE)
     }
     storm = [push_service.subscriber(script=[500, 503, 502]) for _ in range(20)]
     fine = push_service.subscriber()
@@ -1521,13 +1682,15 @@ def test_faulty_push_services_fail_each_message_within_the_time_bound(
     ).json
     # bound: 3 tries of PUSH_TIMEOUT each and the pauses between them (0.5 s, 1 s)
     assert time.monotonic() - started < 3 * 0.5 + 1.5 + 2
-    assert (result["sent"], result["failed"], result["removed"]) == (1, 24, 0)
+    assert (result["sent"], result["failed"], result["removed"]) == (1, 25, 0)
     reasons = {r["id"]: r["reason"] for r in result["results"]}
     assert "no answer" in reasons[api.subscription_id(faulty[HANG].endpoint)]
     assert "malformed" in reasons[api.subscription_id(faulty[MALFORMED].endpoint)]
     assert "closed" in reasons[api.subscription_id(faulty[RESET].endpoint)]
     assert "no answer" in reasons[api.subscription_id(faulty[SLOW_BODY].endpoint)]
-    assert len(client.app.config["webpush.store"]) == 25  # failures are kept
+    assert "too large" in reasons[api.subscription_id(faulty[HUGE].endpoint)]
+    assert len(push_service.received(faulty[HUGE])) == 1  # not retried
+    assert len(client.app.config["webpush.store"]) == 26  # failures are kept
 
 
 def test_repair_store_keeps_the_valid_records_and_sets_the_damage_aside(
