@@ -942,6 +942,7 @@ class WebPushDelivery:
         self._in_flight: dict[str, int] = collections.defaultdict(int)
         self._retries: list[tuple[float, int, _PushJob]] = []  # a heap by due time
         self._free: list[pycurl.Curl] = []
+        self._busy: set[pycurl.Curl] = set()  # handles libcurl is working on
         self._ca = _ca_options()
         self._selector = selectors.DefaultSelector()
         self._timer: float | None = None  # when libcurl wants socket_action(TIMEOUT)
@@ -981,29 +982,51 @@ class WebPushDelivery:
 
     def _run(self) -> None:
         while not self._closing:
-            self._take_new()
-            more = self._start_waiting()
-            due = [t for t in (self._timer, self._next_retry()) if t is not None]
-            wait = 0.0 if more else None
-            if due and not more:
-                wait = max(0.0, min(due) - time.monotonic())
-            for key, mask in self._selector.select(wait):
-                if key.fd == self._wake_read:
-                    self._drain_wake()
-                    continue
-                flags = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
-                    pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0
-                )
-                self._multi.socket_action(key.fd, flags)
-            if self._timer is not None and self._timer <= time.monotonic():
-                self._timer = None
-                self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-            self._finish_done()
-            self._requeue_due_retries()
+            try:
+                self._turn()
+            except Exception:  # a bug here must not strand every caller
+                log.exception("delivery loop error; it carries on")
+                time.sleep(0.1)
+        self._abandon("the server stopped before it was sent")
         self._multi.close()
         self._selector.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
+
+    def _turn(self) -> None:
+        """One turn of the loop: take new work, start what the limits allow,
+        wait for sockets, timers or retries, and settle what finished."""
+        self._take_new()
+        more = self._start_waiting()
+        due = [t for t in (self._timer, self._next_retry()) if t is not None]
+        wait = 0.0 if more else None
+        if due and not more:
+            wait = max(0.0, min(due) - time.monotonic())
+        for key, mask in self._selector.select(wait):
+            if key.fd == self._wake_read:
+                self._drain_wake()
+                continue
+            flags = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
+                pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0
+            )
+            self._multi.socket_action(key.fd, flags)
+        if self._timer is not None and self._timer <= time.monotonic():
+            self._timer = None
+            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        self._finish_done()
+        self._requeue_due_retries()
+
+    def _abandon(self, reason: str) -> None:
+        """Settle every message not yet delivered as failed, so no caller waits
+        for ever on a loop that has stopped."""
+        self._take_new()
+        jobs = [job for waiting in self._waiting.values() for job in waiting]
+        jobs += [job for _, _, job in self._retries]
+        for handle in self._busy:
+            self._multi.remove_handle(handle)
+            jobs.append(handle.job)
+        for job in jobs:
+            self._settle(job, None, reason)
 
     def _on_socket(self, what: int, fd: int, multi: Any, data: Any) -> None:
         if what == pycurl.POLL_REMOVE:
@@ -1054,10 +1077,10 @@ class WebPushDelivery:
         sent ends as a failed outcome, never as an error of the whole batch."""
         job.attempt += 1
         job.answer.clear()
+        handle = self._free.pop() if self._free else self._new_handle()
         try:
             if not job.body:
                 job.body = encrypt_message(job.record, job.batch.message.payload)
-            handle = self._free.pop() if self._free else self._new_handle()
             handle.setopt(pycurl.URL, job.record["endpoint"])
             # Over TLS, wait for ALPN to say whether HTTP/2 can carry this on an
             # open connection; plain http has no ALPN, and the wait would
@@ -1068,7 +1091,9 @@ class WebPushDelivery:
             handle.setopt(pycurl.WRITEFUNCTION, job.write)
             handle.job = job
             self._multi.add_handle(handle)
+            self._busy.add(handle)
         except Exception as e:  # noqa: BLE001 - one bad record must not stop a fan-out
+            self._free.append(handle)
             self._settle(job, None, f"cannot send: {type(e).__name__}: {e}")
             return
         self._in_flight[job.origin] += 1
@@ -1118,6 +1143,7 @@ class WebPushDelivery:
     def _finish(self, handle: pycurl.Curl, error: tuple[int, str] | None) -> None:
         job: _PushJob = handle.job
         self._multi.remove_handle(handle)
+        self._busy.discard(handle)
         handle.job = None
         self._in_flight[job.origin] -= 1
         if error is not None:
