@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import bottle
 import google.auth.exceptions
@@ -534,7 +534,9 @@ class SubscriptionStore:
 
     def upsert(self, record: dict) -> bool:
         """Store ``record`` (it must have an ``id``); True when the id is new."""
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        line = json.dumps(
+            record, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
         with self._mutex:
             created = record["id"] not in self._records
             self._append(line)
@@ -656,7 +658,14 @@ class SubscriptionStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8", opener=_private_opener) as f:
             for record in self._records.values():
-                f.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False))
+                f.write(
+                    json.dumps(
+                        record,
+                        separators=(",", ":"),
+                        ensure_ascii=False,
+                        allow_nan=False,
+                    )
+                )
                 f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -1642,9 +1651,9 @@ class DeliveryIds:
 # HTTP ########################################################################
 ###############################################################################
 
-TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.\-]{1,4096}$")
-COLLAPSE_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+TOPIC_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_:.\-]{1,4096}")
+COLLAPSE_KEY_RE = re.compile(r"[A-Za-z0-9_\-]{1,32}")
 # printable ASCII but space, '#' and '\\' (parsers disagree on those)
 SENDABLE_URL_RE = re.compile(r"[!\"$-\[\]-~]+")
 MAX_ENDPOINT_LENGTH = 2048
@@ -1675,30 +1684,80 @@ class ApiError(Exception):
         self.message = message
 
 
-def endpoint_sendable(endpoint: str) -> bool:
-    """Whether ``endpoint`` is a URL the delivery can POST to at all: http or
-    https with a host, in printable ASCII without the characters URL parsers
-    disagree on. Every push service's endpoints are."""
+def parse_json(raw: bytes) -> dict:
+    """A JSON object, or ApiError (400)."""
+    body = strict_json(raw, "the body")
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def strict_json(raw: bytes | str, what: str) -> Any:
+    """JSON that can be stored and sent on as it is, or ApiError (400): UTF-8,
+    no NaN or Infinity (nor a number too large for a float), no lone surrogate
+    escapes, nesting within Python's recursion limit."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        value = json.loads(
+            text, parse_constant=_refuse_constant, parse_float=_finite_float
+        )
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # lone surrogates
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
+        raise ApiError(
+            400,
+            f"{what} is not valid JSON (UTF-8, finite numbers, no lone surrogates); "
+            "send Content-Type: application/json",
+        ) from None
+    return value
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is too large")
+    return number
+
+
+def canonical_endpoint(endpoint: str) -> str | None:
+    """The endpoint as the server stores it, signs for it and checks it: scheme
+    and host in lower case, the default port dropped. None if the delivery
+    cannot send to it: not http(s) with a host, not printable ASCII (a Unicode
+    host is refused, not guessed at), userinfo, a bad port, or the characters
+    URL parsers disagree on. Every push service's endpoints pass unchanged."""
     if not SENDABLE_URL_RE.fullmatch(endpoint):
-        return False
+        return None
     try:
         parts = urlsplit(endpoint)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        port = parts.port
     except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+        return None
+    host = parts.hostname  # lower case, IPv6 without its brackets
+    if parts.scheme not in ("http", "https") or not host or "@" in parts.netloc:
+        return None
+    if port == 0:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port not in (None, 443 if parts.scheme == "https" else 80):
+        host += f":{port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
 
 
 def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
-    """Whether the server may POST to ``endpoint``: a known push service, or
-    whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits instead."""
-    if not endpoint_sendable(endpoint):
+    """Whether the server may POST to ``endpoint`` (in its canonical form): a
+    known push service, or whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits
+    instead."""
+    canonical = canonical_endpoint(endpoint)
+    if canonical is None:
         return False
     if pattern is not None:
-        return pattern.match(endpoint) is not None
-    parts = urlsplit(endpoint)
-    port = parts.port
-    if parts.scheme != "https" or "@" in parts.netloc or port not in (None, 443):
+        return pattern.match(canonical) is not None
+    parts = urlsplit(canonical)
+    if parts.scheme != "https" or parts.port is not None:
         return False
     host = parts.hostname or ""
     if host in PUSH_SERVICE_HOSTS:
@@ -1713,6 +1772,11 @@ def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
 def subscription_id(endpoint: str) -> str:
     """A stable id: the same endpoint always maps to the same record."""
     return b64url_encode(hashlib.sha256(endpoint.encode("utf-8")).digest()[:16])
+
+
+def endpoint_id(endpoint: str) -> str:
+    """The record id of an endpoint as a client spells it: its canonical form's."""
+    return subscription_id(canonical_endpoint(endpoint) or endpoint)
 
 
 class Validator:
@@ -1736,7 +1800,7 @@ class Validator:
                 "Service accounts, Generate new private key) and restart",
             )
         token = body["fcm_token"]
-        if not isinstance(token, str) or not FCM_TOKEN_RE.match(token):
+        if not isinstance(token, str) or not FCM_TOKEN_RE.fullmatch(token):
             raise ApiError(
                 400, "'fcm_token' must be the device's FCM registration token"
             )
@@ -1754,12 +1818,7 @@ class Validator:
         if "subscription_token" in body:
             sub = body["subscription_token"]
             if isinstance(sub, str):
-                try:
-                    sub = json.loads(sub)
-                except ValueError:
-                    raise ApiError(
-                        400, "subscription_token is not valid JSON"
-                    ) from None
+                sub = strict_json(sub, "subscription_token")
         if not isinstance(sub, dict):
             raise ApiError(
                 400,
@@ -1774,11 +1833,12 @@ class Validator:
             raise ApiError(
                 400, f"'endpoint' is longer than {MAX_ENDPOINT_LENGTH} characters"
             )
-        if not endpoint_sendable(endpoint):
+        endpoint = canonical_endpoint(endpoint)
+        if endpoint is None:
             raise ApiError(
                 400,
                 "'endpoint' must be an http or https URL in printable ASCII, as push "
-                "services give it (no spaces, no '\\' or '#')",
+                "services give it (no spaces, userinfo, '\\' or '#')",
             )
         if not endpoint_allowed(endpoint, self.pattern):
             raise ApiError(
@@ -1819,13 +1879,14 @@ class Validator:
         }
 
     def replaces(self, body: dict) -> str:
-        """The old endpoint a rotated subscription replaces (pushsubscriptionchange)."""
+        """The record id of the old endpoint a rotated subscription replaces
+        (pushsubscriptionchange)."""
         old = body["replaces"]
         if not isinstance(old, str) or not 0 < len(old) <= MAX_ENDPOINT_LENGTH:
             raise ApiError(
                 400, "'replaces' must be the endpoint of the old subscription"
             )
-        return old
+        return endpoint_id(old)
 
     def _key(self, keys: dict, name: str, size: int) -> bytes:
         value = keys.get(name)
@@ -1859,7 +1920,7 @@ class Validator:
         longest = self.settings.max_topic_length
         if (
             not isinstance(value, str)
-            or not TOPIC_RE.match(value)
+            or not TOPIC_RE.fullmatch(value)
             or len(value) > longest
         ):
             raise ApiError(
@@ -1906,7 +1967,8 @@ class Validator:
             raise ApiError(400, f"'urgency' must be one of {', '.join(URGENCIES)}")
         collapse_key = body.get("collapse_key")
         if collapse_key is not None and (
-            not isinstance(collapse_key, str) or not COLLAPSE_KEY_RE.match(collapse_key)
+            not isinstance(collapse_key, str)
+            or not COLLAPSE_KEY_RE.fullmatch(collapse_key)
         ):
             raise ApiError(
                 400,
@@ -2120,23 +2182,6 @@ def read_body(max_bytes: int, setting: str = "MAX_BODY_BYTES") -> bytes:
     return raw
 
 
-def parse_json(raw: bytes) -> dict:
-    """A JSON object, or ApiError (400)."""
-    try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
-        raise ApiError(
-            400, "the body is not valid JSON; send Content-Type: application/json"
-        ) from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return body
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def create_app(
     settings: Settings | None = None,
     keys: VapidKeys | None = None,
@@ -2194,11 +2239,7 @@ def create_app(
         else:
             record = validate.subscription(body)
         previous = store.get(record["id"]) or {}
-        replaced = (
-            store.get(subscription_id(validate.replaces(body)))
-            if "replaces" in body
-            else None
-        )
+        replaced = store.get(validate.replaces(body)) if "replaces" in body else None
         if replaced and replaced["id"] == record["id"]:
             replaced = None
         if (
@@ -2236,7 +2277,7 @@ def create_app(
         body = read_json(settings.max_body_bytes)
         endpoint, token = body.get("endpoint"), body.get("fcm_token")
         if isinstance(endpoint, str) and endpoint:
-            record_id = subscription_id(endpoint)
+            record_id = endpoint_id(endpoint)
         elif isinstance(token, str) and token:
             record_id = subscription_id("fcm:" + token)
         else:

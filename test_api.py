@@ -1519,12 +1519,22 @@ def test_a_bad_service_account_file_stops_the_start(server_factory, tmp_path):
 # -- hardening: hostile input, limits, faults, crashes, secrets, shutdown ----------------
 
 
+# Text as attackers write it: lone surrogates, characters outside the BMP,
+# look-alikes that case-fold into ASCII, controls and a trailing newline.
+HOSTILE_TEXT = st.text(
+    alphabet=st.sampled_from(
+        ["\ud800", "\udfff", "\U0001f600", "\u212a", "\u0130", "\x00", "\n", "a"]
+    )
+    | st.characters(),
+    max_size=30,
+)
 JSON = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False)
-    | st.text(max_size=30),
+    | st.text(max_size=30)
+    | HOSTILE_TEXT,
     lambda inner: (
         st.lists(inner, max_size=5)
         | st.dictionaries(st.text(max_size=10), inner, max_size=5)
@@ -1554,6 +1564,29 @@ SHAPED = st.fixed_dictionaries(
         "data": JSON,
     },
 )
+HOSTS = st.sampled_from(
+    ["fcm.googleapis.com", "FCM.GoogleAPIs.com", "\u212a.push.services.mozilla.com"]
+)
+PORTS = st.sampled_from(["", ":", ":443", ":0443", ":0", ":99999", ":+443", ": 443"])
+ENDPOINTS = st.builds(lambda h, p: f"https://{h}{p}/fcm/send/x", HOSTS, PORTS)
+
+
+def _hostile_bodies(value: str) -> list[bytes]:
+    """Bodies carrying ``value`` where a JSON library would never write it."""
+    token = json.dumps(VALID)[:-1] + ', "x": ' + value + "}"
+    return [
+        b'{"endpoint": "http://127.0.0.1:9/x", "expirationTime": %s}' % value.encode(),
+        b'{"title": "t", "ttl": %s}' % value.encode(),
+        b'{"subscription_token": %s}' % json.dumps(token).encode(),
+        b'{"data": %s, "title": "t"}' % value.encode(),
+    ]
+
+
+# Non-finite numbers, and nesting deeper than any parser's stack, as a value or
+# inside the subscription_token string.
+RAW_HOSTILE = st.sampled_from(
+    ["1e999", "-1e999", "NaN", "Infinity", "[" * 50_000 + "]" * 50_000]
+).flatmap(lambda value: st.sampled_from(_hostile_bodies(value)))
 ROUTES = [
     ("POST", "/subscription"),
     ("DELETE", "/subscription"),
@@ -1573,7 +1606,9 @@ ROUTES = [
     route=st.sampled_from(ROUTES),
     body=st.binary(max_size=300)
     | JSON.map(lambda v: json.dumps(v).encode())
-    | SHAPED.map(lambda v: json.dumps(v).encode()),
+    | SHAPED.map(lambda v: json.dumps(v).encode())
+    | ENDPOINTS.map(lambda e: json.dumps({"endpoint": e, "keys": KEYS}).encode())
+    | RAW_HOSTILE,
 )
 def test_fuzzed_requests_never_give_a_5xx_or_store_anything(app, settings, route, body):
     method, path = route
@@ -1588,6 +1623,157 @@ def test_fuzzed_requests_never_give_a_5xx_or_store_anything(app, settings, route
     path = Path(settings.subscriptions_file)
     assert not path.exists() or path.stat().st_size == 0
     assert app.get("/health").json["status"] == "ok"
+
+
+SURROGATE = "\ud800"
+DEEP = "[" * 15_000 + "]" * 15_000  # within MAX_BODY_BYTES, past any stack
+HOSTILE = {
+    "lone surrogate in the endpoint": (
+        "POST",
+        "/subscription",
+        {**VALID, "endpoint": VALID["endpoint"] + SURROGATE},
+    ),
+    "lone surrogate in replaces": (
+        "POST",
+        "/subscription",
+        {**fake_subscription(7), "replaces": SURROGATE},
+    ),
+    "lone surrogate in a topic": (
+        "POST",
+        "/subscription",
+        {**fake_subscription(7), "topics": ["a" + SURROGATE]},
+    ),
+    "lone surrogate in a key": (
+        "POST",
+        "/subscription",
+        {**VALID, "keys": {**KEYS, "auth": SURROGATE}},
+    ),
+    "lone surrogate in the title": ("POST", "/push", {"title": SURROGATE}),
+    "lone surrogate in the data": (
+        "POST",
+        "/push",
+        {"title": "t", "data": [SURROGATE]},
+    ),
+    "lone surrogate in the DELETE body": (
+        "DELETE",
+        "/subscription",
+        {"endpoint": SURROGATE},
+    ),
+    "lone surrogate in a test notification": (
+        "POST",
+        "/subscription/test",
+        {**VALID, "endpoint": SURROGATE},
+    ),
+    "deep nesting in subscription_token": (
+        "POST",
+        "/subscription",
+        {"subscription_token": DEEP},
+    ),
+    "deep nesting in the body": ("POST", "/push", DEEP.encode()),
+    "NaN in subscription_token": (
+        "POST",
+        "/subscription",
+        {"subscription_token": json.dumps(VALID)[:-1] + ', "expirationTime": NaN}'},
+    ),
+    "expirationTime 1e999": (
+        "POST",
+        "/subscription",
+        json.dumps(fake_subscription(7))
+        .replace('"expirationTime": null', '"expirationTime": 1e999')
+        .encode(),
+    ),
+    "ttl 1e999": ("POST", "/push", b'{"title": "t", "ttl": 1e999}'),
+    "a topic with a trailing newline": (
+        "POST",
+        "/subscription",
+        {**fake_subscription(7), "topics": ["news\n"]},
+    ),
+    "a push topic with a trailing newline": (
+        "POST",
+        "/push",
+        {"title": "t", "topic": "news\n"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_surrogates_nesting_and_non_finite_numbers_get_a_400_and_change_nothing(
+    app, stored_file, push_service, case
+):
+    method, path, body = HOSTILE[case]
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    answer = app.request(
+        path,
+        method=method,
+        body=data,
+        headers={"Content-Type": "application/json", **AUTH},
+        expect_errors=True,
+    )
+    assert answer.status_int == 400, answer.body
+    assert isinstance(answer.json["error"], str)
+    assert stored_file()
+    assert push_service.received() == []
+
+
+def test_a_generic_webhook_with_a_lone_surrogate_gets_a_400(hook_app, push_service):
+    body = json.dumps({"title": SURROGATE}).encode()
+    answer = hook_app.post(
+        "/webhooks/generic",
+        body,
+        headers={"X-Signature-256": sign(body)},
+        expect_errors=True,
+    )
+    assert answer.status_int == 400 and "error" in answer.json
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "https://FCM.GoogleAPIs.com/fcm/send/x",
+        "HTTPS://fcm.googleapis.com/fcm/send/x",
+        "https://fcm.googleapis.com:443/fcm/send/x",
+        "https://fcm.googleapis.com:0443/fcm/send/x",
+        "https://fcm.googleapis.com:/fcm/send/x",
+    ],
+)
+def test_endpoints_are_stored_signed_and_found_in_their_canonical_form(
+    app_with, spelling
+):
+    client = app_with(push_endpoint_pattern="")  # the built-in allowlist
+    store = client.app.config["webpush.store"]
+    canonical = "https://fcm.googleapis.com/fcm/send/x"
+    first = client.post_json("/subscription", {**VALID, "endpoint": canonical})
+    again = client.post_json("/subscription", {**VALID, "endpoint": spelling})
+    assert (first.status_int, again.status_int) == (201, 200)
+    assert first.json["id"] == again.json["id"]
+    assert [r["endpoint"] for r in store.list()] == [canonical]
+    assert (
+        api.endpoint_origin(store.list()[0]["endpoint"]) == "https://fcm.googleapis.com"
+    )
+    client.request(
+        "/subscription",
+        method="DELETE",
+        body=json.dumps({"endpoint": spelling}).encode(),
+        headers={"Content-Type": "application/json"},
+        status=204,
+    )
+    assert len(store) == 0
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://\u212a.push.services.mozilla.com/wpush/v2/x",  # Kelvin sign
+        "https://fcm.googleapis.com:0/fcm/send/x",
+        "https://fcm.googleapis.com:8443/fcm/send/x",
+        "https://fcm.googleapis.com:+443/fcm/send/x",
+        "https://fcm.googleapis.com: 443/fcm/send/x",
+    ],
+)
+def test_look_alike_hosts_and_other_ports_are_refused(app_with, endpoint):
+    client = app_with(push_endpoint_pattern="")
+    client.post_json("/subscription", {**VALID, "endpoint": endpoint}, status=400)
+    assert len(client.app.config["webpush.store"]) == 0
 
 
 @pytest.mark.parametrize(
