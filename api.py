@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import heapq
 import hmac
@@ -463,16 +464,37 @@ def _lock_file(path: Path) -> Any:
 
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+            _flock(handle.fileno(), path)
+    except BaseException:
         handle.close()
+        raise
+    return handle
+
+
+def _flock(fd: int, path: Path) -> None:
+    """An exclusive lock on the open file ``fd``, or StoreLocked. It belongs to
+    the file itself, so every name of it (a hard link too) meets the same lock."""
+    if os.name == "nt":
+        return
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         raise StoreLocked(
             f"{path} is locked: another api.py is using this subscription file; "
             "stop it, or give this one another SUBSCRIPTIONS_FILE"
         ) from None
-    return handle
+
+
+@dataclass(eq=False)
+class _Write:
+    """One appended line not yet known to be on disk, and how to undo it."""
+
+    seq: int
+    record_id: str
+    previous: dict | None  # the record before this write; None: there was none
+    failed: bool = False
 
 
 class SubscriptionStore:
@@ -484,12 +506,19 @@ class SubscriptionStore:
     rename) once it holds more than twice as many lines as live records, so one
     write costs the same whatever the number stored. A write returns only after
     fsync; writers that arrive while an fsync runs share the next one.
+
+    A write the disk refuses (full, EIO) raises OSError and changes nothing: a
+    partial line is cut off at once, a failed fsync undoes every write it
+    covered, in the file and in memory, and a failed compaction leaves the
+    journal as it was. The next write simply tries again.
     """
 
     COMPACT_MIN_LINES = 1000
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        # Resolved, so a symlink meets the same lock file; the lock on the data
+        # file itself covers hard links.
+        self.path = Path(path).resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_handle = _lock_file(self.path.with_name(self.path.name + ".lock"))
         self._records: dict[str, dict] = {}
@@ -497,16 +526,25 @@ class SubscriptionStore:
         self._lines = 0
         self._mutex = threading.Lock()  # order of writes and the in-memory view
         self._sync = threading.Condition()  # group commit of fsync
-        self._written = 0
-        self._synced = 0
+        self._written = 0  # appends so far
+        self._size = 0  # bytes in the file through the last whole line
+        self._synced = 0  # appends known to be on disk
+        self._synced_size = 0
         self._syncing = False
+        self._pending: list[_Write] = []  # appended, not yet synced
         self._fd = -1
         try:
+            self._fd = self._open_locked(self.path, os.O_CREAT)
+            with contextlib.suppress(FileNotFoundError):  # a compaction cut short
+                self._tmp_path().unlink()
             self._replay()
+            self._end_with_newline()
+            self._size = self._synced_size = os.fstat(self._fd).st_size
             if self._lines > max(2 * len(self._records), self.COMPACT_MIN_LINES):
                 self._compact()
-            self._fd = self._open_append()
         except BaseException:
+            if self._fd >= 0:
+                os.close(self._fd)
             self._lock_handle.close()
             raise
 
@@ -538,33 +576,38 @@ class SubscriptionStore:
             record, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
         with self._mutex:
-            created = record["id"] not in self._records
-            self._append(line)
+            previous = self._records.get(record["id"])
+            write = self._append(line, record["id"], previous)
             self._put(record)
-            seq = self._compact_if_due()
-        self._wait_synced(seq)
-        return created
+            self._compact_if_due()
+        self._wait_synced(write)
+        return previous is None
 
     def remove(self, record_id: str) -> bool:
         """Forget a record; False when it was not stored."""
         with self._mutex:
-            if record_id not in self._records:
+            previous = self._records.get(record_id)
+            if previous is None:
                 return False
-            self._append(json.dumps({"id": record_id, "deleted": True}))
+            line = json.dumps({"id": record_id, "deleted": True})
+            write = self._append(line, record_id, previous)
             self._drop(record_id)
-            seq = self._compact_if_due()
-        self._wait_synced(seq)
+            self._compact_if_due()
+        self._wait_synced(write)
         return True
 
     def close(self) -> None:
-        with self._mutex, self._sync:
-            while self._syncing:
-                self._sync.wait()
-            if self._fd >= 0:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = -1
-            self._lock_handle.close()
+        while True:
+            with self._mutex, self._sync:
+                if not self._syncing:  # an fsync's undo may need the mutex
+                    if self._fd >= 0:
+                        with contextlib.suppress(OSError):  # acknowledged is synced
+                            os.fsync(self._fd)
+                        os.close(self._fd)
+                        self._fd = -1
+                    self._lock_handle.close()
+                    return
+            time.sleep(0.01)
 
     def _put(self, record: dict) -> None:
         self._drop(record["id"])
@@ -618,95 +661,172 @@ class SubscriptionStore:
             f.flush()
             os.fsync(f.fileno())
 
-    def _open_append(self) -> int:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        size = os.fstat(fd).st_size
+    def _tmp_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
+
+    def _open_locked(self, path: Path, flags: int) -> int:
+        """Open ``path`` for appending, under the store's lock."""
+        fd = os.open(path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
+        try:
+            _flock(fd, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _end_with_newline(self) -> None:
+        """A file edited by hand may lack its last newline: never glue two records."""
+        size = os.fstat(self._fd).st_size
         if size:
-            # A file edited by hand may lack its last newline: never glue two records.
             with open(self.path, "rb") as f:
                 f.seek(size - 1)
                 if f.read(1) != b"\n":
-                    os.write(fd, b"\n")
+                    os.write(self._fd, b"\n")
         _fsync_dir(self.path.parent)
-        return fd
 
-    def _append(self, line: str) -> None:
-        """Append one record; the caller holds the mutex."""
+    def _append(self, line: str, record_id: str, previous: dict | None) -> _Write:
+        """Append one record (the caller holds the mutex). On any failure the
+        file is cut back to its last whole line and OSError raised: nothing of
+        the refused write remains, and the next one starts clean."""
         data = (line + "\n").encode("utf-8")
-        written = os.write(self._fd, data)
-        if written != len(data):  # disk full mid-line: the replay skips a torn tail
-            raise OSError(f"short write to {self.path}")
+        self._pending = [w for w in self._pending if w.seq > self._synced]
+        try:
+            if (
+                os.fstat(self._fd).st_size != self._size
+            ):  # a tail an earlier failure left
+                os.ftruncate(self._fd, self._size)
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "short write: the disk is full")
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        with self._sync:
+            self._written += 1
+            self._size += len(data)
+            write = _Write(self._written, record_id, previous)
+        self._pending.append(write)
         self._lines += 1
-        self._written += 1
+        return write
 
-    def _compact_if_due(self) -> int:
-        """Rewrite the file when it is mostly dead lines (caller holds the mutex);
-        returns the write number the caller must wait for."""
-        if self._lines > max(2 * len(self._records), self.COMPACT_MIN_LINES):
-            with self._sync:
-                while self._syncing:  # never close the fd under a running fsync
-                    self._sync.wait()
-                os.fsync(self._fd)  # the journal is durable before it is replaced
-                os.close(self._fd)
-                self._fd = -1
+    def _compact_if_due(self) -> None:
+        """Rewrite the file when it is mostly dead lines (caller holds the mutex).
+        A compaction that fails changes nothing: the journal stays as it was."""
+        if self._lines <= max(2 * len(self._records), self.COMPACT_MIN_LINES):
+            return
+        with self._sync:
+            if self._syncing:  # never swap the fd under a running fsync: later
+                return
+            try:
                 self._compact()
-                self._fd = self._open_append()
-                self._synced = self._written
-        return self._written
+            except OSError as e:
+                log.warning(
+                    "%s: compaction failed (%s); the journal stays as it is",
+                    self.path,
+                    e,
+                )
 
     def _compact(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", opener=_private_opener) as f:
-            for record in self._records.values():
-                f.write(
-                    json.dumps(
-                        record,
-                        separators=(",", ":"),
-                        ensure_ascii=False,
-                        allow_nan=False,
-                    )
+        """Write every live record to a new file, then put it in place of the
+        journal; every write so far is then on disk."""
+        tmp = self._tmp_path()
+        fd = self._open_locked(tmp, os.O_CREAT | os.O_TRUNC)
+        try:
+            data = "".join(
+                json.dumps(
+                    record, separators=(",", ":"), ensure_ascii=False, allow_nan=False
                 )
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+                + "\n"
+                for record in self._records.values()
+            ).encode("utf-8")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        old, self._fd = self._fd, fd
+        os.close(old)
+        with contextlib.suppress(OSError):  # the rename is done; its fsync may lag
+            _fsync_dir(self.path.parent)
         self._lines = len(self._records)
+        self._size = self._synced_size = len(data)
+        self._synced = self._written
+        self._pending.clear()
         log.info("compacted %s to %d records", self.path, self._lines)
 
-    def _wait_synced(self, seq: int) -> None:
-        """Return once write number ``seq`` is on disk, sharing fsyncs."""
+    def _wait_synced(self, write: _Write) -> None:
+        """Return once ``write`` is on disk, sharing fsyncs; OSError if the
+        fsync failed, after every write not yet on disk was undone."""
         with self._sync:
-            while self._synced < seq:
+            while self._synced < write.seq and not write.failed:
                 if self._syncing:
                     self._sync.wait()
                     continue
                 self._syncing = True
-                target = self._written
-                fd = self._fd
+                target, size, fd = self._written, self._size, self._fd
                 self._sync.release()
                 try:
                     os.fsync(fd)
+                except OSError as e:
+                    # No other fsync may start before the undo: after a failed
+                    # fsync, a later one can succeed without the lost pages.
+                    log.error(
+                        "%s: fsync failed (%s); undoing unsynced writes", self.path, e
+                    )
+                    self._roll_back()
+                else:
+                    with self._sync:
+                        self._synced = max(self._synced, target)
+                        self._synced_size = max(self._synced_size, size)
                 finally:
                     self._sync.acquire()
                     self._syncing = False
                     self._sync.notify_all()
-                self._synced = max(self._synced, target)
+            if write.failed:
+                raise OSError(errno.EIO, f"{self.path} could not be synced to disk")
+
+    def _roll_back(self) -> None:
+        """Undo every write not yet on disk, newest first, in the file and in
+        memory, and mark them failed."""
+        with self._mutex, self._sync:
+            undone = [w for w in self._pending if w.seq > self._synced]
+            with contextlib.suppress(OSError):  # if not now, the next append cuts it
+                os.ftruncate(self._fd, self._synced_size)
+            for write in reversed(undone):
+                if write.previous is None:
+                    self._drop(write.record_id)
+                else:
+                    self._put(write.previous)
+                write.failed = True
+            self._lines -= len(undone)
+            self._size = self._synced_size
+            self._synced = self._written
+            self._pending.clear()
+            self._sync.notify_all()
 
 
 def repair_store(path: Path) -> tuple[int, int, Path | None]:
     """Rewrite a damaged store with its valid records, the damaged lines moved to
     ``<file>.damaged-<time>``: (records kept, lines moved, the side file)."""
+    path = path.resolve()
     lock = _lock_file(path.with_name(path.name + ".lock"))
     try:
+        _lock_file(path).close()  # refused while a server holds the file
         good, bad = [], []
         for raw in path.read_bytes().split(b"\n"):
             if raw.strip():
                 (good if _parse_record(raw) is not None else bad).append(raw)
         side = None
-        if bad:
+        if bad:  # it holds subscriptions' secrets: as private as the store
             side = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-            side.write_bytes(b"\n".join(bad) + b"\n")
+            with open(side, "wb", opener=_private_opener) as f:
+                f.write(b"\n".join(bad) + b"\n")
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb", opener=_private_opener) as f:
             f.write(b"".join(line + b"\n" for line in good))
@@ -1444,7 +1564,11 @@ class PushSender:
         outcomes += [future.result() for future in fcm_futures]
         for outcome in outcomes:
             if outcome.result == "removed":
-                self.store.remove(outcome.record_id)
+                try:
+                    self.store.remove(outcome.record_id)
+                except OSError as e:  # kept, and removed at its next 404 or 410
+                    log.warning("cannot remove %s yet: %s", outcome.record_id, e)
+                    continue
                 log.info(
                     "removed subscription %s: %s answered %s",
                     outcome.record_id,
@@ -2000,13 +2124,23 @@ class JsonApiPlugin:
                 return {"error": e.message}
             except bottle.HTTPResponse:
                 raise
-            except OSError:
-                log.exception(
-                    "storage error in %s %s", bottle.request.method, bottle.request.path
+            except OSError as e:
+                log.error(
+                    "storage error in %s %s: %s",
+                    bottle.request.method,
+                    bottle.request.path,
+                    e,
                 )
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    bottle.response.status = 507
+                    return {
+                        "error": "the server's disk is full: nothing was stored; "
+                        "try again once space is freed"
+                    }
                 bottle.response.status = 503
                 return {
-                    "error": "the subscription store cannot be written; see the server log"
+                    "error": "the subscription store cannot be written, so nothing "
+                    "was stored; see the server log"
                 }
             except Exception:
                 log.exception(

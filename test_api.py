@@ -8,7 +8,9 @@ Everything talks to real parts: the WSGI app through WebTest, a real
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -857,6 +859,155 @@ def test_a_second_store_on_the_same_file_is_refused(tmp_path):
     with pytest.raises(api.StoreLocked, match="another api.py"):
         api.SubscriptionStore(tmp_path / "subs.json")
     store.close()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_a_second_store_through_another_name_of_the_file_is_refused(tmp_path, link):
+    path = tmp_path / "subscriptions.json"
+    store = api.SubscriptionStore(path)
+    store.upsert(_record(1))
+    other = tmp_path / "elsewhere" / "subs.json"
+    other.parent.mkdir()
+    if link == "symlink":
+        other.symlink_to(path)
+    else:
+        os.link(path, other)
+    with pytest.raises(api.StoreLocked):
+        api.SubscriptionStore(other)
+    store.close()
+    api.SubscriptionStore(other).close()  # free once the first one closed
+
+
+def _store_lines(path: Path) -> list[dict]:
+    """Every line of a store file, parsed strictly: no partial line, no NaN."""
+    raw = path.read_bytes()
+    assert raw == b"" or raw.endswith(b"\n")
+    return [
+        json.loads(line, parse_constant=api._refuse_constant)
+        for line in raw.splitlines()
+    ]
+
+
+@pytest.fixture
+def failing(monkeypatch):
+    """Makes the next ``count`` calls of ``os.<name>`` in api.py fail with ``error``."""
+
+    def fail(name: str, error: int, count: int = 1, after: int = 0) -> None:
+        real = getattr(os, name)
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if after < calls["n"] <= after + count:
+                if name == "write":  # a disk that fills mid-line writes part of it
+                    real(args[0], bytes(args[1])[:7])
+                raise OSError(error, os.strerror(error))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(api.os, name, flaky)
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [("write", errno.ENOSPC), ("fsync", errno.EIO), ("fsync", errno.ENOSPC)],
+)
+def test_a_refused_write_changes_nothing_and_the_next_one_works(
+    tmp_path, failing, call, error
+):
+    path = tmp_path / "subs.json"
+    store = api.SubscriptionStore(path)
+    store.upsert(_record(1))
+    store.upsert(_record(2))
+    before = path.read_bytes()
+    failing(call, error)
+    with pytest.raises(OSError):
+        store.upsert({**_record(1), "topics": ["changed"]})
+    assert store.get(_record(1)["id"])["topics"] == []  # the refused change undone
+    assert path.read_bytes() == before  # no partial line, no unsynced line left
+    store.remove(_record(2)["id"])  # the next write works
+    store.upsert(_record(3))
+    store.close()
+    reopened = api.SubscriptionStore(path)
+    assert sorted(r["id"] for r in reopened.list()) == sorted(
+        [_record(1)["id"], _record(3)["id"]]
+    )
+    assert reopened.get(_record(1)["id"])["topics"] == []
+    assert len(_store_lines(path)) >= 2
+    reopened.close()
+
+
+@pytest.mark.parametrize("call", ["write", "fsync", "replace"])
+def test_a_failed_compaction_keeps_the_journal_and_the_write(tmp_path, failing, call):
+    path = tmp_path / "subs.json"
+    store = api.SubscriptionStore(path)
+    for n in range(api.SubscriptionStore.COMPACT_MIN_LINES):
+        store.upsert(_record(n % 10))
+    failing(call, errno.ENOSPC, after=1 if call == "write" else 0)
+    store.remove(_record(0)["id"])  # its append works; the compaction it starts fails
+    assert store.get(_record(0)["id"]) is None
+    assert not (tmp_path / "subs.json.tmp").exists()
+    store.upsert(_record(11))  # the store still works: no 503 until a restart
+    store.close()
+    reopened = api.SubscriptionStore(path)
+    assert len(reopened) == 10 and reopened.get(_record(0)["id"]) is None
+    reopened.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KB tmpfs, mounted for the test (root only: CI is)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root and must mount a tmpfs: {done.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here (not root?): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
+    server_factory, small_disk
+):
+    store_file = small_disk / "subscriptions.json"
+    server = server_factory(SUBSCRIPTIONS_FILE=str(store_file)).start()
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:  # fill the disk up, then leave about 24 KB
+            f.write(b"x" * 4096)
+    os.truncate(filler, filler.stat().st_size - 24 * 1024)
+    stored, refused = [], None
+    for n in range(1000):
+        sub = fake_subscription(n)
+        answer = requests.post(server.url + "/subscription", json=sub)
+        if answer.status_code != 201:
+            refused = answer
+            break
+        stored.append(api.subscription_id(sub["endpoint"]))
+    assert refused is not None and refused.status_code == 507, refused
+    assert "disk is full" in refused.json()["error"]
+    assert len(stored) > 10
+    assert [line["id"] for line in _store_lines(store_file)] == stored
+    assert requests.get(server.url + "/health").json()["subscriptions"] == len(stored)
+    filler.unlink()  # space comes back: service resumes by itself
+    extra = fake_subscription(5000)
+    assert requests.post(server.url + "/subscription", json=extra).status_code == 201
+    server.stop(signal.SIGKILL)
+    server.start()
+    assert (
+        requests.get(server.url + "/health").json()["subscriptions"] == len(stored) + 1
+    )
+    assert sorted(small_disk.iterdir()) == sorted(
+        [store_file, small_disk / "subscriptions.json.lock"]
+    )
 
 
 def test_concurrent_writers_lose_no_update(tmp_path):
@@ -1890,6 +2041,7 @@ def test_repair_store_keeps_the_valid_records_and_sets_the_damage_aside(
     assert repair.returncode == 0, repair.stderr
     [side] = tmp_path.glob("subscriptions.json.damaged-*")
     assert side.read_bytes() == b'{"id": "cut sh\n'
+    assert stat.S_IMODE(side.stat().st_mode) == 0o600  # it may hold auth secrets
     server.start()
     assert requests.get(server.url + "/health").json()["subscriptions"] == 3
 
