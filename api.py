@@ -1,3 +1,16 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "bottle>=0.13,<0.14",
+#     "waitress>=3.0,<4",
+#     "pywebpush>=2.0,<3",
+#     "http-ece>=1.2,<2",
+#     "py-vapid>=1.9,<2",
+#     "cryptography>=42",
+#     "pycurl>=7.48",
+#     "pyfcm>=2.0,<3",
+# ]
+# ///
 """A self-hosted Web Push server in one file.
 
 Copy ``api.py``, ``static/`` and ``requirements.txt``, then run ``python api.py``.
@@ -68,12 +81,61 @@ log = logging.getLogger("webpush")
 ###############################################################################
 
 
-def _setting(default: Any, env: str, help: str, cli: bool = True) -> Any:
-    """A setting: its default, the environment variable that overrides it, and help.
+class SettingError(ValueError):
+    """A setting's value that the server cannot run with; the message says which."""
+
+
+def _setting(
+    default: Any,
+    env: str,
+    help: str,
+    cli: bool = True,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """A setting: its default, the environment variable that overrides it, its
+    help, and a check of its value (what is wrong with it, or None).
 
     Secrets have ``cli=False``: command lines are visible to every local user.
     """
-    return field(default=default, metadata={"env": env, "help": help, "cli": cli})
+    return field(
+        default=default,
+        metadata={"env": env, "help": help, "cli": cli, "check": check},
+    )
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be at least {low}"
+
+
+def _between(low: int, high: int) -> Callable[[Any], str | None]:
+    return lambda value: (
+        None if low <= value <= high else f"must be from {low} to {high}"
+    )
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda value: (
+        None if value.upper() in choices else f"must be one of {', '.join(choices)}"
+    )
+
+
+def _regex(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as e:
+        return f"is not a regular expression: {e}"
+    return None
+
+
+def _addresses(value: str) -> str | None:
+    import ipaddress
+
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        try:
+            ipaddress.ip_address(part)
+        except ValueError:
+            return f"{part!r} is not an IP address"
+    return None
 
 
 @dataclass(frozen=True)
@@ -82,7 +144,7 @@ class Settings:
     override the defaults; command-line options override both."""
 
     host: str = _setting("127.0.0.1", "HOST", "address to listen on")
-    port: int = _setting(8080, "PORT", "port to listen on")
+    port: int = _setting(8080, "PORT", "port to listen on", check=_between(1, 65535))
     vapid_dir: str = _setting(
         str(HERE / "vapid"),
         "VAPID_DIR",
@@ -122,37 +184,47 @@ class Settings:
         "PUSH_ENDPOINT_PATTERN",
         "regular expression, matched from the start of the endpoint URL, that replaces "
         "the built-in push service allowlist (e.g. for a self-hosted push service)",
+        check=_regex,
     )
     max_body_bytes: int = _setting(
-        32768, "MAX_BODY_BYTES", "largest request body accepted"
+        32768, "MAX_BODY_BYTES", "largest request body accepted", check=_at_least(1024)
     )
     max_webhook_bytes: int = _setting(
         4 * 1024 * 1024,
         "MAX_WEBHOOK_BYTES",
         "largest webhook body accepted (GitHub's push events can be large)",
+        check=_at_least(1024),
     )
     max_topics: int = _setting(
-        20, "MAX_TOPICS", "most topics one subscription may name"
+        20, "MAX_TOPICS", "most topics one subscription may name", check=_at_least(1)
     )
-    max_topic_length: int = _setting(64, "MAX_TOPIC_LENGTH", "longest topic name")
+    max_topic_length: int = _setting(
+        64, "MAX_TOPIC_LENGTH", "longest topic name", check=_between(1, 1024)
+    )
     default_ttl: int = _setting(
         86400,
         "DEFAULT_TTL",
         "seconds a push service keeps a message for an offline device",
+        check=_between(0, 28 * 86400),
     )
     push_concurrency: int = _setting(
         1000,
         "PUSH_CONCURRENCY",
         "most messages in flight to one push service (split among the delivery "
         "processes; over HTTP/2 they share a few connections)",
+        check=_at_least(1),
     )
     push_processes: int = _setting(
         os.cpu_count() or 1,
         "PUSH_PROCESSES",
         "delivery processes a fan-out is split across (1: deliver in the server process)",
+        check=_between(1, 256),
     )
     push_timeout: float = _setting(
-        10.0, "PUSH_TIMEOUT", "seconds to wait for one push service answer"
+        10.0,
+        "PUSH_TIMEOUT",
+        "seconds to wait for one push service answer",
+        check=_at_least(0.1),
     )
     fcm_service_account: str = _setting(
         "",
@@ -169,26 +241,32 @@ class Settings:
         "FCM_API_URL",
         "FCM HTTP v1 API base (for an emulator)",
     )
-    fcm_threads: int = _setting(32, "FCM_THREADS", "FCM messages in flight at once")
+    fcm_threads: int = _setting(
+        32, "FCM_THREADS", "FCM messages in flight at once", check=_between(1, 1024)
+    )
     max_subscriptions: int = _setting(
         1_000_000,
         "MAX_SUBSCRIPTIONS",
         "most subscriptions and tokens stored (0: no cap)",
+        check=_at_least(0),
     )
     rate_limit: int = _setting(
         60,
         "RATE_LIMIT",
         "subscription writes one client may make per minute, in bursts of as many (0: off)",
+        check=_at_least(0),
     )
     trusted_proxies: str = _setting(
         "",
         "TRUSTED_PROXIES",
         "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed",
+        check=_addresses,
     )
     shutdown_timeout: float = _setting(
         30.0,
         "SHUTDOWN_TIMEOUT",
         "seconds SIGTERM waits for requests and pushes under way",
+        check=_at_least(0),
     )
     webhook_secret: str = _setting(
         "",
@@ -196,8 +274,25 @@ class Settings:
         "shared secret that signs webhooks (HMAC-SHA256); webhooks are refused without it",
         cli=False,
     )
-    threads: int = _setting(16, "THREADS", "HTTP worker threads")
-    log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
+    threads: int = _setting(
+        16, "THREADS", "HTTP worker threads", check=_between(1, 1024)
+    )
+    log_level: str = _setting(
+        "INFO",
+        "LOG_LEVEL",
+        "DEBUG, INFO, WARNING or ERROR",
+        check=_one_of("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
+
+    def check(self) -> None:
+        """SettingError naming the first setting the server cannot run with."""
+        for f in dataclasses.fields(self):
+            checker = f.metadata["check"]
+            problem = checker(getattr(self, f.name)) if checker else None
+            if problem:
+                raise SettingError(
+                    f"{f.metadata['env']}={getattr(self, f.name)!r} {problem}"
+                )
 
     @classmethod
     def from_env(
@@ -217,11 +312,14 @@ class Settings:
 def _convert(f: dataclasses.Field, raw: str) -> Any:
     kind = type(f.default)
     try:
-        return kind(raw)
+        value = kind(raw)
     except ValueError:
-        raise SystemExit(
-            f"error: {f.metadata['env']}={raw!r} is not a valid {kind.__name__}"
+        raise SettingError(
+            f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}"
         ) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingError(f"{f.metadata['env']}={raw!r} is not a finite number")
+    return value
 
 
 ###############################################################################
@@ -2594,6 +2692,8 @@ def create_app(
 def serve_static(name: str) -> bottle.HTTPResponse:
     """A file from static/, never one outside it (no '..', no symlinks out)."""
     root = STATIC_DIR.resolve()
+    if "\0" in name:  # no file has one; the OS would refuse the name
+        return bottle.HTTPError(404, "Not found")
     path = (root / name).resolve()
     if root not in path.parents or any(
         part.startswith(".") for part in Path(name).parts
@@ -2631,8 +2731,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
             continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=type(f.default),
-            default=getattr(env_defaults, f.name),
+            metavar=type(f.default).__name__.upper(),
             help=f"{help_text} (env {env}; default: {f.default!r})",
         )
     parser.epilog = "\n".join(epilog)
@@ -2645,11 +2744,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
     )
     args = vars(parser.parse_args(argv))
     repair = args.pop("repair_store")
-    return dataclasses.replace(env_defaults, **args), repair
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    given = {
+        name: _convert(fields[name], raw)
+        for name, raw in args.items()
+        if raw is not None
+    }
+    return dataclasses.replace(env_defaults, **given), repair
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, repair = parse_args(argv)
+    try:
+        settings, repair = parse_args(argv)
+        settings.check()
+    except SettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -2675,8 +2785,16 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreLocked, StoreDamaged) as e:
         log.error("%s", e)
         return 2
-    keys = VapidKeys.load_or_create(settings)
-    token, generated = load_or_create_token(settings)
+    except OSError as e:  # an unwritable directory, say
+        log.error("cannot open the store %s: %s", settings.subscriptions_file, e)
+        return 2
+    try:
+        keys = VapidKeys.load_or_create(settings)
+        token, generated = load_or_create_token(settings)
+    except OSError as e:
+        log.error("cannot read or write the keys in %s: %s", settings.vapid_dir, e)
+        store.close()
+        return 2
     warning = subject_warning(settings.vapid_subject)
     if warning:
         log.warning("%s", warning)
@@ -2692,7 +2810,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("store: %s, %d subscriptions", settings.subscriptions_file, len(store))
     token_file = Path(settings.vapid_dir) / PUSH_TOKEN_FILE
     if settings.push_token:
-        log.info("push token: from PUSH_TOKEN (%s...)", token[:4])
+        log.info("push token: from PUSH_TOKEN")
         shown_token = "$PUSH_TOKEN"
     elif generated:
         print(
@@ -2701,7 +2819,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         shown_token = token
     else:
-        log.info("push token: %s (%s...)", token_file, token[:4])
+        log.info("push token: %s", token_file)
         shown_token = f"$(cat {token_file})"
     print(
         f"Send a notification to every subscriber:\n"
@@ -2709,7 +2827,6 @@ def main(argv: list[str] | None = None) -> int:
         f'-H \'Content-Type: application/json\' -d \'{{"title": "Hello", "body": "It works"}}\'',
         flush=True,
     )
-    log.info("serving on %s (demo page at %s/)", url, url)
 
     import waitress
 
@@ -2727,6 +2844,7 @@ def main(argv: list[str] | None = None) -> int:
         app.config["webpush.sender"].close()
         store.close()
         return 1
+    log.info("serving on %s (demo page at %s/)", url, url)  # bound and listening
 
     def stop_gracefully(signum: int, frame: Any) -> None:
         threading.Thread(target=drain, name="shutdown", daemon=True).start()

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -788,6 +789,7 @@ def test_demo_page_and_service_worker_are_served(app):
         "/static/..%2fapi.py",
         "/static/%2e%2e/vapid/private_key.pem",
         "/static/.hidden",
+        "/static/index.html%00.png",
     ],
 )
 def test_static_files_cannot_reach_outside_static(app, path):
@@ -1176,6 +1178,56 @@ def test_a_busy_port_is_a_clear_error(server_factory):
     second.start(wait=False)
     assert second.proc.wait(15) != 0
     assert "cannot listen" in second.output()
+    assert "serving on" not in second.output()  # logged once the port is bound
+    assert "serving on" in first.output()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("PORT", "99999"),
+        ("PORT", "0"),
+        ("PORT", "http"),
+        ("THREADS", "0"),
+        ("PUSH_PROCESSES", "0"),
+        ("PUSH_CONCURRENCY", "-1"),
+        ("PUSH_TIMEOUT", "nan"),
+        ("PUSH_TIMEOUT", "inf"),
+        ("SHUTDOWN_TIMEOUT", "-5"),
+        ("LOG_LEVEL", "LOUD"),
+        ("PUSH_ENDPOINT_PATTERN", "(unclosed"),
+        ("TRUSTED_PROXIES", "proxy.internal"),
+        ("MAX_BODY_BYTES", "10"),
+        ("DEFAULT_TTL", "99999999"),
+        ("SUBSCRIPTIONS_FILE", "{file}/subscriptions.json"),
+        ("VAPID_DIR", "{file}/vapid"),
+    ],
+)
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_a_bad_setting_stops_the_start_with_one_line_and_status_2(
+    tmp_path, setting, value, how
+):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    value = value.format(file=a_file)
+    server = Server(tmp_path)
+    env, argv = dict(server.env), []
+    if how == "env":
+        env[setting] = value
+    else:
+        argv = [f"--{setting.lower().replace('_', '-')}={value}"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 2, output
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1 and setting in output or "cannot" in output
 
 
 def test_readme_documents_every_setting_and_route(app):
@@ -1185,8 +1237,42 @@ def test_readme_documents_every_setting_and_route(app):
     for route in app.app.routes:
         if route.config.get("api") and route.method != "OPTIONS":
             assert f"`{route.method} {route.rule}`" in readme, route.rule
-    assert "pip install -r requirements.txt && python api.py" in readme
-    assert "pip install -r requirements-dev.txt && python -m pytest" in readme
+    assert RUN_COMMAND in readme and TEST_COMMAND in readme
+    assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text()
+
+
+RUN_COMMAND = (
+    "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt "
+    "&& .venv/bin/python api.py"
+)
+TEST_COMMAND = (
+    "python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt "
+    "&& .venv/bin/python -m pytest"
+)
+
+
+def test_api_py_carries_its_requirements_for_uv_run_and_pipx_run():
+    """PEP 723 metadata, read as the PEP's reference code reads it, lists
+    exactly requirements.txt."""
+    tomllib = pytest.importorskip("tomllib")
+    text = (ROOT / "api.py").read_text()
+    match = re.search(
+        r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$",
+        text,
+    )
+    assert match and match["type"] == "script"
+    content = "".join(
+        line[2:] if line.startswith("# ") else line[1:]
+        for line in match["content"].splitlines(keepends=True)
+    )
+    metadata = tomllib.loads(content)
+    required = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.split("#")[0].strip()
+    ]
+    assert metadata["dependencies"] == required
+    assert metadata["requires-python"] == ">=3.10"
 
 
 # -- fan-out: origins, retries, faults, TLS ------------------------------------------------
@@ -2064,10 +2150,15 @@ def test_static_files_never_follow_a_symlink_out_of_static(app, tmp_path, monkey
 
 
 def test_secrets_never_reach_the_log(server_factory, push_service):
-    server = server_factory(LOG_LEVEL="DEBUG").start()
+    token = "Zq9Xw7" + "v" * 26  # no part of it may be logged, not even a prefix
+    server = server_factory(LOG_LEVEL="DEBUG", PUSH_TOKEN=token).start()
     sub = push_service.subscriber()
     requests.post(server.url + "/subscription", json=sub.subscription)
-    requests.post(server.url + "/push", json={"title": "t"}, headers=AUTH)
+    requests.post(
+        server.url + "/push",
+        json={"title": "t"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
     requests.post(
         server.url + "/push",
         json={"title": "t"},
@@ -2077,7 +2168,7 @@ def test_secrets_never_reach_the_log(server_factory, push_service):
     log_text = server.output()
     key = (Path(server.env["VAPID_DIR"]) / "private_key.pem").read_text()
     body = "".join(key.splitlines()[1:-1])
-    assert TOKEN not in log_text and body[:40] not in log_text
+    assert token[:4] not in log_text and body[:40] not in log_text
     assert sub.subscription["keys"]["auth"] not in log_text
 
 
