@@ -979,6 +979,21 @@ RETRY_MAX_WAIT = 30.0
 START_BATCH = 64  # messages encrypted and started between two looks at the answers
 
 
+# What a POST /push body may say (the HTTP section's Validator reads them).
+PUSH_FIELDS = (
+    "title",
+    "body",
+    "message",
+    "icon",
+    "url",
+    "data",
+    "topic",
+    "ttl",
+    "urgency",
+    "collapse_key",
+)
+
+
 @dataclass
 class Message:
     """One notification as sent to every subscriber."""
@@ -1778,11 +1793,8 @@ def _short(text: str | None, limit: int = 200) -> str:
 
 @on_webhook("generic", "notify")
 def generic_notification(payload: dict) -> dict:
-    return {
-        k: payload[k]
-        for k in ("title", "body", "url", "topic", "icon", "data")
-        if k in payload
-    }
+    """A generic webhook's body is POST /push's, every field of it."""
+    return {k: payload[k] for k in PUSH_FIELDS if k in payload}
 
 
 @on_webhook("github", "push")
@@ -2838,6 +2850,9 @@ def main(argv: list[str] | None = None) -> int:
             port=settings.port,
             threads=settings.threads,
             ident="webpush",
+            # waitress drops X-Forwarded-For unless told not to; the rate limit
+            # believes it only from TRUSTED_PROXIES (client_address).
+            clear_untrusted_proxy_headers=not settings.trusted_proxies,
         )
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)

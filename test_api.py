@@ -2058,6 +2058,27 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(app_with):
     proxy.post_json("/subscription", fake_subscription(2), headers=second)
 
 
+@pytest.mark.parametrize("trusted", [True, False])
+def test_trusted_proxies_works_in_a_real_server_process(server_factory, trusted):
+    """waitress itself drops X-Forwarded-For unless told not to."""
+    env = {"RATE_LIMIT": "5"}
+    if trusted:
+        env["TRUSTED_PROXIES"] = "127.0.0.1"  # the test client is the proxy
+    server = server_factory(**env).start()
+    answers = [
+        requests.post(
+            server.url + "/subscription",
+            json=fake_subscription(n),
+            headers={"X-Forwarded-For": f"198.51.100.{n}"},
+        ).status_code
+        for n in range(20)
+    ]
+    if trusted:  # twenty clients, one write each
+        assert answers == [201] * 20
+    else:  # one client, the proxy, forging nothing
+        assert answers == [201] * 5 + [429] * 15
+
+
 def test_max_subscriptions_caps_new_ones_but_not_updates(app_with):
     client = app_with(max_subscriptions=2)
     for n in range(2):
@@ -2366,6 +2387,37 @@ def test_the_generic_source_takes_a_signature_or_the_push_token(hook_app, push_s
     hook_app.post_json("/webhooks/generic", {"title": "t"}, status=401)
     hook_app.post_json("/webhooks/generic", {"title": 5}, headers=AUTH, status=400)
     hook_app.post_json("/webhooks/nope", {"title": "t"}, headers=AUTH, status=404)
+
+
+def test_the_generic_webhook_carries_every_push_field(hook_app, push_service):
+    sub = push_service.subscriber()
+    hook_app.post_json("/subscription", sub.subscription)
+    fields = {
+        "title": "Backup",
+        "message": "done",
+        "icon": "/i.png",
+        "url": "/b",
+        "data": {"n": 1},
+        "ttl": 60,
+        "urgency": "high",
+        "collapse_key": "backup",
+    }
+    assert set(fields) | {"body", "topic"} == set(api.PUSH_FIELDS)
+    hook_app.post_json("/webhooks/generic", fields, headers=AUTH, status=202)
+    [delivery] = push_service.wait_for(1)
+    assert delivery.message == {
+        "title": "Backup",
+        "body": "done",
+        "icon": "/i.png",
+        "url": "/b",
+        "data": {"n": 1},
+    }
+    headers = delivery.headers
+    assert (headers["ttl"], headers["urgency"], headers["topic"]) == (
+        "60",
+        "high",
+        "backup",
+    )
 
 
 def test_a_webhook_is_answered_before_its_fan_out_ends(settings):
