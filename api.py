@@ -1436,6 +1436,10 @@ def _start_delivery_process(
     """Initializer of a delivery process: build its delivery loop once, and make
     the process end with the server, even one killed with SIGKILL."""
     global _process_delivery
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group:
+    # the server decides when delivery stops, and these end with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(
@@ -1618,8 +1622,8 @@ class FcmSender:
                 return outcome
             time.sleep(_retry_delay(retry_after, attempt))
 
-    def close(self) -> None:
-        self._threads.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        self._threads.shutdown(wait=wait, cancel_futures=True)
 
 
 class PushSender:
@@ -1727,11 +1731,13 @@ class PushSender:
                     self._executor = self._start_processes()
         return outcomes
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop delivering; ``wait=False`` abandons what is under way (the
+        delivery processes end with this one)."""
         if self.fcm:
-            self.fcm.close()
+            self.fcm.close(wait)
         if self.processes > 1:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown(wait=wait, cancel_futures=True)
         else:
             self._delivery.close()
 
@@ -2333,8 +2339,9 @@ class RateLimitPlugin:
 
 
 class InFlight:
-    """WSGI wrapper that counts requests under way and, once draining, answers
-    new ones 503, so a shutdown can wait for the rest."""
+    """WSGI wrapper that counts work under way (requests, and the background
+    fan-outs webhooks start) and, once draining, answers new requests 503, so a
+    shutdown can wait for the rest."""
 
     def __init__(self, app: Callable):
         self.app = app
@@ -2344,26 +2351,33 @@ class InFlight:
 
     def __call__(self, environ: dict, start_response: Callable) -> Any:
         if self.draining:
-            start_response(
+            start_response(  # no Connection header: hop-by-hop, waitress's own
                 "503 Service Unavailable",
-                [
-                    ("Content-Type", "application/json"),
-                    ("Connection", "close"),
-                    ("Retry-After", "5"),
-                ],
+                [("Content-Type", "application/json"), ("Retry-After", "5")],
             )
             return [b'{"error": "the server is shutting down; try again shortly"}']
-        with self._idle:
-            self._count += 1
+        self.begin()
         try:
             return self.app(environ, start_response)
         finally:
-            with self._idle:
-                self._count -= 1
-                self._idle.notify_all()
+            self.end()
+
+    def begin(self) -> None:
+        """One more piece of work under way; ``end()`` it when done."""
+        with self._idle:
+            self._count += 1
+
+    def end(self) -> None:
+        with self._idle:
+            self._count -= 1
+            self._idle.notify_all()
+
+    @property
+    def idle(self) -> bool:
+        return self._count == 0
 
     def drain(self, timeout: float) -> bool:
-        """Refuse new requests and wait for those under way; False on timeout."""
+        """Refuse new requests and wait for work under way; False on timeout."""
         self.draining = True
         with self._idle:
             return self._idle.wait_for(lambda: self._count == 0, timeout)
@@ -2587,8 +2601,14 @@ def create_app(
     app.config["webpush.webhook_pushes"] = webhook_pushes
     deliveries = DeliveryIds()
 
+    in_flight = InFlight(app)  # a shutdown waits for webhooks' fan-outs too
+    app.config["webpush.in_flight"] = in_flight
+
     def push_in_background(records: list[dict], message: Message, what: str) -> None:
-        summary = sender.send(records, message).summary()
+        try:
+            summary = sender.send(records, message).summary()
+        finally:
+            in_flight.end()
         log.info(
             "webhook %s pushed to %d: sent=%d failed=%d removed=%d",
             what,
@@ -2652,6 +2672,7 @@ def create_app(
         if delivery and not deliveries.first_time(f"{source}:{delivery}"):
             return {"duplicate": delivery}
         records = store.list(topic)
+        in_flight.begin()  # counted from now, not from when a thread takes it
         webhook_pushes.submit(push_in_background, records, message, f"{source}/{event}")
         bottle.response.status = 202
         return {
@@ -2842,7 +2863,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import waitress
 
-    in_flight = InFlight(app)
+    in_flight = app.config["webpush.in_flight"]
     try:
         server = waitress.create_server(
             in_flight,
@@ -2861,7 +2882,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("serving on %s (demo page at %s/)", url, url)  # bound and listening
 
-    def stop_gracefully(signum: int, frame: Any) -> None:
+    stopping = threading.Event()  # a signal came: drain, then stop
+    drained = threading.Event()  # drained (or timed out): stop the loop now
+
+    def on_signal(signum: int, frame: Any) -> None:
+        """SIGTERM or SIGINT: drain in a thread; once it is done (or at a second
+        signal), end waitress's loop from here, the main thread. Handled
+        explicitly, so it works when started in the background, where SIGINT
+        arrives ignored."""
+        if drained.is_set() or stopping.is_set():
+            drained.set()
+            raise SystemExit  # waitress's run() returns on it
+        stopping.set()
         threading.Thread(target=drain, name="shutdown", daemon=True).start()
 
     def drain() -> None:
@@ -2873,18 +2905,21 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(
                 "requests still under way after SHUTDOWN_TIMEOUT; stopping anyway"
             )
-        os.kill(
-            os.getpid(), signal.SIGINT
-        )  # waitress stops its loop on KeyboardInterrupt
+        drained.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # wake the main thread's handler
 
-    signal.signal(signal.SIGTERM, stop_gracefully)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
-        server.run()  # returns on KeyboardInterrupt, after its threads finish
+        server.run()  # returns on SystemExit, after its threads finish
     finally:
-        app.config["webpush.webhook_pushes"].shutdown(wait=True)
-        app.config["webpush.sender"].close()
+        app.config["webpush.webhook_pushes"].shutdown(wait=False, cancel_futures=True)
+        app.config["webpush.sender"].close(wait=in_flight.idle)
         store.close()
     log.info("stopped")
+    if not in_flight.idle:  # abandoned after SHUTDOWN_TIMEOUT: exit without
+        logging.shutdown()  # waiting for it, as the interpreter's exit would
+        os._exit(0)
     return 0
 
 

@@ -2209,6 +2209,129 @@ def test_sigterm_lets_a_push_under_way_finish_and_leaves_the_store_whole(
     store.close()
 
 
+def _wait_until_serving(url: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc is None or proc.poll() is None, "the server exited"
+        with contextlib.suppress(requests.ConnectionError):
+            if requests.get(url + "/health", timeout=1).ok:
+                return
+        time.sleep(0.05)
+    raise TimeoutError("the server did not start")
+
+
+def test_while_draining_new_requests_get_the_json_503(server_factory):
+    with PushService(latency=2.0) as slow:
+        server = server_factory(PUSH_CONCURRENCY="4").start()
+        pushing, result = push_under_way(server, slow, 4)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = requests.get(server.url + "/health", timeout=5)
+        assert refused.status_code == 503
+        assert refused.headers["Content-Type"] == "application/json"
+        assert "shutting down" in refused.json()["error"]
+        pushing.join(30)
+        assert result["sent"] == 4  # the push under way was let finish
+        assert server.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_server_started_in_the_background_by_a_script_stops_on_a_signal(
+    tmp_path, sig
+):
+    """`sh -c 'python api.py &'` starts it with SIGINT ignored."""
+    server = Server(tmp_path)
+    started = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f'"{sys.executable}" "{ROOT / "api.py"}" >"{server.log}" 2>&1 & echo $!',
+        ],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(started.stdout)
+    try:
+        _wait_until_serving(server.url)
+        os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists(), server.output()
+        assert "stopped" in server.output()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _live_in_group(group: int) -> list[int]:
+    """Processes of a process group that have not exited (zombies have)."""
+    live = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                live.append(int(stat_file.parent.name))
+    return live
+
+
+def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
+    server = Server(tmp_path, PUSH_PROCESSES="2")
+    with open(server.log, "wb") as log:
+        proc = subprocess.Popen(  # its own process group, as a terminal gives it
+            [sys.executable, str(ROOT / "api.py")],
+            env=server.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_until_serving(server.url, proc)
+        time.sleep(1)  # the delivery processes are up
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole group
+        assert proc.wait(15) == 0
+        time.sleep(0.5)
+        output = server.output()
+        assert "Traceback" not in output and "KeyboardInterrupt" not in output
+        assert "stopped" in output
+        deadline = time.monotonic() + 5
+        while _live_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _live_in_group(proc.pid) == []  # no delivery process is left
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigterm_stops_within_shutdown_timeout_whatever_is_being_delivered(
+    server_factory,
+):
+    from tests.push_service import HANG
+
+    with PushService() as hung:
+        server = server_factory(
+            SHUTDOWN_TIMEOUT="2", PUSH_TIMEOUT="60", PUSH_PROCESSES="2"
+        ).start()
+        for _ in range(4):
+            sub = hung.subscriber(script=[HANG] * 3)
+            requests.post(server.url + "/subscription", json=sub.subscription)
+
+        def push() -> None:
+            with contextlib.suppress(requests.RequestException):  # cut off: expected
+                requests.post(server.url + "/push", json={"title": "t"}, headers=AUTH)
+
+        pushing = threading.Thread(target=push)
+        pushing.start()
+        hung.wait_for(4)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - started < 2 + 6  # SHUTDOWN_TIMEOUT and a few seconds
+        pushing.join(10)
+
+
 # -- webhooks ------------------------------------------------------------------------------
 
 SECRET = "webhook-secret-for-tests"
