@@ -65,6 +65,10 @@ import pycurl
 import pyfcm.errors
 import requests
 import requests.adapters
+import waitress
+import waitress.channel
+import waitress.server
+import waitress.task
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid, VapidException
@@ -277,6 +281,18 @@ class Settings:
     threads: int = _setting(
         16, "THREADS", "HTTP worker threads", check=_between(1, 1024)
     )
+    connection_limit: int = _setting(
+        4096,
+        "CONNECTION_LIMIT",
+        "most client connections held open at once (idle ones included); the "
+        "open-file limit is raised to fit",
+        check=_between(10, 100_000),
+    )
+    access_log: bool = _setting(
+        True,
+        "ACCESS_LOG",
+        "log one line per request (client, method, path, status, bytes, ms) at INFO",
+    )
     log_level: str = _setting(
         "INFO",
         "LOG_LEVEL",
@@ -309,8 +325,18 @@ class Settings:
         return cls(**values)
 
 
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False}
+BOOLEANS.update({"false": False, "no": False, "off": False})
+
+
 def _convert(f: dataclasses.Field, raw: str) -> Any:
     kind = type(f.default)
+    if kind is bool:
+        if raw.lower() not in BOOLEANS:
+            raise SettingError(
+                f"{f.metadata['env']}={raw!r} is not one of {', '.join(BOOLEANS)}"
+            )
+        return BOOLEANS[raw.lower()]
     try:
         value = kind(raw)
     except ValueError:
@@ -2268,6 +2294,11 @@ class JsonApiPlugin:
         return wrapper
 
 
+def address_set(text: str) -> frozenset[str]:
+    """The addresses of a comma-separated setting (TRUSTED_PROXIES)."""
+    return frozenset(p.strip() for p in text.split(",") if p.strip())
+
+
 def client_address(environ: dict, trusted_proxies: frozenset[str]) -> str:
     """The client's address: the peer's, or, when the peer is a trusted proxy,
     the nearest untrusted address in X-Forwarded-For (clients can forge the rest)."""
@@ -2290,9 +2321,7 @@ class RateLimitPlugin:
 
     def __init__(self, per_minute: int, trusted_proxies: str):
         self.per_minute = per_minute
-        self.trusted = frozenset(
-            p.strip() for p in trusted_proxies.split(",") if p.strip()
-        )
+        self.trusted = address_set(trusted_proxies)
         self._buckets: dict[str, tuple[float, float]] = {}  # client: (tokens, when)
         self._lock = threading.Lock()
 
@@ -2381,6 +2410,85 @@ class InFlight:
         self.draining = True
         with self._idle:
             return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
+class AccessLog:
+    """WSGI wrapper that logs one line per request once its answer is sent:
+    client, method, path (never the query, which may carry secrets), status,
+    bytes and milliseconds."""
+
+    def __init__(self, app: Callable, trusted_proxies: str):
+        self.app = app
+        self.trusted = address_set(trusted_proxies)
+        self.log = logging.getLogger("webpush.access")
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        started = time.monotonic()
+        status = ["-"]
+
+        def recording(line: str, headers: list, exc_info: Any = None) -> Any:
+            status[0] = line.split(" ", 1)[0]
+            return start_response(line, headers, exc_info)
+
+        return self._logged(self.app(environ, recording), environ, status, started)
+
+    def _logged(self, body: Any, environ: dict, status: list, started: float) -> Any:
+        sent = 0
+        try:
+            for chunk in body:
+                sent += len(chunk)
+                yield chunk
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+            self.log.info(
+                '%s "%s %s" %s %d %.0fms',
+                client_address(environ, self.trusted),
+                environ.get("REQUEST_METHOD", "-")[:16],
+                # escaped: a %0a in a path must not forge a line of its own
+                environ.get("PATH_INFO", "-")[:200].encode("unicode_escape").decode(),
+                status[0],
+                sent,
+                (time.monotonic() - started) * 1000,
+            )
+
+
+class JsonErrorTask(waitress.task.ErrorTask):
+    """waitress's own refusals, made before the app runs (a body over the
+    largest limit, refused from its Content-Length or as a chunked body passes
+    it; a malformed request), as the JSON error every other answer has."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        message = f"{error.reason}: {error.body}"
+        if error.code == 413:
+            largest = self.channel.server.adj.max_request_body_size
+            message = (
+                f"the body is over {largest} bytes, more than this server takes "
+                "(MAX_BODY_BYTES, MAX_WEBHOOK_BYTES)"
+            )
+        body = json.dumps({"error": message}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(waitress.channel.HTTPChannel):
+    error_task_class = JsonErrorTask
+
+
+def _raise_open_file_limit(wanted: int) -> None:
+    """Idle connections are open files: let the process hold ``wanted``."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 class CorsPlugin:
@@ -2861,12 +2969,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    import waitress
-
     in_flight = app.config["webpush.in_flight"]
+    _raise_open_file_limit(settings.connection_limit + 1024)  # and delivery's
     try:
+        wsgi = AccessLog(in_flight, settings.trusted_proxies)
         server = waitress.create_server(
-            in_flight,
+            wsgi if settings.access_log else in_flight,
             host=settings.host,
             port=settings.port,
             threads=settings.threads,
@@ -2874,7 +2982,20 @@ def main(argv: list[str] | None = None) -> int:
             # waitress drops X-Forwarded-For unless told not to; the rate limit
             # believes it only from TRUSTED_PROXIES (client_address).
             clear_untrusted_proxy_headers=not settings.trusted_proxies,
+            # Idle and slow connections cost a socket each, no thread; poll(),
+            # unlike select(), takes file descriptors past 1024.
+            connection_limit=settings.connection_limit,
+            asyncore_use_poll=True,
+            channel_timeout=60,
+            # Refused from the Content-Length (or as a chunked body passes it),
+            # before the rest is read; each route's own limit is checked after.
+            max_request_body_size=max(
+                settings.max_body_bytes, settings.max_webhook_bytes
+            ),
         )
+        for listener in getattr(server, "map", {}).values() or [server]:
+            if isinstance(listener, waitress.server.BaseWSGIServer):
+                listener.channel_class = JsonErrorChannel
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)
         app.config["webpush.sender"].close()

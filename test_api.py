@@ -2332,6 +2332,88 @@ def test_sigterm_stops_within_shutdown_timeout_whatever_is_being_delivered(
         pushing.join(10)
 
 
+def _raw_request(port: int, data: bytes, timeout: float = 5) -> tuple[bytes, float]:
+    """Send ``data`` and read the whole answer: (answer, seconds it took)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with contextlib.suppress(OSError):  # the server may close while we send
+            s.sendall(data)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                answer += chunk
+    return answer, time.monotonic() - started
+
+
+def test_a_thousand_idle_or_slow_connections_leave_health_answering_in_a_second(
+    server_factory,
+):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    server = server_factory().start()
+    held = []
+    try:
+        for n in range(1000):  # one client: idle, slow headers, idle keep-alive
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            held.append(s)
+            if n % 3 == 1:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            elif n % 3 == 2:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for s in held[2::3]:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        for _ in range(5):
+            started = time.monotonic()
+            answer = requests.get(server.url + "/health", timeout=1)
+            assert answer.json()["status"] == "ok"
+            assert time.monotonic() - started < 1
+    finally:
+        for s in held:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_oversized_body_is_refused_before_it_is_read(server_factory, chunked):
+    server = server_factory().start()
+    head = (
+        b"POST /subscription HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    )
+    if chunked:  # no Content-Length: refused as the stream passes the limit
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        data = head + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 128  # 8 MB
+    else:  # announces 200 MB, sends 256 KB of it
+        data = head + b"Content-Length: 209715200\r\n\r\n" + b" " * 262144
+    answer, seconds = _raw_request(server.port, data)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Type: application/json" in head_part
+    assert "MAX_WEBHOOK_BYTES" in json.loads(body)["error"]
+    assert seconds < 1
+    assert requests.get(server.url + "/health").json()["subscriptions"] == 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_access_log_has_one_line_per_request_and_no_query(server_factory, enabled):
+    env = {} if enabled else {"ACCESS_LOG": "off"}
+    server = server_factory(**env).start()
+    requests.get(server.url + "/health?token=secret-in-a-query")
+    requests.post(server.url + "/subscription", json=fake_subscription(1))
+    requests.get(server.url + "/nowhere%0aforged 200")
+    server.stop()
+    lines = [line for line in server.output().splitlines() if "webpush.access" in line]
+    if not enabled:
+        assert lines == []
+        return
+    lines = lines[-3:]  # before them, the test's wait for the server's start
+    assert re.search(r'127\.0\.0\.1 "GET /health" 200 \d+ \d+ms$', lines[0])
+    assert re.search(r'"POST /subscription" 201 \d+ \d+ms$', lines[1])
+    assert '"GET /nowhere\\nforged 200" 404' in lines[2]
+    assert "secret-in-a-query" not in server.output()
+
+
 # -- webhooks ------------------------------------------------------------------------------
 
 SECRET = "webhook-secret-for-tests"
