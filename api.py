@@ -228,7 +228,7 @@ class Settings:
         10.0,
         "PUSH_TIMEOUT",
         "seconds to wait for one push service answer",
-        check=_at_least(0.1),
+        check=_between(0.1, 3600),
     )
     fcm_service_account: str = _setting(
         "",
@@ -656,6 +656,7 @@ class SubscriptionStore:
         self._synced_size = 0
         self._syncing = False
         self._pending: list[_Write] = []  # appended, not yet synced
+        self._dir_synced = True
         self._fd = -1
         try:
             self._fd = self._open_locked(self.path, os.O_CREAT)
@@ -727,8 +728,10 @@ class SubscriptionStore:
                     if self._fd >= 0:
                         with contextlib.suppress(OSError):  # acknowledged is synced
                             os.fsync(self._fd)
+                            self._synced = self._written  # for writers still waiting
                         os.close(self._fd)
                         self._fd = -1
+                        self._sync.notify_all()
                     self._lock_handle.close()
                     return
             time.sleep(0.01)
@@ -876,8 +879,10 @@ class SubscriptionStore:
             raise
         old, self._fd = self._fd, fd
         os.close(old)
-        with contextlib.suppress(OSError):  # the rename is done; its fsync may lag
+        self._dir_synced = False  # the rename is durable once its directory is
+        with contextlib.suppress(OSError):  # if not now, before the next answer
             _fsync_dir(self.path.parent)
+            self._dir_synced = True
         self._lines = len(self._records)
         self._size = self._synced_size = len(data)
         self._synced = self._written
@@ -897,6 +902,9 @@ class SubscriptionStore:
                 self._sync.release()
                 try:
                     os.fsync(fd)
+                    if not self._dir_synced:  # a compaction's rename
+                        _fsync_dir(self.path.parent)
+                        self._dir_synced = True
                 except OSError as e:
                     # No other fsync may start before the undo: after a failed
                     # fsync, a later one can succeed without the lost pages.
@@ -1080,6 +1088,70 @@ def endpoint_origin(endpoint: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+# Where the server may send: the push services, or PUSH_ENDPOINT_PATTERN.
+# printable ASCII but space, '#' and '\\' (parsers disagree on those)
+SENDABLE_URL_RE = re.compile(r"[!\"$-\[\]-~]+")
+MAX_ENDPOINT_LENGTH = 2048
+PUSH_SERVICE_HOSTS = (
+    "fcm.googleapis.com",
+    "updates.push.services.mozilla.com",
+    "web.push.apple.com",
+)
+PUSH_SERVICE_DOMAINS = (
+    "notify.windows.com",
+    "push.services.mozilla.com",
+)  # one label under
+
+
+def canonical_endpoint(endpoint: str) -> str | None:
+    """The endpoint as the server stores it, signs for it and checks it: scheme
+    and host in lower case, the default port dropped. None if the delivery
+    cannot send to it: not http(s) with a host, not printable ASCII (a Unicode
+    host is refused, not guessed at), userinfo, a bad port, or the characters
+    URL parsers disagree on. Every push service's endpoints pass unchanged."""
+    if not SENDABLE_URL_RE.fullmatch(endpoint):
+        return None
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname  # lower case, IPv6 without its brackets
+    if parts.scheme not in ("http", "https") or not host:
+        return None
+    if "@" in parts.netloc or "%" in parts.netloc:  # libcurl decodes %2e in hosts
+        return None
+    if port == 0:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port not in (None, 443 if parts.scheme == "https" else 80):
+        host += f":{port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+
+
+def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
+    """Whether the server may POST to ``endpoint`` (in its canonical form): a
+    known push service, or whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits
+    instead."""
+    canonical = canonical_endpoint(endpoint)
+    if canonical is None:
+        return False
+    if pattern is not None:
+        return pattern.match(canonical) is not None
+    parts = urlsplit(canonical)
+    if parts.scheme != "https" or parts.port is not None:
+        return False
+    host = parts.hostname or ""
+    if host in PUSH_SERVICE_HOSTS:
+        return True
+    label, _, domain = host.partition(".")
+    return (
+        domain in PUSH_SERVICE_DOMAINS
+        and re.fullmatch(r"[a-z0-9-]{1,63}", label) is not None
+    )
+
+
 def encrypt_message(record: dict, payload: bytes) -> bytes:
     """The push message body for one subscriber: RFC 8291 (aes128gcm), encrypted
     exactly as pywebpush's ``WebPusher.encode`` does it, with http_ece and a
@@ -1201,8 +1273,13 @@ class WebPushDelivery:
     slots. Outcomes only: what to do with the store is the caller's.
     """
 
-    def __init__(self, keys: VapidKeys, per_origin: int, timeout: float):
+    def __init__(
+        self, keys: VapidKeys, per_origin: int, timeout: float, pattern: str = ""
+    ):
         self.keys = keys
+        # Checked again at each send: a stored endpoint that a changed allowlist
+        # (PUSH_ENDPOINT_PATTERN) no longer admits gets nothing.
+        self.pattern = re.compile(pattern) if pattern else None
         self.per_origin = max(1, per_origin)
         self.timeout = timeout
         self._inbox: collections.deque[tuple[list[dict], _Batch]] = collections.deque()
@@ -1221,6 +1298,7 @@ class WebPushDelivery:
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
         self._wake_read, self._wake_write = os.pipe()
+        self._wake_lock = threading.Lock()  # no wake-up once the pipe is closed
         os.set_blocking(self._wake_read, False)
         self._selector.register(self._wake_read, selectors.EVENT_READ)
         self._closing = False
@@ -1234,16 +1312,24 @@ class WebPushDelivery:
     ) -> concurrent.futures.Future:
         """Deliver ``message`` to ``records``; the future gives their outcomes."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        if not records:
-            future.set_result([])
-            return future
-        self._inbox.append((records, _Batch(message, len(records), future)))
-        os.write(self._wake_write, b"\0")
+        batch = _Batch(message, len(records), future)
+        with self._wake_lock:
+            if self._closing:  # nothing will deliver them now
+                for record in records:
+                    self._settle(_PushJob(record, "", batch), None, "stopping")
+            elif records:
+                self._inbox.append((records, batch))
+                os.write(self._wake_write, b"\0")
+            else:
+                future.set_result([])
         return future
 
     def close(self) -> None:
-        self._closing = True
-        os.write(self._wake_write, b"\0")
+        with self._wake_lock:
+            if self._closing:
+                return
+            self._closing = True
+            os.write(self._wake_write, b"\0")
         self._thread.join(timeout=5)
 
     # -- the loop, on its own thread ------------------------------------------------
@@ -1255,11 +1341,12 @@ class WebPushDelivery:
             except Exception:  # a bug here must not strand every caller
                 log.exception("delivery loop error; it carries on")
                 time.sleep(0.1)
-        self._abandon("the server stopped before it was sent")
-        self._multi.close()
-        self._selector.close()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        with self._wake_lock:
+            self._abandon("the server stopped before it was sent")
+            self._multi.close()
+            self._selector.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     def _turn(self) -> None:
         """One turn of the loop: take new work, start what the limits allow,
@@ -1325,9 +1412,17 @@ class WebPushDelivery:
         while self._inbox:
             records, batch = self._inbox.popleft()
             for record in records:
-                origin = endpoint_origin(record["endpoint"])
-                job = _PushJob(record, origin, batch)
-                self._waiting.setdefault(origin, collections.deque()).append(job)
+                job = _PushJob(record, "", batch)
+                try:
+                    job.origin = endpoint_origin(record["endpoint"])
+                    allowed = endpoint_allowed(record["endpoint"], self.pattern)
+                except Exception as e:  # noqa: BLE001 - a bad record fails alone
+                    self._settle(job, None, f"cannot send: {type(e).__name__}: {e}")
+                    continue
+                if not allowed:
+                    self._settle(job, None, "the endpoint is not allowed any more")
+                    continue
+                self._waiting.setdefault(job.origin, collections.deque()).append(job)
 
     def _start_waiting(self) -> bool:
         """Start what the limits allow, a batch at a time; True if more could start."""
@@ -1345,8 +1440,9 @@ class WebPushDelivery:
         sent ends as a failed outcome, never as an error of the whole batch."""
         job.attempt += 1
         job.answer.clear()
-        handle = self._free.pop() if self._free else self._new_handle()
+        handle = None
         try:
+            handle = self._free.pop() if self._free else self._new_handle()
             if not job.body:
                 job.body = encrypt_message(job.record, job.batch.message.payload)
             handle.setopt(pycurl.URL, job.record["endpoint"])
@@ -1361,7 +1457,8 @@ class WebPushDelivery:
             self._multi.add_handle(handle)
             self._busy.add(handle)
         except Exception as e:  # noqa: BLE001 - one bad record must not stop a fan-out
-            self._free.append(handle)
+            if handle is not None:
+                self._free.append(handle)
             self._settle(job, None, f"cannot send: {type(e).__name__}: {e}")
             return
         self._in_flight[job.origin] += 1
@@ -1457,7 +1554,7 @@ class WebPushDelivery:
 
 
 def _start_delivery_process(
-    pem: bytes, subject: str, per_origin: int, timeout: float
+    pem: bytes, subject: str, per_origin: int, timeout: float, pattern: str
 ) -> None:
     """Initializer of a delivery process: build its delivery loop once, and make
     the process end with the server, even one killed with SIGKILL."""
@@ -1473,7 +1570,7 @@ def _start_delivery_process(
         ).start()
     key = serialization.load_pem_private_key(pem, password=None)
     keys = VapidKeys(key, subject, "parent process")  # type: ignore[arg-type]
-    _process_delivery = WebPushDelivery(keys, per_origin, timeout)
+    _process_delivery = WebPushDelivery(keys, per_origin, timeout, pattern)
 
 
 def _exit_with(sentinel: int) -> None:
@@ -1673,10 +1770,14 @@ class PushSender:
         self.per_origin = max(1, settings.push_concurrency // self.processes)
         self.fcm = FcmSender(settings) if settings.fcm_service_account else None
         if self.processes > 1:
+            self._replacing = threading.Lock()
             self._executor = self._start_processes()
         else:
             self._delivery = WebPushDelivery(
-                keys, self.per_origin, settings.push_timeout
+                keys,
+                self.per_origin,
+                settings.push_timeout,
+                settings.push_endpoint_pattern,
             )
 
     def _start_processes(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -1689,6 +1790,7 @@ class PushSender:
                 self.keys.subject,
                 self.per_origin,
                 self.settings.push_timeout,
+                self.settings.push_endpoint_pattern,
             ),
         )
         for _ in range(self.processes):  # start them now, not on the first push
@@ -1734,28 +1836,38 @@ class PushSender:
         """Split round-robin, so each process gets a share of every push service."""
         parts = [records[i :: self.processes] for i in range(self.processes)]
         executor = self._executor
-        futures = [
-            (p, executor.submit(_deliver_in_process, p, message)) for p in parts if p
-        ]
+        futures = []
+        for part in filter(None, parts):
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            try:  # a process that died while idle breaks the pool: submit raises
+                future = executor.submit(_deliver_in_process, part, message)
+            except concurrent.futures.process.BrokenProcessPool as e:
+                future.set_exception(e)
+            futures.append((part, future))
         outcomes: list[PushOutcome] = []
         for part, future in futures:
             try:
                 outcomes += future.result()
             except concurrent.futures.process.BrokenProcessPool:
-                log.error("a delivery process died; starting new ones")
                 outcomes += [
                     PushOutcome(
                         r["id"],
                         endpoint_origin(r["endpoint"]),
                         None,
                         "failed",
-                        "the delivery process died",
+                        "a delivery process died",
                     )
                     for r in part
                 ]
-                if self._executor is executor:
-                    self._executor = self._start_processes()
+                self._replace_broken(executor)
         return outcomes
+
+    def _replace_broken(self, executor: concurrent.futures.Executor) -> None:
+        with self._replacing:
+            if self._executor is executor:  # not already replaced by another push
+                log.error("a delivery process died; starting new ones")
+                executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._start_processes()
 
     def close(self, wait: bool = True) -> None:
         """Stop delivering; ``wait=False`` abandons what is under way (the
@@ -1920,19 +2032,7 @@ class DeliveryIds:
 TOPIC_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_:.\-]{1,4096}")
 COLLAPSE_KEY_RE = re.compile(r"[A-Za-z0-9_\-]{1,32}")
-# printable ASCII but space, '#' and '\\' (parsers disagree on those)
-SENDABLE_URL_RE = re.compile(r"[!\"$-\[\]-~]+")
-MAX_ENDPOINT_LENGTH = 2048
 MAX_TTL = 28 * 86400
-PUSH_SERVICE_HOSTS = (
-    "fcm.googleapis.com",
-    "updates.push.services.mozilla.com",
-    "web.push.apple.com",
-)
-PUSH_SERVICE_DOMAINS = (
-    "notify.windows.com",
-    "push.services.mozilla.com",
-)  # one label under
 STATIC_DIR = HERE / "static"
 
 
@@ -1986,53 +2086,6 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{text} is too large")
     return number
-
-
-def canonical_endpoint(endpoint: str) -> str | None:
-    """The endpoint as the server stores it, signs for it and checks it: scheme
-    and host in lower case, the default port dropped. None if the delivery
-    cannot send to it: not http(s) with a host, not printable ASCII (a Unicode
-    host is refused, not guessed at), userinfo, a bad port, or the characters
-    URL parsers disagree on. Every push service's endpoints pass unchanged."""
-    if not SENDABLE_URL_RE.fullmatch(endpoint):
-        return None
-    try:
-        parts = urlsplit(endpoint)
-        port = parts.port
-    except ValueError:
-        return None
-    host = parts.hostname  # lower case, IPv6 without its brackets
-    if parts.scheme not in ("http", "https") or not host or "@" in parts.netloc:
-        return None
-    if port == 0:
-        return None
-    if ":" in host:
-        host = f"[{host}]"
-    if port not in (None, 443 if parts.scheme == "https" else 80):
-        host += f":{port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
-
-
-def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
-    """Whether the server may POST to ``endpoint`` (in its canonical form): a
-    known push service, or whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits
-    instead."""
-    canonical = canonical_endpoint(endpoint)
-    if canonical is None:
-        return False
-    if pattern is not None:
-        return pattern.match(canonical) is not None
-    parts = urlsplit(canonical)
-    if parts.scheme != "https" or parts.port is not None:
-        return False
-    host = parts.hostname or ""
-    if host in PUSH_SERVICE_HOSTS:
-        return True
-    label, _, domain = host.partition(".")
-    return (
-        domain in PUSH_SERVICE_DOMAINS
-        and re.fullmatch(r"[a-z0-9-]{1,63}", label) is not None
-    )
 
 
 def subscription_id(endpoint: str) -> str:
@@ -2715,6 +2768,9 @@ def create_app(
     def push_in_background(records: list[dict], message: Message, what: str) -> None:
         try:
             summary = sender.send(records, message).summary()
+        except Exception:
+            log.exception("webhook %s: the fan-out failed", what)
+            return
         finally:
             in_flight.end()
         log.info(
@@ -2944,6 +3000,8 @@ def main(argv: list[str] | None = None) -> int:
             "push endpoint allowlist replaced by PUSH_ENDPOINT_PATTERN=%r",
             settings.push_endpoint_pattern,
         )
+    # Before create_app: its delivery processes inherit the limit.
+    _raise_open_file_limit(settings.connection_limit + settings.push_concurrency + 256)
     app = create_app(settings, keys, store, token)
 
     url = f"http://{settings.host}:{settings.port}"
@@ -2970,7 +3028,6 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     in_flight = app.config["webpush.in_flight"]
-    _raise_open_file_limit(settings.connection_limit + 1024)  # and delivery's
     try:
         wsgi = AccessLog(in_flight, settings.trusted_proxies)
         server = waitress.create_server(
@@ -3013,6 +3070,8 @@ def main(argv: list[str] | None = None) -> int:
         arrives ignored."""
         if drained.is_set() or stopping.is_set():
             drained.set()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: not in the cleanup
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             raise SystemExit  # waitress's run() returns on it
         stopping.set()
         threading.Thread(target=drain, name="shutdown", daemon=True).start()
@@ -3026,8 +3085,9 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(
                 "requests still under way after SHUTDOWN_TIMEOUT; stopping anyway"
             )
-        drained.set()
-        os.kill(os.getpid(), signal.SIGTERM)  # wake the main thread's handler
+        if not drained.is_set():  # a second signal may have stopped it already
+            drained.set()
+            os.kill(os.getpid(), signal.SIGTERM)  # wake the main thread's handler
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

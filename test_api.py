@@ -583,6 +583,7 @@ UNSENDABLE = [
     "http://127.0.0.1:9/push/a\\b",
     "http://127.0.0.1:99999/push/x",
     "ftp://127.0.0.1:9/push/x",
+    "http://127.0.0%2e1:9/push/x",  # libcurl would decode the %2e in the host
 ]
 
 
@@ -607,12 +608,32 @@ def test_one_unsendable_stored_record_never_aborts_a_fan_out_or_its_report(
         app.post_json("/subscription", sub.subscription)
     bad = {**fake_subscription(3), "endpoint": push_service.origin + "/push/\u4e2d"}
     store.upsert({**bad, "id": api.subscription_id(bad["endpoint"]), "topics": []})
+    store.upsert({"id": "no-endpoint", "keys": bad["keys"], "topics": []})
     result = app.post_json("/push", {"title": "t"}, headers=AUTH).json
-    assert (result["sent"], result["removed"], result["failed"]) == (1, 1, 1)
-    failure = next(r for r in result["results"] if r["result"] == "failed")
-    assert "cannot send" in failure["reason"]
+    assert (result["sent"], result["removed"], result["failed"]) == (1, 1, 2)
+    reasons = sorted(r["reason"] for r in result["results"] if r["result"] == "failed")
+    assert "cannot send: KeyError" in reasons[0] and "not allowed" in reasons[1]
     assert store.get(api.subscription_id(gone.endpoint)) is None  # report applied
-    assert len(store) == 2
+    assert len(store) == 3
+
+
+def test_a_stored_endpoint_the_allowlist_no_longer_admits_gets_nothing(
+    settings, push_service
+):
+    sub = push_service.subscriber()
+    first = api.create_app(settings)
+    webtest.TestApp(first).post_json("/subscription", sub.subscription)
+    _close(first)
+    narrowed = dataclasses.replace(settings, push_endpoint_pattern=r"^https://only\.")
+    second = api.create_app(narrowed)
+    try:
+        result = webtest.TestApp(second).post_json(
+            "/push", {"title": "t"}, headers=AUTH
+        )
+        assert (result.json["sent"], result.json["failed"]) == (0, 1)
+        assert push_service.received() == []
+    finally:
+        _close(second)
 
 
 # -- push -------------------------------------------------------------------------------
@@ -2303,6 +2324,46 @@ def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_delivery_process_killed_while_idle_is_replaced_without_a_500(
+    server_factory, push_service
+):
+    server = server_factory(PUSH_PROCESSES="2").start()
+    sub = push_service.subscriber()
+    requests.post(server.url + "/subscription", json=sub.subscription)
+    time.sleep(1)  # the delivery processes are up
+    children = [
+        int(pid)
+        for pid in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+        .read_text()
+        .split()
+    ]
+    workers = [
+        pid
+        for pid in children
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    os.kill(workers[0], signal.SIGKILL)
+    time.sleep(0.5)
+    answers = [
+        requests.post(server.url + "/push", json={"title": "t"}, headers=AUTH)
+        for _ in range(3)
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[-1].json()["sent"] == 1  # the new processes deliver
+    assert "a delivery process died" in server.output()
+
+
+def test_work_submitted_after_the_delivery_loop_stopped_fails_at_once(settings):
+    keys = api.VapidKeys.load_or_create(settings)
+    delivery = api.WebPushDelivery(keys, 10, 1.0)
+    delivery.close()
+    record = {**fake_subscription(1), "id": "x"}
+    message = api.Message({"title": "t"}, b"{}", 60)
+    [outcome] = delivery.submit([record], message).result(timeout=1)
+    assert outcome.result == "failed"
+    delivery.close()  # twice is fine
 
 
 def test_sigterm_stops_within_shutdown_timeout_whatever_is_being_delivered(
