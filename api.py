@@ -85,7 +85,7 @@ log = logging.getLogger("webpush")
 ###############################################################################
 
 
-class SettingError(ValueError):
+class SettingError(Exception):
     """A setting's value that the server cannot run with; the message says which."""
 
 
@@ -429,8 +429,8 @@ class VapidKeys:
         try:  # py_vapid's rule for the subject, checked now rather than at every push
             self.authorization("https://fcm.googleapis.com")
         except VapidException:
-            raise SystemExit(
-                f"error: VAPID_SUBJECT {subject!r} is not a mailto: address or an https: "
+            raise SettingError(
+                f"VAPID_SUBJECT {subject!r} is not a mailto: address or an https: "
                 "origin (e.g. mailto:you@yoursite.org or https://yoursite.org, no path)"
             ) from None
 
@@ -447,8 +447,8 @@ class VapidKeys:
             try:
                 return cls(_parse_private_key(value), subject, "VAPID_PRIVATE_KEY")
             except ValueError as e:
-                raise SystemExit(
-                    f"error: VAPID_PRIVATE_KEY is neither a file nor a P-256 key ({e})"
+                raise SettingError(
+                    f"VAPID_PRIVATE_KEY is neither a file nor a P-256 key ({e})"
                 ) from None
         for name in (PRIVATE_PEM, OPENSSL_PEM, OPENSSL_PRIVATE_TXT):
             path = directory / name
@@ -489,8 +489,8 @@ class VapidKeys:
         except ValueError:
             stored = None
         if stored != self.public_key:
-            raise SystemExit(
-                f"error: {path} does not match the private key {self.source}; "
+            raise SettingError(
+                f"{path} does not match the private key {self.source}; "
                 "delete the public key file to have it written anew"
             )
 
@@ -513,8 +513,8 @@ def _load_key_file(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         return _parse_private_key(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise SystemExit(
-            f"error: cannot read a VAPID private key from {path}: {e}"
+        raise SettingError(
+            f"cannot read a VAPID private key from {path}: {e}"
         ) from None
 
 
@@ -559,7 +559,7 @@ def load_or_create_token(settings: Settings) -> tuple[str, bool]:
         token = path.read_text().strip()
         if token:
             return token, False
-        raise SystemExit(f"error: {path} is empty; delete it to have a new token made")
+        raise SettingError(f"{path} is empty; delete it to have a new token made")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     _write_secret(path, (token + "\n").encode())
@@ -1665,8 +1665,8 @@ class FcmSender:
                 )
             )
         except (OSError, ValueError) as e:
-            raise SystemExit(
-                f"error: FCM_SERVICE_ACCOUNT {settings.fcm_service_account}: not a "
+            raise SettingError(
+                f"FCM_SERVICE_ACCOUNT {settings.fcm_service_account}: not a "
                 f"service-account JSON file ({e})"
             ) from None
         self.client = _OneAttemptFcm(
@@ -1680,8 +1680,8 @@ class FcmSender:
         try:
             log.info("FCM: sending to %s", self.client.fcm_end_point)
         except pyfcm.errors.AuthenticationError:
-            raise SystemExit(
-                "error: the service-account file names no project: set FCM_PROJECT_ID"
+            raise SettingError(
+                "the service-account file names no project: set FCM_PROJECT_ID"
             ) from None
         self.timeout = settings.push_timeout
         self._threads = concurrent.futures.ThreadPoolExecutor(
@@ -2992,6 +2992,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot read or write the keys in %s: %s", settings.vapid_dir, e)
         store.close()
         return 2
+    except SettingError as e:
+        log.error("%s", e)
+        store.close()
+        return 2
     warning = subject_warning(settings.vapid_subject)
     if warning:
         log.warning("%s", warning)
@@ -3002,7 +3006,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Before create_app: its delivery processes inherit the limit.
     _raise_open_file_limit(settings.connection_limit + settings.push_concurrency + 256)
-    app = create_app(settings, keys, store, token)
+    try:
+        app = create_app(settings, keys, store, token)
+    except SettingError as e:  # FCM_SERVICE_ACCOUNT, say
+        log.error("%s", e)
+        store.close()
+        return 2
 
     url = f"http://{settings.host}:{settings.port}"
     log.info("VAPID key: %s (public %s...)", keys.source, keys.public_key[:12])
@@ -3057,7 +3066,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)
         app.config["webpush.sender"].close()
         store.close()
-        return 1
+        return 2
     log.info("serving on %s (demo page at %s/)", url, url)  # bound and listening
 
     stopping = threading.Event()  # a signal came: drain, then stop

@@ -285,7 +285,7 @@ def test_a_public_key_file_that_does_not_match_stops_the_start(settings):
         )
     )
     (Path(settings.vapid_dir) / "public_key.txt").write_text(other)
-    with pytest.raises(SystemExit, match="does not match"):
+    with pytest.raises(api.SettingError, match="does not match"):
         api.VapidKeys.load_or_create(settings)
 
 
@@ -293,7 +293,7 @@ def test_a_vapid_private_key_that_is_not_a_key_stops_the_start(tmp_path):
     settings = api.Settings.from_env(
         {"VAPID_PRIVATE_KEY": "not-a-key"}, vapid_dir=str(tmp_path)
     )
-    with pytest.raises(SystemExit, match="VAPID_PRIVATE_KEY"):
+    with pytest.raises(api.SettingError, match="VAPID_PRIVATE_KEY"):
         api.VapidKeys.load_or_create(settings)
 
 
@@ -316,8 +316,9 @@ def test_vapid_subject_warns_when_push_services_would_refuse_it(subject, warns):
 @pytest.mark.parametrize("subject", ["admin@site.org", "https://site.org/contact"])
 def test_a_subject_push_services_would_refuse_stops_the_start(server_factory, subject):
     server = server_factory(VAPID_SUBJECT=subject).start(wait=False)
-    assert server.proc.wait(15) != 0
+    assert server.proc.wait(15) == 2
     assert "VAPID_SUBJECT" in server.output() and "mailto:" in server.output()
+    assert "Traceback" not in server.output()
 
 
 def test_vapid_header_is_signed_once_per_audience_with_its_own_claims(settings):
@@ -1197,7 +1198,7 @@ def test_a_busy_port_is_a_clear_error(server_factory):
     second = Server(Path(first.env["VAPID_DIR"]).parent / "other", PORT=str(first.port))
     second.log.parent.mkdir()
     second.start(wait=False)
-    assert second.proc.wait(15) != 0
+    assert second.proc.wait(15) == 2
     assert "cannot listen" in second.output()
     assert "serving on" not in second.output()  # logged once the port is bound
     assert "serving on" in first.output()
@@ -1773,8 +1774,9 @@ def test_a_bad_service_account_file_stops_the_start(server_factory, tmp_path):
     server = server_factory(FCM_SERVICE_ACCOUNT=str(tmp_path / "broken.json")).start(
         wait=False
     )
-    assert server.proc.wait(15) != 0
+    assert server.proc.wait(15) == 2
     assert "FCM_SERVICE_ACCOUNT" in server.output()
+    assert "Traceback" not in server.output()
 
 
 # -- hardening: hostile input, limits, faults, crashes, secrets, shutdown ----------------
