@@ -16,7 +16,8 @@
 Copy ``api.py``, ``static/`` and ``requirements.txt``, then run ``python api.py``.
 It keeps a VAPID key pair in ``vapid/``, stores browser push subscriptions and
 native-app FCM tokens in a JSON-lines file, fans notifications out to them
-(RFC 8030/8291/8292 on pywebpush's building blocks; FCM HTTP v1 with pyfcm),
+(RFC 8030/8291/8292: pywebpush's encryption, py_vapid, libcurl over HTTP/2;
+FCM HTTP v1 with pyfcm),
 and turns signed webhooks into notifications.
 
 Sections, top to bottom, each using only those above it:
