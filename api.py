@@ -1301,6 +1301,7 @@ class WebPushDelivery:
         self._wake_read, self._wake_write = os.pipe()
         self._wake_lock = threading.Lock()  # no wake-up once the pipe is closed
         os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)  # a full pipe wakes it already
         self._selector.register(self._wake_read, selectors.EVENT_READ)
         self._closing = False
         self._thread = threading.Thread(
@@ -1320,7 +1321,7 @@ class WebPushDelivery:
                     self._settle(_PushJob(record, "", batch), None, "stopping")
             elif records:
                 self._inbox.append((records, batch))
-                os.write(self._wake_write, b"\0")
+                self._wake()
             else:
                 future.set_result([])
         return future
@@ -1330,8 +1331,13 @@ class WebPushDelivery:
             if self._closing:
                 return
             self._closing = True
-            os.write(self._wake_write, b"\0")
+            self._wake()
         self._thread.join(timeout=5)
+
+    def _wake(self) -> None:
+        """Make the loop look at its inbox (the caller holds the wake lock)."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b"\0")
 
     # -- the loop, on its own thread ------------------------------------------------
 
