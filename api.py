@@ -1281,6 +1281,7 @@ class WebPushDelivery:
         # Checked again at each send: a stored endpoint that a changed allowlist
         # (PUSH_ENDPOINT_PATTERN) no longer admits gets nothing.
         self.pattern = re.compile(pattern) if pattern else None
+        self._allowed_origins: dict[str, bool] = {}
         self.per_origin = max(1, per_origin)
         self.timeout = timeout
         self._inbox: collections.deque[tuple[list[dict], _Batch]] = collections.deque()
@@ -1422,7 +1423,7 @@ class WebPushDelivery:
                 job = _PushJob(record, "", batch)
                 try:
                     job.origin = endpoint_origin(record["endpoint"])
-                    allowed = endpoint_allowed(record["endpoint"], self.pattern)
+                    allowed = self._admits(record["endpoint"], job.origin)
                 except Exception as e:  # noqa: BLE001 - a bad record fails alone
                     self._settle(job, None, f"cannot send: {type(e).__name__}: {e}")
                     continue
@@ -1430,6 +1431,17 @@ class WebPushDelivery:
                     self._settle(job, None, "the endpoint is not allowed any more")
                     continue
                 self._waiting.setdefault(job.origin, collections.deque()).append(job)
+
+    def _admits(self, endpoint: str, origin: str) -> bool:
+        """The allowlist, checked again at send time. The built-in one looks at
+        the origin alone, so it is decided once per origin, not per message;
+        PUSH_ENDPOINT_PATTERN sees the whole endpoint."""
+        if self.pattern is not None:
+            return endpoint_allowed(endpoint, self.pattern)
+        allowed = self._allowed_origins.get(origin)
+        if allowed is None:
+            allowed = self._allowed_origins[origin] = endpoint_allowed(origin + "/")
+        return allowed
 
     def _start_waiting(self) -> bool:
         """Start what the limits allow, a batch at a time; True if more could start."""

@@ -618,15 +618,17 @@ def test_one_unsendable_stored_record_never_aborts_a_fan_out_or_its_report(
     assert len(store) == 3
 
 
+@pytest.mark.parametrize("narrowed", [r"^https://only\.", ""])  # "": built-in
 def test_a_stored_endpoint_the_allowlist_no_longer_admits_gets_nothing(
-    settings, push_service
+    settings, push_service, narrowed
 ):
     sub = push_service.subscriber()
     first = api.create_app(settings)
     webtest.TestApp(first).post_json("/subscription", sub.subscription)
     _close(first)
-    narrowed = dataclasses.replace(settings, push_endpoint_pattern=r"^https://only\.")
-    second = api.create_app(narrowed)
+    second = api.create_app(
+        dataclasses.replace(settings, push_endpoint_pattern=narrowed)
+    )
     try:
         result = webtest.TestApp(second).post_json(
             "/push", {"title": "t"}, headers=AUTH
