@@ -132,10 +132,15 @@ def _regex(value: str) -> str | None:
     return None
 
 
+def address_set(text: str) -> frozenset[str]:
+    """The addresses of a comma-separated setting (TRUSTED_PROXIES)."""
+    return frozenset(p.strip() for p in text.split(",") if p.strip())
+
+
 def _addresses(value: str) -> str | None:
     import ipaddress
 
-    for part in filter(None, (p.strip() for p in value.split(","))):
+    for part in address_set(value):
         try:
             ipaddress.ip_address(part)
         except ValueError:
@@ -698,9 +703,7 @@ class SubscriptionStore:
 
     def upsert(self, record: dict) -> bool:
         """Store ``record`` (it must have an ``id``); True when the id is new."""
-        line = json.dumps(
-            record, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        line = _record_line(record)
         with self._mutex:
             previous = self._records.get(record["id"])
             write = self._append(line, record["id"], previous)
@@ -819,9 +822,8 @@ class SubscriptionStore:
         data = (line + "\n").encode("utf-8")
         self._pending = [w for w in self._pending if w.seq > self._synced]
         try:
-            if (
-                os.fstat(self._fd).st_size != self._size
-            ):  # a tail an earlier failure left
+            # A tail an earlier failure could not cut off: cut it now.
+            if os.fstat(self._fd).st_size != self._size:
                 os.ftruncate(self._fd, self._size)
             written = os.write(self._fd, data)
             if written != len(data):
@@ -862,11 +864,7 @@ class SubscriptionStore:
         fd = self._open_locked(tmp, os.O_CREAT | os.O_TRUNC)
         try:
             data = "".join(
-                json.dumps(
-                    record, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-                )
-                + "\n"
-                for record in self._records.values()
+                _record_line(record) + "\n" for record in self._records.values()
             ).encode("utf-8")
             view = memoryview(data)
             while view:
@@ -975,6 +973,13 @@ def repair_store(path: Path) -> tuple[int, int, Path | None]:
     return kept, len(bad), side
 
 
+def _record_line(record: dict) -> str:
+    """A record as one line of the store: compact, strict JSON (no NaN)."""
+    return json.dumps(
+        record, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
 def _parse_record(raw: bytes) -> dict | None:
     try:
         record = json.loads(raw)
@@ -1003,9 +1008,8 @@ def _fsync_dir(directory: Path) -> None:
 # Delivery ####################################################################
 ###############################################################################
 
-MAX_PLAINTEXT = (
-    3993  # one 4096-byte aes128gcm record: less its header (86), tag and delimiter (17)
-)
+# One 4096-byte aes128gcm record, less its header (86), tag and delimiter (17).
+MAX_PLAINTEXT = 3993
 MAX_RESPONSE_BYTES = 65536  # a push service's answer is a status and a short reason
 URGENCIES = ("very-low", "low", "normal", "high")
 RETRY_TRIES = 3
@@ -2364,11 +2368,6 @@ class JsonApiPlugin:
                 return {"error": "internal error; see the server log"}
 
         return wrapper
-
-
-def address_set(text: str) -> frozenset[str]:
-    """The addresses of a comma-separated setting (TRUSTED_PROXIES)."""
-    return frozenset(p.strip() for p in text.split(",") if p.strip())
 
 
 def client_address(environ: dict, trusted_proxies: frozenset[str]) -> str:
