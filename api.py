@@ -585,7 +585,7 @@ class StoreDamaged(Exception):
     """The subscription file has a bad record before its last line."""
 
 
-def _lock_file(path: Path) -> Any:
+def _lock_file(path: Path, what: str = "file") -> Any:
     """Hold an exclusive lock on ``path`` for as long as the returned file is open."""
     handle = open(path, "a+b")  # noqa: SIM115 - it must outlive this function
     try:
@@ -594,14 +594,14 @@ def _lock_file(path: Path) -> Any:
 
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         else:
-            _flock(handle.fileno(), path)
+            _flock(handle.fileno(), path, what)
     except BaseException:
         handle.close()
         raise
     return handle
 
 
-def _flock(fd: int, path: Path) -> None:
+def _flock(fd: int, path: Path, what: str = "file") -> None:
     """An exclusive lock on the open file ``fd``, or StoreLocked. It belongs to
     the file itself, so every name of it (a hard link too) meets the same lock."""
     if os.name == "nt":
@@ -612,30 +612,30 @@ def _flock(fd: int, path: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise StoreLocked(
-            f"{path} is locked: another api.py is using this subscription file; "
+            f"{path} is locked: another api.py is using this {what}; "
             "stop it, or give this one another SUBSCRIPTIONS_FILE"
         ) from None
 
 
 @dataclass(eq=False)
 class _Write:
-    """One appended line not yet known to be on disk, and how to undo it."""
+    """Appended lines not yet known to be on disk, and how to undo them."""
 
     seq: int
-    record_id: str
-    previous: dict | None  # the record before this write; None: there was none
+    previous: dict[str, bytes | None]  # each id's line before; None: there was none
     failed: bool = False
 
 
-class SubscriptionStore:
-    """Subscriptions by id, kept in a JSON-lines journal.
+class JsonLinesStore:
+    """Records by id, kept in a JSON-lines journal.
 
-    Each line is one record: a subscription (``{"id": ..., ...}``) that adds or
-    replaces the one with that id, or ``{"id": ..., "deleted": true}``. The file
-    is replayed at start and rewritten (atomically, via a temporary file and
+    Each line is one record: ``{"id": ..., ...}`` adds or replaces the record
+    with that id, ``{"id": ..., "deleted": true}`` forgets it. The file is
+    replayed at start and rewritten (atomically, via a temporary file and
     rename) once it holds more than twice as many lines as live records, so one
     write costs the same whatever the number stored. A write returns only after
-    fsync; writers that arrive while an fsync runs share the next one.
+    fsync; writers that arrive while an fsync runs share the next one. Records
+    are held in memory as their JSON line, a third of the size of a dict.
 
     A write the disk refuses (full, EIO) raises OSError and changes nothing: a
     partial line is cut off at once, a failed fsync undoes every write it
@@ -644,15 +644,17 @@ class SubscriptionStore:
     """
 
     COMPACT_MIN_LINES = 1000
+    WHAT = "file"  # what the messages call it
 
     def __init__(self, path: str | Path):
         # Resolved, so a symlink meets the same lock file; the lock on the data
         # file itself covers hard links.
         self.path = Path(path).resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_handle = _lock_file(self.path.with_name(self.path.name + ".lock"))
-        self._records: dict[str, dict] = {}
-        self._kinds: collections.Counter[str] = collections.Counter()
+        self._lock_handle = _lock_file(
+            self.path.with_name(self.path.name + ".lock"), self.WHAT
+        )
+        self._records: dict[str, bytes] = {}
         self._lines = 0
         self._mutex = threading.Lock()  # order of writes and the in-memory view
         self._sync = threading.Condition()  # group commit of fsync
@@ -684,46 +686,58 @@ class SubscriptionStore:
     def __len__(self) -> int:
         return len(self._records)
 
-    def count(self, kind: str) -> int:
-        """How many records of a kind (a record's ``kind``, "webpush" if it has none)."""
-        return self._kinds[kind]
+    def __contains__(self, record_id: str) -> bool:
+        return record_id in self._records
 
     def get(self, record_id: str) -> dict | None:
-        return self._records.get(record_id)
+        """The record with that id (a copy: changing it changes nothing stored)."""
+        line = self._records.get(record_id)
+        return None if line is None else json.loads(line)
 
-    def list(self, topic: str | None = None) -> list[dict]:
-        """A snapshot of the records, all or those subscribed to ``topic``."""
+    def ids(self) -> list[str]:
         with self._mutex:
-            records = list(self._records.values())
-        if topic is None:
-            return records
-        return [r for r in records if topic in r.get("topics", ())]
+            return list(self._records)
 
     # -- writing ----------------------------------------------------------------
 
     def upsert(self, record: dict) -> bool:
         """Store ``record`` (it must have an ``id``); True when the id is new."""
-        line = _record_line(record)
         with self._mutex:
-            previous = self._records.get(record["id"])
-            write = self._append(line, record["id"], previous)
-            self._put(record)
-            self._compact_if_due()
-        self._wait_synced(write)
-        return previous is None
+            new = record["id"] not in self._records
+        self.write([record])
+        return new
 
     def remove(self, record_id: str) -> bool:
         """Forget a record; False when it was not stored."""
         with self._mutex:
-            previous = self._records.get(record_id)
-            if previous is None:
+            if record_id not in self._records:
                 return False
-            line = json.dumps({"id": record_id, "deleted": True})
-            write = self._append(line, record_id, previous)
-            self._drop(record_id)
+        self.write(removals=[record_id])
+        return True
+
+    def write(self, upserts: list[dict] = (), removals: list[str] = ()) -> None:  # type: ignore[assignment]
+        """Store and forget several records with one fsync. Lines reach the
+        file in order; a crash may keep the first of them without the rest."""
+        lines = [(r["id"], _record_line(r).encode("utf-8"), r) for r in upserts]
+        with self._mutex:
+            removals = [i for i in removals if i in self._records]
+            if not lines and not removals:
+                return
+            data = b"".join(line + b"\n" for _, line, _ in lines)
+            data += b"".join(
+                json.dumps({"id": i, "deleted": True}).encode() + b"\n"
+                for i in removals
+            )
+            previous: dict[str, bytes | None] = {}
+            for record_id in [i for i, _, _ in lines] + removals:
+                previous.setdefault(record_id, self._records.get(record_id))
+            write = self._append(data, len(lines) + len(removals), previous)
+            for record_id, line, record in lines:
+                self._put(record_id, line, record)
+            for record_id in removals:
+                self._drop(record_id)
             self._compact_if_due()
         self._wait_synced(write)
-        return True
 
     def close(self) -> None:
         while True:
@@ -740,15 +754,20 @@ class SubscriptionStore:
                     return
             time.sleep(0.01)
 
-    def _put(self, record: dict) -> None:
-        self._drop(record["id"])
-        self._records[record["id"]] = record
-        self._kinds[record.get("kind", "webpush")] += 1
+    # -- the view in memory: subclasses index records here -----------------------
+
+    def _put(self, record_id: str, line: bytes, record: dict) -> None:
+        self._drop(record_id)
+        self._records[record_id] = line
 
     def _drop(self, record_id: str) -> None:
-        old = self._records.pop(record_id, None)
-        if old is not None:
-            self._kinds[old.get("kind", "webpush")] -= 1
+        self._records.pop(record_id, None)
+
+    def _restore(self, record_id: str, line: bytes | None) -> None:
+        if line is None:
+            self._drop(record_id)
+        else:
+            self._put(record_id, line, json.loads(line))
 
     # -- the file ---------------------------------------------------------------
 
@@ -783,8 +802,9 @@ class SubscriptionStore:
                 if record.get("deleted"):
                     self._drop(record["id"])
                 else:
-                    self._put(record)
+                    self._put(record["id"], raw.strip(), record)
             good_end += len(raw) + 1
+        lines.clear()
 
     def _truncate(self, size: int) -> None:
         with open(self.path, "r+b") as f:
@@ -799,7 +819,7 @@ class SubscriptionStore:
         """Open ``path`` for appending, under the store's lock."""
         fd = os.open(path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
         try:
-            _flock(fd, self.path)
+            _flock(fd, self.path, self.WHAT)
         except BaseException:
             os.close(fd)
             raise
@@ -815,19 +835,23 @@ class SubscriptionStore:
                     os.write(self._fd, b"\n")
         _fsync_dir(self.path.parent)
 
-    def _append(self, line: str, record_id: str, previous: dict | None) -> _Write:
-        """Append one record (the caller holds the mutex). On any failure the
+    def _append(
+        self, data: bytes, lines: int, previous: dict[str, bytes | None]
+    ) -> _Write:
+        """Append whole lines (the caller holds the mutex). On any failure the
         file is cut back to its last whole line and OSError raised: nothing of
         the refused write remains, and the next one starts clean."""
-        data = (line + "\n").encode("utf-8")
         self._pending = [w for w in self._pending if w.seq > self._synced]
         try:
             # A tail an earlier failure could not cut off: cut it now.
             if os.fstat(self._fd).st_size != self._size:
                 os.ftruncate(self._fd, self._size)
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, "short write: the disk is full")
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                if not written:
+                    raise OSError(errno.ENOSPC, "short write: the disk is full")
+                view = view[written:]
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._size)
@@ -835,9 +859,9 @@ class SubscriptionStore:
         with self._sync:
             self._written += 1
             self._size += len(data)
-            write = _Write(self._written, record_id, previous)
+            write = _Write(self._written, previous)
         self._pending.append(write)
-        self._lines += 1
+        self._lines += lines
         return write
 
     def _compact_if_due(self) -> None:
@@ -862,13 +886,15 @@ class SubscriptionStore:
         journal; every write so far is then on disk."""
         tmp = self._tmp_path()
         fd = self._open_locked(tmp, os.O_CREAT | os.O_TRUNC)
+        size = 0
         try:
-            data = "".join(
-                _record_line(record) + "\n" for record in self._records.values()
-            ).encode("utf-8")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            chunk: list[bytes] = []
+            for line in self._records.values():
+                chunk.append(line + b"\n")
+                if len(chunk) == 4096:
+                    size += _write_all(fd, b"".join(chunk))
+                    chunk.clear()
+            size += _write_all(fd, b"".join(chunk))
             os.fsync(fd)
             os.replace(tmp, self.path)
         except BaseException:
@@ -883,7 +909,7 @@ class SubscriptionStore:
             _fsync_dir(self.path.parent)
             self._dir_synced = True
         self._lines = len(self._records)
-        self._size = self._synced_size = len(data)
+        self._size = self._synced_size = size
         self._synced = self._written
         self._pending.clear()
         log.info("compacted %s to %d records", self.path, self._lines)
@@ -930,16 +956,82 @@ class SubscriptionStore:
             with contextlib.suppress(OSError):  # if not now, the next append cuts it
                 os.ftruncate(self._fd, self._synced_size)
             for write in reversed(undone):
-                if write.previous is None:
-                    self._drop(write.record_id)
-                else:
-                    self._put(write.previous)
+                for record_id, line in write.previous.items():
+                    self._restore(record_id, line)
                 write.failed = True
-            self._lines -= len(undone)
+                self._lines -= len(write.previous)
             self._size = self._synced_size
             self._synced = self._written
             self._pending.clear()
             self._sync.notify_all()
+
+
+class SubscriptionStore(JsonLinesStore):
+    """Push subscriptions and FCM tokens by id (see JsonLinesStore), with an
+    index of each one's channel, push service origin and topics, so a fan-out
+    can be planned without reading every record."""
+
+    WHAT = "subscription file"
+
+    def __init__(self, path: str | Path):
+        self._index: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._kinds: collections.Counter[str] = collections.Counter()
+        self._origins: dict[str, str] = {}  # one string per origin, shared
+        super().__init__(path)
+
+    def count(self, kind: str) -> int:
+        """How many records of a kind (a record's ``kind``, "webpush" if it has none)."""
+        return self._kinds[kind]
+
+    def list(self, topic: str | None = None) -> list[dict]:
+        """The records, all or those subscribed to ``topic``."""
+        with self._mutex:
+            lines = [
+                self._records[i]
+                for i, (_, topics) in self._index.items()
+                if topic is None or topic in topics
+            ]
+        return [json.loads(line) for line in lines]
+
+    def ids_by_origin(self, topic: str | None = None) -> dict[str, list[str]]:
+        """The ids of the records, all or those subscribed to ``topic``, by push
+        service origin ("fcm" for FCM tokens)."""
+        plan: dict[str, list[str]] = {}
+        with self._mutex:
+            for record_id, (origin, topics) in self._index.items():
+                if topic is None or topic in topics:
+                    plan.setdefault(origin, []).append(record_id)
+        return plan
+
+    def _put(self, record_id: str, line: bytes, record: dict) -> None:
+        super()._put(record_id, line, record)
+        kind = record.get("kind", "webpush")
+        origin = "fcm" if kind == "fcm" else endpoint_origin(record.get("endpoint", ""))
+        origin = self._origins.setdefault(origin, origin)
+        self._index[record_id] = (origin, tuple(record.get("topics") or ()))
+        self._kinds[kind] += 1
+
+    def _drop(self, record_id: str) -> None:
+        super()._drop(record_id)
+        entry = self._index.pop(record_id, None)
+        if entry is not None:
+            self._kinds["fcm" if entry[0] == "fcm" else "webpush"] -= 1
+
+
+def endpoint_origin(endpoint: str) -> str:
+    """A push endpoint's scheme and host: what one push service shares."""
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError:
+        return ""
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
 
 
 def repair_store(path: Path) -> tuple[int, int, Path | None]:
@@ -1086,11 +1178,6 @@ class PushReport:
                 for o in self.outcomes
             ]
         return counts
-
-
-def endpoint_origin(endpoint: str) -> str:
-    parts = urlsplit(endpoint)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 # Where the server may send: the push services, or PUSH_ENDPOINT_PATTERN.
