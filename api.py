@@ -33,9 +33,11 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -52,20 +54,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import bottle
-import google.auth.exceptions
-import google.auth.transport.requests
-import google.oauth2.service_account
 import http_ece
 import pycurl
-import pyfcm.errors
-import requests
-import requests.adapters
 import waitress
 import waitress.channel
 import waitress.server
@@ -73,7 +70,6 @@ import waitress.task
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid, VapidException
-from pyfcm import FCMNotification
 
 __version__ = "0.1.0"
 
@@ -183,6 +179,18 @@ class Settings:
         str(HERE / "subscriptions.json"),
         "SUBSCRIPTIONS_FILE",
         "the subscription store (JSON lines)",
+    )
+    notifications_file: str = _setting(
+        "",
+        "NOTIFICATIONS_FILE",
+        "the notification journal (JSON lines) [default: beside SUBSCRIPTIONS_FILE: "
+        "subscriptions.notifications.json]",
+    )
+    notification_retention: int = _setting(
+        7 * 86400,
+        "NOTIFICATION_RETENTION",
+        "seconds an ended notification stays visible in GET /notifications",
+        check=_at_least(0),
     )
     cors_origins: str = _setting(
         "*",
@@ -305,6 +313,15 @@ class Settings:
         "DEBUG, INFO, WARNING or ERROR",
         check=_one_of("DEBUG", "INFO", "WARNING", "ERROR"),
     )
+
+    @property
+    def journal_path(self) -> Path:
+        """NOTIFICATIONS_FILE, or beside SUBSCRIPTIONS_FILE, named after it: the
+        journal names that store's subscribers."""
+        if self.notifications_file:
+            return Path(self.notifications_file)
+        subscriptions = Path(self.subscriptions_file)
+        return subscriptions.with_name(subscriptions.stem + ".notifications.json")
 
     def check(self) -> None:
         """SettingError naming the first setting the server cannot run with."""
@@ -585,7 +602,7 @@ class StoreDamaged(Exception):
     """The subscription file has a bad record before its last line."""
 
 
-def _lock_file(path: Path, what: str = "file") -> Any:
+def _lock_file(path: Path, what: str = "file", setting: str = "") -> Any:
     """Hold an exclusive lock on ``path`` for as long as the returned file is open."""
     handle = open(path, "a+b")  # noqa: SIM115 - it must outlive this function
     try:
@@ -594,14 +611,16 @@ def _lock_file(path: Path, what: str = "file") -> Any:
 
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         else:
-            _flock(handle.fileno(), path, what)
+            _flock(handle.fileno(), path, what, setting or "SUBSCRIPTIONS_FILE")
     except BaseException:
         handle.close()
         raise
     return handle
 
 
-def _flock(fd: int, path: Path, what: str = "file") -> None:
+def _flock(
+    fd: int, path: Path, what: str = "file", setting: str = "SUBSCRIPTIONS_FILE"
+) -> None:
     """An exclusive lock on the open file ``fd``, or StoreLocked. It belongs to
     the file itself, so every name of it (a hard link too) meets the same lock."""
     if os.name == "nt":
@@ -613,7 +632,7 @@ def _flock(fd: int, path: Path, what: str = "file") -> None:
     except OSError:
         raise StoreLocked(
             f"{path} is locked: another api.py is using this {what}; "
-            "stop it, or give this one another SUBSCRIPTIONS_FILE"
+            f"stop it, or give this one another {setting}"
         ) from None
 
 
@@ -644,7 +663,8 @@ class JsonLinesStore:
     """
 
     COMPACT_MIN_LINES = 1000
-    WHAT = "file"  # what the messages call it
+    WHAT = "file"  # what the messages call it, and the setting that names it
+    SETTING = "SUBSCRIPTIONS_FILE"
 
     def __init__(self, path: str | Path):
         # Resolved, so a symlink meets the same lock file; the lock on the data
@@ -652,7 +672,7 @@ class JsonLinesStore:
         self.path = Path(path).resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_handle = _lock_file(
-            self.path.with_name(self.path.name + ".lock"), self.WHAT
+            self.path.with_name(self.path.name + ".lock"), self.WHAT, self.SETTING
         )
         self._records: dict[str, bytes] = {}
         self._lines = 0
@@ -819,7 +839,7 @@ class JsonLinesStore:
         """Open ``path`` for appending, under the store's lock."""
         fd = os.open(path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
         try:
-            _flock(fd, self.path, self.WHAT)
+            _flock(fd, self.path, self.WHAT, self.SETTING)
         except BaseException:
             os.close(fd)
             raise
@@ -1108,6 +1128,8 @@ RETRY_TRIES = 3
 CHANNELS = ("webpush", "fcm")
 RETRY_MAX_WAIT = 30.0
 START_BATCH = 64  # messages encrypted and started between two looks at the answers
+# The reason of an outcome "unsent": cancelled, or the server stopped first.
+UNSENT = "not sent: cancelled, or the server stopped first"
 
 
 # What a POST /push body may say (the HTTP section's Validator reads them).
@@ -1122,7 +1144,14 @@ PUSH_FIELDS = (
     "ttl",
     "urgency",
     "collapse_key",
+    "send_at",
+    "delay",
 )
+
+
+def notification_json(notification: dict) -> bytes:
+    """What a browser's service worker receives."""
+    return json.dumps(notification, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass
@@ -1145,7 +1174,7 @@ class PushOutcome:
     record_id: str
     origin: str
     status: int | None  # HTTP status from the push service; None: no answer
-    result: str  # sent, failed or removed
+    result: str  # sent, failed, removed, or unsent (cancelled or stopped first)
     reason: str = ""
     tries: int = 1
     channel: str = "webpush"  # or fcm
@@ -1350,6 +1379,8 @@ class _Batch:
     message: Message
     left: int
     future: concurrent.futures.Future
+    key: str | None = None  # what cancel() names: the notification's id
+    cancelled: bool = False
     headers: dict[str, list[str]] = field(default_factory=dict)  # per origin
     outcomes: list[PushOutcome] = field(default_factory=list)
 
@@ -1375,7 +1406,8 @@ class WebPushDelivery:
         self._allowed_origins: dict[str, bool] = {}
         self.per_origin = max(1, per_origin)
         self.timeout = timeout
-        self._inbox: collections.deque[tuple[list[dict], _Batch]] = collections.deque()
+        # (records, batch, at the front) to start, or (None, key, _) to cancel
+        self._inbox: collections.deque[tuple[Any, Any, bool]] = collections.deque()
         self._waiting: dict[str, collections.deque[_PushJob]] = {}
         self._in_flight: dict[str, int] = collections.defaultdict(int)
         self._retries: list[tuple[float, int, _PushJob]] = []  # a heap by due time
@@ -1402,21 +1434,35 @@ class WebPushDelivery:
         self._thread.start()
 
     def submit(
-        self, records: list[dict], message: Message
+        self,
+        records: list[dict],
+        message: Message,
+        key: str | None = None,
+        first: bool = False,
     ) -> concurrent.futures.Future:
-        """Deliver ``message`` to ``records``; the future gives their outcomes."""
+        """Deliver ``message`` to ``records``; the future gives their outcomes.
+        ``key`` names the batch for :meth:`cancel`; ``first`` puts it ahead of
+        the messages waiting for the same push services (a test message)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        batch = _Batch(message, len(records), future)
+        batch = _Batch(message, len(records), future, key)
         with self._wake_lock:
             if self._closing:  # nothing will deliver them now
                 for record in records:
-                    self._settle(_PushJob(record, "", batch), None, "stopping")
+                    self._settle(_PushJob(record, "", batch), None, UNSENT)
             elif records:
-                self._inbox.append((records, batch))
+                self._inbox.append((records, batch, first))
                 self._wake()
             else:
                 future.set_result([])
         return future
+
+    def cancel(self, key: str) -> None:
+        """Send nothing more of the batches submitted with ``key``: what waits
+        ends as "unsent"; what a push service already has cannot be recalled."""
+        with self._wake_lock:
+            if not self._closing:
+                self._inbox.append((None, key, False))
+                self._wake()
 
     def close(self) -> None:
         with self._wake_lock:
@@ -1441,7 +1487,7 @@ class WebPushDelivery:
                 log.exception("delivery loop error; it carries on")
                 time.sleep(0.1)
         with self._wake_lock:
-            self._abandon("the server stopped before it was sent")
+            self._abandon()
             self._multi.close()
             self._selector.close()
             os.close(self._wake_read)
@@ -1470,8 +1516,8 @@ class WebPushDelivery:
         self._finish_done()
         self._requeue_due_retries()
 
-    def _abandon(self, reason: str) -> None:
-        """Settle every message not yet delivered as failed, so no caller waits
+    def _abandon(self) -> None:
+        """Settle every message not yet delivered as unsent, so no caller waits
         for ever on a loop that has stopped."""
         self._take_new()
         jobs = [job for waiting in self._waiting.values() for job in waiting]
@@ -1480,7 +1526,27 @@ class WebPushDelivery:
             self._multi.remove_handle(handle)
             jobs.append(handle.job)
         for job in jobs:
-            self._settle(job, None, reason)
+            self._settle(job, None, UNSENT)
+
+    def _cancel(self, key: str) -> None:
+        """Settle the waiting and retrying messages of batches with ``key``;
+        those in flight are not tried again."""
+        for handle in self._busy:
+            if handle.job.batch.key == key:
+                handle.job.batch.cancelled = True
+        cancelled = []
+        for origin, waiting in self._waiting.items():
+            if any(job.batch.key == key for job in waiting):
+                cancelled += [job for job in waiting if job.batch.key == key]
+                self._waiting[origin] = collections.deque(
+                    job for job in waiting if job.batch.key != key
+                )
+        if any(job.batch.key == key for _, _, job in self._retries):
+            cancelled += [job for _, _, job in self._retries if job.batch.key == key]
+            self._retries = [r for r in self._retries if r[2].batch.key != key]
+            heapq.heapify(self._retries)
+        for job in cancelled:
+            self._settle(job, None, UNSENT)
 
     def _on_socket(self, what: int, fd: int, multi: Any, data: Any) -> None:
         if what == pycurl.POLL_REMOVE:
@@ -1509,7 +1575,11 @@ class WebPushDelivery:
 
     def _take_new(self) -> None:
         while self._inbox:
-            records, batch = self._inbox.popleft()
+            records, batch, first = self._inbox.popleft()
+            if records is None:
+                self._cancel(batch)
+                continue
+            jobs = []
             for record in records:
                 job = _PushJob(record, "", batch)
                 try:
@@ -1521,7 +1591,13 @@ class WebPushDelivery:
                 if not allowed:
                     self._settle(job, None, "the endpoint is not allowed any more")
                     continue
-                self._waiting.setdefault(job.origin, collections.deque()).append(job)
+                jobs.append(job)
+            for job in reversed(jobs) if first else jobs:
+                waiting = self._waiting.setdefault(job.origin, collections.deque())
+                if first:
+                    waiting.appendleft(job)
+                else:
+                    waiting.append(job)
 
     def _admits(self, endpoint: str, origin: str) -> bool:
         """The allowlist, checked again at send time. The built-in one looks at
@@ -1630,14 +1706,18 @@ class WebPushDelivery:
             retryable = status == 429 or status >= 500
             retry_after = handle.getinfo(pycurl.RETRY_AFTER) or None
         self._free.append(handle)
-        if retryable and job.attempt < RETRY_TRIES:
+        if retryable and job.batch.cancelled:
+            reason = UNSENT
+        elif retryable and job.attempt < RETRY_TRIES:
             delay = _retry_delay(retry_after and str(retry_after), job.attempt)
             heapq.heappush(self._retries, (time.monotonic() + delay, id(job), job))
             return
         self._settle(job, status, reason)
 
     def _settle(self, job: _PushJob, status: int | None, reason: str) -> None:
-        if status in (200, 201, 202):
+        if reason is UNSENT:
+            result = "unsent"
+        elif status in (200, 201, 202):
             result, reason = "sent", ""
         elif status in (404, 410):
             result = "removed"
@@ -1663,68 +1743,190 @@ class WebPushDelivery:
             self._waiting[job.origin].appendleft(job)
 
 
-def _start_delivery_process(
-    pem: bytes, subject: str, per_origin: int, timeout: float, pattern: str
+class DeliveryStopped(Exception):
+    """A batch's delivery process ended before the batch did: none of its
+    outcomes are known, so the caller hands its records out again."""
+
+
+def _delivery_process(
+    conn: multiprocessing.connection.Connection,
+    pem: bytes,
+    subject: str,
+    per_origin: int,
+    timeout: float,
+    pattern: str,
 ) -> None:
-    """Initializer of a delivery process: build its delivery loop once, and make
-    the process end with the server, even one killed with SIGKILL."""
-    global _process_delivery
+    """A delivery process: batches in from the server over ``conn``, each
+    batch's outcomes back as it ends, many batches at once. It ends when the
+    server does, even one killed with SIGKILL (the pipe closes)."""
     # Ctrl-C and a service manager's SIGTERM reach the whole process group:
     # the server decides when delivery stops, and these end with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(
-            target=_exit_with, args=(parent.sentinel,), daemon=True
-        ).start()
     key = serialization.load_pem_private_key(pem, password=None)
     keys = VapidKeys(key, subject, "parent process")  # type: ignore[arg-type]
-    _process_delivery = WebPushDelivery(keys, per_origin, timeout, pattern)
+    delivery = WebPushDelivery(keys, per_origin, timeout, pattern)
+    replying = threading.Lock()
 
+    def reply(number: int, future: concurrent.futures.Future) -> None:
+        with replying, contextlib.suppress(OSError):
+            conn.send((number, future.result()))
 
-def _exit_with(sentinel: int) -> None:
-    multiprocessing.connection.wait([sentinel])
-    os._exit(0)
-
-
-def _deliver_in_process(records: list[dict], message: Message) -> list[PushOutcome]:
-    return _process_delivery.submit(records, message).result()
-
-
-_process_delivery: WebPushDelivery
-
-
-class _OneAttemptFcm(FCMNotification):
-    """pyfcm, one attempt per call. Its own ``send_request`` sleeps on every
-    Retry-After and tries again without a bound; FcmSender retries instead, a
-    bounded number of times. The OAuth token is fetched under a lock and shared
-    by all threads while it is valid (pyfcm would refresh the one credentials
-    object from every thread at once)."""
-
-    _token_lock = threading.Lock()
-
-    def _get_access_token(self) -> str:
-        with self._token_lock:
-            if not self.credentials.valid:
-                try:
-                    self.credentials.refresh(google.auth.transport.requests.Request())
-                except google.auth.exceptions.GoogleAuthError as e:
-                    raise pyfcm.errors.InvalidDataError(e) from None
-            return self.credentials.token
-
-    def send_request(
-        self, payload: bytes | None = None, timeout: float | None = None
-    ) -> Any:
-        response = self.requests_session.post(
-            self.fcm_end_point, data=payload, timeout=timeout
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the server is gone
+        if request[0] == "cancel":
+            delivery.cancel(request[1])
+            continue
+        _, number, records, message, batch_key, first = request
+        delivery.submit(records, message, batch_key, first).add_done_callback(
+            functools.partial(reply, number)
         )
-        if self._is_access_token_expired(response):
-            self.thread_local.token_expiry = 0  # fetch a new token, then once more
+
+
+class _DeliveryProcess:
+    """The server's end of one delivery process: batches out, outcomes in."""
+
+    def __init__(self, args: tuple):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_delivery_process,
+            args=(child, *args),
+            name="push-delivery",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.alive = True
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._numbers = itertools.count()
+        self._lock = threading.Lock()  # the futures and ``alive``
+        self._sending = threading.Lock()  # one message at a time on the pipe
+        threading.Thread(
+            target=self._read, name="delivery-outcomes", daemon=True
+        ).start()
+
+    def submit(
+        self, records: list[dict], message: Message, key: str | None, first: bool
+    ) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            number = next(self._numbers)
+            self._futures[number] = future
+        self._send(("send", number, records, message, key, first))
+        return future
+
+    def cancel(self, key: str) -> None:
+        self._send(("cancel", key))
+
+    def close(self) -> None:
+        self._stop()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        self.process.join(1)
+        if self.process.is_alive():
+            self.process.kill()
+
+    def _send(self, request: tuple) -> None:
+        try:
+            with self._sending:
+                self.conn.send(request)
+        except (OSError, ValueError):  # it died; _read fails what it had
+            self._stop()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                number, outcomes = self.conn.recv()
+            except (EOFError, OSError, ValueError):
+                break
+            with self._lock:
+                future = self._futures.pop(number, None)
+            if future is not None:
+                future.set_result(outcomes)
+        self._stop()
+
+    def _stop(self) -> None:
+        with self._lock:
+            self.alive = False
+            futures, self._futures = self._futures, {}
+        for future in futures.values():
+            future.set_exception(DeliveryStopped("a delivery process stopped"))
+
+
+def _gather(futures: list[concurrent.futures.Future]) -> concurrent.futures.Future:
+    """One future of the concatenated results of ``futures``."""
+    gathered: concurrent.futures.Future = concurrent.futures.Future()
+    if not futures:
+        gathered.set_result([])
+        return gathered
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: concurrent.futures.Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        results: list = []
+        for future in futures:
+            if future.exception() is not None:
+                gathered.set_exception(future.exception())
+                return
+            result = future.result()
+            results += result if isinstance(result, list) else [result]
+        gathered.set_result(results)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return gathered
+
+
+def _one_attempt_fcm(**options: Any) -> Any:
+    """pyfcm's client, one attempt per call. Its own ``send_request`` sleeps on
+    every Retry-After and tries again without a bound; FcmSender retries
+    instead, a bounded number of times. The OAuth token is fetched under a lock
+    and shared by all threads while it is valid (pyfcm would refresh the one
+    credentials object from every thread at once).
+
+    pyfcm, google-auth and requests are imported only when FCM is configured:
+    they would add 12 MB to the server and to every delivery process."""
+    import google.auth.exceptions
+    import google.auth.transport.requests
+    import pyfcm.errors
+    from pyfcm import FCMNotification
+
+    class OneAttemptFcm(FCMNotification):
+        _token_lock = threading.Lock()
+
+        def _get_access_token(self) -> str:
+            with self._token_lock:
+                if not self.credentials.valid:
+                    try:
+                        self.credentials.refresh(
+                            google.auth.transport.requests.Request()
+                        )
+                    except google.auth.exceptions.GoogleAuthError as e:
+                        raise pyfcm.errors.InvalidDataError(e) from None
+                return self.credentials.token
+
+        def send_request(
+            self, payload: bytes | None = None, timeout: float | None = None
+        ) -> Any:
             response = self.requests_session.post(
                 self.fcm_end_point, data=payload, timeout=timeout
             )
-        return response
+            if self._is_access_token_expired(response):
+                self.thread_local.token_expiry = 0  # a new token, then once more
+                response = self.requests_session.post(
+                    self.fcm_end_point, data=payload, timeout=timeout
+                )
+            return response
+
+    return OneAttemptFcm(**options)
 
 
 def fcm_message_options(message: Message) -> dict:
@@ -1767,6 +1969,10 @@ class FcmSender:
     pyfcm is blocking, with one requests session and OAuth token per thread."""
 
     def __init__(self, settings: Settings):
+        import google.oauth2.service_account
+        import pyfcm.errors
+        import requests.adapters
+
         try:
             credentials = (
                 google.oauth2.service_account.Credentials.from_service_account_file(
@@ -1779,7 +1985,7 @@ class FcmSender:
                 f"FCM_SERVICE_ACCOUNT {settings.fcm_service_account}: not a "
                 f"service-account JSON file ({e})"
             ) from None
-        self.client = _OneAttemptFcm(
+        self.client = _one_attempt_fcm(
             credentials=credentials,
             project_id=settings.fcm_project_id or None,
             adapter=requests.adapters.HTTPAdapter(max_retries=0),  # retries are ours
@@ -1805,6 +2011,9 @@ class FcmSender:
         return [self._threads.submit(self._send_one, r, options) for r in records]
 
     def _send_one(self, record: dict, options: dict) -> PushOutcome:
+        import pyfcm.errors
+        import requests
+
         attempt = 0
         while True:
             attempt += 1
@@ -1855,139 +2064,713 @@ class FcmSender:
                 return outcome
             time.sleep(_retry_delay(retry_after, attempt))
 
-    def close(self, wait: bool = True) -> None:
-        self._threads.shutdown(wait=wait, cancel_futures=True)
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
-class PushSender:
-    """Fans a message out to web push subscriptions and FCM tokens, both at
-    once, and applies the outcomes to the store.
+class Delivery:
+    """Where messages go: web push to the delivery processes, or to one
+    WebPushDelivery in this process with PUSH_PROCESSES=1; FCM tokens to
+    FcmSender's threads when FCM is configured (skipped when it is not).
 
     Encryption and TLS are CPU work that one Python process does on one core,
-    so with PUSH_PROCESSES > 1 each web push fan-out is split across that many
-    delivery processes, each with its own WebPushDelivery; with 1, one
-    WebPushDelivery in this process delivers. FCM tokens go through
-    FcmSender's threads when FCM is configured, and are skipped when it is
-    not. HTTP worker threads call :meth:`send` and wait only for their own push.
+    hence the processes. Each takes many batches at once and keeps a queue per
+    push service, so a hung service holds only its own messages. Outcomes only:
+    what they mean for the store and the notification is the caller's.
     """
 
-    def __init__(self, keys: VapidKeys, store: SubscriptionStore, settings: Settings):
-        self.store = store
-        self.keys = keys
-        self.settings = settings
+    def __init__(self, keys: VapidKeys, settings: Settings):
         self.processes = max(1, settings.push_processes)
         # PUSH_CONCURRENCY is per push service, shared by the delivery processes.
-        self.per_origin = max(1, settings.push_concurrency // self.processes)
+        per_origin = max(1, settings.push_concurrency // self.processes)
         self.fcm = FcmSender(settings) if settings.fcm_service_account else None
-        if self.processes > 1:
-            self._replacing = threading.Lock()
-            self._executor = self._start_processes()
-        else:
-            self._delivery = WebPushDelivery(
-                keys,
-                self.per_origin,
-                settings.push_timeout,
-                settings.push_endpoint_pattern,
-            )
-
-    def _start_processes(self) -> concurrent.futures.ProcessPoolExecutor:
-        executor = concurrent.futures.ProcessPoolExecutor(
-            self.processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_delivery_process,
-            initargs=(
-                self.keys.private_pem(),
-                self.keys.subject,
-                self.per_origin,
-                self.settings.push_timeout,
-                self.settings.push_endpoint_pattern,
-            ),
+        self._args = (
+            keys.private_pem(),
+            keys.subject,
+            per_origin,
+            settings.push_timeout,
+            settings.push_endpoint_pattern,
         )
-        for _ in range(self.processes):  # start them now, not on the first push
-            executor.submit(time.sleep, 0.05)
-        return executor
+        self._local: WebPushDelivery | None = None
+        self._workers: list[_DeliveryProcess] = []
+        self._turn = itertools.count()
+        self._replacing = threading.Lock()
+        if self.processes == 1:
+            self._local = WebPushDelivery(keys, *self._args[2:])
+        else:
+            self._workers = [
+                _DeliveryProcess(self._args) for _ in range(self.processes)
+            ]
 
-    def send(self, records: list[dict], message: Message) -> PushReport:
-        """Deliver ``message`` to every record and wait for all outcomes."""
+    def sends_to(self, origin: str) -> bool:
+        """Whether records of this origin ("fcm" for FCM tokens) can be sent."""
+        return origin != "fcm" or self.fcm is not None
+
+    def submit(
+        self,
+        records: list[dict],
+        message: Message,
+        key: str | None = None,
+        first: bool = False,
+    ) -> concurrent.futures.Future:
+        """Deliver ``message``; the future gives one PushOutcome per record
+        (none for FCM tokens while FCM is not configured), or DeliveryStopped."""
         web = [r for r in records if r.get("kind", "webpush") == "webpush"]
         tokens = [r for r in records if r.get("kind") == "fcm"]
-        fcm_futures = self.fcm.submit(tokens, message) if self.fcm and tokens else []
-        if self.processes > 1:
-            outcomes = self._send_in_processes(web, message)
+        futures = self.fcm.submit(tokens, message) if self.fcm and tokens else []
+        if web and self._local is not None:
+            futures.append(self._local.submit(web, message, key, first))
+        elif web:
+            futures.append(self._worker().submit(web, message, key, first))
+        return _gather(futures)
+
+    def cancel(self, key: str) -> None:
+        """Send nothing more of what was submitted with ``key``."""
+        if self._local is not None:
+            self._local.cancel(key)
+        for worker in self._workers:
+            worker.cancel(key)
+
+    def _worker(self) -> _DeliveryProcess:
+        """The next delivery process in turn; a dead one is replaced."""
+        index = next(self._turn) % len(self._workers)
+        worker = self._workers[index]
+        if not worker.alive:
+            with self._replacing:
+                if self._workers[index] is worker:
+                    log.error("a delivery process stopped; starting a new one")
+                    worker.close()
+                    self._workers[index] = _DeliveryProcess(self._args)
+                worker = self._workers[index]
+        return worker
+
+    def close(self) -> None:
+        """Stop delivering: what is not yet sent ends as unsent."""
+        if self.fcm:
+            self.fcm.close()
+        if self._local is not None:
+            self._local.close()
+        for worker in self._workers:
+            worker.close()
+
+
+def apply_outcomes(store: SubscriptionStore, outcomes: list[PushOutcome]) -> None:
+    """What outcomes mean for the store: a subscription its push service says
+    is gone (404, 410) is removed; failures are logged, one line per cause."""
+    gone = [o for o in outcomes if o.result == "removed"]
+    if gone:
+        try:
+            store.write(removals=[o.record_id for o in gone])
+        except OSError as e:  # kept, and removed at its next 404 or 410
+            log.warning("cannot remove %d gone subscriptions yet: %s", len(gone), e)
         else:
-            outcomes = self._delivery.submit(web, message).result()
-        outcomes += [future.result() for future in fcm_futures]
-        for outcome in outcomes:
-            if outcome.result == "removed":
-                try:
-                    self.store.remove(outcome.record_id)
-                except OSError as e:  # kept, and removed at its next 404 or 410
-                    log.warning("cannot remove %s yet: %s", outcome.record_id, e)
-                    continue
+            for o in gone:
                 log.info(
                     "removed subscription %s: %s answered %s",
-                    outcome.record_id,
-                    outcome.origin,
-                    outcome.status,
+                    o.record_id,
+                    o.origin,
+                    o.status,
                 )
-            elif outcome.result == "failed":
-                log.warning(
-                    "push to %s failed (subscription %s): %s %s",
-                    outcome.origin,
-                    outcome.record_id,
-                    outcome.status or "no answer",
-                    outcome.reason,
-                )
-        return PushReport(outcomes)
+    causes = collections.Counter(
+        (o.origin, o.status, o.reason) for o in outcomes if o.result == "failed"
+    )
+    for (origin, status, reason), count in causes.items():
+        log.warning(
+            "push to %s failed for %d subscription%s: %s %s",
+            origin,
+            count,
+            "s" if count > 1 else "",
+            status or "no answer",
+            reason,
+        )
 
-    def _send_in_processes(
-        self, records: list[dict], message: Message
-    ) -> list[PushOutcome]:
-        """Split round-robin, so each process gets a share of every push service."""
-        parts = [records[i :: self.processes] for i in range(self.processes)]
-        executor = self._executor
-        futures = []
-        for part in filter(None, parts):
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            try:  # a process that died while idle breaks the pool: submit raises
-                future = executor.submit(_deliver_in_process, part, message)
-            except concurrent.futures.process.BrokenProcessPool as e:
-                future.set_exception(e)
-            futures.append((part, future))
-        outcomes: list[PushOutcome] = []
-        for part, future in futures:
+
+###############################################################################
+# Notifications ###############################################################
+###############################################################################
+
+FINISHED = ("done", "cancelled", "expired")
+COUNTS = ("sent", "failed", "removed", "retried")
+BATCH_SIZE = 500  # subscribers handed to a delivery process at once
+MAX_SCHEDULE_AHEAD = 30 * 86400
+IDEMPOTENCY_SECONDS = 86400
+EXPIRY_SLACK = 5.0  # seconds late a TTL 0 notification may still start
+MAX_ERRORS = 10  # causes of failure kept per notification, the commonest
+
+
+class NotificationJournal(JsonLinesStore):
+    """Notifications and their progress (see JsonLinesStore), beside the
+    subscription store. A notification is one record; each batch of
+    subscribers whose outcomes are known adds a progress record
+    (``{"id": "<id>.<n>", "of": "<id>", "done": [...], "counts": ...}``), and
+    the notification's final record replaces them when it ends."""
+
+    WHAT = "notification journal"
+    SETTING = "NOTIFICATIONS_FILE"
+
+
+class AlreadyFinished(Exception):
+    """The notification ended before it could be cancelled."""
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key already used with another body."""
+
+
+def rfc3339(moment: float | None) -> str | None:
+    """A time as RFC 3339 in UTC, to the millisecond."""
+    if moment is None:
+        return None
+    text = datetime.fromtimestamp(moment, timezone.utc).isoformat("T", "milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+RFC3339_RE = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?"
+    r"(?:([Zz])|([+-])(\d\d):(\d\d))"
+)
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """Seconds since the epoch of an RFC 3339 date-time with an offset, or None."""
+    match = RFC3339_RE.fullmatch(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, zulu, sign, off_hours, off_minutes = match.groups()[6:]
+    offset = timedelta(0)
+    if not zulu:
+        offset = timedelta(hours=int(off_hours), minutes=int(off_minutes))
+        if sign == "-":
+            offset = -offset
+    try:
+        moment = datetime(
+            year, month, day, hour, minute, min(second, 59), tzinfo=timezone(offset)
+        )
+    except ValueError:  # February 30th, an offset of 24 hours
+        return None
+    return moment.timestamp() + float(fraction or 0) + (second == 60)
+
+
+def _zero_counts() -> dict[str, dict[str, int]]:
+    return {channel: dict.fromkeys(COUNTS, 0) for channel in CHANNELS}
+
+
+def _add_counts(into: dict, counts: dict) -> None:
+    for channel, values in counts.items():
+        for name, value in values.items():
+            into[channel][name] += value
+
+
+def _add_errors(into: list[dict], errors: list[dict]) -> list[dict]:
+    """Merge counts of failure causes; keep the commonest MAX_ERRORS."""
+    merged: collections.Counter = collections.Counter()
+    for error in into + errors:
+        cause = (error["channel"], error["origin"], error["status"], error["reason"])
+        merged[cause] += error["count"]
+    return [
+        {"channel": c, "origin": o, "status": s, "reason": r, "count": n}
+        for (c, o, s, r), n in merged.most_common(MAX_ERRORS)
+    ]
+
+
+def message_of(record: dict, now: float) -> Message:
+    """A notification's message as sent now: its TTL counted from when it was
+    due, so a message sent late expires when it would have on time."""
+    spec = record["message"]
+    late = max(0.0, now - record["due"])
+    return Message(
+        spec["notification"],
+        notification_json(spec["notification"]),
+        max(0, int(spec["ttl"] - late)),
+        spec["urgency"],
+        spec["collapse_key"],
+    )
+
+
+def status_document(record: dict) -> dict:
+    """What ``GET /notifications/<id>`` says of a notification."""
+    channels = record["counts"]
+    counts = {name: sum(c[name] for c in channels.values()) for name in COUNTS}
+    total = record["total"]
+    return {
+        "id": record["id"],
+        "status": record["status"],
+        "title": record["message"]["notification"].get("title"),
+        "topic": record["topic"],
+        "created": rfc3339(record["created"]),
+        "send_at": rfc3339(record["send_at"]),
+        "started": rfc3339(record["started"]),
+        "finished": rfc3339(record["finished"]),
+        "total": total,
+        **counts,
+        "pending": max(
+            0, total - counts["sent"] - counts["failed"] - counts["removed"]
+        ),
+        "channels": channels,
+        "errors": record["errors"],
+    }
+
+
+@dataclass(eq=False)
+class _Job:
+    """A notification that has not ended, as the dispatcher holds it."""
+
+    record: dict
+    message: Message | None = None
+    pending: dict[str, collections.deque[str]] = field(default_factory=dict)
+    out: collections.Counter[str] = field(default_factory=collections.Counter)
+    done: set[str] = field(default_factory=set)  # known sent, until the plan
+    progress: list[str] = field(default_factory=list)  # its progress records
+    planned: bool = False
+
+
+class NotificationQueue:
+    """Notifications as durable jobs: accepted into the journal at once,
+    delivered by one dispatcher thread, resumed after a crash.
+
+    The dispatcher starts a notification when it is due: it lists the ids of
+    its subscribers by push service, and hands them out in batches of
+    BATCH_SIZE, at most ``2 x PUSH_PROCESSES`` batches per push service per
+    notification at a time, so a hung push service holds only its own
+    batches. Each batch's outcomes are applied to the store and written to the
+    journal as one progress record; after a crash, the subscribers of recorded
+    batches are skipped, and those of batches in flight at that moment are sent
+    again: at most ``BATCH_SIZE x 2 x PUSH_PROCESSES`` duplicates per push
+    service and notification.
+    """
+
+    def __init__(
+        self,
+        journal: NotificationJournal,
+        store: SubscriptionStore,
+        delivery: Delivery,
+        retention: float,
+        batch_size: int = BATCH_SIZE,
+    ):
+        self.journal = journal
+        self.store = store
+        self.delivery = delivery
+        self.retention = retention
+        self.batch_size = batch_size
+        self.batches_per_origin = 2 * delivery.processes
+        self._jobs: dict[str, _Job] = {}  # not ended, in order of creation
+        self._order: list[tuple[float, str]] = []  # (created, id) of all, oldest first
+        self._keys: dict[str, str] = {}  # idempotency key's hash -> id
+        self._lock = threading.Condition()
+        self._creating = threading.Lock()  # one check-and-create per key at a time
+        self._completed: collections.deque[tuple] = collections.deque()
+        self._stopping = False
+        self._next_sweep = 0.0
+        self._load()
+        self._thread = threading.Thread(
+            target=self._run, name="notifications", daemon=True
+        )
+        self._thread.start()
+
+    # -- what the HTTP routes call ----------------------------------------------
+
+    def create(
+        self,
+        message: Message,
+        topic: str | None,
+        send_at: float | None = None,
+        key: str | None = None,
+        body_hash: str = "",
+        source: str = "api",
+    ) -> tuple[dict, bool]:
+        """Record a notification durably (OSError if the disk refuses); its
+        status document, and whether it is an earlier one with the same
+        Idempotency-Key (IdempotencyConflict if that one had another body)."""
+        key_hash = hashlib.sha256(key.encode()).hexdigest() if key else None
+        with self._creating if key_hash else contextlib.nullcontext():
+            if key_hash:
+                earlier = self._earlier(key_hash)
+                if earlier is not None:
+                    if earlier["idempotency"]["body"] != body_hash:
+                        raise IdempotencyConflict(earlier["id"])
+                    return status_document(earlier), True
+            now = time.time()
+            due = now if send_at is None else send_at
+            record = {
+                "id": secrets.token_urlsafe(12),
+                "status": "scheduled" if due > now else "queued",
+                "source": source,
+                "created": now,
+                "due": due,
+                "send_at": send_at,
+                "started": None,
+                "finished": None,
+                "topic": topic,
+                "message": {
+                    "notification": message.notification,
+                    "ttl": message.ttl,
+                    "urgency": message.urgency,
+                    "collapse_key": message.topic,
+                },
+                "idempotency": key_hash and {"key": key_hash, "body": body_hash},
+                "total": self.subscribers(topic),
+                "counts": _zero_counts(),
+                "errors": [],
+            }
+            self.journal.upsert(record)
+            with self._lock:
+                self._jobs[record["id"]] = _Job(record)
+                self._order.append((now, record["id"]))
+                if key_hash:
+                    self._keys[key_hash] = record["id"]
+                self._lock.notify_all()
+                return status_document(record), False
+
+    def subscribers(self, topic: str | None) -> int:
+        """How many subscribers a notification to ``topic`` goes to now."""
+        plan = self.store.ids_by_origin(topic)
+        return sum(len(ids) for o, ids in plan.items() if self.delivery.sends_to(o))
+
+    def get(self, notification_id: str) -> dict | None:
+        with self._lock:
+            job = self._jobs.get(notification_id)
+            if job is not None:
+                return status_document(job.record)
+        record = self.journal.get(notification_id)
+        if record is None or "of" in record:
+            return None
+        return status_document(record)
+
+    def list(self, limit: int) -> list[dict]:
+        """The newest ``limit`` notifications, newest first."""
+        with self._lock:
+            newest = [i for _, i in self._order[-limit:]][::-1]
+        return [d for d in map(self.get, newest) if d is not None]
+
+    def cancel(self, notification_id: str) -> dict:
+        """Send no more of it: KeyError if there is no such notification,
+        AlreadyFinished if it has ended, OSError if the disk refuses."""
+        with self._lock:
+            job = self._jobs.get(notification_id)
+            if job is None:
+                if self.get(notification_id) is None:
+                    raise KeyError(notification_id)
+                raise AlreadyFinished(notification_id)
+            if job.record["status"] in FINISHED:
+                raise AlreadyFinished(notification_id)
+            record = {**job.record, "status": "cancelled", "finished": time.time()}
+        self.journal.upsert(record)
+        with self._lock:
+            job.record.update(status="cancelled", finished=record["finished"])
+            self._lock.notify_all()
+        self.delivery.cancel(notification_id)
+        log.info("notification %s cancelled", notification_id)
+        return status_document(record)
+
+    def wait(self, notification_id: str, timeout: float) -> dict | None:
+        """Its status document once it has ended, or after ``timeout`` seconds
+        (sooner if the server is stopping)."""
+        with self._lock:
+            self._lock.wait_for(
+                lambda: notification_id not in self._jobs or self._stopping, timeout
+            )
+        return self.get(notification_id)
+
+    def stop(self, timeout: float) -> bool:
+        """Hand out nothing more, and wait up to ``timeout`` seconds for the
+        batches in flight to be recorded; True if they all were. What was not
+        sent resumes at the next start."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            sending = [i for i, job in self._jobs.items() if job.out]
+        for notification_id in sending:  # what waits ends now, unsent
+            self.delivery.cancel(notification_id)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- the journal at start ---------------------------------------------------
+
+    def _load(self) -> None:
+        """Rebuild the jobs that had not ended from the journal: their counts
+        and the subscribers already done come from their progress records."""
+        progress: dict[str, list[dict]] = collections.defaultdict(list)
+        orphans = []
+        records = []
+        for record_id in self.journal.ids():
+            record = self.journal.get(record_id)
+            if record is None:
+                continue
+            if "of" in record:
+                progress[record["of"]].append(record)
+            else:
+                records.append(record)
+        now = time.time()
+        for record in sorted(records, key=lambda r: r["created"]):
+            self._order.append((record["created"], record["id"]))
+            key = record.get("idempotency")
+            if key and record["created"] > now - IDEMPOTENCY_SECONDS:
+                self._keys[key["key"]] = record["id"]
+            done = progress.pop(record["id"], [])
+            if record.get("final"):
+                orphans += [p["id"] for p in done]
+                continue
+            job = _Job(record, progress=[p["id"] for p in done])
+            record["counts"] = _zero_counts()
+            for part in done:
+                job.done.update(part["done"])
+                _add_counts(record["counts"], part["counts"])
+                record["errors"] = _add_errors(record["errors"], part["errors"])
+            self._jobs[record["id"]] = job
+            if record["status"] in ("queued", "sending"):
+                log.info(
+                    "notification %s resumes: %d subscribers done before the stop",
+                    record["id"],
+                    len(job.done),
+                )
+        orphans += [p["id"] for parts in progress.values() for p in parts]
+        if orphans:
+            with contextlib.suppress(OSError):  # tried again at the next start
+                self.journal.write(removals=orphans)
+
+    def _earlier(self, key_hash: str) -> dict | None:
+        """The notification made with this Idempotency-Key in the last 24 hours."""
+        notification_id = self._keys.get(key_hash)
+        if notification_id is None:
+            return None
+        with self._lock:
+            job = self._jobs.get(notification_id)
+            record = job.record if job else self.journal.get(notification_id)
+        if record is None or record["created"] < time.time() - IDEMPOTENCY_SECONDS:
+            return None
+        return record
+
+    # -- the dispatcher, on its own thread ---------------------------------------
+
+    def _run(self) -> None:
+        while True:
             try:
-                outcomes += future.result()
-            except concurrent.futures.process.BrokenProcessPool:
-                outcomes += [
-                    PushOutcome(
-                        r["id"],
-                        endpoint_origin(r["endpoint"]),
-                        None,
-                        "failed",
-                        "a delivery process died",
-                    )
-                    for r in part
-                ]
-                self._replace_broken(executor)
-        return outcomes
+                if not self._turn():
+                    return
+            except Exception:  # a bug here must not stop every notification
+                log.exception("notification dispatcher error; it carries on")
+                time.sleep(1)
 
-    def _replace_broken(self, executor: concurrent.futures.Executor) -> None:
-        with self._replacing:
-            if self._executor is executor:  # not already replaced by another push
-                log.error("a delivery process died; starting new ones")
-                executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._start_processes()
+    def _turn(self) -> bool:
+        """One turn: record what delivery finished, start what is due, hand
+        out batches, end what is complete; False once stopped."""
+        with self._lock:
+            if not self._completed:
+                self._lock.wait(self._sleep())
+            completed = list(self._completed)
+            self._completed.clear()
+            stopping = self._stopping
+        for job, origin, ids, future in completed:
+            self._record(job, origin, ids, future)
+        if stopping:
+            with self._lock:
+                return any(job.out for job in self._jobs.values())
+        now = time.time()
+        for job in list(self._jobs.values()):
+            status = job.record["status"]
+            due = status in ("scheduled", "queued") and job.record["due"] <= now
+            if due or (status == "sending" and not job.planned):
+                self._start(job, now)
+            if job.record["status"] == "sending":
+                self._hand_out(job)
+            status = job.record["status"]
+            complete = status == "sending" and not any(job.pending.values())
+            if (complete or status == "cancelled") and not job.out:
+                self._end(job)
+        if now >= self._next_sweep:
+            self._next_sweep = now + 60
+            self._drop_old(now)
+        return True
 
-    def close(self, wait: bool = True) -> None:
-        """Stop delivering; ``wait=False`` abandons what is under way (the
-        delivery processes end with this one)."""
-        if self.fcm:
-            self.fcm.close(wait)
-        if self.processes > 1:
-            self._executor.shutdown(wait=wait, cancel_futures=True)
-        else:
-            self._delivery.close()
+    def _sleep(self) -> float | None:
+        """Seconds until something is due: a scheduled notification, the sweep."""
+        if self._stopping:
+            return None  # only batches coming back
+        now = time.time()
+        due = [self._next_sweep]
+        for job in self._jobs.values():
+            if job.record["status"] in ("scheduled", "queued"):
+                due.append(job.record["due"])
+            elif job.record["status"] in ("sending", "cancelled") and not job.out:
+                due.append(now)  # ready to hand out or to end
+        return max(0.0, min(due) - now)
+
+    def _start(self, job: _Job, now: float) -> None:
+        """A due notification: expired if it is past its TTL, else planned;
+        one that was sending when the server stopped is planned again."""
+        record = job.record
+        late = now - record["due"] > record["message"]["ttl"] + EXPIRY_SLACK
+        if late and record["status"] != "sending":
+            log.warning(
+                "notification %s expired: due %s, its TTL of %d s passed before "
+                "it could be sent",
+                record["id"],
+                rfc3339(record["due"]),
+                record["message"]["ttl"],
+            )
+            self._end(job, "expired")
+            return
+        plan = self.store.ids_by_origin(record["topic"])
+        for origin, ids in plan.items():
+            if self.delivery.sends_to(origin):
+                left = [i for i in ids if i not in job.done] if job.done else ids
+                job.pending[origin] = collections.deque(left)
+        total = len(job.done) + sum(map(len, job.pending.values()))
+        job.done = set()
+        job.message = message_of(record, now)
+        job.planned = True
+        with self._lock:
+            if record["status"] == "cancelled":  # while it was being planned
+                return
+            record.update(status="sending", total=total)
+            record["started"] = record["started"] or now
+            started = dict(record)
+        with contextlib.suppress(OSError):  # the journal says queued: planned again
+            self.journal.upsert(started)
+        log.info(
+            "notification %s: sending to %d subscribers%s",
+            record["id"],
+            total,
+            f" (topic {record['topic']})" if record["topic"] else "",
+        )
+
+    def _hand_out(self, job: _Job) -> None:
+        for origin, waiting in job.pending.items():
+            while waiting and job.out[origin] < self.batches_per_origin:
+                count = min(self.batch_size, len(waiting))
+                ids = [waiting.popleft() for _ in range(count)]
+                records = [r for r in map(self.store.get, ids) if r is not None]
+                if len(records) < len(ids):  # unsubscribed since the plan
+                    with self._lock:
+                        job.record["total"] -= len(ids) - len(records)
+                    ids = [r["id"] for r in records]
+                if not ids:
+                    continue
+                job.out[origin] += 1
+                future = self.delivery.submit(records, job.message, job.record["id"])
+                future.add_done_callback(
+                    functools.partial(self._completed_batch, job, origin, ids)
+                )
+
+    def _completed_batch(
+        self, job: _Job, origin: str, ids: list[str], future: Any
+    ) -> None:
+        with self._lock:
+            self._completed.append((job, origin, ids, future))
+            self._lock.notify_all()
+
+    def _record(self, job: _Job, origin: str, ids: list[str], future: Any) -> None:
+        """Apply a batch's outcomes to the store and write its progress; the
+        subscribers it did not reach go back to be handed out again."""
+        job.out[origin] -= 1
+        if not job.out[origin]:
+            del job.out[origin]
+        try:
+            outcomes: list[PushOutcome] = future.result()
+        except DeliveryStopped:
+            outcomes = []
+        reached = [o for o in outcomes if o.result != "unsent"]
+        done = {o.record_id for o in reached}
+        again = [i for i in ids if i not in done]
+        if again:
+            job.pending.setdefault(origin, collections.deque()).extendleft(
+                reversed(again)
+            )
+        if not reached:
+            return
+        apply_outcomes(self.store, reached)
+        counts = _zero_counts()
+        causes: collections.Counter = collections.Counter()
+        for o in reached:
+            counts[o.channel][o.result] += 1
+            counts[o.channel]["retried"] += o.tries > 1
+            if o.result == "failed":
+                causes[(o.channel, o.origin, o.status, o.reason)] += 1
+        errors = [
+            {"channel": c, "origin": og, "status": s, "reason": r, "count": n}
+            for (c, og, s, r), n in causes.items()
+        ]
+        record = job.record
+        part = {
+            "id": f"{record['id']}.{len(job.progress)}",
+            "of": record["id"],
+            "done": sorted(done),
+            "counts": counts,
+            "errors": errors,
+        }
+        try:
+            self.journal.upsert(part)
+            job.progress.append(part["id"])
+        except OSError as e:  # sent, not recorded: sent again after a crash
+            log.error("notification %s: cannot record progress: %s", record["id"], e)
+        with self._lock:
+            _add_counts(record["counts"], counts)
+            record["errors"] = _add_errors(record["errors"], errors)
+
+    def _end(self, job: _Job, status: str = "done") -> None:
+        """Write a notification's final record in place of its progress."""
+        record = job.record
+        final = {**record, "final": True}
+        if record["status"] != "cancelled":
+            final.update(status=status, finished=time.time())
+        try:
+            self.journal.write([final], removals=job.progress)
+        except OSError as e:  # ended in memory; the journal resumes it at start
+            log.error("notification %s: cannot record its end: %s", record["id"], e)
+        with self._lock:
+            record.update(final)
+            del self._jobs[record["id"]]
+            self._lock.notify_all()
+        counts = status_document(record)
+        log.info(
+            "notification %s %s: sent=%d failed=%d removed=%d retried=%d of %d",
+            record["id"],
+            record["status"],
+            counts["sent"],
+            counts["failed"],
+            counts["removed"],
+            counts["retried"],
+            counts["total"],
+        )
+
+    def _drop_old(self, now: float) -> None:
+        """Forget notifications ended NOTIFICATION_RETENTION seconds ago (kept
+        while their Idempotency-Key is, 24 hours)."""
+        old = []
+        keep_from = now - self.retention
+        with self._lock:
+            for created, notification_id in self._order:
+                if created >= keep_from:
+                    break
+                if notification_id not in self._jobs:
+                    old.append(notification_id)
+        drop = []
+        for notification_id in old:
+            record = self.journal.get(notification_id)
+            if record is None:
+                drop.append(notification_id)
+                continue
+            keyed = record.get("idempotency") and (
+                record["created"] > now - IDEMPOTENCY_SECONDS
+            )
+            ended = record["finished"] is not None and record["finished"] < keep_from
+            if ended and not keyed:
+                drop.append(notification_id)
+        if not drop:
+            return
+        try:
+            self.journal.write(removals=drop)
+        except OSError as e:
+            log.warning("cannot drop old notifications yet: %s", e)
+            return
+        gone = set(drop)
+        with self._lock:
+            self._order = [(c, i) for c, i in self._order if i not in gone]
+            for key, notification_id in list(self._keys.items()):
+                if notification_id in gone:
+                    del self._keys[key]
+        log.info("dropped %d notifications older than the retention", len(drop))
 
 
 ###############################################################################
@@ -2117,24 +2900,6 @@ def github_failed_workflow(payload: dict) -> dict | None:
     }
 
 
-class DeliveryIds:
-    """The last ``size`` delivery ids seen, so a repeated delivery is sent once."""
-
-    def __init__(self, size: int = 10_000):
-        self.size = size
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def first_time(self, delivery: str) -> bool:
-        with self._lock:
-            if delivery in self._seen:
-                return False
-            self._seen[delivery] = None
-            if len(self._seen) > self.size:
-                self._seen.popitem(last=False)
-            return True
-
-
 ###############################################################################
 # HTTP ########################################################################
 ###############################################################################
@@ -2142,13 +2907,12 @@ class DeliveryIds:
 TOPIC_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_:.\-]{1,4096}")
 COLLAPSE_KEY_RE = re.compile(r"[A-Za-z0-9_\-]{1,32}")
+IDEMPOTENCY_KEY_RE = re.compile(r"[!-~][ -~]{0,253}[!-~]|[!-~]")
+NOTIFICATION_ID_RE = re.compile(r"[A-Za-z0-9_\-]{16}")
+MAX_PREFER_WAIT = 60
+TEST_WAIT = 10.0  # seconds POST /subscription/test waits for its push service
 MAX_TTL = 28 * 86400
 STATIC_DIR = HERE / "static"
-
-
-def notification_json(notification: dict) -> bytes:
-    """What a browser's service worker receives."""
-    return json.dumps(notification, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class ApiError(Exception):
@@ -2408,6 +3172,45 @@ class Validator:
             self.topic(topic)
         return Message(notification, payload, ttl, urgency, collapse_key), topic
 
+    def send_at(self, body: dict) -> float | None:
+        """When a POST /push body schedules it (``send_at`` or ``delay``), or None."""
+        send_at, delay = body.get("send_at"), body.get("delay")
+        if send_at is not None and delay is not None:
+            raise ApiError(400, "give 'send_at' or 'delay', not both")
+        now = time.time()
+        if send_at is not None:
+            when = parse_rfc3339(send_at) if isinstance(send_at, str) else None
+            if when is None:
+                raise ApiError(
+                    400,
+                    "'send_at' must be an RFC 3339 date-time with an offset, "
+                    "like 2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00",
+                )
+        elif delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+                raise ApiError(400, "'delay' must be a number of seconds")
+            if delay < 0:
+                raise ApiError(400, "'delay' must not be negative")
+            when = now + min(delay, MAX_SCHEDULE_AHEAD + 1)
+        else:
+            return None
+        if when - now > MAX_SCHEDULE_AHEAD:
+            raise ApiError(
+                400,
+                f"a notification can be scheduled at most {MAX_SCHEDULE_AHEAD // 86400} "
+                "days ahead",
+            )
+        return when
+
+    def idempotency_key(self, header: str | None) -> str | None:
+        if header is None:
+            return None
+        if not IDEMPOTENCY_KEY_RE.fullmatch(header):
+            raise ApiError(
+                400, "'Idempotency-Key' must be 1-255 printable ASCII characters"
+            )
+        return header
+
 
 class JsonApiPlugin:
     """Bottle plugin for API routes: ApiError and crashes become JSON errors,
@@ -2526,9 +3329,8 @@ class RateLimitPlugin:
 
 
 class InFlight:
-    """WSGI wrapper that counts work under way (requests, and the background
-    fan-outs webhooks start) and, once draining, answers new requests 503, so a
-    shutdown can wait for the rest."""
+    """WSGI wrapper that counts requests under way and, once draining, answers
+    new ones 503, so a shutdown can wait for the rest."""
 
     def __init__(self, app: Callable):
         self.app = app
@@ -2706,30 +3508,67 @@ def read_body(max_bytes: int, setting: str = "MAX_BODY_BYTES") -> bytes:
     return raw
 
 
+def prefer_wait(header: str | None) -> int | None:
+    """The seconds of RFC 7240's ``Prefer: wait=N``, at most 60; None if absent
+    (a preference the server does not understand is ignored, as 7240 says)."""
+    for preference in re.split(r"[,;]", header or ""):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            return min(int(value.strip()), MAX_PREFER_WAIT)
+    return None
+
+
+def body_hash(body: Any) -> str:
+    """What makes two request bodies the same for an Idempotency-Key."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def create_app(
     settings: Settings | None = None,
     keys: VapidKeys | None = None,
     store: SubscriptionStore | None = None,
     token: str | None = None,
+    journal: NotificationJournal | None = None,
 ) -> bottle.Bottle:
-    """The WSGI application. Anything not given is made from ``settings``."""
+    """The WSGI application. Anything not given is made from ``settings``;
+    ``app.config["webpush.close"](timeout)`` stops its delivery and files."""
     settings = settings or Settings.from_env()
     keys = keys if keys is not None else VapidKeys.load_or_create(settings)
     store = (
         store if store is not None else SubscriptionStore(settings.subscriptions_file)
     )
+    if journal is None:
+        journal = NotificationJournal(settings.journal_path)
     token = token if token is not None else load_or_create_token(settings)[0]
-    sender = PushSender(keys, store, settings)
+    delivery = Delivery(keys, settings)
+    queue = NotificationQueue(journal, store, delivery, settings.notification_retention)
     validate = Validator(settings)
     cors = CorsPlugin(settings.cors_origins)
     started = time.time()
+    test_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
+
+    def close(timeout: float = 0) -> bool:
+        """Stop: batches in flight get ``timeout`` seconds to be recorded."""
+        recorded = queue.stop(timeout)
+        delivery.close()
+        journal.close()
+        store.close()
+        return recorded
 
     app = bottle.Bottle()
     app.install(cors)  # installed first, so it wraps the JSON errors too
     app.install(JsonApiPlugin())
     app.install(RateLimitPlugin(settings.rate_limit, settings.trusted_proxies))
     app.config.update(
-        {"webpush.store": store, "webpush.sender": sender, "webpush.keys": keys}
+        {
+            "webpush.store": store,
+            "webpush.journal": journal,
+            "webpush.queue": queue,
+            "webpush.delivery": delivery,
+            "webpush.keys": keys,
+            "webpush.close": close,
+        }
     )
     bottle.BaseRequest.MEMFILE_MAX = settings.max_body_bytes
 
@@ -2744,7 +3583,9 @@ def create_app(
         if not bearer_ok():
             bottle.response.set_header("WWW-Authenticate", 'Bearer realm="push"')
             log.warning(
-                "refused POST /push from %s: wrong or missing token",
+                "refused %s %s from %s: wrong or missing token",
+                bottle.request.method,
+                bottle.request.path,
                 bottle.request.remote_addr,
             )
             raise ApiError(
@@ -2837,55 +3678,119 @@ def create_app(
         message = Message(
             notification, notification_json(notification), settings.default_ttl, "high"
         )
-        report = sender.send([stored], message)
-        return report.summary(detail=True)
+        # Ahead of any fan-out's messages to the same push service, on a few
+        # HTTP threads at most, and never longer than TEST_WAIT.
+        if not test_slots.acquire(blocking=False):
+            bottle.response.set_header("Retry-After", "5")
+            raise ApiError(
+                429, "too many test notifications under way; try again in a few seconds"
+            )
+        try:
+            outcomes = delivery.submit([stored], message, first=True).result(TEST_WAIT)
+        except (concurrent.futures.TimeoutError, DeliveryStopped) as e:
+            reason = (
+                f"no answer from the push service within {TEST_WAIT:g} s"
+                if isinstance(e, concurrent.futures.TimeoutError)
+                else "the server is stopping"
+            )
+            outcomes = [
+                PushOutcome(
+                    stored["id"],
+                    endpoint_origin(stored["endpoint"]),
+                    None,
+                    "failed",
+                    reason,
+                )
+            ]
+        finally:
+            test_slots.release()
+        apply_outcomes(store, outcomes)
+        return PushReport(outcomes).summary(detail=True)
+
+    def answer(document: dict, wait: int | None, replayed: bool = False) -> dict:
+        """A new notification's answer: 202 naming it, or 200 with its final
+        status document if it ended within ``Prefer: wait``."""
+        if wait and document["status"] not in FINISHED:
+            document = queue.wait(document["id"], wait) or document
+        if wait is not None:
+            bottle.response.set_header("Preference-Applied", f"wait={wait}")
+        if replayed:
+            bottle.response.set_header("Idempotent-Replayed", "true")
+        if wait and document["status"] in FINISHED:
+            return document
+        bottle.response.status = 202
+        bottle.response.set_header("Location", f"/notifications/{document['id']}")
+        return {
+            "id": document["id"],
+            "status": document["status"],
+            "subscriptions": document["total"],
+        }
 
     @app.post("/push", api=True)
     def push() -> dict:
         require_token()
         body = read_json(settings.max_body_bytes)
         message, topic = validate.push(body)
-        records = store.list(topic)
-        started_at = time.monotonic()
-        report = sender.send(records, message)
-        summary = report.summary(detail=bool(body.get("detail")) or len(records) <= 10)
-        log.info(
-            "push%s to %d subscriptions in %.2fs: sent=%d failed=%d removed=%d retried=%d",
-            f" (topic {topic})" if topic else "",
-            len(records),
-            time.monotonic() - started_at,
-            summary["sent"],
-            summary["failed"],
-            summary["removed"],
-            summary["retried"],
-        )
-        return summary
-
-    webhook_pushes = concurrent.futures.ThreadPoolExecutor(
-        4, thread_name_prefix="webhook"
-    )
-    app.config["webpush.webhook_pushes"] = webhook_pushes
-    deliveries = DeliveryIds()
-
-    in_flight = InFlight(app)  # a shutdown waits for webhooks' fan-outs too
-    app.config["webpush.in_flight"] = in_flight
-
-    def push_in_background(records: list[dict], message: Message, what: str) -> None:
+        send_at = validate.send_at(body)
+        key = validate.idempotency_key(bottle.request.headers.get("Idempotency-Key"))
+        wait = prefer_wait(bottle.request.headers.get("Prefer"))
         try:
-            summary = sender.send(records, message).summary()
-        except Exception:
-            log.exception("webhook %s: the fan-out failed", what)
-            return
-        finally:
-            in_flight.end()
-        log.info(
-            "webhook %s pushed to %d: sent=%d failed=%d removed=%d",
-            what,
-            len(records),
-            summary["sent"],
-            summary["failed"],
-            summary["removed"],
-        )
+            document, replayed = queue.create(
+                message, topic, send_at, key, body_hash(body)
+            )
+        except IdempotencyConflict as e:
+            raise ApiError(
+                422,
+                f"this Idempotency-Key was used for notification {e} with another "
+                "body in the last 24 hours; use a new key for a new notification",
+            ) from None
+        if not replayed:
+            log.info(
+                "notification %s %s for %d subscribers%s",
+                document["id"],
+                document["status"],
+                document["total"],
+                f" (topic {topic})" if topic else "",
+            )
+        return answer(document, wait, replayed)
+
+    @app.get("/notifications", api=True)
+    def list_notifications() -> dict:
+        require_token()
+        raw = bottle.request.query.get("limit", "20")
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            raise ApiError(400, "'limit' must be a whole number from 1 to 1000")
+        return {"notifications": queue.list(int(raw))}
+
+    def notification_id(value: str) -> str:
+        if not NOTIFICATION_ID_RE.fullmatch(value):
+            raise ApiError(404, "no such notification (ids are 16 characters)")
+        return value
+
+    @app.get("/notifications/<nid>", api=True)
+    def get_notification(nid: str) -> dict:
+        require_token()
+        document = queue.get(notification_id(nid))
+        if document is None:
+            raise ApiError(404, "no such notification; it may be past its retention")
+        return document
+
+    @app.delete("/notifications/<nid>", api=True)
+    def cancel_notification(nid: str) -> dict:
+        require_token()
+        try:
+            return queue.cancel(notification_id(nid))
+        except KeyError:
+            raise ApiError(404, "no such notification") from None
+        except AlreadyFinished:
+            status = (queue.get(nid) or {}).get("status", "ended")
+            raise ApiError(
+                409,
+                f"the notification has ended ({status}); there is nothing to cancel",
+            ) from None
+
+    in_flight = InFlight(app)  # what a shutdown waits for
+    app.config["webpush.in_flight"] = in_flight
 
     @app.post("/webhooks/<source>", api=True)
     def webhook(source: str) -> dict:
@@ -2937,17 +3842,37 @@ def create_app(
             bottle.response.status = 202
             return {"ignored": f"{source} {event!r} of this kind sends no notification"}
         message, topic = validate.push(fields)
-        delivery = bottle.request.headers.get(kind.delivery_header)
-        if delivery and not deliveries.first_time(f"{source}:{delivery}"):
-            return {"duplicate": delivery}
-        records = store.list(topic)
-        in_flight.begin()  # counted from now, not from when a thread takes it
-        webhook_pushes.submit(push_in_background, records, message, f"{source}/{event}")
+        send_at = validate.send_at(fields)
+        delivery_id = bottle.request.headers.get(kind.delivery_header)
+        key = f"webhook:{source}:{delivery_id}" if delivery_id else None
+        try:  # a redelivery has the same id: it makes no second notification
+            document, replayed = queue.create(
+                message,
+                topic,
+                send_at,
+                key,
+                hashlib.sha256(raw).hexdigest(),
+                f"webhook {source}/{event}",
+            )
+        except IdempotencyConflict as e:
+            return {"duplicate": delivery_id, "id": str(e)}
+        if replayed:
+            return {"duplicate": delivery_id, "id": document["id"]}
+        log.info(
+            "webhook %s/%s: notification %s for %d subscribers",
+            source,
+            event,
+            document["id"],
+            document["total"],
+        )
         bottle.response.status = 202
+        bottle.response.set_header("Location", f"/notifications/{document['id']}")
         return {
             "accepted": event,
+            "id": document["id"],
+            "status": document["status"],
             "title": message.notification["title"],
-            "subscriptions": len(records),
+            "subscriptions": document["total"],
         }
 
     @app.get("/health", api=True)
@@ -3069,18 +3994,21 @@ def main(argv: list[str] | None = None) -> int:
     # waitress warns at every queued request once its threads are busy: noise under load.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     if repair:
-        try:
-            kept, moved, side = repair_store(Path(settings.subscriptions_file))
-        except (StoreLocked, OSError) as e:
-            log.error("cannot repair %s: %s", settings.subscriptions_file, e)
-            return 2
-        log.info(
-            "%s: %d records kept, %d damaged lines moved to %s",
-            settings.subscriptions_file,
-            kept,
-            moved,
-            side or "(none)",
-        )
+        for path in (Path(settings.subscriptions_file), settings.journal_path):
+            if not path.exists():
+                continue
+            try:
+                kept, moved, side = repair_store(path)
+            except (StoreLocked, OSError) as e:
+                log.error("cannot repair %s: %s", path, e)
+                return 2
+            log.info(
+                "%s: %d records kept, %d damaged lines moved to %s",
+                path,
+                kept,
+                moved,
+                side or "(none)",
+            )
         return 0
     try:
         store = SubscriptionStore(settings.subscriptions_file)
@@ -3091,15 +4019,21 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot open the store %s: %s", settings.subscriptions_file, e)
         return 2
     try:
-        keys = VapidKeys.load_or_create(settings)
-        token, generated = load_or_create_token(settings)
-    except OSError as e:
-        log.error("cannot read or write the keys in %s: %s", settings.vapid_dir, e)
+        journal = NotificationJournal(settings.journal_path)
+    except (StoreLocked, StoreDamaged, OSError) as e:
+        log.error("cannot open the notification journal: %s", e)
         store.close()
         return 2
-    except SettingError as e:
-        log.error("%s", e)
+    try:
+        keys = VapidKeys.load_or_create(settings)
+        token, generated = load_or_create_token(settings)
+    except (OSError, SettingError) as e:
+        if isinstance(e, OSError):
+            log.error("cannot read or write the keys in %s: %s", settings.vapid_dir, e)
+        else:
+            log.error("%s", e)
         store.close()
+        journal.close()
         return 2
     warning = subject_warning(settings.vapid_subject)
     if warning:
@@ -3112,10 +4046,11 @@ def main(argv: list[str] | None = None) -> int:
     # Before create_app: its delivery processes inherit the limit.
     _raise_open_file_limit(settings.connection_limit + settings.push_concurrency + 256)
     try:
-        app = create_app(settings, keys, store, token)
+        app = create_app(settings, keys, store, token, journal)
     except SettingError as e:  # FCM_SERVICE_ACCOUNT, say
         log.error("%s", e)
         store.close()
+        journal.close()
         return 2
 
     url = f"http://{settings.host}:{settings.port}"
@@ -3169,8 +4104,7 @@ def main(argv: list[str] | None = None) -> int:
                 listener.channel_class = JsonErrorChannel
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)
-        app.config["webpush.sender"].close()
-        store.close()
+        app.config["webpush.close"]()
         return 2
     log.info("serving on %s (demo page at %s/)", url, url)  # bound and listening
 
@@ -3192,10 +4126,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def drain() -> None:
         log.info(
-            "stopping: finishing requests and pushes under way (%g s at most)",
+            "stopping: finishing requests and messages in flight (%g s at most)",
             settings.shutdown_timeout,
         )
-        if not in_flight.drain(settings.shutdown_timeout):
+        deadline = time.monotonic() + settings.shutdown_timeout
+        if not app.config["webpush.queue"].stop(settings.shutdown_timeout):
+            log.warning(
+                "messages still in flight after SHUTDOWN_TIMEOUT: their subscribers "
+                "get them again at the next start"
+            )
+        if not in_flight.drain(max(0.0, deadline - time.monotonic())):
             log.warning(
                 "requests still under way after SHUTDOWN_TIMEOUT; stopping anyway"
             )
@@ -3208,9 +4148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()  # returns on SystemExit, after its threads finish
     finally:
-        app.config["webpush.webhook_pushes"].shutdown(wait=False, cancel_futures=True)
-        app.config["webpush.sender"].close(wait=in_flight.idle)
-        store.close()
+        app.config["webpush.close"]()
     log.info("stopped")
     if not in_flight.idle:  # abandoned after SHUTDOWN_TIMEOUT: exit without
         logging.shutdown()  # waiting for it, as the interpreter's exit would

@@ -69,9 +69,7 @@ def settings(tmp_path):
 
 
 def _close(application) -> None:
-    application.config["webpush.webhook_pushes"].shutdown(wait=True)
-    application.config["webpush.sender"].close()
-    application.config["webpush.store"].close()
+    application.config["webpush.close"]()
 
 
 @pytest.fixture
