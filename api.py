@@ -2176,12 +2176,11 @@ def apply_outcomes(store: SubscriptionStore, outcomes: list[PushOutcome]) -> Non
     )
     for (origin, status, reason), count in causes.items():
         log.warning(
-            "push to %s failed for %d subscription%s: %s %s",
+            "push to %s failed for %d subscription%s: %s",
             origin,
             count,
             "s" if count > 1 else "",
-            status or "no answer",
-            reason,
+            f"{status} {reason}" if status else reason,
         )
 
 
@@ -2361,8 +2360,9 @@ class NotificationQueue:
         self._creating = threading.Lock()  # one check-and-create per key at a time
         self._completed: collections.deque[tuple] = collections.deque()
         self._stopping = False
-        self._next_sweep = 0.0
         self._load()
+        self._drop_old(time.time())
+        self._next_sweep = time.time() + 60
         self._thread = threading.Thread(
             target=self._run, name="notifications", daemon=True
         )

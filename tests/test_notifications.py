@@ -1,0 +1,684 @@
+"""Notifications as durable jobs: README's "Notifications" section, one test a
+promise. The app runs in-process through WebTest, or as a real ``python
+api.py`` process where a restart, kill -9 or SIGTERM is the point; pushes go to
+the decrypting stand-in (tests/push_service.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import webtest
+
+import api
+from test_api import AUTH, Server
+from tests.push_service import PushService
+
+WAIT = {**AUTH, "Prefer": "wait=30"}
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+DOCUMENT_FIELDS = {
+    "id",
+    "status",
+    "title",
+    "topic",
+    "created",
+    "send_at",
+    "started",
+    "finished",
+    "total",
+    "sent",
+    "failed",
+    "removed",
+    "retried",
+    "pending",
+    "channels",
+    "errors",
+}
+
+
+def subscribe(client, service: PushService, count: int, topics=None) -> list:
+    subs = [service.subscriber() for _ in range(count)]
+    for sub in subs:
+        body = {**sub.subscription, **({"topics": topics} if topics else {})}
+        client.post_json("/subscription", body)
+    return subs
+
+
+def status_of(client, notification_id: str) -> dict:
+    return client.get(f"/notifications/{notification_id}", headers=AUTH).json
+
+
+def wait_status(client, notification_id: str, wanted: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while True:
+        document = status_of(client, notification_id)
+        if document["status"] == wanted or time.monotonic() > deadline:
+            return document
+        time.sleep(0.05)
+
+
+def store_file(path: Path, subscriptions: list[dict], topics=()) -> None:
+    """Subscriptions written straight into a store file (faster than POSTs)."""
+    with open(path, "a") as f:
+        for sub in subscriptions:
+            record_id = api.subscription_id(sub["endpoint"])
+            record = {"id": record_id, **sub, "topics": list(topics)}
+            f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def hung_push_service():
+    """A push service that takes connections and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4096)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+# -- POST /push -------------------------------------------------------------------
+
+
+def test_push_answers_202_with_its_id_and_location_before_delivery(app, push_service):
+    subscribe(app, push_service, 3)
+    push_service.latency = 0.5  # delivery takes longer than the answer
+    started = time.monotonic()
+    response = app.post_json("/push", {"title": "t"}, headers=AUTH, status=202)
+    assert time.monotonic() - started < 0.4
+    assert set(response.json) == {"id", "status", "subscriptions"}
+    assert response.json["status"] == "queued"
+    assert response.json["subscriptions"] == 3
+    assert response.headers["Location"] == f"/notifications/{response.json['id']}"
+    assert not push_service.received()
+    done = wait_status(app, response.json["id"], "done")
+    assert (done["sent"], done["pending"]) == (3, 0)
+
+
+def test_prefer_wait_answers_200_with_the_final_status_document(app, push_service):
+    subscribe(app, push_service, 2, topics=["news"])
+    gone = push_service.subscriber(script=[410])
+    app.post_json("/subscription", {**gone.subscription, "topics": ["news"]})
+    response = app.post_json(
+        "/push", {"title": "Hello", "topic": "news"}, headers=WAIT, status=200
+    )
+    document = response.json
+    assert set(document) == DOCUMENT_FIELDS
+    assert response.headers["Preference-Applied"] == "wait=30"
+    assert document["status"] == "done"
+    assert (document["title"], document["topic"]) == ("Hello", "news")
+    assert (document["total"], document["sent"], document["removed"]) == (3, 2, 1)
+    assert (document["failed"], document["pending"], document["send_at"]) == (
+        0,
+        0,
+        None,
+    )
+    assert document["channels"]["webpush"]["sent"] == 2
+    for name in ("created", "started", "finished"):
+        assert RFC3339_UTC.fullmatch(document[name]), document[name]
+    assert document == status_of(app, document["id"])
+
+
+def test_prefer_wait_answers_202_when_delivery_outlasts_it(app, push_service):
+    subscribe(app, push_service, 1)
+    push_service.latency = 2
+    started = time.monotonic()
+    response = app.post_json(
+        "/push", {"title": "t"}, headers={**AUTH, "Prefer": "wait=1"}, status=202
+    )
+    assert 1 <= time.monotonic() - started < 2.5
+    assert response.json["status"] == "sending"
+    assert wait_status(app, response.json["id"], "done")["sent"] == 1
+
+
+def test_prefer_wait_above_60_is_treated_as_60(app):
+    response = app.post_json(
+        "/push",
+        {"title": "t"},
+        headers={**AUTH, "Prefer": "respond-async, wait=600"},
+    )
+    assert response.headers["Preference-Applied"] == "wait=60"
+    assert response.json["status"] == "done"  # nobody to send to: at once
+
+
+def test_failures_are_reported_by_cause_in_the_status_document(app, push_service):
+    subscribe(app, push_service, 1)
+    for _ in range(3):
+        bad = push_service.subscriber(script=[400])
+        app.post_json("/subscription", bad.subscription)
+    document = app.post_json("/push", {"title": "t"}, headers=WAIT).json
+    assert (document["sent"], document["failed"]) == (1, 3)
+    [error] = document["errors"]
+    assert error["channel"] == "webpush" and error["origin"] == push_service.origin
+    assert (error["status"], error["count"]) == (400, 3)
+
+
+# -- Idempotency-Key ----------------------------------------------------------------
+
+
+def test_the_same_idempotency_key_returns_the_same_notification_and_sends_once(
+    app, push_service
+):
+    subscribe(app, push_service, 2)
+    headers = {**AUTH, "Idempotency-Key": "order-1234"}
+    first = app.post_json("/push", {"title": "t", "body": "b"}, headers=headers).json
+    wait_status(app, first["id"], "done")
+    again = app.post_json("/push", {"body": "b", "title": "t"}, headers=headers)
+    assert again.status_int == 202 and again.json["id"] == first["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    time.sleep(0.3)
+    assert len(push_service.received()) == 2
+    assert len(app.get("/notifications", headers=AUTH).json["notifications"]) == 1
+
+
+def test_the_same_idempotency_key_with_another_body_answers_422(app, push_service):
+    subscribe(app, push_service, 1)
+    headers = {**AUTH, "Idempotency-Key": "k"}
+    first = app.post_json("/push", {"title": "one"}, headers=headers).json
+    refused = app.post_json("/push", {"title": "two"}, headers=headers, status=422)
+    assert first["id"] in refused.json["error"]
+    assert "Idempotency-Key" in refused.json["error"]
+    assert len(app.get("/notifications", headers=AUTH).json["notifications"]) == 1
+
+
+def test_idempotency_keys_are_kept_24_hours(settings, push_service):
+    application = api.create_app(settings)
+    client = webtest.TestApp(application)
+    headers = {**AUTH, "Idempotency-Key": "daily"}
+    first = client.post_json("/push", {"title": "t"}, headers=headers).json
+    wait_status(client, first["id"], "done")
+    application.config["webpush.close"]()
+    journal = settings.journal_path
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    for record in records:  # a day and a second ago
+        record["created"] -= 86401
+    journal.write_text("".join(json.dumps(r) + "\n" for r in records))
+    application = api.create_app(settings)
+    client = webtest.TestApp(application)
+    try:
+        second = client.post_json("/push", {"title": "t"}, headers=headers).json
+        assert second["id"] != first["id"]
+    finally:
+        application.config["webpush.close"]()
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "a\tb"])
+def test_a_malformed_idempotency_key_answers_400(app, key):
+    headers = {**AUTH, "Idempotency-Key": key.encode("utf-8").decode("latin-1")}
+    response = app.post_json("/push", {"title": "t"}, headers=headers, status=400)
+    assert "Idempotency-Key" in response.json["error"]
+    assert app.get("/notifications", headers=AUTH).json["notifications"] == []
+
+
+# -- scheduling -------------------------------------------------------------------
+
+
+def test_send_at_schedules_a_notification_and_it_goes_out_when_due(app, push_service):
+    subscribe(app, push_service, 2)
+    when = time.time() + 1.5
+    send_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+    send_at += f".{int(when % 1 * 1000):03d}+00:00"
+    answer = app.post_json("/push", {"title": "t", "send_at": send_at}, headers=AUTH)
+    assert answer.json["status"] == "scheduled"
+    document = status_of(app, answer.json["id"])
+    assert abs(api.parse_rfc3339(document["send_at"]) - when) < 0.01
+    time.sleep(1)
+    assert not push_service.received()
+    done = wait_status(app, answer.json["id"], "done", timeout=5)
+    assert done["sent"] == 2
+    assert api.parse_rfc3339(done["started"]) >= when - 0.001
+
+
+def test_delay_schedules_it_seconds_from_now(app, push_service):
+    subscribe(app, push_service, 1)
+    answer = app.post_json("/push", {"title": "t", "delay": 1}, headers=AUTH).json
+    assert answer["status"] == "scheduled"
+    assert not push_service.received()
+    assert wait_status(app, answer["id"], "done", timeout=5)["sent"] == 1
+
+
+def test_an_offset_send_at_is_the_same_moment_in_utc(app):
+    when = int(time.time()) + 600
+    local = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when + 7200)) + "+02:00"
+    answer = app.post_json("/push", {"title": "t", "send_at": local}, headers=AUTH)
+    document = status_of(app, answer.json["id"])
+    assert document["send_at"] == time.strftime(
+        "%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(when)
+    )
+
+
+BAD_SCHEDULES = {
+    "no offset": {"send_at": "2030-01-01T10:00:00"},
+    "a date alone": {"send_at": "2030-01-01"},
+    "not a date": {"send_at": "tomorrow"},
+    "a number for send_at": {"send_at": 1700000000},
+    "February 30th": {"send_at": "2030-02-30T10:00:00Z"},
+    "more than 30 days ahead": {"delay": 31 * 86400},
+    "a negative delay": {"delay": -5},
+    "a string delay": {"delay": "60"},
+    "both": {"delay": 5, "send_at": "2030-01-01T10:00:00Z"},
+}
+
+
+@pytest.mark.parametrize("case", BAD_SCHEDULES)
+def test_a_bad_schedule_answers_400_and_records_nothing(app, case):
+    body = {"title": "t", **BAD_SCHEDULES[case]}
+    response = app.post_json("/push", body, headers=AUTH, status=400)
+    assert response.json["error"]
+    assert app.get("/notifications", headers=AUTH).json["notifications"] == []
+
+
+def test_send_at_at_most_30_days_ahead_is_accepted(app):
+    when = time.gmtime(time.time() + 29 * 86400)
+    send_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", when)
+    answer = app.post_json("/push", {"title": "t", "send_at": send_at}, headers=AUTH)
+    assert answer.json["status"] == "scheduled"
+
+
+# -- GET /notifications and DELETE ------------------------------------------------
+
+
+def test_notifications_are_listed_newest_first_up_to_the_limit(app):
+    ids = [
+        app.post_json("/push", {"title": f"n{n}"}, headers=AUTH).json["id"]
+        for n in range(4)
+    ]
+    listed = app.get("/notifications?limit=3", headers=AUTH).json["notifications"]
+    assert [d["id"] for d in listed] == ids[::-1][:3]
+    assert [d["title"] for d in listed] == ["n3", "n2", "n1"]
+    assert set(listed[0]) == DOCUMENT_FIELDS
+    everything = app.get("/notifications", headers=AUTH).json["notifications"]
+    assert len(everything) == 4
+
+
+@pytest.mark.parametrize("limit", ["0", "1001", "x", "-1", "2.5"])
+def test_a_bad_limit_answers_400(app, limit):
+    response = app.get(f"/notifications?limit={limit}", headers=AUTH, status=400)
+    assert "limit" in response.json["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/notifications"),
+        ("GET", "/notifications/AAAAAAAAAAAAAAAA"),
+        ("DELETE", "/notifications/AAAAAAAAAAAAAAAA"),
+    ],
+)
+def test_the_notification_routes_need_the_token(app, method, path):
+    response = app.request(path, method=method, status=401)
+    assert "Bearer" in response.json["error"]
+
+
+@pytest.mark.parametrize("nid", ["AAAAAAAAAAAAAAAA", "short", "../../etc/passwd"])
+def test_an_unknown_notification_answers_404(app, nid):
+    assert app.get(f"/notifications/{nid}", headers=AUTH, status=404).json["error"]
+    assert app.delete(f"/notifications/{nid}", headers=AUTH, status=404).json["error"]
+
+
+def test_a_cancelled_scheduled_notification_is_never_sent(app, push_service):
+    subscribe(app, push_service, 2)
+    answer = app.post_json("/push", {"title": "t", "delay": 1}, headers=AUTH).json
+    cancelled = app.delete(f"/notifications/{answer['id']}", headers=AUTH).json
+    assert cancelled["status"] == "cancelled"
+    assert RFC3339_UTC.fullmatch(cancelled["finished"])
+    time.sleep(1.5)
+    assert not push_service.received()
+    assert status_of(app, answer["id"])["status"] == "cancelled"
+
+
+def test_cancelling_a_notification_being_sent_sends_no_more(settings, push_service):
+    application = api.create_app(dataclasses.replace(settings, push_concurrency=2))
+    client = webtest.TestApp(application)
+    try:
+        subscribe(client, push_service, 40)
+        push_service.latency = 0.3  # 2 at a time: about 6 s for all
+        answer = client.post_json("/push", {"title": "t"}, headers=AUTH).json
+        push_service.wait_for(4)
+        cancelled = client.delete(f"/notifications/{answer['id']}", headers=AUTH)
+        assert cancelled.json["status"] == "cancelled"
+        final = wait_status(client, answer["id"], "cancelled")
+        time.sleep(1)  # what was in flight has landed
+        received = len(push_service.received())
+        assert received <= 8  # those sent before, and the 2 in flight
+        time.sleep(1)
+        assert len(push_service.received()) == received
+        final = status_of(client, answer["id"])
+        assert final["sent"] == received
+        assert final["pending"] == 40 - received
+    finally:
+        application.config["webpush.close"]()
+
+
+def test_cancelling_an_ended_notification_answers_409(app):
+    answer = app.post_json("/push", {"title": "t"}, headers=WAIT).json
+    assert answer["status"] == "done"
+    refused = app.delete(f"/notifications/{answer['id']}", headers=AUTH, status=409)
+    assert "done" in refused.json["error"]
+    assert status_of(app, answer["id"])["status"] == "done"
+
+
+# -- expiry and retention -----------------------------------------------------------
+
+
+def test_a_notification_past_its_ttl_before_it_could_start_is_expired(
+    settings, push_service
+):
+    application = api.create_app(settings)
+    client = webtest.TestApp(application)
+    subscribe(client, push_service, 2)
+    body = {"title": "t", "delay": 1, "ttl": 0}
+    answer = client.post_json("/push", body, headers=AUTH).json
+    application.config["webpush.close"]()  # the server is down when it is due
+    time.sleep(1 + api.EXPIRY_SLACK + 0.5)
+    application = api.create_app(settings)
+    client = webtest.TestApp(application)
+    try:
+        document = wait_status(client, answer["id"], "expired", timeout=5)
+        assert document["status"] == "expired"
+        assert (document["sent"], document["pending"]) == (0, 2)
+        time.sleep(0.3)
+        assert not push_service.received()
+    finally:
+        application.config["webpush.close"]()
+
+
+def test_a_late_notification_is_sent_with_what_is_left_of_its_ttl(
+    settings, push_service
+):
+    application = api.create_app(settings)
+    client = webtest.TestApp(application)
+    subscribe(client, push_service, 1)
+    body = {"title": "t", "delay": 1, "ttl": 600}
+    answer = client.post_json("/push", body, headers=AUTH).json
+    application.config["webpush.close"]()
+    time.sleep(3)  # due a second from the start; sent two seconds late
+    application = api.create_app(settings)
+    try:
+        client = webtest.TestApp(application)
+        assert wait_status(client, answer["id"], "done")["sent"] == 1
+        [delivery] = push_service.received()
+        assert 595 <= int(delivery.headers["ttl"]) <= 598
+    finally:
+        application.config["webpush.close"]()
+
+
+def test_ended_notifications_are_dropped_after_the_retention(settings):
+    short = dataclasses.replace(settings, notification_retention=1)
+    application = api.create_app(short)
+    client = webtest.TestApp(application)
+    answer = client.post_json("/push", {"title": "t"}, headers=WAIT).json
+    scheduled = client.post_json("/push", {"title": "t", "delay": 60}, headers=AUTH)
+    application.config["webpush.close"]()
+    time.sleep(1.5)
+    application = api.create_app(short)  # the sweep runs at start, then each minute
+    client = webtest.TestApp(application)
+    try:
+        client.get(f"/notifications/{answer['id']}", headers=AUTH, status=404)
+        kept = status_of(client, scheduled.json["id"])  # not ended: kept
+        assert kept["status"] == "scheduled"
+    finally:
+        application.config["webpush.close"]()
+
+
+# -- the journal ----------------------------------------------------------------------
+
+
+def test_the_journal_is_a_private_json_lines_file_beside_the_store(app, settings):
+    app.post_json("/push", {"title": "t"}, headers=WAIT)
+    journal = Path(settings.subscriptions_file).with_name(
+        "subscriptions.notifications.json"
+    )
+    assert journal == settings.journal_path
+    assert journal.stat().st_mode & 0o777 == 0o600
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert lines and all("id" in line for line in lines)
+
+
+def test_a_torn_last_journal_line_is_skipped_at_start(settings):
+    application = api.create_app(settings)
+    client = webtest.TestApp(application)
+    answer = client.post_json("/push", {"title": "t"}, headers=WAIT).json
+    application.config["webpush.close"]()
+    with open(settings.journal_path, "ab") as f:
+        f.write(b'{"id": "cut-off-by-a-cr')
+    application = api.create_app(settings)
+    try:
+        client = webtest.TestApp(application)
+        assert status_of(client, answer["id"])["status"] == "done"
+        assert settings.journal_path.read_bytes().endswith(b"\n")
+    finally:
+        application.config["webpush.close"]()
+
+
+def test_a_journal_the_disk_refuses_answers_507_and_records_nothing(
+    app, settings, monkeypatch
+):
+    real_write = api.os.write
+    journal_fd = app.app.config["webpush.journal"]._fd
+
+    def full(fd, data):
+        if fd == journal_fd:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(api.os, "write", full)
+    refused = app.post_json("/push", {"title": "t"}, headers=AUTH, status=507)
+    assert "disk is full" in refused.json["error"]
+    assert app.get("/notifications", headers=AUTH).json["notifications"] == []
+    monkeypatch.setattr(api.os, "write", real_write)
+    assert app.post_json("/push", {"title": "t"}, headers=AUTH).status_int == 202
+
+
+# -- webhooks -------------------------------------------------------------------------
+
+
+def test_a_webhook_makes_a_notification_named_in_its_202(settings, push_service):
+    import hashlib
+    import hmac
+
+    application = api.create_app(dataclasses.replace(settings, webhook_secret="s3"))
+    client = webtest.TestApp(application)
+    try:
+        subscribe(client, push_service, 1)
+        body = json.dumps({"title": "Deployed", "body": "v2"}).encode()
+        signature = "sha256=" + hmac.new(b"s3", body, hashlib.sha256).hexdigest()
+        response = client.post(
+            "/webhooks/generic",
+            body,
+            headers={
+                "Content-Type": "application/json",
+                "X-Signature-256": signature,
+            },
+            status=202,
+        )
+        assert response.headers["Location"] == f"/notifications/{response.json['id']}"
+        document = wait_status(client, response.json["id"], "done")
+        assert (document["title"], document["sent"]) == ("Deployed", 1)
+    finally:
+        application.config["webpush.close"]()
+
+
+# -- the real server: restarts, kill -9, SIGTERM, isolation ------------------------------
+
+
+def _server_with(server_factory, tmp_path, subscriptions, topics=(), **env) -> Server:
+    store_file(tmp_path / "subscriptions.json", subscriptions, topics)
+    return server_factory(**env).start()
+
+
+def _wait_done(server: Server, notification_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        document = requests.get(
+            f"{server.url}/notifications/{notification_id}", headers=AUTH
+        ).json()
+        if document["status"] in api.FINISHED:
+            return document
+        time.sleep(0.1)
+    raise AssertionError(f"not done in {timeout} s: {document}")
+
+
+def test_a_scheduled_notification_fires_after_a_restart(
+    server_factory, tmp_path, push_service
+):
+    subs = [push_service.subscriber() for _ in range(3)]
+    server = _server_with(server_factory, tmp_path, [s.subscription for s in subs])
+    answer = requests.post(
+        server.url + "/push", json={"title": "later", "delay": 2}, headers=AUTH
+    ).json()
+    assert answer["status"] == "scheduled"
+    server.stop()  # SIGTERM, before it is due
+    assert not push_service.received()
+    server.start()
+    push_service.wait_for(3, timeout=10)
+    document = _wait_done(server, answer["id"])
+    assert (document["status"], document["sent"]) == ("done", 3)
+    assert {d.subscriber for d in push_service.received()} == {s.id for s in subs}
+
+
+def test_kill_9_in_the_middle_of_a_fan_out_resumes_it_and_everyone_gets_it(
+    server_factory, tmp_path
+):
+    """5,000 subscribers; the server is killed when about a third have it."""
+    with PushService(latency=0.02) as service:
+        subs = [service.subscriber() for _ in range(5000)]
+        server = _server_with(
+            server_factory,
+            tmp_path,
+            [s.subscription for s in subs],
+            PUSH_PROCESSES="2",
+            PUSH_CONCURRENCY="100",
+        )
+        answer = requests.post(
+            server.url + "/push", json={"title": "t"}, headers=AUTH
+        ).json()
+        assert answer["subscriptions"] == 5000
+        service.wait_for(1700, timeout=60)
+        server.stop(signal.SIGKILL)
+        before = len(service.received())
+        assert before < 5000, "the fan-out ended before the kill: make it slower"
+        server.start()
+        document = _wait_done(server, answer["id"], timeout=120)
+        received = service.received()
+    counts: dict[str, int] = {}
+    for delivery in received:
+        assert delivery.error is None
+        counts[delivery.subscriber] = counts.get(delivery.subscriber, 0) + 1
+    assert set(counts) == {s.id for s in subs}  # everyone got it
+    duplicates = len(received) - 5000
+    bound = api.BATCH_SIZE * 2 * 2  # batches in flight: 2 per process, 1 service
+    assert 0 <= duplicates <= bound
+    assert (document["status"], document["total"]) == ("done", 5000)
+    assert document["sent"] == 5000 and document["pending"] == 0
+    assert "resumes" in server.output()
+
+
+def test_sigterm_stops_within_shutdown_timeout_and_the_rest_resumes(
+    server_factory, tmp_path
+):
+    with PushService(latency=0.5) as service:
+        subs = [service.subscriber() for _ in range(400)]
+        server = _server_with(
+            server_factory,
+            tmp_path,
+            [s.subscription for s in subs],
+            PUSH_PROCESSES="1",
+            PUSH_CONCURRENCY="4",  # 8 a second: 50 s for all
+            SHUTDOWN_TIMEOUT="2",
+        )
+        answer = requests.post(
+            server.url + "/push", json={"title": "t"}, headers=AUTH
+        ).json()
+        service.wait_for(8)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(15)
+        assert time.monotonic() - started < 2 + 1.5
+        stopped_with = len(service.received())
+        assert stopped_with < 400
+        service.latency = 0
+        server.start()
+        document = _wait_done(server, answer["id"])
+        received = service.received()
+    assert {d.subscriber for d in received} == {s.id for s in subs}
+    assert document["sent"] == 400
+    assert len(received) - 400 <= 8  # at most what was in flight
+
+
+def test_a_hung_push_service_delays_no_other_notification_nor_the_api(
+    server_factory, tmp_path, push_service
+):
+    with hung_push_service() as hung:
+        hung_subs = []
+        for n in range(5000):
+            sub = push_service.subscriber().subscription
+            hung_subs.append({**sub, "endpoint": f"{hung}/push/{n}"})
+        healthy = [push_service.subscriber() for _ in range(10)]
+        store_file(tmp_path / "subscriptions.json", hung_subs, ["all"])
+        server = _server_with(
+            server_factory,
+            tmp_path,
+            [s.subscription for s in healthy],
+            ["all", "healthy"],
+            PUSH_TIMEOUT="5",
+        )
+        tester = push_service.subscriber()
+        requests.post(server.url + "/subscription", json=tester.subscription)
+        first = requests.post(
+            server.url + "/push",
+            json={"title": "everyone", "topic": "all"},
+            headers=AUTH,
+        ).json()
+        assert first["subscriptions"] == 5010
+        time.sleep(1)  # the hung service has its batches
+        slow: list[tuple[str, float]] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                for path, kwargs in (
+                    ("/health", {}),
+                    ("/subscription/test", {"json": tester.subscription}),
+                ):
+                    started = time.monotonic()
+                    method = requests.post if kwargs else requests.get
+                    answer = method(server.url + path, timeout=10, **kwargs)
+                    took = time.monotonic() - started
+                    if took > 1 or not answer.ok:
+                        slow.append((path, took))
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            started = time.monotonic()
+            second = requests.post(
+                server.url + "/push",
+                json={"title": "healthy only", "topic": "healthy"},
+                headers={**AUTH, "Prefer": "wait=10"},
+            )
+            took = time.monotonic() - started
+            time.sleep(2)
+        finally:
+            stop.set()
+            watcher.join()
+        assert second.status_code == 200 and second.json()["sent"] == 10
+        assert took < 2, f"the second notification took {took:.1f} s"
+        assert not slow, slow
+        titles = [d.message["title"] for d in push_service.received()]
+        assert titles.count("healthy only") == 10
+        assert titles.count("Test notification") >= 3
+        assert (
+            requests.get(
+                f"{server.url}/notifications/{first['id']}", headers=AUTH
+            ).json()["status"]
+            == "sending"
+        )
