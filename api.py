@@ -48,7 +48,9 @@ import re
 import secrets
 import selectors
 import signal
+import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -1748,29 +1750,31 @@ class DeliveryStopped(Exception):
     outcomes are known, so the caller hands its records out again."""
 
 
-def _delivery_process(
-    conn: multiprocessing.connection.Connection,
-    pem: bytes,
-    subject: str,
-    per_origin: int,
-    timeout: float,
-    pattern: str,
-) -> None:
-    """A delivery process: batches in from the server over ``conn``, each
-    batch's outcomes back as it ends, many batches at once. It ends when the
-    server does, even one killed with SIGKILL (the pipe closes)."""
+def delivery_process(fd: int) -> int:
+    """``api.py --delivery-process FD``, started by the server: batches in over
+    the socket ``fd``, each batch's outcomes back as it ends, many batches at
+    once. The first message is the key and limits (never on a command line).
+    It ends when the server does, even one killed with SIGKILL (EOF)."""
     # Ctrl-C and a service manager's SIGTERM reach the whole process group:
     # the server decides when delivery stops, and these end with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn = multiprocessing.connection.Connection(fd)
+    try:
+        pem, subject, per_origin, timeout, pattern = conn.recv()
+    except (EOFError, OSError):
+        return 0
     key = serialization.load_pem_private_key(pem, password=None)
     keys = VapidKeys(key, subject, "parent process")  # type: ignore[arg-type]
     delivery = WebPushDelivery(keys, per_origin, timeout, pattern)
     replying = threading.Lock()
 
+    # Plain tuples on the socket: the server may know this module by another
+    # name (api, or __main__) than this process does.
     def reply(number: int, future: concurrent.futures.Future) -> None:
+        outcomes = [dataclasses.astuple(o) for o in future.result()]
         with replying, contextlib.suppress(OSError):
-            conn.send((number, future.result()))
+            conn.send((number, outcomes))
 
     while True:
         try:
@@ -1781,25 +1785,29 @@ def _delivery_process(
             delivery.cancel(request[1])
             continue
         _, number, records, message, batch_key, first = request
+        message = Message(*message)
         delivery.submit(records, message, batch_key, first).add_done_callback(
             functools.partial(reply, number)
         )
 
 
 class _DeliveryProcess:
-    """The server's end of one delivery process: batches out, outcomes in."""
+    """The server's end of one delivery process: batches out, outcomes in.
+
+    A plain ``python api.py --delivery-process`` on a socket pair rather than
+    multiprocessing's spawn, which would add a 14 MB resource tracker process."""
 
     def __init__(self, args: tuple):
-        context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(
-            target=_delivery_process,
-            args=(child, *args),
-            name="push-delivery",
-            daemon=True,
-        )
-        self.process.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve())]
+                + ["--delivery-process", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        self.conn = multiprocessing.connection.Connection(ours.detach())
+        self.conn.send(args)
         self.alive = True
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._numbers = itertools.count()
@@ -1816,7 +1824,8 @@ class _DeliveryProcess:
         with self._lock:
             number = next(self._numbers)
             self._futures[number] = future
-        self._send(("send", number, records, message, key, first))
+        message_tuple = dataclasses.astuple(message)
+        self._send(("send", number, records, message_tuple, key, first))
         return future
 
     def cancel(self, key: str) -> None:
@@ -1825,10 +1834,12 @@ class _DeliveryProcess:
     def close(self) -> None:
         self._stop()
         with contextlib.suppress(OSError):
-            self.conn.close()
-        self.process.join(1)
-        if self.process.is_alive():
+            self.conn.close()  # it sees EOF and exits
+        try:
+            self.process.wait(1)
+        except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
 
     def _send(self, request: tuple) -> None:
         try:
@@ -1846,7 +1857,7 @@ class _DeliveryProcess:
             with self._lock:
                 future = self._futures.pop(number, None)
             if future is not None:
-                future.set_result(outcomes)
+                future.set_result([PushOutcome(*o) for o in outcomes])
         self._stop()
 
     def _stop(self) -> None:
@@ -3981,6 +3992,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--delivery-process"]:  # started by the server, not by people
+        return delivery_process(int(argv[1]))
     try:
         settings, repair = parse_args(argv)
         settings.check()
