@@ -15,13 +15,13 @@
 
 Copy ``api.py``, ``static/`` and ``requirements.txt``, then run ``python api.py``.
 It keeps a VAPID key pair in ``vapid/``, stores browser push subscriptions and
-native-app FCM tokens in a JSON-lines file, fans notifications out to them
+native-app FCM tokens in a JSON-lines file, keeps each notification as a
+durable job in a journal beside it, fans notifications out to them
 (RFC 8030/8291/8292: pywebpush's encryption, py_vapid, libcurl over HTTP/2;
-FCM HTTP v1 with pyfcm),
-and turns signed webhooks into notifications.
+FCM HTTP v1 with pyfcm), and turns signed webhooks into notifications.
 
 Sections, top to bottom, each using only those above it:
-Configuration, Keys, Store, Delivery, Webhooks, HTTP, Command line.
+Configuration, Keys, Store, Delivery, Notifications, Webhooks, HTTP, Command line.
 """
 
 from __future__ import annotations
@@ -1772,7 +1772,10 @@ def delivery_process(fd: int) -> int:
     # Plain tuples on the socket: the server may know this module by another
     # name (api, or __main__) than this process does.
     def reply(number: int, future: concurrent.futures.Future) -> None:
-        outcomes = [dataclasses.astuple(o) for o in future.result()]
+        outcomes = [
+            (o.record_id, o.origin, o.status, o.result, o.reason, o.tries, o.channel)
+            for o in future.result()
+        ]
         with replying, contextlib.suppress(OSError):
             conn.send((number, outcomes))
 
@@ -1884,6 +1887,9 @@ def _gather(futures: list[concurrent.futures.Future]) -> concurrent.futures.Futu
                 return
         results: list = []
         for future in futures:
+            if future.cancelled():  # FcmSender's threads stopped first
+                gathered.set_exception(DeliveryStopped("delivery stopped"))
+                return
             if future.exception() is not None:
                 gathered.set_exception(future.exception())
                 return
@@ -2201,7 +2207,8 @@ def apply_outcomes(store: SubscriptionStore, outcomes: list[PushOutcome]) -> Non
 
 FINISHED = ("done", "cancelled", "expired")
 COUNTS = ("sent", "failed", "removed", "retried")
-BATCH_SIZE = 500  # subscribers handed to a delivery process at once
+BATCH_SIZE = 250  # subscribers handed to a delivery process at once
+BATCHES_PER_PROCESS = 4  # per push service and notification: one sent, more ready
 MAX_SCHEDULE_AHEAD = 30 * 86400
 IDEMPOTENCY_SECONDS = 86400
 EXPIRY_SLACK = 5.0  # seconds late a TTL 0 notification may still start
@@ -2292,7 +2299,7 @@ def message_of(record: dict, now: float) -> Message:
     return Message(
         spec["notification"],
         notification_json(spec["notification"]),
-        max(0, int(spec["ttl"] - late)),
+        max(0, spec["ttl"] - int(late)),
         spec["urgency"],
         spec["collapse_key"],
     )
@@ -2341,13 +2348,14 @@ class NotificationQueue:
 
     The dispatcher starts a notification when it is due: it lists the ids of
     its subscribers by push service, and hands them out in batches of
-    BATCH_SIZE, at most ``2 x PUSH_PROCESSES`` batches per push service per
-    notification at a time, so a hung push service holds only its own
-    batches. Each batch's outcomes are applied to the store and written to the
-    journal as one progress record; after a crash, the subscribers of recorded
-    batches are skipped, and those of batches in flight at that moment are sent
-    again: at most ``BATCH_SIZE x 2 x PUSH_PROCESSES`` duplicates per push
-    service and notification.
+    BATCH_SIZE, at most ``BATCHES_PER_PROCESS x PUSH_PROCESSES`` batches per
+    push service per notification at a time, so a hung push service holds
+    only its own batches. Each batch's outcomes are applied to the store and
+    written to the journal as one progress record; after a crash, the
+    subscribers of recorded batches are skipped, and those of batches in
+    flight at that moment are sent again: at most ``BATCH_SIZE x
+    BATCHES_PER_PROCESS x PUSH_PROCESSES`` duplicates per push service and
+    notification.
     """
 
     def __init__(
@@ -2363,7 +2371,7 @@ class NotificationQueue:
         self.delivery = delivery
         self.retention = retention
         self.batch_size = batch_size
-        self.batches_per_origin = 2 * delivery.processes
+        self.batches_per_origin = BATCHES_PER_PROCESS * delivery.processes
         self._jobs: dict[str, _Job] = {}  # not ended, in order of creation
         self._order: list[tuple[float, str]] = []  # (created, id) of all, oldest first
         self._keys: dict[str, str] = {}  # idempotency key's hash -> id
@@ -2567,6 +2575,9 @@ class NotificationQueue:
         """One turn: record what delivery finished, start what is due, hand
         out batches, end what is complete; False once stopped."""
         with self._lock:
+            out = any(job.out for job in self._jobs.values())
+            if self._stopping and not out and not self._completed:
+                return False
             if not self._completed:
                 self._lock.wait(self._sleep())
             completed = list(self._completed)
@@ -2649,7 +2660,9 @@ class NotificationQueue:
     def _hand_out(self, job: _Job) -> None:
         for origin, waiting in job.pending.items():
             while waiting and job.out[origin] < self.batches_per_origin:
-                count = min(self.batch_size, len(waiting))
+                # A small list is shared among the delivery processes too.
+                share = -(-len(waiting) // self.delivery.processes)
+                count = min(self.batch_size, share)
                 ids = [waiting.popleft() for _ in range(count)]
                 records = [r for r in map(self.store.get, ids) if r is not None]
                 if len(records) < len(ids):  # unsubscribed since the plan
@@ -2680,6 +2693,9 @@ class NotificationQueue:
         try:
             outcomes: list[PushOutcome] = future.result()
         except DeliveryStopped:
+            outcomes = []
+        except Exception:  # a bug: the batch is handed out again, not lost
+            log.exception("notification %s: a batch failed", job.record["id"])
             outcomes = []
         reached = [o for o in outcomes if o.result != "unsent"]
         done = {o.record_id for o in reached}
@@ -3562,7 +3578,8 @@ def create_app(
     def close(timeout: float = 0) -> bool:
         """Stop: batches in flight get ``timeout`` seconds to be recorded."""
         recorded = queue.stop(timeout)
-        delivery.close()
+        delivery.close()  # what it still had comes back unsent...
+        queue.stop(1)  # ...and the dispatcher ends once it has seen it
         journal.close()
         store.close()
         return recorded
@@ -3778,23 +3795,23 @@ def create_app(
             raise ApiError(404, "no such notification (ids are 16 characters)")
         return value
 
-    @app.get("/notifications/<nid>", api=True)
-    def get_notification(nid: str) -> dict:
+    @app.get("/notifications/<id>", api=True)
+    def get_notification(id: str) -> dict:
         require_token()
-        document = queue.get(notification_id(nid))
+        document = queue.get(notification_id(id))
         if document is None:
             raise ApiError(404, "no such notification; it may be past its retention")
         return document
 
-    @app.delete("/notifications/<nid>", api=True)
-    def cancel_notification(nid: str) -> dict:
+    @app.delete("/notifications/<id>", api=True)
+    def cancel_notification(id: str) -> dict:
         require_token()
         try:
-            return queue.cancel(notification_id(nid))
+            return queue.cancel(notification_id(id))
         except KeyError:
             raise ApiError(404, "no such notification") from None
         except AlreadyFinished:
-            status = (queue.get(nid) or {}).get("status", "ended")
+            status = (queue.get(id) or {}).get("status", "ended")
             raise ApiError(
                 409,
                 f"the notification has ended ({status}); there is nothing to cancel",
@@ -4086,6 +4103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Send a notification to every subscriber:\n"
         f'  curl -X POST {url}/push -H "Authorization: Bearer {shown_token}" '
+        f"-H 'Prefer: wait=10' "
         f'-H \'Content-Type: application/json\' -d \'{{"title": "Hello", "body": "It works"}}\'',
         flush=True,
     )
@@ -4144,6 +4162,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.shutdown_timeout,
         )
         deadline = time.monotonic() + settings.shutdown_timeout
+        in_flight.draining = True  # new requests get 503 from now
         if not app.config["webpush.queue"].stop(settings.shutdown_timeout):
             log.warning(
                 "messages still in flight after SHUTDOWN_TIMEOUT: their subscribers "

@@ -97,7 +97,7 @@ async function unsubscribe(registration) {
 
 async function main() {
   $("curl").textContent =
-    `curl -X POST ${API}/push \\\n  -H "Authorization: Bearer <PUSH_TOKEN>" \\\n  -H "Content-Type: application/json" \\\n  -d '{"title": "Hello", "body": "Sent with curl", "url": "/"}'`;
+    `curl -X POST ${API}/push \\\n  -H "Authorization: Bearer <PUSH_TOKEN>" \\\n  -H "Content-Type: application/json" \\\n  -H "Prefer: wait=10" \\\n  -d '{"title": "Hello", "body": "Sent with curl", "url": "/"}'`;
   $("topics").value = localStorage.getItem("webpush-topics") || "";
 
   const reason = unsupportedReason();

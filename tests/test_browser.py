@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_api import AUTH, Server
+from test_api import Server, server_pushed
 from tests.push_service import PushService
 
 CHROMIUM = "/usr/bin/chromium"
@@ -206,9 +206,7 @@ def test_enabling_push_subscribes_with_the_servers_key_and_stores_the_subscripti
 def test_a_push_from_the_server_is_shown_as_a_notification(demo, server, push_service):
     demo.click("#enable", "Push is enabled")
     body = {"title": "Deploy done", "body": "v2 is live", "url": "/static/index.html"}
-    assert (
-        requests.post(server.url + "/push", json=body, headers=AUTH).json()["sent"] == 1
-    )
+    assert server_pushed(server, body)["sent"] == 1
     delivery = push_service.wait_for(1)[0]
     assert delivery.error is None
     demo.deliver(delivery.plaintext.decode())
