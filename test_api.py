@@ -1036,6 +1036,12 @@ def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
         stored.append(api.subscription_id(sub["endpoint"]))
     assert refused is not None and refused.status_code == 507, refused
     assert "disk is full" in refused.json()["error"]
+    notification = requests.post(
+        server.url + "/push", json={"title": "t"}, headers=AUTH
+    )
+    assert notification.status_code == 507, notification.text  # not journaled
+    listed = requests.get(server.url + "/notifications", headers=AUTH).json()
+    assert listed["notifications"] == []
     assert len(stored) > 10
     assert [line["id"] for line in _store_lines(store_file)] == stored
     assert requests.get(server.url + "/health").json()["subscriptions"] == len(stored)
