@@ -644,6 +644,7 @@ class _Write:
 
     seq: int
     previous: dict[str, bytes | None]  # each id's line before; None: there was none
+    lines: int = 0
     failed: bool = False
 
 
@@ -881,7 +882,7 @@ class JsonLinesStore:
         with self._sync:
             self._written += 1
             self._size += len(data)
-            write = _Write(self._written, previous)
+            write = _Write(self._written, previous, lines)
         self._pending.append(write)
         self._lines += lines
         return write
@@ -981,7 +982,7 @@ class JsonLinesStore:
                 for record_id, line in write.previous.items():
                     self._restore(record_id, line)
                 write.failed = True
-                self._lines -= len(write.previous)
+                self._lines -= write.lines
             self._size = self._synced_size
             self._synced = self._written
             self._pending.clear()
@@ -2377,6 +2378,9 @@ class NotificationQueue:
         self._keys: dict[str, str] = {}  # idempotency key's hash -> id
         self._lock = threading.Condition()
         self._creating = threading.Lock()  # one check-and-create per key at a time
+        # A status change and its journal write, one at a time: the journal's
+        # order is the order the statuses changed in.
+        self._changing = threading.Lock()
         self._completed: collections.deque[tuple] = collections.deque()
         self._stopping = False
         self._load()
@@ -2465,19 +2469,20 @@ class NotificationQueue:
     def cancel(self, notification_id: str) -> dict:
         """Send no more of it: KeyError if there is no such notification,
         AlreadyFinished if it has ended, OSError if the disk refuses."""
-        with self._lock:
-            job = self._jobs.get(notification_id)
-            if job is None:
-                if self.get(notification_id) is None:
-                    raise KeyError(notification_id)
-                raise AlreadyFinished(notification_id)
-            if job.record["status"] in FINISHED:
-                raise AlreadyFinished(notification_id)
-            record = {**job.record, "status": "cancelled", "finished": time.time()}
-        self.journal.upsert(record)
-        with self._lock:
-            job.record.update(status="cancelled", finished=record["finished"])
-            self._lock.notify_all()
+        with self._changing:
+            with self._lock:
+                job = self._jobs.get(notification_id)
+                if job is None:
+                    if self.get(notification_id) is None:
+                        raise KeyError(notification_id)
+                    raise AlreadyFinished(notification_id)
+                if job.record["status"] in FINISHED:
+                    raise AlreadyFinished(notification_id)
+                record = {**job.record, "status": "cancelled", "finished": time.time()}
+            self.journal.upsert(record)
+            with self._lock:
+                job.record.update(status="cancelled", finished=record["finished"])
+                self._lock.notify_all()
         self.delivery.cancel(notification_id)
         log.info("notification %s cancelled", notification_id)
         return status_document(record)
@@ -2590,20 +2595,27 @@ class NotificationQueue:
                 return any(job.out for job in self._jobs.values())
         now = time.time()
         for job in list(self._jobs.values()):
-            status = job.record["status"]
-            due = status in ("scheduled", "queued") and job.record["due"] <= now
-            if due or (status == "sending" and not job.planned):
-                self._start(job, now)
-            if job.record["status"] == "sending":
-                self._hand_out(job)
-            status = job.record["status"]
-            complete = status == "sending" and not any(job.pending.values())
-            if (complete or status == "cancelled") and not job.out:
-                self._end(job)
+            try:
+                self._advance(job, now)
+            except Exception:  # one bad notification must not stop the others
+                log.exception("notification %s: dispatcher error", job.record["id"])
         if now >= self._next_sweep:
             self._next_sweep = now + 60
             self._drop_old(now)
         return True
+
+    def _advance(self, job: _Job, now: float) -> None:
+        """Start a job that is due, hand out its batches, end it when complete."""
+        status = job.record["status"]
+        due = status in ("scheduled", "queued") and job.record["due"] <= now
+        if due or (status == "sending" and not job.planned):
+            self._start(job, now)
+        if job.record["status"] == "sending":
+            self._hand_out(job)
+        status = job.record["status"]
+        complete = status == "sending" and not any(job.pending.values())
+        if (complete or status == "cancelled") and not job.out:
+            self._end(job)
 
     def _sleep(self) -> float | None:
         """Seconds until something is due: a scheduled notification, the sweep."""
@@ -2642,14 +2654,15 @@ class NotificationQueue:
         job.done = set()
         job.message = message_of(record, now)
         job.planned = True
-        with self._lock:
-            if record["status"] == "cancelled":  # while it was being planned
-                return
-            record.update(status="sending", total=total)
-            record["started"] = record["started"] or now
-            started = dict(record)
-        with contextlib.suppress(OSError):  # the journal says queued: planned again
-            self.journal.upsert(started)
+        with self._changing:
+            with self._lock:
+                if record["status"] == "cancelled":  # while it was being planned
+                    return
+                record.update(status="sending", total=total)
+                record["started"] = record["started"] or now
+                started = dict(record)
+            with contextlib.suppress(OSError):  # the journal says queued: again
+                self.journal.upsert(started)
         log.info(
             "notification %s: sending to %d subscribers%s",
             record["id"],
@@ -2660,6 +2673,9 @@ class NotificationQueue:
     def _hand_out(self, job: _Job) -> None:
         for origin, waiting in job.pending.items():
             while waiting and job.out[origin] < self.batches_per_origin:
+                with self._lock:  # cancelled or stopping since the turn began
+                    if job.record["status"] != "sending" or self._stopping:
+                        return
                 # A small list is shared among the delivery processes too.
                 share = -(-len(waiting) // self.delivery.processes)
                 count = min(self.batch_size, share)
@@ -2671,8 +2687,15 @@ class NotificationQueue:
                     ids = [r["id"] for r in records]
                 if not ids:
                     continue
+                try:
+                    future = self.delivery.submit(
+                        records, job.message, job.record["id"]
+                    )
+                except Exception:  # no delivery process could start: later
+                    log.exception("notification %s: cannot hand out", job.record["id"])
+                    waiting.extendleft(reversed(ids))
+                    return
                 job.out[origin] += 1
-                future = self.delivery.submit(records, job.message, job.record["id"])
                 future.add_done_callback(
                     functools.partial(self._completed_batch, job, origin, ids)
                 )
@@ -2738,17 +2761,18 @@ class NotificationQueue:
     def _end(self, job: _Job, status: str = "done") -> None:
         """Write a notification's final record in place of its progress."""
         record = job.record
-        final = {**record, "final": True}
-        if record["status"] != "cancelled":
-            final.update(status=status, finished=time.time())
-        try:
-            self.journal.write([final], removals=job.progress)
-        except OSError as e:  # ended in memory; the journal resumes it at start
-            log.error("notification %s: cannot record its end: %s", record["id"], e)
-        with self._lock:
-            record.update(final)
-            del self._jobs[record["id"]]
-            self._lock.notify_all()
+        with self._changing:
+            final = {**record, "final": True}
+            if record["status"] != "cancelled":
+                final.update(status=status, finished=time.time())
+            try:
+                self.journal.write([final], removals=job.progress)
+            except OSError as e:  # ended in memory; the journal resumes it at start
+                log.error("notification %s: cannot record its end: %s", record["id"], e)
+            with self._lock:
+                record.update(final)
+                del self._jobs[record["id"]]
+                self._lock.notify_all()
         counts = status_document(record)
         log.info(
             "notification %s %s: sent=%d failed=%d removed=%d retried=%d of %d",
@@ -3221,6 +3245,7 @@ class Validator:
             when = now + min(delay, MAX_SCHEDULE_AHEAD + 1)
         else:
             return None
+        when = max(when, now)  # a time already past: now (and no year 0 to show)
         if when - now > MAX_SCHEDULE_AHEAD:
             raise ApiError(
                 400,
@@ -3490,7 +3515,7 @@ class CorsPlugin:
         self.origins = {o.strip() for o in origins.split(",") if o.strip()}
 
     def add_headers(self) -> None:
-        origin = bottle.request.headers.get("Origin")
+        origin = request_header("Origin")
         if "*" in self.origins:
             bottle.response.set_header("Access-Control-Allow-Origin", "*")
         elif origin in self.origins:
@@ -3514,6 +3539,13 @@ class CorsPlugin:
         bottle.response.set_header("Access-Control-Allow-Methods", self.methods)
         bottle.response.set_header("Access-Control-Allow-Headers", self.headers)
         bottle.response.set_header("Access-Control-Max-Age", "86400")
+
+
+def request_header(name: str, default: str | None = None) -> str | None:
+    """A request header as the client sent it (WSGI's Latin-1 string). Bottle's
+    own lookup decodes it as UTF-8 and raises on other bytes: a 500."""
+    key = "HTTP_" + name.upper().replace("-", "_")
+    return bottle.request.environ.get(key, default)
 
 
 def read_json(max_bytes: int) -> dict:
@@ -3540,7 +3572,7 @@ def prefer_wait(header: str | None) -> int | None:
     (a preference the server does not understand is ignored, as 7240 says)."""
     for preference in re.split(r"[,;]", header or ""):
         name, _, value = preference.strip().partition("=")
-        if name.strip().lower() == "wait" and value.strip().isdigit():
+        if name.strip().lower() == "wait" and re.fullmatch(r"[0-9]+", value.strip()):
             return min(int(value.strip()), MAX_PREFER_WAIT)
     return None
 
@@ -3574,6 +3606,7 @@ def create_app(
     cors = CorsPlugin(settings.cors_origins)
     started = time.time()
     test_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
+    wait_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
 
     def close(timeout: float = 0) -> bool:
         """Stop: batches in flight get ``timeout`` seconds to be recorded."""
@@ -3601,7 +3634,7 @@ def create_app(
     bottle.BaseRequest.MEMFILE_MAX = settings.max_body_bytes
 
     def bearer_ok() -> bool:
-        header = bottle.request.headers.get("Authorization", "")
+        header = request_header("Authorization", "")
         scheme, _, given = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
             given.strip().encode("utf-8"), token.encode("utf-8")
@@ -3738,8 +3771,12 @@ def create_app(
     def answer(document: dict, wait: int | None, replayed: bool = False) -> dict:
         """A new notification's answer: 202 naming it, or 200 with its final
         status document if it ended within ``Prefer: wait``."""
-        if wait and document["status"] not in FINISHED:
-            document = queue.wait(document["id"], wait) or document
+        # Waiting holds an HTTP thread: a few at most, the rest answer at once.
+        if wait and document["status"] not in FINISHED and wait_slots.acquire(False):
+            try:
+                document = queue.wait(document["id"], wait) or document
+            finally:
+                wait_slots.release()
         if wait is not None:
             bottle.response.set_header("Preference-Applied", f"wait={wait}")
         if replayed:
@@ -3760,8 +3797,8 @@ def create_app(
         body = read_json(settings.max_body_bytes)
         message, topic = validate.push(body)
         send_at = validate.send_at(body)
-        key = validate.idempotency_key(bottle.request.headers.get("Idempotency-Key"))
-        wait = prefer_wait(bottle.request.headers.get("Prefer"))
+        key = validate.idempotency_key(request_header("Idempotency-Key"))
+        wait = prefer_wait(request_header("Prefer"))
         try:
             document, replayed = queue.create(
                 message, topic, send_at, key, body_hash(body)
@@ -3786,7 +3823,7 @@ def create_app(
     def list_notifications() -> dict:
         require_token()
         raw = bottle.request.query.get("limit", "20")
-        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= 1000:
             raise ApiError(400, "'limit' must be a whole number from 1 to 1000")
         return {"notifications": queue.list(int(raw))}
 
@@ -3834,7 +3871,7 @@ def create_app(
                 "webhooks are off: set WEBHOOK_SECRET to the secret the sender signs with",
             )
         raw = read_body(settings.max_webhook_bytes, "MAX_WEBHOOK_BYTES")
-        signature = bottle.request.headers.get(kind.signature_header)
+        signature = request_header(kind.signature_header)
         if not signature_valid(settings.webhook_secret, raw, signature) and not (
             kind.token_allowed and bearer_ok()
         ):
@@ -3848,11 +3885,7 @@ def create_app(
                 how += ", or Authorization: Bearer <PUSH_TOKEN>"
             raise ApiError(401, f"missing or wrong signature: send {how}")
         payload = parse_json(raw)
-        event = (
-            bottle.request.headers.get(kind.event_header, "")
-            if kind.event_header
-            else "notify"
-        )
+        event = request_header(kind.event_header, "") if kind.event_header else "notify"
         if event == "ping":
             return {"pong": True}
         handler = WEBHOOK_HANDLERS.get((source, event))
@@ -3871,7 +3904,7 @@ def create_app(
             return {"ignored": f"{source} {event!r} of this kind sends no notification"}
         message, topic = validate.push(fields)
         send_at = validate.send_at(fields)
-        delivery_id = bottle.request.headers.get(kind.delivery_header)
+        delivery_id = request_header(kind.delivery_header)
         key = f"webhook:{source}:{delivery_id}" if delivery_id else None
         try:  # a redelivery has the same id: it makes no second notification
             document, replayed = queue.create(

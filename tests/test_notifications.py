@@ -275,6 +275,23 @@ def test_a_bad_schedule_answers_400_and_records_nothing(app, case):
     assert app.get("/notifications", headers=AUTH).json["notifications"] == []
 
 
+def test_a_send_at_already_past_sends_it_now(app, push_service):
+    subscribe(app, push_service, 1)
+    for past in ("0001-01-01T00:00:00+01:00", "2020-01-01T00:00:00Z"):
+        body = {"title": "t", "send_at": past}
+        document = app.post_json("/push", body, headers=WAIT).json
+        assert (document["status"], document["sent"]) == ("done", 1)
+    assert app.get("/notifications", headers=AUTH).status_int == 200
+
+
+def test_a_prefer_header_the_server_does_not_understand_is_ignored(app):
+    for prefer in ("wait=\xb2", "wait=soon", "handling=lenient", "wait"):
+        headers = {**AUTH, "Prefer": prefer}
+        response = app.post_json("/push", {"title": "t"}, headers=headers)
+        assert response.status_int == 202, prefer
+        assert "Preference-Applied" not in response.headers
+
+
 def test_send_at_at_most_30_days_ahead_is_accepted(app):
     when = time.gmtime(time.time() + 29 * 86400)
     send_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", when)
@@ -298,7 +315,7 @@ def test_notifications_are_listed_newest_first_up_to_the_limit(app):
     assert len(everything) == 4
 
 
-@pytest.mark.parametrize("limit", ["0", "1001", "x", "-1", "2.5"])
+@pytest.mark.parametrize("limit", ["0", "1001", "x", "-1", "2.5", "%B2", "%C2%B2"])
 def test_a_bad_limit_answers_400(app, limit):
     response = app.get(f"/notifications?limit={limit}", headers=AUTH, status=400)
     assert "limit" in response.json["error"]
