@@ -2626,8 +2626,8 @@ class NotificationQueue:
         for job in self._jobs.values():
             if job.record["status"] in ("scheduled", "queued"):
                 due.append(job.record["due"])
-            elif job.record["status"] in ("sending", "cancelled") and not job.out:
-                due.append(now)  # ready to hand out or to end
+            elif job.record["status"] == "sending" and not job.out:
+                due.append(now + 1)  # its hand-out failed: try again in a second
         return max(0.0, min(due) - now)
 
     def _start(self, job: _Job, now: float) -> None:
