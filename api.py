@@ -9,6 +9,7 @@
 #     "cryptography>=42",
 #     "pycurl>=7.48",
 #     "pyfcm>=2.0,<3",
+#     "redis>=5.0",
 # ]
 # ///
 """A self-hosted Web Push server in one file.
@@ -187,6 +188,32 @@ class Settings:
         "NOTIFICATIONS_FILE",
         "the notification journal (JSON lines) [default: beside SUBSCRIPTIONS_FILE: "
         "subscriptions.notifications.json]",
+    )
+    redis_url: str = _setting(
+        "",
+        "REDIS_URL",
+        "Redis 6.2+ or Valkey (redis://host:6379/0, rediss://..., unix:///path?db=0): "
+        "when set, subscriptions, notifications and the work queue live there, shared "
+        "by every api.py and --worker process, instead of in the JSON files; give a "
+        "password in the environment, not on a command line",
+    )
+    redis_prefix: str = _setting(
+        "webpush:",
+        "REDIS_PREFIX",
+        "prefix of every Redis key, so several servers can share one Redis",
+    )
+    worker_timeout: float = _setting(
+        30.0,
+        "WORKER_TIMEOUT",
+        "with Redis: seconds a process may go silent (killed, machine lost) before "
+        "the batches it was sending are handed to another",
+        check=_between(1, 3600),
+    )
+    api_delivers: bool = _setting(
+        True,
+        "API_DELIVERS",
+        "with Redis: whether api.py serving HTTP also sends fan-out batches; false "
+        "leaves them to the --worker processes",
     )
     notification_retention: int = _setting(
         7 * 86400,
@@ -1002,9 +1029,18 @@ class SubscriptionStore(JsonLinesStore):
         self._origins: dict[str, str] = {}  # one string per origin, shared
         super().__init__(path)
 
-    def count(self, kind: str) -> int:
-        """How many records of a kind (a record's ``kind``, "webpush" if it has none)."""
-        return self._kinds[kind]
+    def count(self, kind: str, topic: str | None = None) -> int:
+        """How many records of a kind (a record's ``kind``, "webpush" if it has
+        none), all or those subscribed to ``topic``."""
+        if topic is None:
+            return self._kinds[kind]
+        fcm = kind == "fcm"
+        with self._mutex:
+            return sum(
+                1
+                for origin, topics in self._index.values()
+                if (origin == "fcm") == fcm and topic in topics
+            )
 
     def list(self, topic: str | None = None) -> list[dict]:
         """The records, all or those subscribed to ``topic``."""
@@ -1119,6 +1155,276 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class StoreUnavailable(OSError):
+    """Redis could not be reached, or refused a write: nothing was stored."""
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a log line: its password, if any, replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def connect_redis(settings: Settings) -> Any:
+    """A redis-py client for REDIS_URL, reachable and new enough (6.2 brought
+    XAUTOCLAIM), or SettingError saying what is wrong. redis-py is imported
+    only here: the JSON store does without it."""
+    try:
+        import redis
+    except ImportError:
+        raise SettingError(
+            "REDIS_URL needs redis-py: pip install -r requirements.txt"
+        ) from None
+    shown = redact_url(settings.redis_url)
+    try:
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            protocol=2,
+            socket_connect_timeout=5,
+            socket_timeout=10,  # longer than any BLOCK the workers use
+            socket_keepalive=True,
+            health_check_interval=30,
+        )
+        info = client.info("server")
+    except ValueError as e:
+        raise SettingError(
+            f"REDIS_URL={shown!r} is not a Redis URL ({e}); "
+            "e.g. redis://localhost:6379/0 or unix:///run/redis/redis.sock?db=0"
+        ) from None
+    except redis.RedisError as e:
+        raise SettingError(f"cannot reach Redis at {shown}: {e}") from None
+    version = str(info.get("valkey_version") or info.get("redis_version", "0"))
+    if tuple(int(n) for n in re.findall(r"\d+", version)[:2]) < (6, 2):
+        raise SettingError(
+            f"Redis {version} at {shown} is too old: 6.2 or later (or Valkey) is needed"
+        )
+    return client
+
+
+@contextlib.contextmanager
+def _redis_errors(what: str) -> Any:
+    """Redis's errors as the OSErrors the JSON store raises: the HTTP layer
+    answers 507 when Redis is out of memory, 503 when it cannot be reached."""
+    import redis
+
+    try:
+        yield
+    except redis.ResponseError as e:
+        if str(e).startswith("OOM"):
+            raise StoreUnavailable(
+                errno.ENOSPC, f"Redis is out of memory (maxmemory) while {what}"
+            ) from None
+        raise
+    except redis.RedisError as e:
+        raise StoreUnavailable(errno.EIO, f"Redis failed while {what}: {e}") from None
+
+
+# One write of records and their indexes, atomic. ARGV: prefix, the number of
+# upserts, each as (id, line, kind, number of topics, topics...), then the ids
+# to remove. A record keeps its place in the indexes (its score, from the
+# ``seq`` counter) for life, so a fan-out being planned meets each record once.
+SUBSCRIPTION_WRITE_LUA = """
+local p = ARGV[1]
+local subs, counts = p .. 'subs', p .. 'count'
+local function unindex(id)
+  local old = redis.call('HGET', subs, id)
+  if not old then return false, false end
+  local record = cjson.decode(old)
+  local kind = record['kind'] or 'webpush'
+  local score = redis.call('ZSCORE', p .. 'ix:' .. kind, id)
+  redis.call('ZREM', p .. 'ix:' .. kind, id)
+  if type(record['topics']) == 'table' then
+    for _, topic in ipairs(record['topics']) do
+      redis.call('ZREM', p .. 'tx:' .. kind .. ':' .. topic, id)
+    end
+  end
+  redis.call('HINCRBY', counts, kind, -1)
+  return true, score
+end
+local results, i = {}, 3
+for n = 1, tonumber(ARGV[2]) do
+  local id, line, kind, topics = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local existed, score = unindex(id)
+  results[n] = existed and 0 or 1
+  if not score then score = redis.call('INCR', p .. 'seq') end
+  redis.call('HSET', subs, id, line)
+  redis.call('ZADD', p .. 'ix:' .. kind, score, id)
+  for t = 1, topics do
+    redis.call('ZADD', p .. 'tx:' .. kind .. ':' .. ARGV[i + 3 + t], score, id)
+  end
+  redis.call('HINCRBY', counts, kind, 1)
+  i = i + 4 + topics
+end
+for j = i, #ARGV do
+  if unindex(ARGV[j]) then
+    redis.call('HDEL', subs, ARGV[j])
+    results[#results + 1] = 1
+  else
+    results[#results + 1] = 0
+  end
+end
+return results
+"""
+
+
+class RedisSubscriptionStore:
+    """Push subscriptions and FCM tokens in Redis, shared by every process:
+    the interface and semantics of SubscriptionStore, nothing held in memory.
+
+    Keys, after REDIS_PREFIX: ``subs`` (hash: id -> the record as a JSON
+    line), ``count`` (hash: kind -> how many), and the indexes a fan-out is
+    planned from, page by page: ``ix:<kind>`` and ``tx:<kind>:<topic>``
+    (sorted sets of ids, scored in the order they first subscribed, from the
+    ``seq`` counter). A write is one Lua script: a record and its indexes
+    change together or not at all.
+    """
+
+    def __init__(self, client: Any, prefix: str = "webpush:"):
+        self.redis = client
+        self.prefix = prefix
+        self._write = client.register_script(SUBSCRIPTION_WRITE_LUA)
+
+    def __len__(self) -> int:
+        with _redis_errors("counting subscriptions"):
+            return self.redis.hlen(self.prefix + "subs")
+
+    def __contains__(self, record_id: str) -> bool:
+        with _redis_errors("reading a subscription"):
+            return bool(self.redis.hexists(self.prefix + "subs", record_id))
+
+    def get(self, record_id: str) -> dict | None:
+        with _redis_errors("reading a subscription"):
+            line = self.redis.hget(self.prefix + "subs", record_id)
+        return None if line is None else json.loads(line)
+
+    def get_many(self, record_ids: list[str]) -> list[dict | None]:
+        """The records of ``record_ids``, in order; None for those not stored."""
+        if not record_ids:
+            return []
+        with _redis_errors("reading subscriptions"):
+            lines = self.redis.hmget(self.prefix + "subs", record_ids)
+        return [None if line is None else json.loads(line) for line in lines]
+
+    def ids(self) -> list[str]:
+        with _redis_errors("listing subscriptions"):
+            return self.redis.hkeys(self.prefix + "subs")
+
+    def scan(self, chunk: int = 1000) -> Any:
+        """Every record, a list of at most about ``chunk`` at a time."""
+        cursor = 0
+        while True:
+            with _redis_errors("listing subscriptions"):
+                cursor, lines = self.redis.hscan(
+                    self.prefix + "subs", cursor, count=chunk
+                )
+            if lines:
+                yield [json.loads(line) for line in lines.values()]
+            if not cursor:
+                return
+
+    def upsert(self, record: dict) -> bool:
+        """Store ``record`` (it must have an ``id``); True when the id is new."""
+        return bool(self._run([record], [])[0])
+
+    def remove(self, record_id: str) -> bool:
+        """Forget a record; False when it was not stored."""
+        return bool(self._run([], [record_id])[0])
+
+    def write(self, upserts: list[dict] = (), removals: list[str] = ()) -> None:  # type: ignore[assignment]
+        """Store and forget several records at once, atomically."""
+        if upserts or removals:
+            self._run(list(upserts), list(removals))
+
+    def _run(self, upserts: list[dict], removals: list[str]) -> list[int]:
+        args: list[Any] = [self.prefix, len(upserts)]
+        for record in upserts:
+            topics = record.get("topics") or []
+            args += [record["id"], _record_line(record)]
+            args += [record.get("kind", "webpush"), len(topics), *topics]
+        with _redis_errors("storing subscriptions"):
+            return self._write(args=args + removals)
+
+    def count(self, kind: str, topic: str | None = None) -> int:
+        """How many records of a kind, all or those subscribed to ``topic``."""
+        with _redis_errors("counting subscriptions"):
+            if topic is None:
+                return int(self.redis.hget(self.prefix + "count", kind) or 0)
+            return self.redis.zcard(self.index_key(kind, topic))
+
+    def index_key(self, kind: str, topic: str | None) -> str:
+        """The sorted set of the records of a kind, all or on a topic."""
+        if topic is None:
+            return f"{self.prefix}ix:{kind}"
+        return f"{self.prefix}tx:{kind}:{topic}"
+
+    def list(self, topic: str | None = None) -> list[dict]:
+        """The records, all or those subscribed to ``topic``."""
+        if topic is None:
+            return [r for chunk in self.scan() for r in chunk]
+        ids: list[str] = []
+        with _redis_errors("listing subscriptions"):
+            for kind in CHANNELS:
+                ids += self.redis.zrange(self.index_key(kind, topic), 0, -1)
+        return [r for r in self.get_many(ids) if r is not None]
+
+    def ids_by_origin(self, topic: str | None = None) -> dict[str, list[str]]:
+        """The ids of the records, all or on ``topic``, by push service origin."""
+        plan: dict[str, list[str]] = {}
+        for record in self.list(topic):
+            origin = (
+                "fcm"
+                if record.get("kind") == "fcm"
+                else endpoint_origin(record.get("endpoint", ""))
+            )
+            plan.setdefault(origin, []).append(record["id"])
+        return plan
+
+    def claim_identity(self, public_key: str, token: str | None) -> None:
+        """Record this process's VAPID public key (and its push token's hash)
+        in Redis, or SettingError if other processes there use others: a
+        subscription made with one key is refused by push services when
+        signed with another."""
+        checks = [("vapid_public_key", public_key, "VAPID key")]
+        if token is not None:
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            checks.append(("push_token_sha256", digest, "push token"))
+        for name, value, what in checks:
+            key = self.prefix + name
+            with _redis_errors("checking the shared keys"):
+                self.redis.set(key, value, nx=True)
+                stored = self.redis.get(key)
+            if stored != value:
+                raise SettingError(
+                    f"this process's {what} is not the one the other processes on "
+                    f"this Redis use: give every process the same "
+                    + (
+                        "VAPID_PRIVATE_KEY (or a copy of one vapid/ directory)"
+                        if what == "VAPID key"
+                        else "PUSH_TOKEN"
+                    )
+                    + f" (or delete the key {key} if that one is no longer used)"
+                )
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+CHANNELS = ("webpush", "fcm")  # a record's ``kind``: the ways messages go
+
+
+def open_store(settings: Settings) -> SubscriptionStore | RedisSubscriptionStore:
+    """The subscription store the settings name: Redis when REDIS_URL is set,
+    else the JSON-lines file."""
+    if settings.redis_url:
+        return RedisSubscriptionStore(connect_redis(settings), settings.redis_prefix)
+    return SubscriptionStore(settings.subscriptions_file)
+
+
 ###############################################################################
 # Delivery ####################################################################
 ###############################################################################
@@ -1128,7 +1434,6 @@ MAX_PLAINTEXT = 3993
 MAX_RESPONSE_BYTES = 65536  # a push service's answer is a status and a short reason
 URGENCIES = ("very-low", "low", "normal", "high")
 RETRY_TRIES = 3
-CHANNELS = ("webpush", "fcm")
 RETRY_MAX_WAIT = 30.0
 START_BATCH = 64  # messages encrypted and started between two looks at the answers
 # The reason of an outcome "unsent": cancelled, or the server stopped first.
@@ -2330,6 +2635,20 @@ def status_document(record: dict) -> dict:
     }
 
 
+def log_end(document: dict) -> None:
+    """One line when a notification ends: its counts."""
+    log.info(
+        "notification %s %s: sent=%d failed=%d removed=%d retried=%d of %d",
+        document["id"],
+        document["status"],
+        document["sent"],
+        document["failed"],
+        document["removed"],
+        document["retried"],
+        document["total"],
+    )
+
+
 @dataclass(eq=False)
 class _Job:
     """A notification that has not ended, as the dispatcher holds it."""
@@ -2447,8 +2766,8 @@ class NotificationQueue:
 
     def subscribers(self, topic: str | None) -> int:
         """How many subscribers a notification to ``topic`` goes to now."""
-        plan = self.store.ids_by_origin(topic)
-        return sum(len(ids) for o, ids in plan.items() if self.delivery.sends_to(o))
+        kinds = [k for k in CHANNELS if self.delivery.sends_to(k)]
+        return sum(self.store.count(kind, topic) for kind in kinds)
 
     def get(self, notification_id: str) -> dict | None:
         with self._lock:
@@ -2495,6 +2814,10 @@ class NotificationQueue:
                 lambda: notification_id not in self._jobs or self._stopping, timeout
             )
         return self.get(notification_id)
+
+    def close(self) -> None:
+        """Close the journal (after :meth:`stop`)."""
+        self.journal.close()
 
     def stop(self, timeout: float) -> bool:
         """Hand out nothing more, and wait up to ``timeout`` seconds for the
@@ -2773,17 +3096,7 @@ class NotificationQueue:
                 record.update(final)
                 del self._jobs[record["id"]]
                 self._lock.notify_all()
-        counts = status_document(record)
-        log.info(
-            "notification %s %s: sent=%d failed=%d removed=%d retried=%d of %d",
-            record["id"],
-            record["status"],
-            counts["sent"],
-            counts["failed"],
-            counts["removed"],
-            counts["retried"],
-            counts["total"],
-        )
+        log_end(status_document(record))
 
     def _drop_old(self, now: float) -> None:
         """Forget notifications ended NOTIFICATION_RETENTION seconds ago (kept
@@ -2822,6 +3135,773 @@ class NotificationQueue:
                 if notification_id in gone:
                     del self._keys[key]
         log.info("dropped %d notifications older than the retention", len(drop))
+
+
+# The Lua scripts of RedisNotificationQueue. ARGV[1] is REDIS_PREFIX; times
+# are seconds since the epoch. A notification is the hash ``n:<id>``: its
+# fixed part as JSON (``doc``), ``status``, ``started``, ``finished``,
+# ``total``, the plan's state (``plan_max``, ``cursor``, ``batches``,
+# ``batches_done``, ``enqueued``, ``planned``) and its counts
+# (``webpush.sent``...); the causes of failure are counted in ``ne:<id>``.
+
+# ARGV: prefix, id, idempotency key's hash or '', seconds it is kept, doc,
+# status, total, created, due. The id of an earlier notification made with
+# the same key, else this one's.
+NOTIFICATION_CREATE_LUA = """
+local p, id, key = ARGV[1], ARGV[2], ARGV[3]
+if key ~= '' then
+  local earlier = redis.call('GET', p .. 'idem:' .. key)
+  if earlier and redis.call('EXISTS', p .. 'n:' .. earlier) == 1 then
+    return earlier
+  end
+  redis.call('SET', p .. 'idem:' .. key, id, 'EX', ARGV[4])
+end
+redis.call('HSET', p .. 'n:' .. id, 'doc', ARGV[5], 'status', ARGV[6], 'total', ARGV[7])
+redis.call('ZADD', p .. 'notifications', ARGV[8], id)
+redis.call('ZADD', p .. 'due', ARGV[9], id)
+return id
+"""
+
+# ARGV: prefix, now, lease end. One due notification, leased to the caller:
+# no other process plans it before the lease ends (the planner renews it).
+NOTIFICATION_CLAIM_LUA = """
+local due = redis.call('ZRANGEBYSCORE', ARGV[1] .. 'due', '-inf', ARGV[2], 'LIMIT', 0, 1)
+if #due == 0 then return false end
+redis.call('ZADD', ARGV[1] .. 'due', ARGV[3], due[1])
+return due[1]
+"""
+
+# ARGV: prefix, id, now, the index keys to plan from. A queued or scheduled
+# notification starts sending: the subscribers it goes to are those indexed
+# now (scores up to ``plan_max``). Its plan_max and cursor, or nil if it has
+# ended (cancelled, say).
+NOTIFICATION_START_LUA = """
+local p, id = ARGV[1], ARGV[2]
+local n = p .. 'n:' .. id
+local status = redis.call('HGET', n, 'status')
+if status == 'scheduled' or status == 'queued' then
+  local max = redis.call('GET', p .. 'seq') or '0'
+  local total = 0
+  for i = 4, #ARGV do total = total + redis.call('ZCOUNT', ARGV[i], '-inf', max) end
+  redis.call('HSET', n, 'status', 'sending', 'started', ARGV[3], 'plan_max', max,
+             'total', total, 'cursor', '1 -inf')
+elseif status ~= 'sending' or redis.call('HGET', n, 'planned') == '1' then
+  redis.call('ZREM', p .. 'due', id)
+  return false
+end
+return redis.call('HMGET', n, 'plan_max', 'cursor')
+"""
+
+# ARGV: prefix, id, the cursor the caller read, the cursor after these
+# batches, lease end, then (ids, how many) per batch. The batches go on the
+# stream with the cursor that names them, or not at all (0): another process
+# took over the plan, or the notification ended.
+NOTIFICATION_ENQUEUE_LUA = """
+local p, id = ARGV[1], ARGV[2]
+local n = p .. 'n:' .. id
+if redis.call('HGET', n, 'cursor') ~= ARGV[3] or redis.call('HGET', n, 'status') ~= 'sending' then
+  return 0
+end
+for i = 6, #ARGV, 2 do
+  redis.call('XADD', p .. 'batches', '*', 'n', id, 'ids', ARGV[i])
+  redis.call('HINCRBY', n, 'batches', 1)
+  redis.call('HINCRBY', n, 'enqueued', ARGV[i + 1])
+end
+redis.call('HSET', n, 'cursor', ARGV[4])
+redis.call('ZADD', p .. 'due', 'XX', ARGV[5], id)
+return 1
+"""
+
+# ARGV: prefix, id, the cursor the caller read, now. The plan is complete:
+# 2 if so is the notification (every batch came back already), 1 if not,
+# 0 if another process took over the plan or the notification ended.
+NOTIFICATION_PLANNED_LUA = """
+local p, id = ARGV[1], ARGV[2]
+local n = p .. 'n:' .. id
+if redis.call('HGET', n, 'cursor') ~= ARGV[3] or redis.call('HGET', n, 'status') ~= 'sending' then
+  return 0
+end
+redis.call('HSET', n, 'planned', '1', 'cursor', 'planned')
+redis.call('ZREM', p .. 'due', id)
+if tonumber(redis.call('HGET', n, 'batches') or '0') == tonumber(redis.call('HGET', n, 'batches_done') or '0') then
+  redis.call('HSET', n, 'status', 'done', 'finished', ARGV[4])
+  return 2
+end
+return 1
+"""
+
+# ARGV: prefix, id, new status, now, the statuses it may change from. {1,
+# old status} if it changed, {0, status} if not, nil if there is no such
+# notification.
+NOTIFICATION_END_LUA = """
+local n = ARGV[1] .. 'n:' .. ARGV[2]
+local status = redis.call('HGET', n, 'status')
+if not status then return false end
+for i = 5, #ARGV do
+  if status == ARGV[i] then
+    redis.call('HSET', n, 'status', ARGV[3], 'finished', ARGV[4])
+    redis.call('ZREM', ARGV[1] .. 'due', ARGV[2])
+    return {1, status}
+  end
+end
+return {0, status}
+"""
+
+# ARGV: prefix, batch (stream entry id), notification id, now, ids to send
+# again ('' if none), ids that were no longer stored, then (name, increment)
+# pairs: counts, and causes of failure (a JSON array). Acknowledging the
+# batch and counting its outcomes are one step, so a batch delivered twice
+# (its process went silent and another claimed it) is counted once: 0 for
+# the second. 2 when the notification is done with this batch.
+BATCH_COMPLETE_LUA = """
+local p, entry, id = ARGV[1], ARGV[2], ARGV[3]
+local stream = p .. 'batches'
+if redis.call('XACK', stream, 'delivery', entry) == 0 then return 0 end
+redis.call('XDEL', stream, entry)
+local n = p .. 'n:' .. id
+if redis.call('EXISTS', n) == 0 then return 1 end
+local errors = p .. 'ne:' .. id
+for i = 7, #ARGV, 2 do
+  local name = ARGV[i]
+  if string.sub(name, 1, 1) ~= '[' then
+    redis.call('HINCRBY', n, name, ARGV[i + 1])
+  elseif redis.call('HEXISTS', errors, name) == 1 or redis.call('HLEN', errors) < 100 then
+    redis.call('HINCRBY', errors, name, ARGV[i + 1])
+  end
+end
+if ARGV[6] ~= '0' then redis.call('HINCRBY', n, 'vanished', ARGV[6]) end
+local status = redis.call('HGET', n, 'status')
+if ARGV[5] ~= '' and status == 'sending' then
+  redis.call('XADD', stream, '*', 'n', id, 'ids', ARGV[5])
+  redis.call('HINCRBY', n, 'batches', 1)
+end
+local done = redis.call('HINCRBY', n, 'batches_done', 1)
+if status == 'sending' and redis.call('HGET', n, 'planned') == '1'
+   and tonumber(redis.call('HGET', n, 'batches')) == done then
+  redis.call('HSET', n, 'status', 'done', 'finished', ARGV[4])
+  return 2
+end
+return 1
+"""
+
+CONSUMER_GROUP = "delivery"
+
+
+def _number(text: str | None) -> float | None:
+    return float(text) if text else None
+
+
+class RedisNotificationQueue:
+    """Notifications as durable jobs in Redis, shared by every ``api.py`` and
+    ``api.py --worker`` process: the interface of NotificationQueue.
+
+    Four threads per process (the planner alone with API_DELIVERS=false).
+    The planner claims a due notification (a Lua script leases it for
+    WORKER_TIMEOUT, so exactly one process plans it; if that one dies,
+    another resumes from the cursor), pages through the
+    subscription index and adds batches of BATCH_SIZE ids to the ``batches``
+    stream, each together with the cursor, so none is added twice. The
+    consumer reads the stream in the consumer group ``delivery``, at most
+    ``BATCHES_PER_PROCESS x PUSH_PROCESSES`` batches in flight, and takes
+    over batches a silent process held for WORKER_TIMEOUT (XAUTOCLAIM); the
+    keeper tells Redis every second that this process still works on its
+    batches, and stops those of cancelled notifications. Each batch's
+    outcomes are counted by the script that acknowledges it, atomically:
+    delivery is at least once, counts exactly once, and the duplicates a
+    dead process causes are at most the batches it had in flight.
+    """
+
+    def __init__(
+        self,
+        store: RedisSubscriptionStore,
+        delivery: Delivery,
+        settings: Settings,
+        batch_size: int = BATCH_SIZE,
+        consume: bool = True,
+    ):
+        import redis
+
+        self.store = store
+        self.redis = store.redis
+        self.prefix = store.prefix
+        self.delivery = delivery
+        self.retention = settings.notification_retention
+        self.lease = settings.worker_timeout
+        self.batch_size = batch_size
+        self.max_in_flight = BATCHES_PER_PROCESS * delivery.processes
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._stream = self.prefix + "batches"
+        scripts = {
+            "create": NOTIFICATION_CREATE_LUA,
+            "claim": NOTIFICATION_CLAIM_LUA,
+            "start": NOTIFICATION_START_LUA,
+            "enqueue": NOTIFICATION_ENQUEUE_LUA,
+            "planned": NOTIFICATION_PLANNED_LUA,
+            "end": NOTIFICATION_END_LUA,
+            "complete": BATCH_COMPLETE_LUA,
+        }
+        self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
+        with _redis_errors("creating the batch stream"):
+            try:
+                self.redis.xgroup_create(
+                    self._stream, CONSUMER_GROUP, id="0", mkstream=True
+                )
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self._lock = threading.Condition()
+        self._in_flight: dict[str, str] = {}  # batch (entry id) -> notification
+        self._completed: collections.deque[tuple] = collections.deque()
+        self._cancelled: set[str] = set()  # told to the delivery already
+        self._messages: dict[str, tuple[float, str | None, Message | None]] = {}
+        self._created = threading.Event()  # made here: plan it without waiting
+        self._stopping = False
+        self._complained = 0.0
+        loops = [(self._plan_loop, "notification-planner")]
+        if consume:  # else the batches are left to the other processes
+            loops += [
+                (self._consume_loop, "batch-consumer"),
+                (self._record_loop, "batch-recorder"),
+                (self._keep_loop, "batch-keeper"),
+            ]
+        self._threads = [
+            threading.Thread(target=target, name=name, daemon=True)
+            for target, name in loops
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- what the HTTP routes call ----------------------------------------------
+
+    def create(
+        self,
+        message: Message,
+        topic: str | None,
+        send_at: float | None = None,
+        key: str | None = None,
+        body_hash: str = "",
+        source: str = "api",
+    ) -> tuple[dict, bool]:
+        """As NotificationQueue.create; StoreUnavailable (an OSError) when
+        Redis cannot take it."""
+        key_hash = hashlib.sha256(key.encode()).hexdigest() if key else None
+        now = time.time()
+        due = now if send_at is None else send_at
+        record = {
+            "id": secrets.token_urlsafe(12),
+            "status": "scheduled" if due > now else "queued",
+            "source": source,
+            "created": now,
+            "due": due,
+            "send_at": send_at,
+            "started": None,
+            "finished": None,
+            "topic": topic,
+            "message": {
+                "notification": message.notification,
+                "ttl": message.ttl,
+                "urgency": message.urgency,
+                "collapse_key": message.topic,
+            },
+            "idempotency": key_hash and {"key": key_hash, "body": body_hash},
+            "total": self.subscribers(topic),
+            "counts": _zero_counts(),
+            "errors": [],
+        }
+        fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
+        doc = {k: record[k] for k in (*fixed, "idempotency")}
+        with _redis_errors("storing a notification"):
+            made = self._scripts["create"](
+                args=[
+                    self.prefix,
+                    record["id"],
+                    key_hash or "",
+                    IDEMPOTENCY_SECONDS,
+                    _record_line(doc),
+                    record["status"],
+                    record["total"],
+                    now,
+                    due,
+                ]
+            )
+        if made != record["id"]:
+            earlier = self._record(made)
+            if earlier is not None:
+                if earlier["idempotency"]["body"] != body_hash:
+                    raise IdempotencyConflict(made)
+                return status_document(earlier), True
+        self._created.set()
+        return status_document(record), False
+
+    def subscribers(self, topic: str | None) -> int:
+        """How many subscribers a notification to ``topic`` goes to now."""
+        kinds = [k for k in CHANNELS if self.delivery.sends_to(k)]
+        return sum(self.store.count(kind, topic) for kind in kinds)
+
+    def get(self, notification_id: str) -> dict | None:
+        record = self._record(notification_id)
+        return None if record is None else status_document(record)
+
+    def list(self, limit: int) -> list[dict]:
+        """The newest ``limit`` notifications, newest first."""
+        with _redis_errors("listing notifications"):
+            newest = self.redis.zrevrange(self.prefix + "notifications", 0, limit - 1)
+        return [d for d in map(self.get, newest) if d is not None]
+
+    def cancel(self, notification_id: str) -> dict:
+        """As NotificationQueue.cancel. Other processes stop sending its
+        batches within a second."""
+        ended = self._end(notification_id, "cancelled", *UNFINISHED)
+        if ended is None:
+            raise KeyError(notification_id)
+        if not ended:
+            raise AlreadyFinished(notification_id)
+        self.delivery.cancel(notification_id)
+        log.info("notification %s cancelled", notification_id)
+        return self.get(notification_id) or {}
+
+    def wait(self, notification_id: str, timeout: float) -> dict | None:
+        """Its status document once it has ended, or after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        pause = 0.02
+        while True:
+            document = self.get(notification_id)
+            left = deadline - time.monotonic()
+            if document is None or document["status"] in FINISHED or left <= 0:
+                return document
+            with self._lock:
+                if self._stopping:
+                    return document
+                self._lock.wait(min(pause, left))
+            pause = min(pause * 2, 0.25)
+
+    def stop(self, timeout: float) -> bool:
+        """Take no more batches; what this process has not sent goes back on
+        the stream for the others (or for the next start); wait up to
+        ``timeout`` seconds for the batches in flight to be recorded."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            sending = set(self._in_flight.values())
+        self._created.set()
+        for notification_id in sending:
+            self.delivery.cancel(notification_id)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def close(self) -> None:
+        """Nothing of its own to close: the store closes the connection."""
+
+    # -- notifications in Redis --------------------------------------------------
+
+    def _record(self, notification_id: str) -> dict | None:
+        """A notification as NotificationQueue holds it (status_document's input)."""
+        with _redis_errors("reading a notification"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(self.prefix + "n:" + notification_id)
+            pipe.hgetall(self.prefix + "ne:" + notification_id)
+            fields, errors = pipe.execute()
+        if not fields.get("doc"):
+            return None
+        record = json.loads(fields["doc"])
+        record["status"] = fields.get("status", "queued")
+        record["started"] = _number(fields.get("started"))
+        record["finished"] = _number(fields.get("finished"))
+        planned = fields.get("planned") == "1"
+        total = int(fields.get("enqueued" if planned else "total") or 0)
+        record["total"] = max(0, total - int(fields.get("vanished") or 0))
+        record["counts"] = {
+            channel: {
+                name: int(fields.get(f"{channel}.{name}") or 0) for name in COUNTS
+            }
+            for channel in CHANNELS
+        }
+        causes = sorted(errors.items(), key=lambda item: -int(item[1]))
+        record["errors"] = [
+            dict(zip(("channel", "origin", "status", "reason"), json.loads(cause)))
+            | {"count": int(count)}
+            for cause, count in causes[:MAX_ERRORS]
+        ]
+        return record
+
+    def _end(self, notification_id: str, status: str, *before: str) -> bool | None:
+        """Give it ``status`` if it has one of ``before``: whether it did
+        (None: no such notification)."""
+        with _redis_errors("changing a notification"):
+            result = self._scripts["end"](
+                args=[self.prefix, notification_id, status, time.time(), *before]
+            )
+        return None if result is None else bool(result[0])
+
+    def _complain(self, what: str, error: Exception) -> None:
+        """A background thread's error, logged at most every 10 s (Redis
+        unreachable would otherwise log one line per turn)."""
+        if time.monotonic() - self._complained > 10:
+            self._complained = time.monotonic()
+            if isinstance(error, OSError):
+                log.error("%s: %s; retrying", what, error)
+            else:
+                log.exception("%s; it carries on", what)
+        time.sleep(1)
+
+    # -- the planner ---------------------------------------------------------------
+
+    def _plan_loop(self) -> None:
+        next_sweep = 0.0
+        while not self._stopping:
+            try:
+                now = time.time()
+                if now >= next_sweep:
+                    next_sweep = now + 60
+                    self._drop_old(now)
+                with _redis_errors("claiming a due notification"):
+                    claimed = self._scripts["claim"](
+                        args=[self.prefix, now, now + self.lease]
+                    )
+                if claimed is None:
+                    self._created.wait(0.25)
+                    self._created.clear()
+                    continue
+                self._plan(claimed)
+            except Exception as e:  # noqa: BLE001 - _complain logs it
+                self._complain("notification planner", e)
+
+    def _plan(self, notification_id: str) -> None:
+        """Start a claimed notification, or expire it; add its batches."""
+        key = self.prefix + "n:" + notification_id
+        with _redis_errors("reading a notification"):
+            doc, status = self.redis.hmget(key, "doc", "status")
+        if doc is None:
+            with _redis_errors("dropping a lost notification"):
+                self.redis.zrem(self.prefix + "due", notification_id)
+            return
+        record = json.loads(doc)
+        now = time.time()
+        late = now - record["due"] > record["message"]["ttl"] + EXPIRY_SLACK
+        if late and status in ("scheduled", "queued"):
+            if self._end(notification_id, "expired", "scheduled", "queued"):
+                log.warning(
+                    "notification %s expired: due %s, its TTL of %d s passed "
+                    "before it could be sent",
+                    notification_id,
+                    rfc3339(record["due"]),
+                    record["message"]["ttl"],
+                )
+            return
+        indexes = [
+            self.store.index_key(kind, record["topic"])
+            for kind in CHANNELS
+            if self.delivery.sends_to(kind)
+        ]
+        with _redis_errors("starting a notification"):
+            started = self._scripts["start"](
+                args=[self.prefix, notification_id, now, *indexes]
+            )
+        if started is None:
+            return
+        plan_max, cursor = started
+        if status != "sending":
+            log.info(
+                "notification %s: sending to %d subscribers%s",
+                notification_id,
+                int(self.redis.hget(key, "total") or 0),
+                f" (topic {record['topic']})" if record["topic"] else "",
+            )
+        while True:
+            if self._stopping:  # another process takes the plan over now
+                with _redis_errors("handing a plan over"):
+                    self.redis.zadd(
+                        self.prefix + "due", {notification_id: time.time()}, xx=True
+                    )
+                return
+            number, after = cursor.split(" ")
+            index = int(number)
+            if index > len(indexes):
+                break
+            with _redis_errors("planning a notification"):
+                page = self.redis.zrangebyscore(
+                    indexes[index - 1],
+                    after if after == "-inf" else f"({after}",
+                    plan_max,
+                    start=0,
+                    num=self.batch_size * 4,
+                    withscores=True,
+                )
+            args: list[Any] = []
+            for start in range(0, len(page), self.batch_size):
+                ids = [i for i, _ in page[start : start + self.batch_size]]
+                args += [",".join(ids), len(ids)]
+            later = f"{index} {int(page[-1][1])}" if page else f"{index + 1} -inf"
+            with _redis_errors("planning a notification"):
+                added = self._scripts["enqueue"](
+                    args=[
+                        self.prefix,
+                        notification_id,
+                        cursor,
+                        later,
+                        time.time() + self.lease,
+                        *args,
+                    ]
+                )
+            if not added:  # cancelled, or another process plans it now
+                return
+            cursor = later
+        with _redis_errors("planning a notification"):
+            planned = self._scripts["planned"](
+                args=[self.prefix, notification_id, cursor, time.time()]
+            )
+        if planned == 2:
+            self._log_end(notification_id)
+
+    def _drop_old(self, now: float) -> None:
+        """Forget notifications ended NOTIFICATION_RETENTION seconds ago (kept
+        while their Idempotency-Key is, 24 hours). Any process may do it."""
+        keep_from = now - self.retention
+        with _redis_errors("dropping old notifications"):
+            old = self.redis.zrangebyscore(
+                self.prefix + "notifications", "-inf", keep_from, start=0, num=1000
+            )
+            dropped = 0
+            for notification_id in old:
+                key = self.prefix + "n:" + notification_id
+                doc, finished = self.redis.hmget(key, "doc", "finished")
+                if doc is not None:
+                    record = json.loads(doc)
+                    keyed = record.get("idempotency") and (
+                        record["created"] > now - IDEMPOTENCY_SECONDS
+                    )
+                    if keyed or not finished or float(finished) >= keep_from:
+                        continue
+                pipe = self.redis.pipeline()
+                pipe.delete(key, self.prefix + "ne:" + notification_id)
+                pipe.zrem(self.prefix + "notifications", notification_id)
+                pipe.execute()
+                dropped += 1
+        if dropped:
+            log.info("dropped %d notifications older than the retention", dropped)
+
+    def _log_end(self, notification_id: str) -> None:
+        document = self.get(notification_id)
+        if document is not None:
+            log_end(document)
+
+    # -- the consumer, recorder and keeper -------------------------------------
+
+    def _consume_loop(self) -> None:
+        next_claim = 0.0
+        while not self._stopping:
+            try:
+                with self._lock:
+                    room = self.max_in_flight - len(self._in_flight)
+                    if room <= 0:
+                        self._lock.wait(0.5)
+                        continue
+                entries: list = []
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + min(1.0, self.lease / 4)
+                    entries = self._claim_abandoned(room)
+                if not entries:
+                    with _redis_errors("reading batches"):
+                        reply = self.redis.xreadgroup(
+                            CONSUMER_GROUP,
+                            self.consumer,
+                            {self._stream: ">"},
+                            count=room,
+                            block=500,
+                        )
+                    entries = reply[0][1] if reply else []
+                for entry_id, fields in entries:
+                    if not self._stopping:
+                        self._start_batch(entry_id, fields)
+            except Exception as e:  # noqa: BLE001 - _complain logs it
+                self._complain("batch consumer", e)
+
+    def _claim_abandoned(self, room: int) -> list:
+        """Batches another process held for WORKER_TIMEOUT without a word."""
+        with _redis_errors("claiming abandoned batches"):
+            reply = self.redis.xautoclaim(
+                self._stream,
+                CONSUMER_GROUP,
+                self.consumer,
+                int(self.lease * 1000),
+                "0-0",
+                count=room,
+            )
+        entries = []
+        for entry_id, fields in reply[1]:
+            if not fields:  # deleted meanwhile (Redis 6.2 still lists it)
+                with _redis_errors("acknowledging a deleted batch"):
+                    self.redis.xack(self._stream, CONSUMER_GROUP, entry_id)
+            elif entry_id not in self._in_flight:
+                log.warning(
+                    "batch %s of notification %s: its process went silent; "
+                    "sending it from here",
+                    entry_id,
+                    fields.get("n"),
+                )
+                entries.append((entry_id, fields))
+        return entries
+
+    def _start_batch(self, entry_id: str, fields: dict) -> None:
+        notification_id = fields.get("n", "")
+        ids = [i for i in fields.get("ids", "").split(",") if i]
+        status, message = self._message(notification_id)
+        if status != "sending" or message is None:  # cancelled, ended, dropped
+            self._complete(entry_id, notification_id, [], [], 0)
+            return
+        present = [r for r in self.store.get_many(ids) if r is not None]
+        vanished = len(ids) - len(present)  # unsubscribed since the plan
+        if not present:
+            self._complete(entry_id, notification_id, [], [], vanished)
+            return
+        with self._lock:
+            self._in_flight[entry_id] = notification_id
+        try:
+            future = self.delivery.submit(present, message, notification_id)
+        except Exception:  # no delivery process could start: another takes it
+            with self._lock:
+                del self._in_flight[entry_id]
+            raise
+        future.add_done_callback(
+            functools.partial(
+                self._batch_done,
+                entry_id,
+                notification_id,
+                [r["id"] for r in present],
+                vanished,
+            )
+        )
+
+    def _message(self, notification_id: str) -> tuple[str | None, Message | None]:
+        """A notification's status and message, read at most once a second."""
+        now = time.monotonic()
+        cached = self._messages.get(notification_id)
+        if cached and cached[0] > now:
+            return cached[1], cached[2]
+        with _redis_errors("reading a notification"):
+            doc, status = self.redis.hmget(
+                self.prefix + "n:" + notification_id, "doc", "status"
+            )
+        message = None
+        if doc is not None and status == "sending":
+            message = message_of(json.loads(doc), time.time())
+        if len(self._messages) > 1000:
+            self._messages = {k: v for k, v in self._messages.items() if v[0] > now}
+        self._messages[notification_id] = (now + 1, status, message)
+        return status, message
+
+    def _batch_done(self, *completed: Any) -> None:
+        with self._lock:
+            self._completed.append(completed)
+            self._lock.notify_all()
+
+    def _record_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._completed:
+                    if self._stopping and not self._in_flight:
+                        return
+                    self._lock.wait(0.5)
+                completed = list(self._completed)
+                self._completed.clear()
+            for entry_id, notification_id, ids, vanished, future in completed:
+                try:
+                    self._record_batch(entry_id, notification_id, ids, vanished, future)
+                # Not recorded: another process claims it after WORKER_TIMEOUT.
+                except Exception as e:  # noqa: BLE001 - _complain logs it
+                    self._complain(f"recording batch {entry_id}", e)
+                finally:
+                    with self._lock:
+                        self._in_flight.pop(entry_id, None)
+                        self._lock.notify_all()
+
+    def _record_batch(
+        self,
+        entry_id: str,
+        notification_id: str,
+        ids: list[str],
+        vanished: int,
+        future: Any,
+    ) -> None:
+        """Apply a batch's outcomes to the store, count them, acknowledge it;
+        the subscribers it did not reach go back on the stream."""
+        try:
+            outcomes: list[PushOutcome] = future.result()
+        except DeliveryStopped:
+            outcomes = []
+        except Exception:  # a bug: the batch goes back on the stream, not lost
+            log.exception("notification %s: a batch failed", notification_id)
+            outcomes = []
+        reached = [o for o in outcomes if o.result != "unsent"]
+        done = {o.record_id for o in reached}
+        apply_outcomes(self.store, reached)  # type: ignore[arg-type]
+        again = [i for i in ids if i not in done]
+        self._complete(entry_id, notification_id, reached, again, vanished)
+
+    def _complete(
+        self,
+        entry_id: str,
+        notification_id: str,
+        reached: list[PushOutcome],
+        again: list[str],
+        vanished: int,
+    ) -> None:
+        counts: collections.Counter[str] = collections.Counter()
+        for o in reached:
+            counts[f"{o.channel}.{o.result}"] += 1
+            counts[f"{o.channel}.retried"] += o.tries > 1
+            if o.result == "failed":
+                counts[_record_line([o.channel, o.origin, o.status, o.reason])] += 1
+        args: list[Any] = [self.prefix, entry_id, notification_id, time.time()]
+        args += [",".join(again), vanished]
+        for name, count in counts.items():
+            if count:
+                args += [name, count]
+        with _redis_errors("recording a batch"):
+            result = self._scripts["complete"](args=args)
+        if result == 2:
+            self._log_end(notification_id)
+
+    def _keep_loop(self) -> None:
+        """Every second: tell Redis this process still works on its batches
+        (their idle time starts again), and stop sending those of
+        notifications that were cancelled elsewhere."""
+        interval = min(1.0, self.lease / 3)
+        while True:
+            with self._lock:
+                if self._stopping and not self._in_flight:
+                    return
+                self._lock.wait(interval)
+                batches = dict(self._in_flight)
+            if not batches:
+                continue
+            try:
+                with _redis_errors("keeping batches"):
+                    self.redis.xclaim(
+                        self._stream,
+                        CONSUMER_GROUP,
+                        self.consumer,
+                        0,
+                        list(batches),
+                        justid=True,
+                    )
+                    notifications = sorted(set(batches.values()))
+                    pipe = self.redis.pipeline(transaction=False)
+                    for notification_id in notifications:
+                        pipe.hget(self.prefix + "n:" + notification_id, "status")
+                    statuses = pipe.execute()
+                for notification_id, status in zip(notifications, statuses):
+                    if status != "sending" and notification_id not in self._cancelled:
+                        self._cancelled.add(notification_id)
+                        self.delivery.cancel(notification_id)
+                self._cancelled &= set(notifications)
+            except Exception as e:  # noqa: BLE001 - _complain logs it
+                self._complain("batch keeper", e)
+
+
+UNFINISHED = ("scheduled", "queued", "sending")
 
 
 ###############################################################################
@@ -3325,6 +4405,23 @@ def client_address(environ: dict, trusted_proxies: frozenset[str]) -> str:
     return address
 
 
+# A token bucket in Redis. ARGV: key, per minute (the bucket's size), now.
+# The seconds to wait, or 0 with a token taken.
+RATE_LIMIT_LUA = """
+local size, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local rate = size / 60
+local bucket = redis.call('HMGET', ARGV[1], 'tokens', 'when')
+local tokens = tonumber(bucket[1]) or size
+local when = tonumber(bucket[2]) or now
+tokens = math.min(size, tokens + math.max(0, now - when) * rate)
+local wait = 0
+if tokens < 1 then wait = (1 - tokens) / rate else tokens = tokens - 1 end
+redis.call('HSET', ARGV[1], 'tokens', tostring(tokens), 'when', tostring(now))
+redis.call('EXPIRE', ARGV[1], 61)
+return tostring(wait)
+"""
+
+
 class RateLimitPlugin:
     """Bottle plugin: a token bucket per client on routes marked ``rate_limited``;
     over the limit, 429 with Retry-After."""
@@ -3332,14 +4429,30 @@ class RateLimitPlugin:
     name = "rate_limit"
     api = 2
 
-    def __init__(self, per_minute: int, trusted_proxies: str):
+    def __init__(
+        self,
+        per_minute: int,
+        trusted_proxies: str,
+        redis_client: Any = None,
+        prefix: str = "",
+    ):
         self.per_minute = per_minute
         self.trusted = address_set(trusted_proxies)
         self._buckets: dict[str, tuple[float, float]] = {}  # client: (tokens, when)
         self._lock = threading.Lock()
+        # With Redis, one bucket per client shared by every process.
+        self._redis_take = redis_client and redis_client.register_script(RATE_LIMIT_LUA)
+        self._prefix = prefix + "rate:"
 
     def take(self, client: str) -> float:
         """0 when ``client`` may go on, else the seconds until it may."""
+        if self._redis_take:
+            with _redis_errors("counting a client's writes"):
+                return float(
+                    self._redis_take(
+                        args=[self._prefix + client, self.per_minute, time.time()]
+                    )
+                )
         now = time.monotonic()
         rate = self.per_minute / 60
         with self._lock:
@@ -3586,7 +4699,7 @@ def body_hash(body: Any) -> str:
 def create_app(
     settings: Settings | None = None,
     keys: VapidKeys | None = None,
-    store: SubscriptionStore | None = None,
+    store: SubscriptionStore | RedisSubscriptionStore | None = None,
     token: str | None = None,
     journal: NotificationJournal | None = None,
 ) -> bottle.Bottle:
@@ -3594,14 +4707,21 @@ def create_app(
     ``app.config["webpush.close"](timeout)`` stops its delivery and files."""
     settings = settings or Settings.from_env()
     keys = keys if keys is not None else VapidKeys.load_or_create(settings)
-    store = (
-        store if store is not None else SubscriptionStore(settings.subscriptions_file)
-    )
-    if journal is None:
-        journal = NotificationJournal(settings.journal_path)
     token = token if token is not None else load_or_create_token(settings)[0]
+    if store is None:
+        store = open_store(settings)
     delivery = Delivery(keys, settings)
-    queue = NotificationQueue(journal, store, delivery, settings.notification_retention)
+    queue: NotificationQueue | RedisNotificationQueue
+    if isinstance(store, RedisSubscriptionStore):
+        queue = RedisNotificationQueue(
+            store, delivery, settings, consume=settings.api_delivers
+        )
+    else:
+        if journal is None:
+            journal = NotificationJournal(settings.journal_path)
+        queue = NotificationQueue(
+            journal, store, delivery, settings.notification_retention
+        )
     validate = Validator(settings)
     cors = CorsPlugin(settings.cors_origins)
     started = time.time()
@@ -3613,14 +4733,21 @@ def create_app(
         recorded = queue.stop(timeout)
         delivery.close()  # what it still had comes back unsent...
         queue.stop(1)  # ...and the dispatcher ends once it has seen it
-        journal.close()
+        queue.close()
         store.close()
         return recorded
 
     app = bottle.Bottle()
     app.install(cors)  # installed first, so it wraps the JSON errors too
     app.install(JsonApiPlugin())
-    app.install(RateLimitPlugin(settings.rate_limit, settings.trusted_proxies))
+    app.install(
+        RateLimitPlugin(
+            settings.rate_limit,
+            settings.trusted_proxies,
+            store.redis if isinstance(store, RedisSubscriptionStore) else None,
+            settings.redis_prefix,
+        )
+    )
     app.config.update(
         {
             "webpush.store": store,
@@ -4000,9 +5127,10 @@ def serve_static(name: str) -> bottle.HTTPResponse:
 ###############################################################################
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, dict[str, Any]]:
     """Settings from the command line over the environment over the defaults,
-    and whether to repair the store instead of serving."""
+    and what to do instead of serving: ``repair_store``, ``worker``,
+    ``migrate_store``."""
     env_defaults = Settings.from_env()
     epilog = [
         "settings only read from the environment (secrets stay off command lines):"
@@ -4030,15 +5158,144 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
         help="rewrite a damaged SUBSCRIPTIONS_FILE with its valid records, move the "
         "damaged lines to a side file, and exit (stop the server first)",
     )
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="deliver only, without HTTP: take batches of notifications from Redis "
+        "(needs REDIS_URL); run as many as the fan-outs need, on any machines",
+    )
+    parser.add_argument(
+        "--migrate-store",
+        metavar="TARGET",
+        help="copy the subscriptions and exit: from SUBSCRIPTIONS_FILE into the Redis "
+        "at TARGET (redis://..., rediss://..., unix://...), or from REDIS_URL into "
+        "the JSON file TARGET; copying again changes only what differs",
+    )
     args = vars(parser.parse_args(argv))
-    repair = args.pop("repair_store")
+    modes = {
+        name: args.pop(name) for name in ("repair_store", "worker", "migrate_store")
+    }
     fields = {f.name: f for f in dataclasses.fields(Settings)}
     given = {
         name: _convert(fields[name], raw)
         for name, raw in args.items()
         if raw is not None
     }
-    return dataclasses.replace(env_defaults, **given), repair
+    return dataclasses.replace(env_defaults, **given), modes
+
+
+def store_name(settings: Settings) -> str:
+    """Where the subscriptions are, for a log line (no password)."""
+    if settings.redis_url:
+        return f"Redis {redact_url(settings.redis_url)} (keys {settings.redis_prefix}*)"
+    return settings.subscriptions_file
+
+
+def migrate_store(settings: Settings, target: str) -> int:
+    """``--migrate-store TARGET``: copy every subscription from the JSON file
+    into the Redis at TARGET, or from REDIS_URL into the JSON file TARGET.
+    Records are written by id, so running it again copies what changed and
+    duplicates nothing. The server must be stopped (the JSON file is locked)."""
+    to_redis = target.startswith(("redis://", "rediss://", "unix://"))
+    if not to_redis and not settings.redis_url:
+        log.error(
+            "--migrate-store %s: a JSON file is copied from Redis: set REDIS_URL "
+            "(or give a redis:// URL to copy SUBSCRIPTIONS_FILE into Redis)",
+            target,
+        )
+        return 2
+    redis_settings = (
+        dataclasses.replace(settings, redis_url=target) if to_redis else settings
+    )
+    json_path = settings.subscriptions_file if to_redis else target
+    try:
+        redis_store = RedisSubscriptionStore(
+            connect_redis(redis_settings), settings.redis_prefix
+        )
+    except SettingError as e:
+        log.error("%s", e)
+        return 2
+    try:
+        json_store = SubscriptionStore(json_path)
+    except (StoreLocked, StoreDamaged, OSError) as e:
+        log.error("%s", e)
+        redis_store.close()
+        return 2
+    destination = redis_store if to_redis else json_store
+    copied = 0
+    try:
+        if to_redis:
+            ids = json_store.ids()
+            chunks: Any = (
+                [json_store.get(i) for i in ids[start : start + 1000]]
+                for start in range(0, len(ids), 1000)
+            )
+        else:
+            chunks = redis_store.scan(1000)
+        for chunk in chunks:
+            records = [r for r in chunk if r is not None]
+            destination.write(records)
+            copied += len(records)
+    except OSError as e:
+        log.error("copy stopped after %d subscriptions: %s; run it again", copied, e)
+        return 2
+    finally:
+        json_store.close()
+        redis_store.close()
+    log.info(
+        "copied %d subscriptions from %s to %s",
+        copied,
+        json_path if to_redis else store_name(settings),
+        store_name(redis_settings) if to_redis else json_path,
+    )
+    return 0
+
+
+def run_worker(settings: Settings) -> int:
+    """``api.py --worker``: delivery without HTTP, taking batches from Redis,
+    until SIGTERM or SIGINT; then what it has not sent goes back to Redis
+    for the other processes (at most SHUTDOWN_TIMEOUT seconds)."""
+    try:
+        store = open_store(settings)
+    except SettingError as e:
+        log.error("%s", e)
+        return 2
+    try:
+        keys = VapidKeys.load_or_create(settings)
+        store.claim_identity(keys.public_key, None)  # type: ignore[union-attr]
+        _raise_open_file_limit(settings.push_concurrency + 256)
+        delivery = Delivery(keys, settings)
+    except (OSError, SettingError) as e:
+        log.error("%s", e)
+        store.close()
+        return 2
+    queue = RedisNotificationQueue(store, delivery, settings)  # type: ignore[arg-type]
+    log.info(
+        "worker %s: delivering from %s with %d delivery process%s",
+        queue.consumer,
+        store_name(settings),
+        delivery.processes,
+        "es" if delivery.processes > 1 else "",
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(1):
+        pass
+    log.info(
+        "stopping: what is not sent goes back to Redis (%g s at most)",
+        settings.shutdown_timeout,
+    )
+    queue.stop(settings.shutdown_timeout)
+    delivery.close()
+    queue.stop(1)
+    store.close()
+    log.info("stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -4046,8 +5303,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--delivery-process"]:  # started by the server, not by people
         return delivery_process(int(argv[1]))
     try:
-        settings, repair = parse_args(argv)
+        settings, modes = parse_args(argv)
         settings.check()
+        if modes["worker"] and not settings.redis_url:
+            raise SettingError(
+                "--worker takes its work from Redis: set REDIS_URL (with the JSON "
+                "store, python api.py delivers by itself)"
+            )
     except SettingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -4057,7 +5319,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     # waitress warns at every queued request once its threads are busy: noise under load.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    if repair:
+    if modes["migrate_store"]:
+        return migrate_store(settings, modes["migrate_store"])
+    if modes["worker"]:
+        return run_worker(settings)
+    if modes["repair_store"]:
         for path in (Path(settings.subscriptions_file), settings.journal_path):
             if not path.exists():
                 continue
@@ -4075,15 +5341,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     try:
-        store = SubscriptionStore(settings.subscriptions_file)
-    except (StoreLocked, StoreDamaged) as e:
+        store = open_store(settings)
+    except (StoreLocked, StoreDamaged, SettingError) as e:
         log.error("%s", e)
         return 2
     except OSError as e:  # an unwritable directory, say
         log.error("cannot open the store %s: %s", settings.subscriptions_file, e)
         return 2
+    journal = None
     try:
-        journal = NotificationJournal(settings.journal_path)
+        if not settings.redis_url:
+            journal = NotificationJournal(settings.journal_path)
     except (StoreLocked, StoreDamaged, OSError) as e:
         log.error("cannot open the notification journal: %s", e)
         store.close()
@@ -4091,13 +5359,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keys = VapidKeys.load_or_create(settings)
         token, generated = load_or_create_token(settings)
+        if isinstance(store, RedisSubscriptionStore):
+            store.claim_identity(keys.public_key, token)
     except (OSError, SettingError) as e:
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and not isinstance(e, StoreUnavailable):
             log.error("cannot read or write the keys in %s: %s", settings.vapid_dir, e)
         else:
             log.error("%s", e)
         store.close()
-        journal.close()
+        if journal is not None:
+            journal.close()
         return 2
     warning = subject_warning(settings.vapid_subject)
     if warning:
@@ -4114,12 +5385,13 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as e:  # FCM_SERVICE_ACCOUNT, say
         log.error("%s", e)
         store.close()
-        journal.close()
+        if journal is not None:
+            journal.close()
         return 2
 
     url = f"http://{settings.host}:{settings.port}"
     log.info("VAPID key: %s (public %s...)", keys.source, keys.public_key[:12])
-    log.info("store: %s, %d subscriptions", settings.subscriptions_file, len(store))
+    log.info("store: %s, %d subscriptions", store_name(settings), len(store))
     token_file = Path(settings.vapid_dir) / PUSH_TOKEN_FILE
     if settings.push_token:
         log.info("push token: from PUSH_TOKEN")

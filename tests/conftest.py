@@ -1,3 +1,12 @@
-"""The fixtures of test_api.py, for the test modules in tests/."""
+"""The fixtures of test_api.py, for the test modules in tests/: among them the
+session's real redis-server (tests/redis_server.py) and ``settings``, which
+runs each test that uses it on both backends, JSON files and Redis."""
 
-from test_api import app, push_service, server_factory, settings  # noqa: F401
+from test_api import (  # noqa: F401
+    app,
+    json_settings,
+    push_service,
+    redis_server,
+    server_factory,
+    settings,
+)

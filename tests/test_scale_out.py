@@ -1,0 +1,371 @@
+"""Scaling out on Redis (README "Scaling out"): several ``python api.py`` and
+``python api.py --worker`` processes on one real redis-server share the
+subscriptions, the notifications and the work, and survive one of them dying.
+
+Every process here is real, started the way README says; the push service is
+the decrypting stand-in on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import api
+from test_api import AUTH, LOCAL_PUSH, ROOT, TOKEN, WAIT, Server, fake_subscription
+from tests.push_service import PushService
+from tests.redis_server import RedisServer, fresh_prefix
+
+# What one worker may have in flight, so what a kill -9 may send twice
+# (README): BATCHES_PER_PROCESS batches per delivery process of BATCH_SIZE.
+WORKER_BOUND = api.BATCHES_PER_PROCESS * api.BATCH_SIZE  # PUSH_PROCESSES=1
+
+
+class Worker:
+    """A real ``python api.py --worker`` process."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], name: str):
+        self.log = tmp_path / f"worker-{name}.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "api.py"), "--worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while "delivering from" not in self.output():
+            assert self.proc.poll() is None, self.output()
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(15)
+
+
+@pytest.fixture
+def cluster(tmp_path, redis_server):
+    """Makes HTTP processes and workers on one Redis prefix, with one VAPID
+    key given to all of them (VAPID_PRIVATE_KEY) and one push token."""
+    key = api.b64url_encode(
+        api.ec.generate_private_key(api.ec.SECP256R1())
+        .private_numbers()
+        .private_value.to_bytes(32, "big")
+    )
+    prefix = fresh_prefix()
+    started: list = []
+
+    class Cluster:
+        env = {  # noqa: RUF012 - one cluster per test
+            "REDIS_URL": redis_server.url,
+            "REDIS_PREFIX": prefix,
+            "VAPID_PRIVATE_KEY": key,
+            "WORKER_TIMEOUT": "2",
+            "PUSH_PROCESSES": "1",
+            "PUSH_TIMEOUT": "5",
+        }
+        store = api.RedisSubscriptionStore(redis_server.client(), prefix)
+
+        def http(self, **env: str) -> Server:
+            server = Server(tmp_path, **self.env, **env)
+            started.append(server)
+            return server.start()
+
+        def worker(self, name: str, **env: str) -> Worker:
+            worker_env = {
+                **os.environ,
+                "VAPID_DIR": str(tmp_path / "vapid"),
+                "PUSH_ENDPOINT_PATTERN": LOCAL_PUSH,
+                "VAPID_SUBJECT": "mailto:ops@push.test",
+                "PYTHONUNBUFFERED": "1",
+                **self.env,
+                **env,
+            }
+            worker = Worker(tmp_path, worker_env, name)
+            started.append(worker)
+            worker.wait_ready()
+            return worker
+
+    yield Cluster()
+    for process in started:
+        process.stop(signal.SIGKILL)
+    Cluster.store.close()
+
+
+def stored(push_service: PushService, store, count: int) -> list:
+    """``count`` subscribers of the stand-in, written straight into Redis."""
+    validate = api.Validator(
+        api.Settings.from_env({}, push_endpoint_pattern=LOCAL_PUSH)
+    )
+    subscribers = [push_service.subscriber() for _ in range(count)]
+    records = []
+    for subscriber in subscribers:
+        record = validate.subscription(subscriber.subscription)
+        record.update(created=int(time.time()), topics=record["topics"] or [])
+        records.append(record)
+    for start in range(0, len(records), 1000):
+        store.write(records[start : start + 1000])
+    return subscribers
+
+
+def status(server: Server, notification_id: str) -> dict:
+    response = requests.get(
+        f"{server.url}/notifications/{notification_id}", headers=AUTH, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_two_http_processes_and_two_workers_share_redis_and_survive_a_kill_9(
+    cluster,
+):
+    with PushService() as push_service:
+        first = cluster.http(API_DELIVERS="false")  # the workers do the sending
+        second = cluster.http(API_DELIVERS="false")
+        doomed, survivor = cluster.worker("doomed"), cluster.worker("survivor")
+        subscribers = stored(push_service, cluster.store, 10_000)
+
+        added = push_service.subscriber()
+        response = requests.post(f"{first.url}/subscription", json=added.subscription)
+        assert response.status_code == 201
+        gone = subscribers.pop()
+        response = requests.delete(
+            f"{second.url}/subscription", json={"endpoint": gone.endpoint}
+        )
+        assert response.status_code == 204
+        subscribers.append(added)
+        assert requests.get(f"{second.url}/health").json()["subscriptions"] == 10_000
+
+        response = requests.post(
+            f"{first.url}/push", json={"title": "Scaled out"}, headers=AUTH
+        )
+        assert response.status_code == 202
+        notification_id = response.json()["id"]
+        assert response.json()["subscriptions"] == 10_000
+        push_service.wait_for(2_000, timeout=60)
+        doomed.stop(signal.SIGKILL)  # in the middle of its batches
+
+        deadline = time.monotonic() + 120
+        while status(second, notification_id)["status"] != "done":
+            assert time.monotonic() < deadline, status(second, notification_id)
+            time.sleep(0.2)
+        for server in (first, second):
+            document = status(server, notification_id)
+            assert document["status"] == "done"
+            assert document["total"] == document["sent"] == 10_000
+            assert document["failed"] == document["removed"] == document["pending"] == 0
+
+    received = collections.Counter(d.subscriber for d in push_service.received())
+    assert all(d.error is None for d in push_service.received())
+    assert {s.id for s in subscribers} == set(received)  # everyone, and only them
+    assert gone.id not in received
+    duplicates = sum(received.values()) - len(received)
+    assert duplicates <= WORKER_BOUND, duplicates
+    assert "its process went silent" in survivor.output()
+
+
+def test_a_scheduled_notification_fires_exactly_once_however_many_processes_run(
+    cluster,
+):
+    with PushService() as push_service:
+        servers = [cluster.http(), cluster.http()]
+        cluster.worker("a")
+        cluster.worker("b")
+        subscribers = stored(push_service, cluster.store, 300)
+        response = requests.post(
+            f"{servers[0].url}/push",
+            json={"title": "Later", "delay": 2},
+            headers=AUTH,
+        )
+        assert response.json()["status"] == "scheduled"
+        notification_id = response.json()["id"]
+        deadline = time.monotonic() + 30
+        while status(servers[1], notification_id)["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1)  # anything sent twice would have arrived by now
+    received = collections.Counter(d.subscriber for d in push_service.received())
+    assert received == {s.id: 1 for s in subscribers}
+
+
+def test_a_stopped_worker_hands_its_batches_back_at_once(cluster):
+    with PushService(latency=0.05) as push_service:
+        server = cluster.http(API_DELIVERS="false")
+        leaving = cluster.worker("leaving", PUSH_CONCURRENCY="20")
+        stored(push_service, cluster.store, 2_000)
+        response = requests.post(
+            f"{server.url}/push", json={"title": "t"}, headers=AUTH
+        )
+        notification_id = response.json()["id"]
+        push_service.wait_for(100, timeout=30)
+        leaving.stop()  # SIGTERM: what it has not sent goes back to Redis
+        assert leaving.proc.returncode == 0
+        cluster.worker("staying", WORKER_TIMEOUT="3600")  # it claims nothing
+        deadline = time.monotonic() + 60
+        while (document := status(server, notification_id))["status"] != "done":
+            assert time.monotonic() < deadline, document
+            time.sleep(0.2)
+    assert document["sent"] == document["total"] == 2_000
+    received = collections.Counter(d.subscriber for d in push_service.received())
+    assert len(received) == 2_000
+
+
+def test_the_rate_limit_is_shared_by_every_http_process(cluster):
+    first = cluster.http(RATE_LIMIT="3")
+    second = cluster.http(RATE_LIMIT="3")
+    answers = [
+        requests.post(f"{server.url}/subscription", json=fake_subscription(n))
+        for n, server in enumerate([first, second, first, second])
+    ]
+    assert [a.status_code for a in answers] == [201, 201, 201, 429]
+    assert answers[-1].json()["error"].startswith("too many subscription changes")
+
+
+def test_a_process_with_another_vapid_key_is_refused(cluster, tmp_path):
+    cluster.http()
+    other = Server(tmp_path, **{**cluster.env, "VAPID_PRIVATE_KEY": ""})
+    other.env["VAPID_DIR"] = str(tmp_path / "another-vapid")
+    other.start(wait=False)
+    assert other.proc.wait(30) == 2
+    assert "VAPID key is not the one the other processes" in other.output()
+
+
+def test_worker_without_redis_url_is_a_clear_error():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), "--worker"],
+        env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--worker takes its work from Redis: set REDIS_URL" in result.stderr
+
+
+def test_an_unreachable_redis_stops_the_start_with_one_clear_line(tmp_path):
+    with RedisServer() as redis_server:
+        url = redis_server.url
+    server = Server(tmp_path, REDIS_URL=url).start(wait=False)
+    assert server.proc.wait(30) == 2
+    assert f"cannot reach Redis at {url}" in server.output()
+
+
+def test_when_redis_goes_away_requests_get_503_json_not_500(tmp_path):
+    with RedisServer() as redis_server:
+        server = Server(tmp_path, REDIS_URL=redis_server.url, REDIS_PREFIX="x:")
+        server.start()
+        try:
+            assert (
+                requests.post(
+                    f"{server.url}/subscription", json=fake_subscription(1)
+                ).status_code
+                == 201
+            )
+            redis_server.stop()
+            response = requests.post(
+                f"{server.url}/subscription", json=fake_subscription(2)
+            )
+            assert response.status_code == 503
+            assert "nothing was stored" in response.json()["error"]
+            response = requests.post(
+                f"{server.url}/push", json={"title": "t"}, headers=WAIT
+            )
+            assert response.status_code == 503, response.text
+        finally:
+            server.stop(signal.SIGKILL)
+
+
+def _json_store_with(path: Path, count: int) -> list[dict]:
+    store = api.SubscriptionStore(path)
+    records = []
+    for n in range(count):
+        record = api.Validator(
+            api.Settings.from_env({}, push_endpoint_pattern=LOCAL_PUSH)
+        ).subscription(fake_subscription(n))
+        record.update(created=1_700_000_000 + n, topics=["news"] if n % 2 else [])
+        records.append(record)
+    store.write(records)
+    store.close()
+    return records
+
+
+def test_migrate_store_copies_json_into_redis_and_back_idempotently(
+    tmp_path, redis_server
+):
+    source = tmp_path / "subscriptions.json"
+    records = _json_store_with(source, 2_500)
+    prefix = fresh_prefix()
+    env = {
+        **os.environ,
+        "SUBSCRIPTIONS_FILE": str(source),
+        "REDIS_PREFIX": prefix,
+        "VAPID_DIR": str(tmp_path / "vapid"),
+    }
+    command = [sys.executable, str(ROOT / "api.py"), "--migrate-store"]
+    for _ in range(2):  # again: nothing doubles
+        result = subprocess.run(
+            [*command, redis_server.url],
+            env=env,
+            capture_output=True,
+            check=False,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "copied 2500 subscriptions" in result.stderr
+    redis_store = api.RedisSubscriptionStore(redis_server.client(), prefix)
+    assert len(redis_store) == 2_500
+    assert redis_store.count("webpush", "news") == 1_250
+    assert sorted(redis_store.list(), key=lambda r: r["id"]) == sorted(
+        records, key=lambda r: r["id"]
+    )
+    redis_store.remove(records[0]["id"])
+    back = tmp_path / "back.json"
+    result = subprocess.run(
+        [*command, str(back)],
+        env={**env, "REDIS_URL": redis_server.url},
+        capture_output=True,
+        check=False,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    copy = api.SubscriptionStore(back)
+    assert len(copy) == 2_499
+    assert copy.get(records[1]["id"]) == records[1]
+    copy.close()
+    redis_store.close()
+
+
+def test_migrate_store_to_a_json_file_needs_redis_url(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), "--migrate-store", str(tmp_path / "x")],
+        env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
+        capture_output=True,
+        check=False,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "set REDIS_URL" in result.stderr
+
+
+def test_push_token_differing_between_http_processes_is_refused(cluster, tmp_path):
+    cluster.http()
+    other = Server(tmp_path, **{**cluster.env, "PUSH_TOKEN": TOKEN + "-other"})
+    other.start(wait=False)
+    assert other.proc.wait(30) == 2
+    assert "push token is not the one the other processes" in other.output()
