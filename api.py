@@ -1160,13 +1160,13 @@ class StoreUnavailable(OSError):
 
 
 def redact_url(url: str) -> str:
-    """A URL fit for a log line: its password, if any, replaced by ***."""
+    """A URL fit for a log line: its password, if any (``:pw@`` or
+    ``?password=``), replaced by ***."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    if parts.password is not None:
+        hidden = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        url = url.replace(parts.netloc, hidden, 1)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 def connect_redis(settings: Settings) -> Any:

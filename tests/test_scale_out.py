@@ -369,3 +369,14 @@ def test_push_token_differing_between_http_processes_is_refused(cluster, tmp_pat
     other.start(wait=False)
     assert other.proc.wait(30) == 2
     assert "push token is not the one the other processes" in other.output()
+
+
+def test_the_redis_password_is_never_logged(tmp_path, redis_server):
+    # This redis-server has no password, so the start fails on AUTH: the
+    # messages about it must still hide the password.
+    url = redis_server.url.replace("redis://", "redis://:hunter2-secret@")
+    server = Server(tmp_path, REDIS_URL=url).start(wait=False)
+    assert server.proc.wait(30) == 2
+    output = server.output()
+    assert "cannot reach Redis at redis://:***@127.0.0.1" in output
+    assert "hunter2" not in output
