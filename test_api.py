@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 import webtest
 from cryptography.hazmat.primitives import serialization
@@ -37,12 +38,14 @@ import api
 from tests.connect_proxy import ConnectProxy
 from tests.nginx import ECHO_MODULE, NGINX, Nginx
 from tests.push_service import PushService, b64url
+from tests.redis_server import RedisServer, fresh_prefix, require_redis_server
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_PUSH = r"^http://127\.0\.0\.1:\d+/"
 TOKEN = "test-push-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 WAIT = {**AUTH, "Prefer": "wait=60"}  # POST /push answers once delivery ended
+BACKENDS = ["json", "redis"]  # the stores the API tests run on, as their ids
 
 
 # -- fixtures ---------------------------------------------------------------------
@@ -54,8 +57,27 @@ def push_service():
         yield service
 
 
-@pytest.fixture
-def settings(tmp_path):
+_REDIS_SERVER = pytest.StashKey[RedisServer]()
+
+
+@pytest.fixture(scope="session")
+def redis_server(request) -> RedisServer:
+    """One real redis-server for the whole session, on a free port; tests keep
+    apart with ``fresh_prefix()`` instead of paying for a server each. Skipped
+    when redis-server is missing, except in CI (CI=true), where it fails.
+
+    Kept in the session's stash, not in the fixture: tests/conftest.py
+    re-exports this fixture, which makes a second definition of it there, and
+    both are to share the one server."""
+    require_redis_server()
+    server = request.config.stash.get(_REDIS_SERVER, None)
+    if server is None:
+        server = request.config.stash[_REDIS_SERVER] = RedisServer()
+        request.config.add_cleanup(server.stop)
+    return server
+
+
+def _json_settings(tmp_path: Path) -> api.Settings:
     return api.Settings.from_env(
         {},
         vapid_dir=str(tmp_path / "vapid"),
@@ -67,6 +89,28 @@ def settings(tmp_path):
         push_processes=1,  # the server-process tests cover delivery processes
         rate_limit=0,  # tests that check it turn it on
     )
+
+
+@pytest.fixture
+def json_settings(tmp_path):
+    """The settings of the JSON-lines backend alone: for the tests about its
+    files (the store file, the journal, their locks and damage) and for those
+    no store takes part in (VAPID keys, the delivery loop)."""
+    return _json_settings(tmp_path)
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request, tmp_path):
+    """The settings of each backend in turn, so every test of the API holds on
+    both: ``json``, the JSON-lines files in ``tmp_path``, and ``redis``, the
+    session's real redis-server under a key prefix of the test's own."""
+    settings = _json_settings(tmp_path)
+    if request.param == "redis":
+        redis_server = request.getfixturevalue("redis_server")
+        settings = dataclasses.replace(
+            settings, redis_url=redis_server.url, redis_prefix=fresh_prefix()
+        )
+    return settings
 
 
 def _close(application) -> None:
@@ -170,6 +214,17 @@ def server_factory(tmp_path):
         server.stop(signal.SIGKILL)
 
 
+@pytest.fixture(params=BACKENDS)
+def backend_env(request) -> dict[str, str]:
+    """What a real ``python api.py`` needs in its environment to run on each
+    backend in turn: nothing for the JSON files, REDIS_URL and a REDIS_PREFIX
+    of the test's own for Redis."""
+    if request.param == "json":
+        return {}
+    redis_server = request.getfixturevalue("redis_server")
+    return {"REDIS_URL": redis_server.url, "REDIS_PREFIX": fresh_prefix()}
+
+
 def fake_subscription(n: int, port: int = 9) -> dict:
     """A valid subscription that points at a local port nobody answers on."""
     key = ec.derive_private_key(1000 + n, ec.SECP256R1()).public_key()
@@ -212,12 +267,12 @@ def test_first_start_generates_a_vapid_key_pair_with_private_modes(app, settings
     ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
 
 
-def test_later_starts_load_the_same_key_and_never_regenerate(settings):
-    first = api.VapidKeys.load_or_create(settings)
-    pem = (Path(settings.vapid_dir) / "private_key.pem").read_bytes()
-    second = api.VapidKeys.load_or_create(settings)
+def test_later_starts_load_the_same_key_and_never_regenerate(json_settings):
+    first = api.VapidKeys.load_or_create(json_settings)
+    pem = (Path(json_settings.vapid_dir) / "private_key.pem").read_bytes()
+    second = api.VapidKeys.load_or_create(json_settings)
     assert second.public_key == first.public_key
-    assert (Path(settings.vapid_dir) / "private_key.pem").read_bytes() == pem
+    assert (Path(json_settings.vapid_dir) / "private_key.pem").read_bytes() == pem
 
 
 def _openssl(directory: Path, *script: str) -> None:
@@ -241,7 +296,7 @@ BLOG_KEYS = (
 )
 
 
-def test_keys_made_the_blogs_way_with_openssl_are_accepted(tmp_path, settings):
+def test_keys_made_the_blogs_way_with_openssl_are_accepted(tmp_path):
     blog = tmp_path / "blog"
     _openssl(blog, *BLOG_KEYS)
     expected = "".join((blog / "public_key.txt").read_text().split())  # base64 wraps it
@@ -289,8 +344,8 @@ def test_a_pem_with_ec_parameters_first_is_accepted(tmp_path):
     assert len(keys.public_key) == 87
 
 
-def test_a_public_key_file_that_does_not_match_stops_the_start(settings):
-    api.VapidKeys.load_or_create(settings)
+def test_a_public_key_file_that_does_not_match_stops_the_start(json_settings):
+    api.VapidKeys.load_or_create(json_settings)
     other = api.b64url_encode(
         ec.generate_private_key(ec.SECP256R1())
         .public_key()
@@ -298,9 +353,9 @@ def test_a_public_key_file_that_does_not_match_stops_the_start(settings):
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
     )
-    (Path(settings.vapid_dir) / "public_key.txt").write_text(other)
+    (Path(json_settings.vapid_dir) / "public_key.txt").write_text(other)
     with pytest.raises(api.SettingError, match="does not match"):
-        api.VapidKeys.load_or_create(settings)
+        api.VapidKeys.load_or_create(json_settings)
 
 
 def test_a_vapid_private_key_that_is_not_a_key_stops_the_start(tmp_path):
@@ -335,8 +390,8 @@ def test_a_subject_push_services_would_refuse_stops_the_start(server_factory, su
     assert "Traceback" not in server.output()
 
 
-def test_vapid_header_is_signed_once_per_audience_with_its_own_claims(settings):
-    keys = api.VapidKeys.load_or_create(settings)
+def test_vapid_header_is_signed_once_per_audience_with_its_own_claims(json_settings):
+    keys = api.VapidKeys.load_or_create(json_settings)
     a = keys.authorization("https://fcm.googleapis.com")
     b = keys.authorization("https://web.push.apple.com")
     assert a != b and keys.authorization("https://fcm.googleapis.com") == a
@@ -412,6 +467,25 @@ def test_health_counts_subscriptions(app):
     assert health["status"] == "ok" and health["subscriptions"] == 1
 
 
+def test_everything_is_kept_in_the_json_files_or_with_redis_url_in_redis_alone(
+    app, settings, store
+):
+    app.post_json("/subscription", fake_subscription(5))
+    pushed(app, {"title": "t", "topic": "nobody"})  # a notification, sent at once
+    files = (Path(settings.subscriptions_file), settings.journal_path)
+    if settings.redis_url:
+        assert isinstance(store, api.RedisSubscriptionStore)
+        assert app.app.config["webpush.journal"] is None
+        assert not any(path.exists() for path in files)
+        keys = list(stored_state(settings))
+        assert keys and all(
+            key.startswith(settings.redis_prefix.encode()) for key in keys
+        )
+    else:
+        assert isinstance(store, api.SubscriptionStore)
+        assert all(path.stat().st_size for path in files)
+
+
 def _point(prefix: int, fill: int) -> str:
     return b64url(bytes([prefix]) + bytes([fill]) * 64)
 
@@ -461,16 +535,43 @@ BAD_SUBSCRIPTIONS = {
 }
 
 
+def stored_state(settings: api.Settings) -> dict:
+    """Everything stored on ``settings``' backend, byte for byte, to compare
+    before and after: the store's file and the journal's (JSON), or every key
+    under the Redis prefix, as DUMP gives it. A stream is compared by its
+    entries and its consumer groups' positions instead, as its DUMP also holds
+    when each consumer last read, which an idle app changes."""
+    if not settings.redis_url:
+        return {
+            path.name: path.read_bytes() if path.exists() else None
+            for path in (Path(settings.subscriptions_file), settings.journal_path)
+        }
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", settings.redis_prefix) + "*"
+    state: dict = {}
+    with redis.Redis.from_url(settings.redis_url) as client:
+        for key in sorted(client.scan_iter(match=pattern, count=1000)):
+            if client.type(key) == b"stream":
+                groups = client.xinfo_groups(key)
+                state[key] = (
+                    client.xrange(key),
+                    [(g["name"], g["pending"], g["last-delivered-id"]) for g in groups],
+                )
+            else:
+                state[key] = client.dump(key)
+    return state
+
+
 @pytest.fixture
-def stored_file(app, settings):
-    """One subscription stored; returns a function that checks nothing changed."""
+def unchanged(app, settings):
+    """One subscription stored; returns a function that checks nothing stored
+    changed since, on either backend."""
     app.post_json("/subscription", fake_subscription(50))
-    path = Path(settings.subscriptions_file)
-    before = path.read_bytes()
+    before = stored_state(settings)
     store = app.app.config["webpush.store"]
+    assert before and len(store) == 1
 
     def unchanged() -> bool:
-        return path.read_bytes() == before and len(store) == 1
+        return stored_state(settings) == before and len(store) == 1
 
     return unchanged
 
@@ -487,19 +588,17 @@ def _send(app, method: str, path: str, body, status, headers=None):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SUBSCRIPTIONS))
-def test_bad_subscriptions_get_a_400_json_error_and_store_nothing(
-    app, stored_file, case
-):
+def test_bad_subscriptions_get_a_400_json_error_and_store_nothing(app, unchanged, case):
     response = _send(app, "POST", "/subscription", BAD_SUBSCRIPTIONS[case], 400)
     assert response.content_type == "application/json"
     assert isinstance(response.json["error"], str) and response.json["error"]
-    assert stored_file()
+    assert unchanged()
 
 
-def test_a_body_over_the_limit_gets_413_and_stores_nothing(app, stored_file):
+def test_a_body_over_the_limit_gets_413_and_stores_nothing(app, unchanged):
     big = {**VALID, "padding": "x" * 40000}
     response = _send(app, "POST", "/subscription", big, 413)
-    assert "limit" in response.json["error"] and stored_file()
+    assert "limit" in response.json["error"] and unchanged()
 
 
 @pytest.mark.parametrize(
@@ -507,9 +606,9 @@ def test_a_body_over_the_limit_gets_413_and_stores_nothing(app, stored_file):
     [b"", b"{}", {"endpoint": 7}, {"endpoint": ""}],
     ids=["empty", "no endpoint", "number", "blank"],
 )
-def test_bad_unsubscribes_get_a_400_and_delete_nothing(app, stored_file, body):
+def test_bad_unsubscribes_get_a_400_and_delete_nothing(app, unchanged, body):
     response = _send(app, "DELETE", "/subscription", body, 400)
-    assert response.json["error"] and stored_file()
+    assert response.json["error"] and unchanged()
 
 
 BAD_PUSHES = {
@@ -525,9 +624,9 @@ BAD_PUSHES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PUSHES))
-def test_bad_pushes_get_a_400_and_send_nothing(app, stored_file, push_service, case):
+def test_bad_pushes_get_a_400_and_send_nothing(app, unchanged, push_service, case):
     response = _send(app, "POST", "/push", BAD_PUSHES[case], 400, AUTH)
-    assert response.json["error"] and stored_file()
+    assert response.json["error"] and unchanged()
     assert push_service.received() == []
 
 
@@ -1091,9 +1190,9 @@ def test_concurrent_writers_lose_no_update(tmp_path):
 
 
 def test_server_process_keeps_subscriptions_across_restarts(
-    server_factory, push_service
+    server_factory, push_service, backend_env
 ):
-    server = server_factory().start()
+    server = server_factory(**backend_env).start()
     sub = push_service.subscriber()
     assert (
         requests.post(
@@ -1107,6 +1206,9 @@ def test_server_process_keeps_subscriptions_across_restarts(
     result = server_pushed(server, {"title": "after restart", "topic": "x"})
     assert result["sent"] == 1
     assert push_service.received()[0].message["title"] == "after restart"
+    if backend_env:  # with REDIS_URL, the JSON files are not used
+        directory = Path(server.env["SUBSCRIPTIONS_FILE"]).parent
+        assert not list(directory.glob("subscriptions*"))
 
 
 def test_a_second_server_on_the_same_file_fails_fast(server_factory, tmp_path):
@@ -1116,8 +1218,10 @@ def test_a_second_server_on_the_same_file_fails_fast(server_factory, tmp_path):
     assert "another api.py" in second.output()
 
 
-def test_concurrent_subscribes_through_the_server_are_all_stored(server_factory):
-    server = server_factory(THREADS="8").start()
+def test_concurrent_subscribes_through_the_server_are_all_stored(
+    server_factory, backend_env
+):
+    server = server_factory(THREADS="8", **backend_env).start()
     subs = [fake_subscription(n) for n in range(400)]
     statuses: list[int] = []
 
@@ -1596,9 +1700,11 @@ def ended(server: Server, notification_id: str, timeout: float = 30) -> dict:
         time.sleep(0.1)
 
 
-def test_health_answers_while_a_fan_out_is_under_way(server_factory):
+def test_health_answers_while_a_fan_out_is_under_way(server_factory, backend_env):
     with PushService(latency=1.0) as slow:
-        server = server_factory(PUSH_CONCURRENCY="4", PUSH_PROCESSES="2").start()
+        server = server_factory(
+            PUSH_CONCURRENCY="4", PUSH_PROCESSES="2", **backend_env
+        ).start()
         pushing, result = push_under_way(server, slow, 16)
         health = requests.get(server.url + "/health", timeout=5)
         assert health.json()["status"] == "ok"
@@ -1629,12 +1735,12 @@ def device_token(n: int) -> str:
 
 
 def test_fcm_tokens_are_refused_with_a_how_to_when_fcm_is_not_configured(
-    app, stored_file
+    app, unchanged
 ):
     response = app.post_json(
         "/subscription", {"fcm_token": device_token(1)}, status=400
     )
-    assert "FCM_SERVICE_ACCOUNT" in response.json["error"] and stored_file()
+    assert "FCM_SERVICE_ACCOUNT" in response.json["error"] and unchanged()
 
 
 def test_fcm_tokens_register_once_and_delete(fcm_app):
@@ -1900,7 +2006,8 @@ def test_fuzzed_requests_never_give_a_5xx_or_store_anything(app, settings, route
     assert response.status_int < 500, response.body
     if response.status_int >= 400:
         assert isinstance(response.json["error"], str)
-    assert len(store) == 0
+    assert len(store) == 0 and store.ids() == []
+    assert [store.count(kind) for kind in api.CHANNELS] == [0, 0]
     path = Path(settings.subscriptions_file)
     assert not path.exists() or path.stat().st_size == 0
     assert app.get("/health").json["status"] == "ok"
@@ -1979,7 +2086,7 @@ HOSTILE = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_surrogates_nesting_and_non_finite_numbers_get_a_400_and_change_nothing(
-    app, stored_file, push_service, case
+    app, unchanged, push_service, case
 ):
     method, path, body = HOSTILE[case]
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -1992,7 +2099,7 @@ def test_surrogates_nesting_and_non_finite_numbers_get_a_400_and_change_nothing(
     )
     assert answer.status_int == 400, answer.body
     assert isinstance(answer.json["error"], str)
-    assert stored_file()
+    assert unchanged()
     assert push_service.received() == []
 
 
@@ -2400,9 +2507,9 @@ def test_a_delivery_process_killed_while_idle_is_replaced_without_a_500(
 
 
 def test_work_submitted_after_the_delivery_loop_stopped_comes_back_unsent_at_once(
-    settings,
+    json_settings,
 ):
-    keys = api.VapidKeys.load_or_create(settings)
+    keys = api.VapidKeys.load_or_create(json_settings)
     delivery = api.WebPushDelivery(keys, 10, 1.0)
     delivery.close()
     record = {**fake_subscription(1), "id": "x"}

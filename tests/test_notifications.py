@@ -84,6 +84,14 @@ def hung_push_service():
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
+@pytest.fixture
+def json_app(json_settings):
+    """The app on the JSON-lines backend alone, for the tests of its journal."""
+    application = api.create_app(json_settings)
+    yield webtest.TestApp(application)
+    application.config["webpush.close"]()
+
+
 # -- POST /push -------------------------------------------------------------------
 
 
@@ -188,19 +196,19 @@ def test_the_same_idempotency_key_with_another_body_answers_422(app, push_servic
     assert len(app.get("/notifications", headers=AUTH).json["notifications"]) == 1
 
 
-def test_idempotency_keys_are_kept_24_hours(settings, push_service):
-    application = api.create_app(settings)
+def test_idempotency_keys_are_kept_24_hours(json_settings, push_service):
+    application = api.create_app(json_settings)
     client = webtest.TestApp(application)
     headers = {**AUTH, "Idempotency-Key": "daily"}
     first = client.post_json("/push", {"title": "t"}, headers=headers).json
     wait_status(client, first["id"], "done")
     application.config["webpush.close"]()
-    journal = settings.journal_path
+    journal = json_settings.journal_path
     records = [json.loads(line) for line in journal.read_text().splitlines()]
     for record in records:  # a day and a second ago
         record["created"] -= 86401
     journal.write_text("".join(json.dumps(r) + "\n" for r in records))
-    application = api.create_app(settings)
+    application = api.create_app(json_settings)
     client = webtest.TestApp(application)
     try:
         second = client.post_json("/push", {"title": "t"}, headers=headers).json
@@ -448,38 +456,40 @@ def test_ended_notifications_are_dropped_after_the_retention(settings):
 # -- the journal ----------------------------------------------------------------------
 
 
-def test_the_journal_is_a_private_json_lines_file_beside_the_store(app, settings):
-    app.post_json("/push", {"title": "t"}, headers=WAIT)
-    journal = Path(settings.subscriptions_file).with_name(
+def test_the_journal_is_a_private_json_lines_file_beside_the_store(
+    json_app, json_settings
+):
+    json_app.post_json("/push", {"title": "t"}, headers=WAIT)
+    journal = Path(json_settings.subscriptions_file).with_name(
         "subscriptions.notifications.json"
     )
-    assert journal == settings.journal_path
+    assert journal == json_settings.journal_path
     assert journal.stat().st_mode & 0o777 == 0o600
     lines = [json.loads(line) for line in journal.read_text().splitlines()]
     assert lines and all("id" in line for line in lines)
 
 
-def test_a_torn_last_journal_line_is_skipped_at_start(settings):
-    application = api.create_app(settings)
+def test_a_torn_last_journal_line_is_skipped_at_start(json_settings):
+    application = api.create_app(json_settings)
     client = webtest.TestApp(application)
     answer = client.post_json("/push", {"title": "t"}, headers=WAIT).json
     application.config["webpush.close"]()
-    with open(settings.journal_path, "ab") as f:
+    with open(json_settings.journal_path, "ab") as f:
         f.write(b'{"id": "cut-off-by-a-cr')
-    application = api.create_app(settings)
+    application = api.create_app(json_settings)
     try:
         client = webtest.TestApp(application)
         assert status_of(client, answer["id"])["status"] == "done"
-        assert settings.journal_path.read_bytes().endswith(b"\n")
+        assert json_settings.journal_path.read_bytes().endswith(b"\n")
     finally:
         application.config["webpush.close"]()
 
 
 def test_a_journal_the_disk_refuses_answers_507_and_records_nothing(
-    app, settings, monkeypatch
+    json_app, monkeypatch
 ):
     real_write = api.os.write
-    journal_fd = app.app.config["webpush.journal"]._fd
+    journal_fd = json_app.app.config["webpush.journal"]._fd
 
     def full(fd, data):
         if fd == journal_fd:
@@ -487,11 +497,11 @@ def test_a_journal_the_disk_refuses_answers_507_and_records_nothing(
         return real_write(fd, data)
 
     monkeypatch.setattr(api.os, "write", full)
-    refused = app.post_json("/push", {"title": "t"}, headers=AUTH, status=507)
+    refused = json_app.post_json("/push", {"title": "t"}, headers=AUTH, status=507)
     assert "disk is full" in refused.json["error"]
-    assert app.get("/notifications", headers=AUTH).json["notifications"] == []
+    assert json_app.get("/notifications", headers=AUTH).json["notifications"] == []
     monkeypatch.setattr(api.os, "write", real_write)
-    assert app.post_json("/push", {"title": "t"}, headers=AUTH).status_int == 202
+    assert json_app.post_json("/push", {"title": "t"}, headers=AUTH).status_int == 202
 
 
 # -- webhooks -------------------------------------------------------------------------
