@@ -1215,7 +1215,8 @@ def _redis_errors(what: str) -> Any:
     try:
         yield
     except redis.ResponseError as e:
-        if str(e).startswith("OOM"):
+        # redis-py names OOM by its class and drops the word from the text.
+        if isinstance(e, redis.OutOfMemoryError) or str(e).startswith("OOM"):
             raise StoreUnavailable(
                 errno.ENOSPC, f"Redis is out of memory (maxmemory) while {what}"
             ) from None
@@ -4373,9 +4374,14 @@ class JsonApiPlugin:
                 )
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     bottle.response.status = 507
+                    full = (
+                        "Redis is out of memory (maxmemory)"
+                        if isinstance(e, StoreUnavailable)
+                        else "the server's disk is full"
+                    )
                     return {
-                        "error": "the server's disk is full: nothing was stored; "
-                        "try again once space is freed"
+                        "error": f"{full}: nothing was stored; try again once "
+                        "space is freed"
                     }
                 bottle.response.status = 503
                 return {

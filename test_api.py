@@ -1163,9 +1163,8 @@ def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
     )
 
 
-def test_concurrent_writers_lose_no_update(tmp_path):
-    path = tmp_path / "subs.json"
-    store = api.SubscriptionStore(path)
+def test_concurrent_writers_lose_no_update(settings):
+    store = api.open_store(settings)
 
     def write(start: int) -> None:
         for n in range(start, start + 150):
@@ -1181,8 +1180,9 @@ def test_concurrent_writers_lose_no_update(tmp_path):
     expected = {_record(n)["id"] for n in range(1200) if n % 3}
     assert {r["id"] for r in store.list()} == expected
     store.close()
-    reopened = api.SubscriptionStore(path)
+    reopened = api.open_store(settings)
     assert {r["id"] for r in reopened.list()} == expected
+    assert len(reopened) == len(expected)
     reopened.close()
 
 

@@ -9,6 +9,7 @@ the decrypting stand-in on 127.0.0.1.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import signal
 import subprocess
@@ -20,7 +21,16 @@ import pytest
 import requests
 
 import api
-from test_api import AUTH, LOCAL_PUSH, ROOT, TOKEN, WAIT, Server, fake_subscription
+from test_api import (
+    AUTH,
+    LOCAL_PUSH,
+    ROOT,
+    TOKEN,
+    WAIT,
+    Server,
+    fake_subscription,
+    stored_state,
+)
 from tests.push_service import PushService
 from tests.redis_server import RedisServer, fresh_prefix
 
@@ -268,7 +278,12 @@ def test_an_unreachable_redis_stops_the_start_with_one_clear_line(tmp_path):
 
 def test_when_redis_goes_away_requests_get_503_json_not_500(tmp_path):
     with RedisServer() as redis_server:
-        server = Server(tmp_path, REDIS_URL=redis_server.url, REDIS_PREFIX="x:")
+        server = Server(
+            tmp_path,
+            REDIS_URL=redis_server.url,
+            REDIS_PREFIX="x:",
+            WEBHOOK_SECRET="a-webhook-secret",
+        )
         server.start()
         try:
             assert (
@@ -287,6 +302,54 @@ def test_when_redis_goes_away_requests_get_503_json_not_500(tmp_path):
                 f"{server.url}/push", json={"title": "t"}, headers=WAIT
             )
             assert response.status_code == 503, response.text
+            for method, path, body, headers in [
+                ("GET", "/health", None, {}),
+                ("GET", "/notifications", None, AUTH),
+                ("GET", "/notifications/AAAAAAAAAAAAAAAA", None, AUTH),
+                ("DELETE", "/notifications/AAAAAAAAAAAAAAAA", None, AUTH),
+                ("DELETE", "/subscription", fake_subscription(1), {}),
+                ("POST", "/subscription/test", fake_subscription(1), {}),
+                ("POST", "/webhooks/generic", {"title": "t"}, AUTH),
+            ]:
+                response = requests.request(
+                    method, server.url + path, json=body, headers=headers
+                )
+                assert response.status_code == 503, (path, response.text)
+                assert (
+                    "Redis" in response.json()["error"]
+                    or "store" in (response.json()["error"])
+                ), (path, response.text)
+            assert "Traceback" not in server.output()
+        finally:
+            server.stop(signal.SIGKILL)
+
+
+def test_a_full_redis_refuses_writes_with_507_changes_nothing_and_recovers(tmp_path):
+    with RedisServer() as redis_server:  # its own: maxmemory is server-wide
+        server = Server(tmp_path, REDIS_URL=redis_server.url, REDIS_PREFIX="full:")
+        server.start()
+        settings = api.Settings.from_env(
+            {}, redis_url=redis_server.url, redis_prefix="full:"
+        )
+        try:
+            subscribe = functools.partial(requests.post, f"{server.url}/subscription")
+            assert subscribe(json=fake_subscription(1)).status_code == 201
+            with redis_server.client() as client:
+                # Below what it holds: noeviction refuses every write (OOM).
+                client.config_set("maxmemory", client.info("memory")["used_memory"])
+                before = stored_state(settings)
+                refused = subscribe(json=fake_subscription(2))
+                assert refused.status_code == 507, refused.text
+                assert "Redis is out of memory" in refused.json()["error"]
+                push = requests.post(
+                    f"{server.url}/push", json={"title": "t"}, headers=AUTH
+                )
+                assert push.status_code == 507, push.text
+                assert stored_state(settings) == before
+                client.config_set("maxmemory", 0)  # room again: it recovers
+            assert subscribe(json=fake_subscription(2)).status_code == 201
+            assert requests.get(f"{server.url}/health").json()["subscriptions"] == 2
+            assert "Traceback" not in server.output()
         finally:
             server.stop(signal.SIGKILL)
 
