@@ -2612,6 +2612,41 @@ def message_of(record: dict, now: float) -> Message:
     )
 
 
+def new_notification(
+    message: Message,
+    topic: str | None,
+    now: float,
+    send_at: float | None,
+    key_hash: str | None,
+    body_hash: str,
+    source: str,
+) -> dict:
+    """A notification as both queues keep it, before anything is sent; the
+    caller adds its ``total``."""
+    due = now if send_at is None else send_at
+    return {
+        "id": secrets.token_urlsafe(12),
+        "status": "scheduled" if due > now else "queued",
+        "source": source,
+        "created": now,
+        "due": due,
+        "send_at": send_at,
+        "started": None,
+        "finished": None,
+        "topic": topic,
+        "message": {
+            "notification": message.notification,
+            "ttl": message.ttl,
+            "urgency": message.urgency,
+            "collapse_key": message.topic,
+        },
+        "idempotency": key_hash and {"key": key_hash, "body": body_hash},
+        "total": 0,
+        "counts": _zero_counts(),
+        "errors": [],
+    }
+
+
 def status_document(record: dict) -> dict:
     """What ``GET /notifications/<id>`` says of a notification."""
     channels = record["counts"]
@@ -2734,28 +2769,10 @@ class NotificationQueue:
                         raise IdempotencyConflict(earlier["id"])
                     return status_document(earlier), True
             now = time.time()
-            due = now if send_at is None else send_at
-            record = {
-                "id": secrets.token_urlsafe(12),
-                "status": "scheduled" if due > now else "queued",
-                "source": source,
-                "created": now,
-                "due": due,
-                "send_at": send_at,
-                "started": None,
-                "finished": None,
-                "topic": topic,
-                "message": {
-                    "notification": message.notification,
-                    "ttl": message.ttl,
-                    "urgency": message.urgency,
-                    "collapse_key": message.topic,
-                },
-                "idempotency": key_hash and {"key": key_hash, "body": body_hash},
-                "total": self.subscribers(topic),
-                "counts": _zero_counts(),
-                "errors": [],
-            }
+            record = new_notification(
+                message, topic, now, send_at, key_hash, body_hash, source
+            )
+            record["total"] = self.subscribers(topic)
             self.journal.upsert(record)
             with self._lock:
                 self._jobs[record["id"]] = _Job(record)
@@ -3387,28 +3404,10 @@ class RedisNotificationQueue:
         Redis cannot take it."""
         key_hash = hashlib.sha256(key.encode()).hexdigest() if key else None
         now = time.time()
-        due = now if send_at is None else send_at
-        record = {
-            "id": secrets.token_urlsafe(12),
-            "status": "scheduled" if due > now else "queued",
-            "source": source,
-            "created": now,
-            "due": due,
-            "send_at": send_at,
-            "started": None,
-            "finished": None,
-            "topic": topic,
-            "message": {
-                "notification": message.notification,
-                "ttl": message.ttl,
-                "urgency": message.urgency,
-                "collapse_key": message.topic,
-            },
-            "idempotency": key_hash and {"key": key_hash, "body": body_hash},
-            "total": self.subscribers(topic),
-            "counts": _zero_counts(),
-            "errors": [],
-        }
+        record = new_notification(
+            message, topic, now, send_at, key_hash, body_hash, source
+        )
+        record["total"] = self.subscribers(topic)
         fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
         doc = {k: record[k] for k in (*fixed, "idempotency")}
         with _redis_errors("storing a notification"):
@@ -3422,7 +3421,7 @@ class RedisNotificationQueue:
                     record["status"],
                     record["total"],
                     now,
-                    due,
+                    record["due"],
                 ]
             )
         if made != record["id"]:
