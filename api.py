@@ -1161,12 +1161,16 @@ class StoreUnavailable(OSError):
 
 def redact_url(url: str) -> str:
     """A URL fit for a log line: its password, if any (``:pw@`` or
-    ``?password=``), replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        hidden = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-        url = url.replace(parts.netloc, hidden, 1)
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+    ``?password=``), replaced by ***. Read as text, not parsed: a password
+    that should have been percent-encoded (``@``, ``/``, ``#``) is hidden
+    too, up to the last ``@`` or to the end of the URL."""
+    url = re.sub(r"([?&]password=).*", r"\1***", url, flags=re.DOTALL)
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if separator and at:
+        user, colon, _ = userinfo.partition(":")
+        url = f"{scheme}://{user + ':***' if colon else '***'}@{host}"
+    return url
 
 
 def connect_redis(settings: Settings) -> Any:
@@ -1180,6 +1184,9 @@ def connect_redis(settings: Settings) -> Any:
             "REDIS_URL needs redis-py: pip install -r requirements.txt"
         ) from None
     shown = redact_url(settings.redis_url)
+    options: dict[str, Any] = {}
+    if not settings.redis_url.startswith("unix:"):  # a socket has no keepalive
+        options["socket_keepalive"] = True
     try:
         client = redis.Redis.from_url(
             settings.redis_url,
@@ -1187,8 +1194,8 @@ def connect_redis(settings: Settings) -> Any:
             protocol=2,
             socket_connect_timeout=5,
             socket_timeout=10,  # longer than any BLOCK the workers use
-            socket_keepalive=True,
             health_check_interval=30,
+            **options,
         )
         info = client.info("server")
     except ValueError as e:
@@ -1197,7 +1204,10 @@ def connect_redis(settings: Settings) -> Any:
             "e.g. redis://localhost:6379/0 or unix:///run/redis/redis.sock?db=0"
         ) from None
     except redis.RedisError as e:
-        raise SettingError(f"cannot reach Redis at {shown}: {e}") from None
+        hint = ""
+        if settings.redis_url.count("@") > 1 or "#" in settings.redis_url:
+            hint = " (a password with @, /, # or % in it must be percent-encoded)"
+        raise SettingError(f"cannot reach Redis at {shown}: {e}{hint}") from None
     version = str(info.get("valkey_version") or info.get("redis_version", "0"))
     if tuple(int(n) for n in re.findall(r"\d+", version)[:2]) < (6, 2):
         raise SettingError(
@@ -1209,7 +1219,8 @@ def connect_redis(settings: Settings) -> Any:
 @contextlib.contextmanager
 def _redis_errors(what: str) -> Any:
     """Redis's errors as the OSErrors the JSON store raises: the HTTP layer
-    answers 507 when Redis is out of memory, 503 when it cannot be reached."""
+    answers 507 when Redis is out of memory, 503 when it cannot be reached
+    or refuses for another reason (a read-only replica, MISCONF, NOPERM)."""
     import redis
 
     try:
@@ -1220,7 +1231,9 @@ def _redis_errors(what: str) -> Any:
             raise StoreUnavailable(
                 errno.ENOSPC, f"Redis is out of memory (maxmemory) while {what}"
             ) from None
-        raise
+        raise StoreUnavailable(
+            errno.EIO, f"Redis refused a command while {what}: {e}"
+        ) from None
     except redis.RedisError as e:
         raise StoreUnavailable(errno.EIO, f"Redis failed while {what}: {e}") from None
 
@@ -3337,8 +3350,6 @@ class RedisNotificationQueue:
         batch_size: int = BATCH_SIZE,
         consume: bool = True,
     ):
-        import redis
-
         self.store = store
         self.redis = store.redis
         self.prefix = store.prefix
@@ -3359,14 +3370,7 @@ class RedisNotificationQueue:
             "complete": BATCH_COMPLETE_LUA,
         }
         self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
-        with _redis_errors("creating the batch stream"):
-            try:
-                self.redis.xgroup_create(
-                    self._stream, CONSUMER_GROUP, id="0", mkstream=True
-                )
-            except redis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
+        self._make_group()
         self._lock = threading.Condition()
         self._in_flight: dict[str, str] = {}  # batch (entry id) -> notification
         self._completed: collections.deque[tuple] = collections.deque()
@@ -3534,6 +3538,19 @@ class RedisNotificationQueue:
                 args=[self.prefix, notification_id, status, time.time(), *before]
             )
         return None if result is None else bool(result[0])
+
+    def _make_group(self) -> None:
+        """The batch stream's consumer group (and the stream), unless there."""
+        import redis
+
+        with _redis_errors("creating the batch stream"):
+            try:
+                self.redis.xgroup_create(
+                    self._stream, CONSUMER_GROUP, id="0", mkstream=True
+                )
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
     def _complain(self, what: str, error: Exception) -> None:
         """A background thread's error, logged at most every 10 s (Redis
@@ -3715,6 +3732,21 @@ class RedisNotificationQueue:
                 for entry_id, fields in entries:
                     if not self._stopping:
                         self._start_batch(entry_id, fields)
+            except StoreUnavailable as e:
+                if "NOGROUP" not in str(e):
+                    self._complain("batch consumer", e)
+                    continue
+                # Redis lost its data (a restart without persistence, FLUSHALL,
+                # a failover to an empty replica): without the group, no
+                # process would take a batch again.
+                log.warning(
+                    "Redis has no batch stream or consumer group any more (did it "
+                    "lose its data?): making them anew"
+                )
+                try:
+                    self._make_group()
+                except StoreUnavailable as again:
+                    self._complain("batch consumer", again)
             except Exception as e:  # noqa: BLE001 - _complain logs it
                 self._complain("batch consumer", e)
 
@@ -4383,6 +4415,11 @@ class JsonApiPlugin:
                         "space is freed"
                     }
                 bottle.response.status = 503
+                if isinstance(e, StoreUnavailable):
+                    return {
+                        "error": "Redis cannot be reached or refused the request, "
+                        "so nothing was stored or changed; see the server log"
+                    }
                 return {
                     "error": "the subscription store cannot be written, so nothing "
                     "was stored; see the server log"

@@ -29,6 +29,7 @@ from test_api import (
     WAIT,
     Server,
     fake_subscription,
+    free_port,
     stored_state,
 )
 from tests.push_service import PushService
@@ -443,3 +444,93 @@ def test_the_redis_password_is_never_logged(tmp_path, redis_server):
     output = server.output()
     assert "cannot reach Redis at redis://:***@127.0.0.1" in output
     assert "hunter2" not in output
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://default:pw@h/0", "redis://default:***@h/0"),
+        ("rediss://u:p%40ss@h/0", "rediss://u:***@h/0"),
+        ("redis://:p@ss/w#rd%41@h:6379/0", "redis://:***@h:6379/0"),  # not encoded
+        ("redis://h:6379/0?password=p@ss/w#rd", "redis://h:6379/0?password=***"),
+        ("redis://h/0?db=1&password=pw&x=1", "redis://h/0?db=1&password=***"),
+        (
+            "unix:///run/redis.sock?db=0&password=pw",
+            "unix:///run/redis.sock?db=0&password=***",
+        ),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("unix:///run/redis.sock?db=0", "unix:///run/redis.sock?db=0"),
+    ],
+)
+def test_a_redis_url_in_a_log_line_hides_its_password_however_written(url, shown):
+    assert api.redact_url(url) == shown
+
+
+def test_a_unix_socket_redis_url_serves_and_delivers(tmp_path):
+    with RedisServer(unix=True) as redis_server, PushService() as push_service:
+        server = Server(tmp_path, REDIS_URL=redis_server.url).start()
+        try:
+            subscriber = push_service.subscriber()
+            answer = requests.post(
+                f"{server.url}/subscription", json=subscriber.subscription
+            )
+            assert answer.status_code == 201, answer.text
+            pushed = requests.post(
+                f"{server.url}/push", json={"title": "t"}, headers=WAIT
+            ).json()
+            assert pushed["status"] == "done" and pushed["sent"] == 1, pushed
+            assert len(push_service.received(subscriber)) == 1
+        finally:
+            server.stop(signal.SIGKILL)
+
+
+def test_a_redis_that_lost_its_data_is_delivered_from_again(tmp_path):
+    with RedisServer() as redis_server, PushService() as push_service:
+        server = Server(tmp_path, REDIS_URL=redis_server.url).start()
+        subscribe = functools.partial(requests.post, f"{server.url}/subscription")
+        try:
+            assert subscribe(json=push_service.subscriber().subscription).ok
+            with redis_server.client() as client:
+                client.flushall()  # a restart without persistence, say
+            subscriber = push_service.subscriber()
+            assert subscribe(json=subscriber.subscription).status_code == 201
+            pushed = requests.post(
+                f"{server.url}/push", json={"title": "t"}, headers=WAIT
+            ).json()
+            assert pushed["status"] == "done" and pushed["sent"] == 1, pushed
+            assert len(push_service.received(subscriber)) == 1
+            assert "making them anew" in server.output()
+            assert "Traceback" not in server.output()
+        finally:
+            server.stop(signal.SIGKILL)
+
+
+def test_a_read_only_redis_answers_503_json_and_changes_nothing(tmp_path):
+    with RedisServer() as redis_server:
+        server = Server(tmp_path, REDIS_URL=redis_server.url, REDIS_PREFIX="ro:")
+        server.start()
+        settings = api.Settings.from_env(
+            {}, redis_url=redis_server.url, redis_prefix="ro:"
+        )
+        subscribe = functools.partial(requests.post, f"{server.url}/subscription")
+        try:
+            assert subscribe(json=fake_subscription(1)).status_code == 201
+            with redis_server.client() as client:
+                before = stored_state(settings)
+                # A replica of a master that is not there: read-only, data kept.
+                client.replicaof("127.0.0.1", str(free_port()))
+                for response in (
+                    subscribe(json=fake_subscription(2)),
+                    requests.post(
+                        f"{server.url}/push", json={"title": "t"}, headers=AUTH
+                    ),
+                ):
+                    assert response.status_code == 503, response.text
+                    assert "Redis" in response.json()["error"]
+                assert stored_state(settings) == before
+                client.replicaof("NO", "ONE")
+            assert subscribe(json=fake_subscription(2)).status_code == 201
+            assert "Traceback" not in server.output()
+        finally:
+            server.stop(signal.SIGKILL)
