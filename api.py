@@ -4489,12 +4489,19 @@ class RateLimitPlugin:
     def take(self, client: str) -> float:
         """0 when ``client`` may go on, else the seconds until it may."""
         if self._redis_take:
-            with _redis_errors("counting a client's writes"):
-                return float(
-                    self._redis_take(
-                        args=[self._prefix + client, self.per_minute, time.time()]
+            try:
+                with _redis_errors("counting a client's writes"):
+                    return float(
+                        self._redis_take(
+                            args=[self._prefix + client, self.per_minute, time.time()]
+                        )
                     )
-                )
+            except StoreUnavailable as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                # A full Redis cannot count, but an unsubscribe still frees
+                # memory; a write that needs room is refused by the store.
+                return 0.0
         now = time.monotonic()
         rate = self.per_minute / 60
         with self._lock:
@@ -5194,19 +5201,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, dict[str, Any]]
         )
     parser.epilog = "\n".join(epilog)
     parser.add_argument("--version", action="version", version=__version__)
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()  # one thing to do at a time
+    mode.add_argument(
         "--repair-store",
         action="store_true",
         help="rewrite a damaged SUBSCRIPTIONS_FILE with its valid records, move the "
         "damaged lines to a side file, and exit (stop the server first)",
     )
-    parser.add_argument(
+    mode.add_argument(
         "--worker",
         action="store_true",
         help="deliver only, without HTTP: take batches of notifications from Redis "
         "(needs REDIS_URL); run as many as the fan-outs need, on any machines",
     )
-    parser.add_argument(
+    mode.add_argument(
         "--migrate-store",
         metavar="TARGET",
         help="copy the subscriptions and exit: from SUBSCRIPTIONS_FILE into the Redis "
@@ -5233,12 +5241,32 @@ def store_name(settings: Settings) -> str:
     return settings.subscriptions_file
 
 
+def existing_vapid_key(settings: Settings) -> str | None:
+    """The VAPID public key of VAPID_PRIVATE_KEY or VAPID_DIR, if one exists:
+    never makes one."""
+    names = (PRIVATE_PEM, OPENSSL_PEM, OPENSSL_PRIVATE_TXT)
+    directory = Path(settings.vapid_dir)
+    if settings.vapid_private_key or any((directory / n).is_file() for n in names):
+        return VapidKeys.load_or_create(settings).public_key
+    return None
+
+
 def migrate_store(settings: Settings, target: str) -> int:
     """``--migrate-store TARGET``: copy every subscription from the JSON file
     into the Redis at TARGET, or from REDIS_URL into the JSON file TARGET.
-    Records are written by id, so running it again copies what changed and
-    duplicates nothing. The server must be stopped (the JSON file is locked)."""
+    Records are written by id and only where they differ, so running it
+    again copies what changed and duplicates nothing. Into Redis, the
+    subscriptions bring the VAPID key they were made for: a Redis whose
+    processes use another is refused. The server must be stopped (the JSON
+    file is locked)."""
     to_redis = target.startswith(("redis://", "rediss://", "unix://"))
+    if not to_redis and "://" in target:
+        log.error(
+            "--migrate-store %s: give a redis://, rediss:// or unix:// URL to copy "
+            "into Redis, or a JSON file's path to copy REDIS_URL's subscriptions to",
+            redact_url(target),
+        )
+        return 2
     if not to_redis and not settings.redis_url:
         log.error(
             "--migrate-store %s: a JSON file is copied from Redis: set REDIS_URL "
@@ -5246,10 +5274,17 @@ def migrate_store(settings: Settings, target: str) -> int:
             target,
         )
         return 2
+    json_path = settings.subscriptions_file if to_redis else target
+    if to_redis and not Path(json_path).is_file():
+        log.error(
+            "--migrate-store: SUBSCRIPTIONS_FILE %s does not exist: nothing to copy "
+            "(set SUBSCRIPTIONS_FILE to the store's path)",
+            json_path,
+        )
+        return 2
     redis_settings = (
         dataclasses.replace(settings, redis_url=target) if to_redis else settings
     )
-    json_path = settings.subscriptions_file if to_redis else target
     try:
         redis_store = RedisSubscriptionStore(
             connect_redis(redis_settings), settings.redis_prefix
@@ -5258,13 +5293,16 @@ def migrate_store(settings: Settings, target: str) -> int:
         log.error("%s", e)
         return 2
     try:
+        public_key = existing_vapid_key(settings) if to_redis else None
+        if public_key is not None:
+            redis_store.claim_identity(public_key, None)
         json_store = SubscriptionStore(json_path)
-    except (StoreLocked, StoreDamaged, OSError) as e:
+    except (StoreLocked, StoreDamaged, SettingError, OSError) as e:
         log.error("%s", e)
         redis_store.close()
         return 2
     destination = redis_store if to_redis else json_store
-    copied = 0
+    copied = unchanged = 0
     try:
         if to_redis:
             ids = json_store.ids()
@@ -5276,8 +5314,15 @@ def migrate_store(settings: Settings, target: str) -> int:
             chunks = redis_store.scan(1000)
         for chunk in chunks:
             records = [r for r in chunk if r is not None]
-            destination.write(records)
-            copied += len(records)
+            there = (
+                redis_store.get_many([r["id"] for r in records])
+                if to_redis
+                else [json_store.get(r["id"]) for r in records]
+            )
+            changed = [r for r, old in zip(records, there) if old != r]
+            destination.write(changed)
+            copied += len(changed)
+            unchanged += len(records) - len(changed)
     except OSError as e:
         log.error("copy stopped after %d subscriptions: %s; run it again", copied, e)
         return 2
@@ -5285,11 +5330,18 @@ def migrate_store(settings: Settings, target: str) -> int:
         json_store.close()
         redis_store.close()
     log.info(
-        "copied %d subscriptions from %s to %s",
+        "copied %d subscriptions (%d already there, unchanged) from %s to %s",
         copied,
+        unchanged,
         json_path if to_redis else store_name(settings),
         store_name(redis_settings) if to_redis else json_path,
     )
+    if public_key is None and to_redis:
+        log.warning(
+            "no VAPID key in VAPID_DIR %s or VAPID_PRIVATE_KEY: give the processes "
+            "on this Redis the key these subscriptions were made for",
+            settings.vapid_dir,
+        )
     return 0
 
 

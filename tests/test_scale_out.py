@@ -327,7 +327,9 @@ def test_when_redis_goes_away_requests_get_503_json_not_500(tmp_path):
 
 def test_a_full_redis_refuses_writes_with_507_changes_nothing_and_recovers(tmp_path):
     with RedisServer() as redis_server:  # its own: maxmemory is server-wide
-        server = Server(tmp_path, REDIS_URL=redis_server.url, REDIS_PREFIX="full:")
+        server = Server(
+            tmp_path, REDIS_URL=redis_server.url, REDIS_PREFIX="full:", RATE_LIMIT="60"
+        )
         server.start()
         settings = api.Settings.from_env(
             {}, redis_url=redis_server.url, redis_prefix="full:"
@@ -347,9 +349,13 @@ def test_a_full_redis_refuses_writes_with_507_changes_nothing_and_recovers(tmp_p
                 )
                 assert push.status_code == 507, push.text
                 assert stored_state(settings) == before
+                gone = requests.delete(  # an unsubscribe frees room: allowed
+                    f"{server.url}/subscription", json=fake_subscription(1)
+                )
+                assert gone.status_code == 204, gone.text
                 client.config_set("maxmemory", 0)  # room again: it recovers
             assert subscribe(json=fake_subscription(2)).status_code == 201
-            assert requests.get(f"{server.url}/health").json()["subscriptions"] == 2
+            assert requests.get(f"{server.url}/health").json()["subscriptions"] == 1
             assert "Traceback" not in server.output()
         finally:
             server.stop(signal.SIGKILL)
@@ -369,6 +375,17 @@ def _json_store_with(path: Path, count: int) -> list[dict]:
     return records
 
 
+def _migrate(target: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), "--migrate-store", target],
+        env={**{k: v for k, v in os.environ.items() if k != "REDIS_URL"}, **env},
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_migrate_store_copies_json_into_redis_and_back_idempotently(
     tmp_path, redis_server
 ):
@@ -376,22 +393,15 @@ def test_migrate_store_copies_json_into_redis_and_back_idempotently(
     records = _json_store_with(source, 2_500)
     prefix = fresh_prefix()
     env = {
-        **os.environ,
         "SUBSCRIPTIONS_FILE": str(source),
         "REDIS_PREFIX": prefix,
         "VAPID_DIR": str(tmp_path / "vapid"),
     }
-    command = [sys.executable, str(ROOT / "api.py"), "--migrate-store"]
-    for _ in range(2):  # again: nothing doubles
-        result = subprocess.run(
-            [*command, redis_server.url],
-            env=env,
-            capture_output=True,
-            check=False,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
-        assert "copied 2500 subscriptions" in result.stderr
+    result = _migrate(redis_server.url, **env)
+    assert result.returncode == 0, result.stderr
+    assert "copied 2500 subscriptions (0 already there" in result.stderr
+    again = _migrate(redis_server.url, **env)  # nothing doubles, nothing rewritten
+    assert "copied 0 subscriptions (2500 already there" in again.stderr
     redis_store = api.RedisSubscriptionStore(redis_server.client(), prefix)
     assert len(redis_store) == 2_500
     assert redis_store.count("webpush", "news") == 1_250
@@ -400,14 +410,13 @@ def test_migrate_store_copies_json_into_redis_and_back_idempotently(
     )
     redis_store.remove(records[0]["id"])
     back = tmp_path / "back.json"
-    result = subprocess.run(
-        [*command, str(back)],
-        env={**env, "REDIS_URL": redis_server.url},
-        capture_output=True,
-        check=False,
-        text=True,
-    )
+    result = _migrate(str(back), **env, REDIS_URL=redis_server.url)
     assert result.returncode == 0, result.stderr
+    assert "copied 2499 subscriptions" in result.stderr
+    size = back.stat().st_size
+    result = _migrate(str(back), **env, REDIS_URL=redis_server.url)
+    assert "copied 0 subscriptions (2499 already there" in result.stderr
+    assert back.stat().st_size == size
     copy = api.SubscriptionStore(back)
     assert len(copy) == 2_499
     assert copy.get(records[1]["id"]) == records[1]
@@ -415,16 +424,69 @@ def test_migrate_store_copies_json_into_redis_and_back_idempotently(
     redis_store.close()
 
 
-def test_migrate_store_to_a_json_file_needs_redis_url(tmp_path):
+def test_migrate_store_brings_the_vapid_key_and_refuses_a_redis_with_another(
+    tmp_path, redis_server
+):
+    source = tmp_path / "subscriptions.json"
+    _json_store_with(source, 10)
+    keys = api.VapidKeys.load_or_create(
+        api.Settings.from_env({}, vapid_dir=str(tmp_path / "vapid"))
+    )
+    env = {"SUBSCRIPTIONS_FILE": str(source), "VAPID_DIR": str(tmp_path / "vapid")}
+    taken, free = fresh_prefix(), fresh_prefix()
+    with redis_server.client() as client:
+        client.set(taken + "vapid_public_key", "another-servers-key")
+        refused = _migrate(redis_server.url, **env, REDIS_PREFIX=taken)
+        assert refused.returncode == 2
+        assert "VAPID key is not the one the other processes" in refused.stderr
+        assert client.hlen(taken + "subs") == 0
+        result = _migrate(redis_server.url, **env, REDIS_PREFIX=free)
+        assert result.returncode == 0, result.stderr
+        assert client.get(free + "vapid_public_key") == keys.public_key
+        assert client.hlen(free + "subs") == 10
+
+
+@pytest.mark.parametrize(
+    ("target", "env", "message"),
+    [
+        ("x.json", {}, "a JSON file is copied from Redis: set REDIS_URL"),
+        ("http://127.0.0.1:6379/0", {}, "give a redis://, rediss:// or unix:// URL"),
+        (
+            "redis://127.0.0.1:9/0",
+            {"SUBSCRIPTIONS_FILE": "no/such/subscriptions.json"},
+            "SUBSCRIPTIONS_FILE no/such/subscriptions.json does not exist",
+        ),
+    ],
+    ids=["json without redis_url", "not a redis url", "no such json file"],
+)
+def test_migrate_store_mistakes_are_one_clear_line_and_create_nothing(
+    tmp_path, target, env, message
+):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "api.py"), "--migrate-store", str(tmp_path / "x")],
-        env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
+        [sys.executable, str(ROOT / "api.py"), "--migrate-store", target],
+        env={**{k: v for k, v in os.environ.items() if k != "REDIS_URL"}, **env},
         capture_output=True,
         check=False,
         text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert "set REDIS_URL" in result.stderr
+    assert message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_worker_and_migrate_store_together_are_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), "--worker", "--migrate-store", "x"],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr
 
 
 def test_push_token_differing_between_http_processes_is_refused(cluster, tmp_path):
