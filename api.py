@@ -1235,7 +1235,9 @@ def _redis_errors(what: str) -> Any:
             errno.EIO, f"Redis refused a command while {what}: {e}"
         ) from None
     except redis.RedisError as e:
-        raise StoreUnavailable(errno.EIO, f"Redis failed while {what}: {e}") from None
+        raise StoreUnavailable(
+            errno.EIO, f"Redis failed while {what}: {str(e).rstrip('.')}"
+        ) from None
 
 
 # One write of records and their indexes, atomic. ARGV: prefix, the number of
@@ -1413,15 +1415,15 @@ class RedisSubscriptionStore:
                 self.redis.set(key, value, nx=True)
                 stored = self.redis.get(key)
             if stored != value:
+                ours, theirs, remedy = "", "", "PUSH_TOKEN"
+                if what == "VAPID key":  # public, so worth showing
+                    ours, theirs = f" ({value[:12]}...)", f" ({str(stored)[:12]}...)"
+                    remedy = "VAPID_PRIVATE_KEY or a copy of one vapid/ directory"
                 raise SettingError(
-                    f"this process's {what} is not the one the other processes on "
-                    f"this Redis use: give every process the same "
-                    + (
-                        "VAPID_PRIVATE_KEY (or a copy of one vapid/ directory)"
-                        if what == "VAPID key"
-                        else "PUSH_TOKEN"
-                    )
-                    + f" (or delete the key {key} if that one is no longer used)"
+                    f"this process's {what}{ours} is not the one the other "
+                    f"processes on this Redis use{theirs}: give every process the "
+                    f"same {remedy}, or, if that one is no longer used, delete the "
+                    f"key {key}"
                 )
 
     def close(self) -> None:
