@@ -3373,6 +3373,9 @@ class RedisNotificationQueue:
         }
         self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
         self._make_group()
+        if consume:  # delivering from now on: /health counts this process at once
+            with _redis_errors("saying this process delivers"):
+                self.redis.zadd(self.prefix + "consumers", {self.consumer: time.time()})
         self._lock = threading.Condition()
         self._in_flight: dict[str, str] = {}  # batch (entry id) -> notification
         self._completed: collections.deque[tuple] = collections.deque()
@@ -3500,6 +3503,14 @@ class RedisNotificationQueue:
     def close(self) -> None:
         """Nothing of its own to close: the store closes the connection."""
 
+    def delivering(self) -> int:
+        """How many processes said in the last WORKER_TIMEOUT seconds that they
+        take batches: the workers, and the api.py processes that deliver."""
+        with _redis_errors("counting the delivering processes"):
+            return self.redis.zcount(
+                self.prefix + "consumers", time.time() - self.lease, "+inf"
+            )
+
     # -- notifications in Redis --------------------------------------------------
 
     def _record(self, notification_id: str) -> dict | None:
@@ -3622,12 +3633,22 @@ class RedisNotificationQueue:
             return
         plan_max, cursor = started
         if status != "sending":
+            with _redis_errors("reading a notification"):
+                total = int(self.redis.hget(key, "total") or 0)
             log.info(
                 "notification %s: sending to %d subscribers%s",
                 notification_id,
-                int(self.redis.hget(key, "total") or 0),
+                total,
                 f" (topic {record['topic']})" if record["topic"] else "",
             )
+            if total and not self.delivering():
+                log.warning(
+                    "notification %s waits: no process has said for %g s that it "
+                    "delivers (API_DELIVERS=false and no python api.py --worker "
+                    "running?)",
+                    notification_id,
+                    self.lease,
+                )
         while True:
             if self._stopping:  # another process takes the plan over now
                 with _redis_errors("handing a plan over"):
@@ -3899,16 +3920,29 @@ class RedisNotificationQueue:
             self._log_end(notification_id)
 
     def _keep_loop(self) -> None:
-        """Every second: tell Redis this process still works on its batches
-        (their idle time starts again), and stop sending those of
-        notifications that were cancelled elsewhere."""
+        """Every second: tell Redis this process delivers (``consumers``) and
+        still works on its batches (their idle time starts again), and stop
+        sending those of notifications that were cancelled elsewhere."""
         interval = min(1.0, self.lease / 3)
+        consumers = self.prefix + "consumers"  # who delivers: name -> when last said
         while True:
             with self._lock:
                 if self._stopping and not self._in_flight:
+                    with contextlib.suppress(Exception):  # gone at once, or in a day
+                        self.redis.zrem(consumers, self.consumer)
                     return
                 self._lock.wait(interval)
                 batches = dict(self._in_flight)
+            try:
+                with _redis_errors("saying this process delivers"):
+                    now = time.time()
+                    pipe = self.redis.pipeline(transaction=False)
+                    if not self._stopping:
+                        pipe.zadd(consumers, {self.consumer: now})
+                    pipe.zremrangebyscore(consumers, "-inf", now - 86400)
+                    pipe.execute()
+            except Exception as e:  # noqa: BLE001 - _complain logs it
+                self._complain("batch keeper", e)
             if not batches:
                 continue
             try:
@@ -5116,13 +5150,16 @@ def create_app(
 
     @app.get("/health", api=True)
     def health() -> dict:
-        return {
+        answer = {
             "status": "ok",
             "subscriptions": store.count("webpush"),
             "fcm_tokens": store.count("fcm"),
             "version": __version__,
             "uptime_seconds": int(time.time() - started),
         }
+        if isinstance(queue, RedisNotificationQueue):
+            answer["workers"] = queue.delivering()
+        return answer
 
     @app.get("/")
     def index() -> bottle.HTTPResponse:

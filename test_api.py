@@ -540,7 +540,8 @@ def stored_state(settings: api.Settings) -> dict:
     before and after: the store's file and the journal's (JSON), or every key
     under the Redis prefix, as DUMP gives it. A stream is compared by its
     entries and its consumer groups' positions instead, as its DUMP also holds
-    when each consumer last read, which an idle app changes."""
+    when each consumer last read, which an idle app changes; likewise
+    ``consumers`` by its members, as each process renews its time there."""
     if not settings.redis_url:
         return {
             path.name: path.read_bytes() if path.exists() else None
@@ -550,7 +551,9 @@ def stored_state(settings: api.Settings) -> dict:
     state: dict = {}
     with redis.Redis.from_url(settings.redis_url) as client:
         for key in sorted(client.scan_iter(match=pattern, count=1000)):
-            if client.type(key) == b"stream":
+            if key == settings.redis_prefix.encode() + b"consumers":
+                state[key] = client.zrange(key, 0, -1)
+            elif client.type(key) == b"stream":
                 groups = client.xinfo_groups(key)
                 state[key] = (
                     client.xrange(key),

@@ -237,6 +237,35 @@ def test_a_stopped_worker_hands_its_batches_back_at_once(cluster):
     assert len(received) == 2_000
 
 
+def test_health_counts_the_processes_that_deliver_and_the_log_says_when_none_does(
+    cluster,
+):
+    with PushService() as push_service:
+        server = cluster.http(API_DELIVERS="false")
+        health = functools.partial(requests.get, f"{server.url}/health")
+        assert health().json()["workers"] == 0
+        subscriber = stored(push_service, cluster.store, 1)[0]
+        response = requests.post(
+            f"{server.url}/push", json={"title": "t"}, headers=AUTH
+        )
+        notification_id = response.json()["id"]
+        deadline = time.monotonic() + 10
+        while "no process has said for 2 s that it delivers" not in server.output():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+        assert status(server, notification_id)["status"] == "sending"
+        cluster.worker("late")
+        assert health().json()["workers"] == 1
+        deadline = time.monotonic() + 30
+        while status(server, notification_id)["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert len(push_service.received(subscriber)) == 1
+        delivering = cluster.http()  # API_DELIVERS=true: it takes batches too
+        time.sleep(1)  # it reads the stream every half second
+        assert requests.get(f"{delivering.url}/health").json()["workers"] == 2
+
+
 def test_the_rate_limit_is_shared_by_every_http_process(cluster):
     first = cluster.http(RATE_LIMIT="3")
     second = cluster.http(RATE_LIMIT="3")
