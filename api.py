@@ -3317,7 +3317,26 @@ end
 return 1
 """
 
+# ARGV: prefix, a consumer's name or '' for all, idle milliseconds. Removes
+# from the consumer group those idle longer that hold no batch (so nothing
+# is lost: a consumer comes back by itself when it reads again). Without
+# this, every start of a process would leave its name in the group for good.
+CONSUMERS_PRUNE_LUA = """
+local stream = ARGV[1] .. 'batches'
+local removed = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, 'delivery')) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if (ARGV[2] == '' or f['name'] == ARGV[2]) and f['pending'] == 0
+     and f['idle'] >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', stream, 'delivery', f['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
 CONSUMER_GROUP = "delivery"
+CONSUMER_KEPT = 86400  # seconds a consumer holding no batch stays in the group
 
 
 def _number(text: str | None) -> float | None:
@@ -3370,6 +3389,7 @@ class RedisNotificationQueue:
             "planned": NOTIFICATION_PLANNED_LUA,
             "end": NOTIFICATION_END_LUA,
             "complete": BATCH_COMPLETE_LUA,
+            "prune": CONSUMERS_PRUNE_LUA,
         }
         self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
         self._make_group()
@@ -3925,11 +3945,13 @@ class RedisNotificationQueue:
         sending those of notifications that were cancelled elsewhere."""
         interval = min(1.0, self.lease / 3)
         consumers = self.prefix + "consumers"  # who delivers: name -> when last said
+        next_prune = 0.0
         while True:
             with self._lock:
                 if self._stopping and not self._in_flight:
                     with contextlib.suppress(Exception):  # gone at once, or in a day
                         self.redis.zrem(consumers, self.consumer)
+                        self._scripts["prune"](args=[self.prefix, self.consumer, 0])
                     return
                 self._lock.wait(interval)
                 batches = dict(self._in_flight)
@@ -3939,8 +3961,13 @@ class RedisNotificationQueue:
                     pipe = self.redis.pipeline(transaction=False)
                     if not self._stopping:
                         pipe.zadd(consumers, {self.consumer: now})
-                    pipe.zremrangebyscore(consumers, "-inf", now - 86400)
+                    pipe.zremrangebyscore(consumers, "-inf", now - CONSUMER_KEPT)
                     pipe.execute()
+                    if now >= next_prune:  # any process may; once a minute here
+                        next_prune = now + 60
+                        self._scripts["prune"](
+                            args=[self.prefix, "", CONSUMER_KEPT * 1000]
+                        )
             except Exception as e:  # noqa: BLE001 - _complain logs it
                 self._complain("batch keeper", e)
             if not batches:

@@ -227,6 +227,13 @@ def test_a_stopped_worker_hands_its_batches_back_at_once(cluster):
         push_service.wait_for(100, timeout=30)
         leaving.stop()  # SIGTERM: what it has not sent goes back to Redis
         assert leaving.proc.returncode == 0
+        with cluster.store.redis.pipeline() as pipe:  # and it leaves no name
+            pipe.xinfo_consumers(cluster.env["REDIS_PREFIX"] + "batches", "delivery")
+            pipe.zrange(cluster.env["REDIS_PREFIX"] + "consumers", 0, -1)
+            group, delivering = pipe.execute()
+        mine = f"-{leaving.proc.pid}-"
+        assert not [c for c in group if mine in c["name"]], group
+        assert not [name for name in delivering if mine in name], delivering
         cluster.worker("staying", WORKER_TIMEOUT="3600")  # it claims nothing
         deadline = time.monotonic() + 60
         while (document := status(server, notification_id))["status"] != "done":
