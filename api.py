@@ -750,11 +750,12 @@ class JsonLinesStore:
 
     # -- writing ----------------------------------------------------------------
 
-    def upsert(self, record: dict) -> bool:
-        """Store ``record`` (it must have an ``id``); True when the id is new."""
+    def upsert(self, record: dict, replacing: str | None = None) -> bool:
+        """Store ``record`` (it must have an ``id``), and forget the record
+        ``replacing`` in the same write; True when the id is new."""
         with self._mutex:
             new = record["id"] not in self._records
-        self.write([record])
+        self.write([record], [replacing] if replacing else [])
         return new
 
     def remove(self, record_id: str) -> bool:
@@ -1227,7 +1228,8 @@ def _redis_errors(what: str) -> Any:
         yield
     except redis.ResponseError as e:
         # redis-py names OOM by its class and drops the word from the text.
-        if isinstance(e, redis.OutOfMemoryError) or str(e).startswith("OOM"):
+        # Redis 6.2 wraps it, in a script, as "ERR Error running script ... OOM".
+        if isinstance(e, redis.OutOfMemoryError) or "OOM command not" in str(e):
             raise StoreUnavailable(
                 errno.ENOSPC, f"Redis is out of memory (maxmemory) while {what}"
             ) from None
@@ -1343,9 +1345,9 @@ class RedisSubscriptionStore:
             if not cursor:
                 return
 
-    def upsert(self, record: dict) -> bool:
-        """Store ``record`` (it must have an ``id``); True when the id is new."""
-        return bool(self._run([record], [])[0])
+    def upsert(self, record: dict, replacing: str | None = None) -> bool:
+        """As SubscriptionStore.upsert, in one script."""
+        return bool(self._run([record], [replacing] if replacing else [])[0])
 
     def remove(self, record_id: str) -> bool:
         """Forget a record; False when it was not stored."""
@@ -3335,7 +3337,21 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, 'delivery')) do
 end
 return removed
 """
+# ARGV: prefix, consumer, batches (entry ids). Their idle time starts again,
+# for those the consumer still holds: one another process took over (this
+# one was silent too long) stays with it, not taken back.
+BATCHES_KEEP_LUA = """
+local stream, me = ARGV[1] .. 'batches', ARGV[2]
+for i = 3, #ARGV do
+  local held = redis.call('XPENDING', stream, 'delivery', ARGV[i], ARGV[i], 1)
+  if held[1] and held[1][2] == me then
+    redis.call('XCLAIM', stream, 'delivery', me, 0, ARGV[i], 'JUSTID')
+  end
+end
+return 0
+"""
 CONSUMER_GROUP = "delivery"
+DROP_PAGE = 1000  # notifications looked at a time when dropping old ones
 CONSUMER_KEPT = 86400  # seconds a consumer holding no batch stays in the group
 
 
@@ -3390,6 +3406,7 @@ class RedisNotificationQueue:
             "end": NOTIFICATION_END_LUA,
             "complete": BATCH_COMPLETE_LUA,
             "prune": CONSUMERS_PRUNE_LUA,
+            "keep": BATCHES_KEEP_LUA,
         }
         self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
         self._make_group()
@@ -3404,6 +3421,7 @@ class RedisNotificationQueue:
         self._created = threading.Event()  # made here: plan it without waiting
         self._stopping = False
         self._complained = 0.0
+        self._claim_from = "0-0"  # where XAUTOCLAIM goes on
         loops = [(self._plan_loop, "notification-planner")]
         if consume:  # else the batches are left to the other processes
             loops += [
@@ -3487,14 +3505,22 @@ class RedisNotificationQueue:
             raise AlreadyFinished(notification_id)
         self.delivery.cancel(notification_id)
         log.info("notification %s cancelled", notification_id)
-        return self.get(notification_id) or {}
+        try:
+            return self.get(notification_id) or {}
+        except StoreUnavailable:  # cancelled all the same: say so
+            return {"id": notification_id, "status": "cancelled"}
 
     def wait(self, notification_id: str, timeout: float) -> dict | None:
-        """Its status document once it has ended, or after ``timeout`` seconds."""
+        """Its status document once it has ended, or after ``timeout`` seconds
+        (or when Redis fails meanwhile: the last one read, or None)."""
         deadline = time.monotonic() + timeout
         pause = 0.02
+        document = None
         while True:
-            document = self.get(notification_id)
+            try:
+                document = self.get(notification_id)
+            except StoreUnavailable:  # it exists: the caller answers 202 for it
+                return document
             left = deadline - time.monotonic()
             if document is None or document["status"] in FINISHED or left <= 0:
                 return document
@@ -3518,7 +3544,14 @@ class RedisNotificationQueue:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+        if any(thread.is_alive() for thread in self._threads):
+            return False
+        if self._threads[1:]:  # it delivered: it leaves the consumers and group
+            # Should Redis fail now, they forget this process in a day.
+            with contextlib.suppress(StoreUnavailable), _redis_errors("leaving"):
+                self.redis.zrem(self.prefix + "consumers", self.consumer)
+                self._scripts["prune"](args=[self.prefix, self.consumer, 0])
+        return True
 
     def close(self) -> None:
         """Nothing of its own to close: the store closes the connection."""
@@ -3719,26 +3752,39 @@ class RedisNotificationQueue:
         """Forget notifications ended NOTIFICATION_RETENTION seconds ago (kept
         while their Idempotency-Key is, 24 hours). Any process may do it."""
         keep_from = now - self.retention
+        every = self.prefix + "notifications"
+        dropped = kept = 0
         with _redis_errors("dropping old notifications"):
-            old = self.redis.zrangebyscore(
-                self.prefix + "notifications", "-inf", keep_from, start=0, num=1000
-            )
-            dropped = 0
-            for notification_id in old:
-                key = self.prefix + "n:" + notification_id
-                doc, finished = self.redis.hmget(key, "doc", "finished")
-                if doc is not None:
-                    record = json.loads(doc)
-                    keyed = record.get("idempotency") and (
-                        record["created"] > now - IDEMPOTENCY_SECONDS
-                    )
-                    if keyed or not finished or float(finished) >= keep_from:
-                        continue
-                pipe = self.redis.pipeline()
-                pipe.delete(key, self.prefix + "ne:" + notification_id)
-                pipe.zrem(self.prefix + "notifications", notification_id)
-                pipe.execute()
-                dropped += 1
+            while True:  # past the kept ones (not ended yet, keyed), page by page
+                old = self.redis.zrangebyscore(
+                    every, "-inf", keep_from, start=kept, num=DROP_PAGE
+                )
+                pipe = self.redis.pipeline(transaction=False)
+                for notification_id in old:
+                    pipe.hmget(self.prefix + "n:" + notification_id, "doc", "finished")
+                drop = []
+                for notification_id, (doc, finished) in zip(old, pipe.execute()):
+                    if doc is not None:
+                        record = json.loads(doc)
+                        keyed = record.get("idempotency") and (
+                            record["created"] > now - IDEMPOTENCY_SECONDS
+                        )
+                        if keyed or not finished or float(finished) >= keep_from:
+                            kept += 1
+                            continue
+                    drop.append(notification_id)
+                if drop:
+                    pipe = self.redis.pipeline()
+                    for notification_id in drop:
+                        pipe.delete(
+                            self.prefix + "n:" + notification_id,
+                            self.prefix + "ne:" + notification_id,
+                        )
+                    pipe.zrem(every, *drop)
+                    pipe.execute()
+                    dropped += len(drop)
+                if len(old) < DROP_PAGE:
+                    break
         if dropped:
             log.info("dropped %d notifications older than the retention", dropped)
 
@@ -3773,8 +3819,7 @@ class RedisNotificationQueue:
                         )
                     entries = reply[0][1] if reply else []
                 for entry_id, fields in entries:
-                    if not self._stopping:
-                        self._start_batch(entry_id, fields)
+                    self._start_batch(entry_id, fields)
             except StoreUnavailable as e:
                 if "NOGROUP" not in str(e):
                     self._complain("batch consumer", e)
@@ -3801,9 +3846,11 @@ class RedisNotificationQueue:
                 CONSUMER_GROUP,
                 self.consumer,
                 int(self.lease * 1000),
-                "0-0",
+                self._claim_from,
                 count=room,
             )
+        # It looks at 10 x count entries a call: go on from there next time.
+        self._claim_from = reply[0] or "0-0"
         entries = []
         for entry_id, fields in reply[1]:
             if not fields:  # deleted meanwhile (Redis 6.2 still lists it)
@@ -3822,7 +3869,12 @@ class RedisNotificationQueue:
     def _start_batch(self, entry_id: str, fields: dict) -> None:
         notification_id = fields.get("n", "")
         ids = [i for i in fields.get("ids", "").split(",") if i]
+        if self._stopping:  # read as the process stops: back on the stream now
+            self._complete(entry_id, notification_id, [], ids, 0)
+            return
         status, message = self._message(notification_id)
+        if notification_id in self._cancelled:  # seen by the keeper: not sending
+            status, message = "cancelled", None
         if status != "sending" or message is None:  # cancelled, ended, dropped
             self._complete(entry_id, notification_id, [], [], 0)
             return
@@ -3832,7 +3884,16 @@ class RedisNotificationQueue:
             self._complete(entry_id, notification_id, [], [], vanished)
             return
         with self._lock:
-            self._in_flight[entry_id] = notification_id
+            # With the check, one step: the recorder and keeper stop only once
+            # nothing is in flight, so a batch started after would go unrecorded.
+            if self._stopping:
+                stopping = True
+            else:
+                stopping = False
+                self._in_flight[entry_id] = notification_id
+        if stopping:
+            self._complete(entry_id, notification_id, [], ids, 0)
+            return
         try:
             future = self.delivery.submit(present, message, notification_id)
         except Exception:  # no delivery process could start: another takes it
@@ -3881,16 +3942,23 @@ class RedisNotificationQueue:
                     self._lock.wait(0.5)
                 completed = list(self._completed)
                 self._completed.clear()
-            for entry_id, notification_id, ids, vanished, future in completed:
+            for item in completed:
+                entry_id = item[0]
                 try:
-                    self._record_batch(entry_id, notification_id, ids, vanished, future)
-                # Not recorded: another process claims it after WORKER_TIMEOUT.
-                except Exception as e:  # noqa: BLE001 - _complain logs it
+                    self._record_batch(*item)
+                except StoreUnavailable as e:
+                    # Redis blinked: record it again, still in flight (the
+                    # keeper keeps it ours), rather than have it sent twice.
                     self._complain(f"recording batch {entry_id}", e)
-                finally:
                     with self._lock:
-                        self._in_flight.pop(entry_id, None)
-                        self._lock.notify_all()
+                        self._completed.append(item)
+                    continue
+                except Exception as e:  # noqa: BLE001 - _complain logs it
+                    # A bug: left pending, another process claims it later.
+                    self._complain(f"recording batch {entry_id}", e)
+                with self._lock:
+                    self._in_flight.pop(entry_id, None)
+                    self._lock.notify_all()
 
     def _record_batch(
         self,
@@ -3946,14 +4014,18 @@ class RedisNotificationQueue:
         interval = min(1.0, self.lease / 3)
         consumers = self.prefix + "consumers"  # who delivers: name -> when last said
         next_prune = 0.0
+        next_turn = time.monotonic() + interval
         while True:
             with self._lock:
-                if self._stopping and not self._in_flight:
-                    with contextlib.suppress(Exception):  # gone at once, or in a day
-                        self.redis.zrem(consumers, self.consumer)
-                        self._scripts["prune"](args=[self.prefix, self.consumer, 0])
-                    return
-                self._lock.wait(interval)
+                # Woken by every batch's end: a turn a second all the same.
+                while True:
+                    if self._stopping and not self._in_flight:
+                        return
+                    left = next_turn - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._lock.wait(left)
+                next_turn = time.monotonic() + interval
                 batches = dict(self._in_flight)
             try:
                 with _redis_errors("saying this process delivers"):
@@ -3974,14 +4046,7 @@ class RedisNotificationQueue:
                 continue
             try:
                 with _redis_errors("keeping batches"):
-                    self.redis.xclaim(
-                        self._stream,
-                        CONSUMER_GROUP,
-                        self.consumer,
-                        0,
-                        list(batches),
-                        justid=True,
-                    )
+                    self._scripts["keep"](args=[self.prefix, self.consumer, *batches])
                     notifications = sorted(set(batches.values()))
                     pipe = self.redis.pipeline(transaction=False)
                     for notification_id in notifications:
@@ -3990,6 +4055,12 @@ class RedisNotificationQueue:
                 for notification_id, status in zip(notifications, statuses):
                     if status != "sending" and notification_id not in self._cancelled:
                         self._cancelled.add(notification_id)
+                        # Its next batches must not start from a cached "sending".
+                        self._messages[notification_id] = (
+                            time.monotonic() + 1,
+                            status,
+                            None,
+                        )
                         self.delivery.cancel(notification_id)
                 self._cancelled &= set(notifications)
             except Exception as e:  # noqa: BLE001 - _complain logs it
@@ -4924,9 +4995,7 @@ def create_app(
         record["created"] = previous.get("created", int(time.time()))
         if record["topics"] is None:  # re-posted, or rotated by its push service
             record["topics"] = (previous or replaced or {}).get("topics", [])
-        created = store.upsert(record)
-        if replaced:
-            store.remove(replaced["id"])
+        created = store.upsert(record, replaced and replaced["id"])
         bottle.response.status = 201 if created else 200
         log.info(
             "%s subscription %s (%s) topics=%s",
@@ -5429,7 +5498,13 @@ def run_worker(settings: Settings) -> int:
         log.error("%s", e)
         store.close()
         return 2
-    queue = RedisNotificationQueue(store, delivery, settings)  # type: ignore[arg-type]
+    try:
+        queue = RedisNotificationQueue(store, delivery, settings)  # type: ignore[arg-type]
+    except StoreUnavailable as e:
+        log.error("%s", e)
+        delivery.close()
+        store.close()
+        return 2
     log.info(
         "worker %s: delivering from %s with %d delivery process%s",
         queue.consumer,
@@ -5542,7 +5617,7 @@ def main(argv: list[str] | None = None) -> int:
     _raise_open_file_limit(settings.connection_limit + settings.push_concurrency + 256)
     try:
         app = create_app(settings, keys, store, token, journal)
-    except SettingError as e:  # FCM_SERVICE_ACCOUNT, say
+    except (SettingError, StoreUnavailable) as e:  # FCM_SERVICE_ACCOUNT, Redis
         log.error("%s", e)
         store.close()
         if journal is not None:

@@ -9,6 +9,7 @@ the decrypting stand-in on 127.0.0.1.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import re
@@ -19,7 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
+import webtest
 
 import api
 from test_api import (
@@ -639,3 +642,78 @@ def test_a_read_only_redis_answers_503_json_and_changes_nothing(tmp_path):
             assert "Traceback" not in server.output()
         finally:
             server.stop(signal.SIGKILL)
+
+
+def test_a_batch_whose_recording_redis_refuses_is_recorded_again_not_sent_twice(
+    json_settings, redis_server, push_service, monkeypatch
+):
+    settings = dataclasses.replace(
+        json_settings, redis_url=redis_server.url, redis_prefix=fresh_prefix()
+    )
+    application = api.create_app(settings)
+    try:
+        client = webtest.TestApp(application)
+        for _ in range(3):
+            subscriber = push_service.subscriber()
+            client.post_json("/subscription", subscriber.subscription)
+        queue = application.config["webpush.queue"]
+        complete, refusals = queue._scripts["complete"], []
+
+        def blinking(*args, **kwargs):  # Redis drops the first two completions
+            if len(refusals) < 2:
+                refusals.append(1)
+                raise redis.ConnectionError("Connection reset by peer")
+            return complete(*args, **kwargs)
+
+        monkeypatch.setitem(queue._scripts, "complete", blinking)
+        answer = client.post_json("/push", {"title": "t"}, headers=WAIT).json
+        assert answer["status"] == "done" and answer["sent"] == 3, answer
+        assert len(refusals) == 2
+        received = collections.Counter(d.subscriber for d in push_service.received())
+        assert sorted(received.values()) == [1, 1, 1]
+    finally:
+        application.config["webpush.close"]()
+
+
+def test_a_cancel_through_one_process_stops_the_workers_within_a_second(cluster):
+    with PushService(latency=0.05) as push_service:
+        server = cluster.http(API_DELIVERS="false")
+        cluster.worker("busy", PUSH_CONCURRENCY="20")
+        stored(push_service, cluster.store, 5_000)
+        response = requests.post(
+            f"{server.url}/push", json={"title": "t"}, headers=AUTH
+        )
+        notification_id = response.json()["id"]
+        push_service.wait_for(300, timeout=30)
+        other = cluster.http(API_DELIVERS="false")
+        cancelled = requests.delete(
+            f"{other.url}/notifications/{notification_id}", headers=AUTH
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        at_cancel = len(push_service.received())
+        time.sleep(1)
+        within_a_second = len(push_service.received())
+        time.sleep(3)  # a batch started from a stale "sending" would show now
+        assert len(push_service.received()) == within_a_second
+        # In a second: what was under way, at 20 at a time and 50 ms each.
+        assert within_a_second - at_cancel < 500, (at_cancel, within_a_second)
+        assert status(server, notification_id)["status"] == "cancelled"
+
+
+def test_a_process_keeps_only_the_batches_it_still_holds(redis_server):
+    prefix = fresh_prefix()
+    stream = prefix + "batches"
+    with redis_server.client() as client:
+        client.xgroup_create(stream, "delivery", id="0", mkstream=True)
+        first, second = (client.xadd(stream, {"n": "x", "ids": "a"}) for _ in "12")
+        client.xreadgroup("delivery", "silent", {stream: ">"}, count=2)
+        time.sleep(0.05)
+        client.xclaim(stream, "delivery", "other", 0, [first], justid=True)
+        keep = client.register_script(api.BATCHES_KEEP_LUA)
+        keep(args=[prefix, "silent", first, second])  # back from its pause
+        held = {
+            p["message_id"]: (p["consumer"], p["time_since_delivered"])
+            for p in client.xpending_range(stream, "delivery", "-", "+", 10)
+        }
+        assert held[first][0] == "other"  # not taken back
+        assert held[second][0] == "silent" and held[second][1] < 50  # kept
