@@ -2637,9 +2637,9 @@ def new_notification(
     key_hash: str | None,
     body_hash: str,
     source: str,
+    total: int,
 ) -> dict:
-    """A notification as both queues keep it, before anything is sent; the
-    caller adds its ``total``."""
+    """A notification as both queues keep it, before anything is sent."""
     due = now if send_at is None else send_at
     return {
         "id": secrets.token_urlsafe(12),
@@ -2658,7 +2658,7 @@ def new_notification(
             "collapse_key": message.topic,
         },
         "idempotency": key_hash and {"key": key_hash, "body": body_hash},
-        "total": 0,
+        "total": total,
         "counts": _zero_counts(),
         "errors": [],
     }
@@ -2787,9 +2787,15 @@ class NotificationQueue:
                     return status_document(earlier), True
             now = time.time()
             record = new_notification(
-                message, topic, now, send_at, key_hash, body_hash, source
+                message,
+                topic,
+                now,
+                send_at,
+                key_hash,
+                body_hash,
+                source,
+                self.subscribers(topic),
             )
-            record["total"] = self.subscribers(topic)
             self.journal.upsert(record)
             with self._lock:
                 self._jobs[record["id"]] = _Job(record)
@@ -3452,9 +3458,15 @@ class RedisNotificationQueue:
         key_hash = hashlib.sha256(key.encode()).hexdigest() if key else None
         now = time.time()
         record = new_notification(
-            message, topic, now, send_at, key_hash, body_hash, source
+            message,
+            topic,
+            now,
+            send_at,
+            key_hash,
+            body_hash,
+            source,
+            self.subscribers(topic),
         )
-        record["total"] = self.subscribers(topic)
         fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
         doc = {k: record[k] for k in (*fixed, "idempotency")}
         with _redis_errors("storing a notification"):
@@ -3886,10 +3898,8 @@ class RedisNotificationQueue:
         with self._lock:
             # With the check, one step: the recorder and keeper stop only once
             # nothing is in flight, so a batch started after would go unrecorded.
-            if self._stopping:
-                stopping = True
-            else:
-                stopping = False
+            stopping = self._stopping
+            if not stopping:
                 self._in_flight[entry_id] = notification_id
         if stopping:
             self._complete(entry_id, notification_id, [], ids, 0)
