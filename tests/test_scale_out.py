@@ -146,6 +146,25 @@ def status(server: Server, notification_id: str) -> dict:
     return response.json()
 
 
+def _api(
+    *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    """``python api.py ARGS`` to its end, with no REDIS_URL but ``env``'s."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), *args],
+        env={**{k: v for k, v in os.environ.items() if k != "REDIS_URL"}, **env},
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def _migrate(target: str, **env: str) -> subprocess.CompletedProcess:
+    return _api("--migrate-store", target, **env)
+
+
 def test_two_http_processes_and_two_workers_share_redis_and_survive_a_kill_9(
     cluster,
 ):
@@ -301,14 +320,7 @@ def test_a_process_with_another_vapid_key_is_refused(cluster, tmp_path):
 
 
 def test_worker_without_redis_url_is_a_clear_error():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "api.py"), "--worker"],
-        env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=30,
-    )
+    result = _api("--worker")
     assert result.returncode == 2
     assert "--worker takes its work from Redis: set REDIS_URL" in result.stderr
 
@@ -419,17 +431,6 @@ def _json_store_with(path: Path, count: int) -> list[dict]:
     return records
 
 
-def _migrate(target: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "api.py"), "--migrate-store", target],
-        env={**{k: v for k, v in os.environ.items() if k != "REDIS_URL"}, **env},
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_migrate_store_copies_json_into_redis_and_back_idempotently(
     tmp_path, redis_server
 ):
@@ -508,29 +509,14 @@ def test_migrate_store_brings_the_vapid_key_and_refuses_a_redis_with_another(
 def test_migrate_store_mistakes_are_one_clear_line_and_create_nothing(
     tmp_path, target, env, message
 ):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "api.py"), "--migrate-store", target],
-        env={**{k: v for k, v in os.environ.items() if k != "REDIS_URL"}, **env},
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    result = _api("--migrate-store", target, cwd=tmp_path, **env)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 
 def test_worker_and_migrate_store_together_are_refused(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "api.py"), "--worker", "--migrate-store", "x"],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    result = _api("--worker", "--migrate-store", "x", cwd=tmp_path)
     assert result.returncode == 2
     assert "not allowed with argument" in result.stderr
 
