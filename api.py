@@ -3357,6 +3357,10 @@ end
 return 0
 """
 CONSUMER_GROUP = "delivery"
+FCM_ELSEWHERE = (
+    "FCM is not configured in this process, but in the one that planned it: "
+    "give every process the same FCM_SERVICE_ACCOUNT"
+)
 DROP_PAGE = 1000  # notifications looked at a time when dropping old ones
 CONSUMER_KEPT = 86400  # seconds a consumer holding no batch stays in the group
 
@@ -3892,8 +3896,20 @@ class RedisNotificationQueue:
             return
         present = [r for r in self.store.get_many(ids) if r is not None]
         vanished = len(ids) - len(present)  # unsubscribed since the plan
+        # Planned by a process with FCM settings, and this one has none: they
+        # fail, visibly, rather than go back on the stream for ever.
+        failed = [
+            PushOutcome(r["id"], "fcm", None, "failed", FCM_ELSEWHERE, channel="fcm")
+            for r in present
+            if not self.delivery.sends_to(r.get("kind", "webpush"))
+        ]
+        if failed:
+            log.warning("notification %s: %s", notification_id, FCM_ELSEWHERE)
+            present = [
+                r for r in present if self.delivery.sends_to(r.get("kind", "webpush"))
+            ]
         if not present:
-            self._complete(entry_id, notification_id, [], [], vanished)
+            self._complete(entry_id, notification_id, failed, [], vanished)
             return
         with self._lock:
             # With the check, one step: the recorder and keeper stop only once
@@ -3915,8 +3931,9 @@ class RedisNotificationQueue:
                 self._batch_done,
                 entry_id,
                 notification_id,
-                [r["id"] for r in present],
+                [r["id"] for r in present] + [o.record_id for o in failed],
                 vanished,
+                failed,
             )
         )
 
@@ -3976,10 +3993,12 @@ class RedisNotificationQueue:
         notification_id: str,
         ids: list[str],
         vanished: int,
+        failed: list[PushOutcome],
         future: Any,
     ) -> None:
-        """Apply a batch's outcomes to the store, count them, acknowledge it;
-        the subscribers it did not reach go back on the stream."""
+        """Apply a batch's outcomes (and ``failed``, those it could not send)
+        to the store, count them, acknowledge it; the subscribers it did not
+        reach go back on the stream."""
         try:
             outcomes: list[PushOutcome] = future.result()
         except DeliveryStopped:
@@ -3987,7 +4006,7 @@ class RedisNotificationQueue:
         except Exception:  # a bug: the batch goes back on the stream, not lost
             log.exception("notification %s: a batch failed", notification_id)
             outcomes = []
-        reached = [o for o in outcomes if o.result != "unsent"]
+        reached = failed + [o for o in outcomes if o.result != "unsent"]
         done = {o.record_id for o in reached}
         apply_outcomes(self.store, reached)  # type: ignore[arg-type]
         again = [i for i in ids if i not in done]

@@ -703,3 +703,32 @@ def test_a_process_keeps_only_the_batches_it_still_holds(redis_server):
         }
         assert held[first][0] == "other"  # not taken back
         assert held[second][0] == "silent" and held[second][1] < 50  # kept
+
+
+def test_fcm_tokens_a_worker_without_fcm_settings_is_given_fail_visibly(
+    cluster, tmp_path
+):
+    from tests.fcm_service import FcmService
+
+    with PushService() as push_service, FcmService() as fcm:
+        account = fcm.service_account(tmp_path / "service-account.json")
+        server = cluster.http(
+            API_DELIVERS="false", FCM_SERVICE_ACCOUNT=str(account), FCM_API_URL=fcm.url
+        )
+        cluster.worker("without-fcm")
+        subscriber = stored(push_service, cluster.store, 1)[0]
+        token = {"fcm_token": "dev1:APA91b" + os.urandom(40).hex()}
+        assert requests.post(f"{server.url}/subscription", json=token).ok
+        response = requests.post(
+            f"{server.url}/push", json={"title": "t"}, headers=AUTH
+        )
+        notification_id = response.json()["id"]
+        deadline = time.monotonic() + 30
+        while (document := status(server, notification_id))["status"] != "done":
+            assert time.monotonic() < deadline, document
+            time.sleep(0.1)
+    assert document["channels"]["webpush"]["sent"] == 1
+    assert document["channels"]["fcm"]["failed"] == 1
+    [error] = document["errors"]
+    assert "give every process the same FCM_SERVICE_ACCOUNT" in error["reason"]
+    assert len(push_service.received(subscriber)) == 1
