@@ -3634,16 +3634,17 @@ class RedisNotificationQueue:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    def _complain(self, what: str, error: Exception) -> None:
+    def _complain(self, what: str, error: Exception, pause: float = 1.0) -> None:
         """A background thread's error, logged at most every 10 s (Redis
-        unreachable would otherwise log one line per turn)."""
+        unreachable would otherwise log one line per turn); then a pause, so
+        that the thread does not spin."""
         if time.monotonic() - self._complained > 10:
             self._complained = time.monotonic()
             if isinstance(error, OSError):
                 log.error("%s: %s; retrying", what, error)
             else:
                 log.exception("%s; it carries on", what)
-        time.sleep(1)
+        time.sleep(pause)
 
     # -- the planner ---------------------------------------------------------------
 
@@ -4070,7 +4071,9 @@ class RedisNotificationQueue:
                             args=[self.prefix, "", CONSUMER_KEPT * 1000]
                         )
             except Exception as e:  # noqa: BLE001 - _complain logs it
-                self._complain("batch keeper", e)
+                # No pause: its turns are paced, and a late one lets batches
+                # go to others (WORKER_TIMEOUT may be as short as a second).
+                self._complain("batch keeper", e, pause=0)
             if not batches:
                 continue
             try:
@@ -4093,7 +4096,9 @@ class RedisNotificationQueue:
                         self.delivery.cancel(notification_id)
                 self._cancelled &= set(notifications)
             except Exception as e:  # noqa: BLE001 - _complain logs it
-                self._complain("batch keeper", e)
+                # No pause: its turns are paced, and a late one lets batches
+                # go to others (WORKER_TIMEOUT may be as short as a second).
+                self._complain("batch keeper", e, pause=0)
 
 
 UNFINISHED = ("scheduled", "queued", "sending")
