@@ -5642,6 +5642,11 @@ def main(argv: list[str] | None = None) -> int:
     warning = subject_warning(settings.vapid_subject)
     if warning:
         log.warning("%s", warning)
+    if not settings.api_delivers and not settings.redis_url:
+        log.warning(
+            "API_DELIVERS=false is for Redis, where --worker processes deliver: "
+            "with the JSON store this process delivers all the same"
+        )
     if settings.push_endpoint_pattern:
         log.warning(
             "push endpoint allowlist replaced by PUSH_ENDPOINT_PATTERN=%r",

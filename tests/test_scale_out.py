@@ -325,6 +325,23 @@ def test_worker_without_redis_url_is_a_clear_error():
     assert "--worker takes its work from Redis: set REDIS_URL" in result.stderr
 
 
+def test_api_delivers_false_without_redis_is_a_warning_and_it_still_delivers(
+    tmp_path,
+):
+    with PushService() as push_service:
+        server = Server(tmp_path, API_DELIVERS="false").start()
+        try:
+            subscriber = push_service.subscriber()
+            requests.post(f"{server.url}/subscription", json=subscriber.subscription)
+            pushed = requests.post(
+                f"{server.url}/push", json={"title": "t"}, headers=WAIT
+            ).json()
+            assert pushed["sent"] == 1, pushed
+            assert "API_DELIVERS=false is for Redis" in server.output()
+        finally:
+            server.stop(signal.SIGKILL)
+
+
 def test_an_unreachable_redis_stops_the_start_with_one_clear_line(tmp_path):
     with RedisServer() as redis_server:
         url = redis_server.url
