@@ -3899,16 +3899,25 @@ class RedisNotificationQueue:
         vanished = len(ids) - len(present)  # unsubscribed since the plan
         # Planned by a process with FCM settings, and this one has none: they
         # fail, visibly, rather than go back on the stream for ever.
-        failed = [
-            PushOutcome(r["id"], "fcm", None, "failed", FCM_ELSEWHERE, channel="fcm")
-            for r in present
-            if not self.delivery.sends_to(r.get("kind", "webpush"))
-        ]
+        sendable: list[dict] = []
+        failed: list[PushOutcome] = []
+        for record in present:
+            if self.delivery.sends_to(record.get("kind", "webpush")):
+                sendable.append(record)
+            else:
+                failed.append(
+                    PushOutcome(
+                        record["id"],
+                        "fcm",
+                        None,
+                        "failed",
+                        FCM_ELSEWHERE,
+                        channel="fcm",
+                    )
+                )
         if failed:
             log.warning("notification %s: %s", notification_id, FCM_ELSEWHERE)
-            present = [
-                r for r in present if self.delivery.sends_to(r.get("kind", "webpush"))
-            ]
+        present = sendable
         if not present:
             self._complete(entry_id, notification_id, failed, [], vanished)
             return
