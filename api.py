@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import bottle
@@ -303,6 +303,14 @@ class Settings:
         "subscription writes one client may make per minute, in bursts of as many (0: off)",
         check=_at_least(0),
     )
+    receipt_rate_limit: int = _setting(
+        600,
+        "RECEIPT_RATE_LIMIT",
+        "receipts (POST /notifications/<id>/events) one client may send per minute, "
+        "in bursts of as many (0: off); apart from RATE_LIMIT, as many devices may "
+        "share one address",
+        check=_at_least(0),
+    )
     trusted_proxies: str = _setting(
         "",
         "TRUSTED_PROXIES",
@@ -314,6 +322,14 @@ class Settings:
         "SHUTDOWN_TIMEOUT",
         "seconds SIGTERM waits for requests and pushes under way",
         check=_at_least(0),
+    )
+    receipt_key: str = _setting(
+        "",
+        "RECEIPT_KEY",
+        "secret that signs the receipts in each message (at least 16 characters); "
+        "when unset, one is generated into VAPID_DIR/receipt_key",
+        cli=False,
+        check=lambda v: "must be at least 16 characters" if 0 < len(v) < 16 else None,
     )
     webhook_secret: str = _setting(
         "",
@@ -358,9 +374,9 @@ class Settings:
             checker = f.metadata["check"]
             problem = checker(getattr(self, f.name)) if checker else None
             if problem:
-                raise SettingError(
-                    f"{f.metadata['env']}={getattr(self, f.name)!r} {problem}"
-                )
+                shown = "" if f.metadata["cli"] else "(secret, not shown) "
+                value = "" if shown else f"={getattr(self, f.name)!r}"
+                raise SettingError(f"{f.metadata['env']}{value} {shown}{problem}")
 
     @classmethod
     def from_env(
@@ -407,6 +423,7 @@ def _convert(f: dataclasses.Field, raw: str) -> Any:
 PRIVATE_PEM = "private_key.pem"
 PUBLIC_TXT = "public_key.txt"
 PUSH_TOKEN_FILE = "push_token"
+RECEIPT_KEY_FILE = "receipt_key"
 # Files made "the blog's way" with openssl, accepted as they are.
 OPENSSL_PEM = "vapid_private.pem"
 OPENSSL_PRIVATE_TXT = "private_key.txt"
@@ -602,20 +619,42 @@ def subject_warning(subject: str) -> str | None:
     return None
 
 
+def _load_or_create_secret(given: str, path: Path) -> tuple[str, bool]:
+    """A secret from its setting, else from its file in VAPID_DIR, else a new
+    one written there (mode 0600); and whether it was just generated."""
+    if given:
+        return given, False
+    if path.is_file():
+        secret = path.read_text().strip()
+        if secret:
+            return secret, False
+        raise SettingError(f"{path} is empty; delete it to have a new one made")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    try:
+        _write_secret(path, (secret + "\n").encode())
+    except FileExistsError:  # another process started at the same moment
+        for _ in range(100):
+            if path.read_text().strip():
+                return path.read_text().strip(), False
+            time.sleep(0.01)  # it is still writing it
+        raise
+    return secret, True
+
+
 def load_or_create_token(settings: Settings) -> tuple[str, bool]:
     """The admin token and whether it was just generated."""
-    if settings.push_token:
-        return settings.push_token, False
-    path = Path(settings.vapid_dir) / PUSH_TOKEN_FILE
-    if path.is_file():
-        token = path.read_text().strip()
-        if token:
-            return token, False
-        raise SettingError(f"{path} is empty; delete it to have a new token made")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    _write_secret(path, (token + "\n").encode())
-    return token, True
+    return _load_or_create_secret(
+        settings.push_token, Path(settings.vapid_dir) / PUSH_TOKEN_FILE
+    )
+
+
+def load_or_create_receipt_key(settings: Settings) -> bytes:
+    """The key that signs receipts (RECEIPT_KEY or VAPID_DIR/receipt_key)."""
+    key, _ = _load_or_create_secret(
+        settings.receipt_key, Path(settings.vapid_dir) / RECEIPT_KEY_FILE
+    )
+    return key.encode()
 
 
 ###############################################################################
@@ -1043,6 +1082,14 @@ class SubscriptionStore(JsonLinesStore):
                 if (origin == "fcm") == fcm and topic in topics
             )
 
+    def topics(self) -> dict[str, int]:
+        """How many records (of either kind) each topic has."""
+        counts: collections.Counter[str] = collections.Counter()
+        with self._mutex:
+            for _, topics in self._index.values():
+                counts.update(topics)
+        return dict(counts)
+
     def list(self, topic: str | None = None) -> list[dict]:
         """The records, all or those subscribed to ``topic``."""
         with self._mutex:
@@ -1259,6 +1306,9 @@ local function unindex(id)
   if type(record['topics']) == 'table' then
     for _, topic in ipairs(record['topics']) do
       redis.call('ZREM', p .. 'tx:' .. kind .. ':' .. topic, id)
+      if redis.call('HINCRBY', p .. 'topics', topic, -1) <= 0 then
+        redis.call('HDEL', p .. 'topics', topic)
+      end
     end
   end
   redis.call('HINCRBY', counts, kind, -1)
@@ -1274,6 +1324,7 @@ for n = 1, tonumber(ARGV[2]) do
   redis.call('ZADD', p .. 'ix:' .. kind, score, id)
   for t = 1, topics do
     redis.call('ZADD', p .. 'tx:' .. kind .. ':' .. ARGV[i + 3 + t], score, id)
+    redis.call('HINCRBY', p .. 'topics', ARGV[i + 3 + t], 1)
   end
   redis.call('HINCRBY', counts, kind, 1)
   i = i + 4 + topics
@@ -1295,7 +1346,8 @@ class RedisSubscriptionStore:
     the interface and semantics of SubscriptionStore, nothing held in memory.
 
     Keys, after REDIS_PREFIX: ``subs`` (hash: id -> the record as a JSON
-    line), ``count`` (hash: kind -> how many), and the indexes a fan-out is
+    line), ``count`` (hash: kind -> how many), ``topics`` (hash: topic -> how
+    many of either kind), and the indexes a fan-out is
     planned from, page by page: ``ix:<kind>`` and ``tx:<kind>:<topic>``
     (sorted sets of ids, scored in the order they first subscribed, from the
     ``seq`` counter). A write is one Lua script: a record and its indexes
@@ -1374,6 +1426,12 @@ class RedisSubscriptionStore:
                 return int(self.redis.hget(self.prefix + "count", kind) or 0)
             return self.redis.zcard(self.index_key(kind, topic))
 
+    def topics(self) -> dict[str, int]:
+        """How many records (of either kind) each topic has."""
+        with _redis_errors("counting topics"):
+            counts = self.redis.hgetall(self.prefix + "topics")
+        return {topic: int(n) for topic, n in counts.items() if int(n) > 0}
+
     def index_key(self, kind: str, topic: str | None) -> str:
         """The sorted set of the records of a kind, all or on a topic."""
         if topic is None:
@@ -1402,22 +1460,29 @@ class RedisSubscriptionStore:
             plan.setdefault(origin, []).append(record["id"])
         return plan
 
-    def claim_identity(self, public_key: str, token: str | None) -> None:
-        """Record this process's VAPID public key (and its push token's hash)
-        in Redis, or SettingError if other processes there use others: a
-        subscription made with one key is refused by push services when
-        signed with another."""
+    def claim_identity(
+        self, public_key: str, token: str | None, receipt_key: bytes | None = None
+    ) -> None:
+        """Record this process's VAPID public key (and the hashes of its push
+        token and receipt key) in Redis, or SettingError if other processes
+        there use others: a subscription made with one key is refused by push
+        services when signed with another, and a receipt made with one
+        receipt key is refused by processes with another."""
         checks = [("vapid_public_key", public_key, "VAPID key")]
         if token is not None:
             digest = hashlib.sha256(token.encode()).hexdigest()
             checks.append(("push_token_sha256", digest, "push token"))
+        if receipt_key is not None:
+            digest = hashlib.sha256(receipt_key).hexdigest()
+            checks.append(("receipt_key_sha256", digest, "receipt key"))
         for name, value, what in checks:
             key = self.prefix + name
             with _redis_errors("checking the shared keys"):
                 self.redis.set(key, value, nx=True)
                 stored = self.redis.get(key)
             if stored != value:
-                ours, theirs, remedy = "", "", "PUSH_TOKEN"
+                ours, theirs = "", ""
+                remedy = "PUSH_TOKEN" if what == "push token" else "RECEIPT_KEY"
                 if what == "VAPID key":  # public, so worth showing
                     ours, theirs = f" ({value[:12]}...)", f" ({str(stored)[:12]}...)"
                     remedy = "VAPID_PRIVATE_KEY or a copy of one vapid/ directory"
@@ -1449,6 +1514,10 @@ def open_store(settings: Settings) -> SubscriptionStore | RedisSubscriptionStore
 
 # One 4096-byte aes128gcm record, less its header (86), tag and delimiter (17).
 MAX_PLAINTEXT = 3993
+# What each message adds to the notification's JSON for receipts (see receipt()).
+RECEIPT_ROOM = len(',"id":"","receipt":""') + 16 + 22 + 1 + 22
+RECEIPT_EVENTS = ("delivered", "clicked", "closed")
+RECEIPT_RE = re.compile(r"([A-Za-z0-9_\-]{22})\.[A-Za-z0-9_\-]{22}")
 MAX_RESPONSE_BYTES = 65536  # a push service's answer is a status and a short reason
 URGENCIES = ("very-low", "low", "normal", "high")
 RETRY_TRIES = 3
@@ -1475,6 +1544,35 @@ PUSH_FIELDS = (
 )
 
 
+def receipt(key: bytes, notification_id: str, record_id: str) -> str:
+    """One subscriber's receipt for one notification: its record id and an
+    HMAC of both, so only the server can make one and each names one
+    subscriber of one notification."""
+    mac = hmac.new(key, f"{notification_id}.{record_id}".encode(), "sha256")
+    return f"{record_id}.{b64url_encode(mac.digest()[:16])}"
+
+
+def receipt_subscriber(key: bytes, notification_id: str, text: Any) -> str | None:
+    """The record id a receipt names, or None if the server did not make it
+    for this notification."""
+    match = RECEIPT_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    expected = receipt(key, notification_id, match[1])
+    return match[1] if hmac.compare_digest(expected, text) else None
+
+
+def personal_payload(message: Message, record_id: str, key: bytes) -> bytes:
+    """The JSON one subscriber receives: the message's, with the notification
+    id and this subscriber's receipt when the message has an id."""
+    if not message.notification_id or not key:
+        return message.payload
+    notification_id = message.notification_id
+    mark = receipt(key, notification_id, record_id)
+    extra = f',"id":"{notification_id}","receipt":"{mark}"}}'
+    return message.payload[:-1] + extra.encode()
+
+
 def notification_json(notification: dict) -> bytes:
     """What a browser's service worker receives."""
     return json.dumps(notification, separators=(",", ":"), ensure_ascii=False).encode()
@@ -1491,6 +1589,7 @@ class Message:
     topic: str | None = (
         None  # collapse key: a newer message replaces an undelivered older one
     )
+    notification_id: str | None = None  # what receipts name; None: no receipts
 
 
 @dataclass
@@ -1723,9 +1822,15 @@ class WebPushDelivery:
     """
 
     def __init__(
-        self, keys: VapidKeys, per_origin: int, timeout: float, pattern: str = ""
+        self,
+        keys: VapidKeys,
+        per_origin: int,
+        timeout: float,
+        pattern: str = "",
+        receipt_key: bytes = b"",
     ):
         self.keys = keys
+        self.receipt_key = receipt_key
         # Checked again at each send: a stored endpoint that a changed allowlist
         # (PUSH_ENDPOINT_PATTERN) no longer admits gets nothing.
         self.pattern = re.compile(pattern) if pattern else None
@@ -1956,7 +2061,10 @@ class WebPushDelivery:
         try:
             handle = self._free.pop() if self._free else self._new_handle()
             if not job.body:
-                job.body = encrypt_message(job.record, job.batch.message.payload)
+                payload = personal_payload(
+                    job.batch.message, job.record["id"], self.receipt_key
+                )
+                job.body = encrypt_message(job.record, payload)
             handle.setopt(pycurl.URL, job.record["endpoint"])
             # Over TLS, wait for ALPN to say whether HTTP/2 can carry this on an
             # open connection; plain http has no ALPN, and the wait would
@@ -2085,12 +2193,12 @@ def delivery_process(fd: int) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = multiprocessing.connection.Connection(fd)
     try:
-        pem, subject, per_origin, timeout, pattern = conn.recv()
+        pem, subject, *limits = conn.recv()
     except (EOFError, OSError):
         return 0
     key = serialization.load_pem_private_key(pem, password=None)
     keys = VapidKeys(key, subject, "parent process")  # type: ignore[arg-type]
-    delivery = WebPushDelivery(keys, per_origin, timeout, pattern)
+    delivery = WebPushDelivery(keys, *limits)
     replying = threading.Lock()
 
     # Plain tuples on the socket: the server may know this module by another
@@ -2309,7 +2417,7 @@ class FcmSender:
     """Sends to native-app FCM tokens with pyfcm (FCM HTTP v1), on bounded threads:
     pyfcm is blocking, with one requests session and OAuth token per thread."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, receipt_key: bytes = b""):
         import google.oauth2.service_account
         import pyfcm.errors
         import requests.adapters
@@ -2341,6 +2449,7 @@ class FcmSender:
                 "the service-account file names no project: set FCM_PROJECT_ID"
             ) from None
         self.timeout = settings.push_timeout
+        self.receipt_key = receipt_key
         self._threads = concurrent.futures.ThreadPoolExecutor(
             settings.fcm_threads, thread_name_prefix="fcm"
         )
@@ -2349,7 +2458,22 @@ class FcmSender:
         self, records: list[dict], message: Message
     ) -> list[concurrent.futures.Future]:
         options = fcm_message_options(message)
-        return [self._threads.submit(self._send_one, r, options) for r in records]
+        return [
+            self._threads.submit(self._send_one, r, self._personal(options, r, message))
+            for r in records
+        ]
+
+    def _personal(self, options: dict, record: dict, message: Message) -> dict:
+        """``options`` with the notification id and the token's receipt in its
+        data, as web push messages have them."""
+        if not message.notification_id or not self.receipt_key:
+            return options
+        data = dict(options["data_payload"] or {})
+        data["id"] = message.notification_id
+        data["receipt"] = receipt(
+            self.receipt_key, message.notification_id, record["id"]
+        )
+        return {**options, "data_payload": data}
 
     def _send_one(self, record: dict, options: dict) -> PushOutcome:
         import pyfcm.errors
@@ -2420,17 +2544,20 @@ class Delivery:
     what they mean for the store and the notification is the caller's.
     """
 
-    def __init__(self, keys: VapidKeys, settings: Settings):
+    def __init__(self, keys: VapidKeys, settings: Settings, receipt_key: bytes = b""):
         self.processes = max(1, settings.push_processes)
         # PUSH_CONCURRENCY is per push service, shared by the delivery processes.
         per_origin = max(1, settings.push_concurrency // self.processes)
-        self.fcm = FcmSender(settings) if settings.fcm_service_account else None
+        self.fcm = (
+            FcmSender(settings, receipt_key) if settings.fcm_service_account else None
+        )
         self._args = (
             keys.private_pem(),
             keys.subject,
             per_origin,
             settings.push_timeout,
             settings.push_endpoint_pattern,
+            receipt_key,
         )
         self._local: WebPushDelivery | None = None
         self._workers: list[_DeliveryProcess] = []
@@ -2550,6 +2677,73 @@ class NotificationJournal(JsonLinesStore):
     SETTING = "NOTIFICATIONS_FILE"
 
 
+class ReceiptJournal(JsonLinesStore):
+    """The receipts counted (see JsonLinesStore), beside the notification
+    journal: one record ``{"id": "<notification> <event> <subscriber>"}`` per
+    event counted, so each subscriber's is counted once; the counts per
+    notification are kept in memory. A notification's go when it is dropped."""
+
+    WHAT = "receipt journal"
+    SETTING = "NOTIFICATIONS_FILE"
+
+    def __init__(self, path: str | Path):
+        self._counts: dict[str, collections.Counter[str]] = {}
+        super().__init__(path)
+
+    @staticmethod
+    def path_for(journal: Path) -> Path:
+        return journal.with_name(journal.stem + ".receipts" + journal.suffix)
+
+    def add(self, notification_id: str, event: str, subscriber: str) -> bool:
+        """Count one subscriber's event, durably (OSError if the disk refuses);
+        False if it was counted before."""
+        record_id = f"{notification_id} {event} {subscriber}"
+        record = {"id": record_id}
+        line = _record_line(record).encode()
+        with self._mutex:  # the check and the write in one step: counted once
+            if record_id in self._records:
+                return False
+            write = self._append(line + b"\n", 1, {record_id: None})
+            self._put(record_id, line, record)
+            self._compact_if_due()
+        self._wait_synced(write)
+        return True
+
+    def notifications(self) -> list[str]:
+        """The notifications that have receipts."""
+        with self._mutex:
+            return list(self._counts)
+
+    def counts(self, notification_id: str) -> dict[str, int]:
+        counted = self._counts.get(notification_id, {})
+        return {event: counted.get(event, 0) for event in RECEIPT_EVENTS}
+
+    def forget(self, notification_ids: list[str]) -> None:
+        """Drop the receipts of these notifications."""
+        gone = {i for i in notification_ids if i in self._counts}
+        if gone:
+            with self._mutex:
+                ids = [i for i in self._records if i.partition(" ")[0] in gone]
+            self.write(removals=ids)
+
+    def _put(self, record_id: str, line: bytes, record: dict) -> None:
+        new = record_id not in self._records
+        super()._put(record_id, line, record)
+        if new:
+            notification_id, event, _ = record_id.split(" ", 2)
+            self._counts.setdefault(notification_id, collections.Counter())[event] += 1
+
+    def _drop(self, record_id: str) -> None:
+        if record_id in self._records:
+            notification_id, event, _ = record_id.split(" ", 2)
+            counted = self._counts.get(notification_id)
+            if counted is not None:
+                counted[event] -= 1
+                if not +counted:
+                    del self._counts[notification_id]
+        super()._drop(record_id)
+
+
 class AlreadyFinished(Exception):
     """The notification ended before it could be cancelled."""
 
@@ -2626,6 +2820,7 @@ def message_of(record: dict, now: float) -> Message:
         max(0, spec["ttl"] - int(late)),
         spec["urgency"],
         spec["collapse_key"],
+        record["id"],
     )
 
 
@@ -2664,8 +2859,9 @@ def new_notification(
     }
 
 
-def status_document(record: dict) -> dict:
-    """What ``GET /notifications/<id>`` says of a notification."""
+def status_document(record: dict, receipts: dict[str, int] | None = None) -> dict:
+    """What ``GET /notifications/<id>`` says of a notification, with its
+    receipts counted so far."""
     channels = record["counts"]
     counts = {name: sum(c[name] for c in channels.values()) for name in COUNTS}
     total = record["total"]
@@ -2683,6 +2879,10 @@ def status_document(record: dict) -> dict:
         "pending": max(
             0, total - counts["sent"] - counts["failed"] - counts["removed"]
         ),
+        **{
+            event: (receipts or record.get("receipts") or {}).get(event, 0)
+            for event in RECEIPT_EVENTS
+        },
         "channels": channels,
         "errors": record["errors"],
     }
@@ -2738,8 +2938,12 @@ class NotificationQueue:
         delivery: Delivery,
         retention: float,
         batch_size: int = BATCH_SIZE,
+        receipts: ReceiptJournal | None = None,
     ):
         self.journal = journal
+        self.receipts = receipts or ReceiptJournal(
+            ReceiptJournal.path_for(journal.path)
+        )
         self.store = store
         self.delivery = delivery
         self.retention = retention
@@ -2811,14 +3015,27 @@ class NotificationQueue:
         return sum(self.store.count(kind, topic) for kind in kinds)
 
     def get(self, notification_id: str) -> dict | None:
+        receipts = self.receipts.counts(notification_id)
         with self._lock:
             job = self._jobs.get(notification_id)
             if job is not None:
-                return status_document(job.record)
+                return status_document(job.record, receipts)
         record = self.journal.get(notification_id)
         if record is None or "of" in record:
             return None
-        return status_document(record)
+        return status_document(record, receipts)
+
+    def count_receipt(
+        self, notification_id: str, event: str, subscriber: str
+    ) -> bool | None:
+        """Count a subscriber's receipt once: True if it was new, False if
+        counted before, None if there is no such notification (OSError if the
+        disk refuses)."""
+        with self._lock:
+            known = notification_id in self._jobs
+        if not known and self.get(notification_id) is None:
+            return None
+        return self.receipts.add(notification_id, event, subscriber)
 
     def list(self, limit: int) -> list[dict]:
         """The newest ``limit`` notifications, newest first."""
@@ -2845,7 +3062,7 @@ class NotificationQueue:
                 self._lock.notify_all()
         self.delivery.cancel(notification_id)
         log.info("notification %s cancelled", notification_id)
-        return status_document(record)
+        return status_document(record, self.receipts.counts(notification_id))
 
     def wait(self, notification_id: str, timeout: float) -> dict | None:
         """Its status document once it has ended, or after ``timeout`` seconds
@@ -2857,8 +3074,9 @@ class NotificationQueue:
         return self.get(notification_id)
 
     def close(self) -> None:
-        """Close the journal (after :meth:`stop`)."""
+        """Close the journals (after :meth:`stop`)."""
         self.journal.close()
+        self.receipts.close()
 
     def stop(self, timeout: float) -> bool:
         """Hand out nothing more, and wait up to ``timeout`` seconds for the
@@ -2916,6 +3134,11 @@ class NotificationQueue:
         if orphans:
             with contextlib.suppress(OSError):  # tried again at the next start
                 self.journal.write(removals=orphans)
+        known = {record["id"] for record in records}
+        with contextlib.suppress(OSError):  # of notifications dropped: again later
+            self.receipts.forget(
+                [i for i in self.receipts.notifications() if i not in known]
+            )
 
     def _earlier(self, key_hash: str) -> dict | None:
         """The notification made with this Idempotency-Key in the last 24 hours."""
@@ -3169,6 +3392,10 @@ class NotificationQueue:
         except OSError as e:
             log.warning("cannot drop old notifications yet: %s", e)
             return
+        try:
+            self.receipts.forget(drop)
+        except OSError as e:  # dropped at the next start
+            log.warning("cannot drop the receipts of old notifications yet: %s", e)
         gone = set(drop)
         with self._lock:
             self._order = [(c, i) for c, i in self._order if i not in gone]
@@ -3369,6 +3596,19 @@ def _number(text: str | None) -> float | None:
     return float(text) if text else None
 
 
+# A receipt, counted once per subscriber and event: the set ``rc:<id>:<event>``
+# holds who sent it, the notification's ``r.<event>`` field how many. ARGV:
+# prefix, notification id, event, subscriber. -1: no such notification.
+RECEIPT_COUNT_LUA = """
+local p, id, event, who = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = p .. 'n:' .. id
+if redis.call('HEXISTS', key, 'doc') == 0 then return -1 end
+if redis.call('SADD', p .. 'rc:' .. id .. ':' .. event, who) == 0 then return 0 end
+redis.call('HINCRBY', key, 'r.' .. event, 1)
+return 1
+"""
+
+
 class RedisNotificationQueue:
     """Notifications as durable jobs in Redis, shared by every ``api.py`` and
     ``api.py --worker`` process: the interface of NotificationQueue.
@@ -3417,6 +3657,7 @@ class RedisNotificationQueue:
             "complete": BATCH_COMPLETE_LUA,
             "prune": CONSUMERS_PRUNE_LUA,
             "keep": BATCHES_KEEP_LUA,
+            "receipt": RECEIPT_COUNT_LUA,
         }
         self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
         self._make_group()
@@ -3504,6 +3745,16 @@ class RedisNotificationQueue:
     def get(self, notification_id: str) -> dict | None:
         record = self._record(notification_id)
         return None if record is None else status_document(record)
+
+    def count_receipt(
+        self, notification_id: str, event: str, subscriber: str
+    ) -> bool | None:
+        """As NotificationQueue.count_receipt, in one script."""
+        with _redis_errors("counting a receipt"):
+            counted = self._scripts["receipt"](
+                args=[self.prefix, notification_id, event, subscriber]
+            )
+        return None if counted < 0 else bool(counted)
 
     def list(self, limit: int) -> list[dict]:
         """The newest ``limit`` notifications, newest first."""
@@ -3603,6 +3854,9 @@ class RedisNotificationQueue:
                 name: int(fields.get(f"{channel}.{name}") or 0) for name in COUNTS
             }
             for channel in CHANNELS
+        }
+        record["receipts"] = {
+            event: int(fields.get(f"r.{event}") or 0) for event in RECEIPT_EVENTS
         }
         causes = sorted(errors.items(), key=lambda item: -int(item[1]))
         record["errors"] = [
@@ -3796,6 +4050,10 @@ class RedisNotificationQueue:
                         pipe.delete(
                             self.prefix + "n:" + notification_id,
                             self.prefix + "ne:" + notification_id,
+                            *(
+                                f"{self.prefix}rc:{notification_id}:{event}"
+                                for event in RECEIPT_EVENTS
+                            ),
                         )
                     pipe.zrem(every, *drop)
                     pipe.execute()
@@ -4486,11 +4744,13 @@ class Validator:
             "data": body.get("data"),
         }
         payload = notification_json(notification)
-        if len(payload) > MAX_PLAINTEXT:
+        size = len(payload) + RECEIPT_ROOM  # as sent: with its id and receipt
+        if size > MAX_PLAINTEXT:
             raise ApiError(
                 413,
-                f"the notification is {len(payload)} bytes as JSON, {len(payload) - MAX_PLAINTEXT} "
-                f"over the {MAX_PLAINTEXT}-byte limit of an encrypted push message; shorten it",
+                f"the notification is {size} bytes as JSON with its id and receipt, "
+                f"{size - MAX_PLAINTEXT} over the {MAX_PLAINTEXT}-byte limit of an "
+                "encrypted push message; shorten it",
             )
         ttl = body.get("ttl", self.settings.default_ttl)
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= MAX_TTL:
@@ -4642,11 +4902,13 @@ return tostring(wait)
 
 
 class RateLimitPlugin:
-    """Bottle plugin: a token bucket per client on routes marked ``rate_limited``;
+    """Bottle plugin: a token bucket per client on routes marked ``rate_limited``
+    (subscription writes), and another on those marked ``rate_limited="receipts"``;
     over the limit, 429 with Retry-After."""
 
     name = "rate_limit"
     api = 2
+    WHAT: ClassVar[dict] = {True: "subscription changes", "receipts": "receipts"}
 
     def __init__(
         self,
@@ -4654,8 +4916,9 @@ class RateLimitPlugin:
         trusted_proxies: str,
         redis_client: Any = None,
         prefix: str = "",
+        receipts_per_minute: int = 0,
     ):
-        self.per_minute = per_minute
+        self.limits = {True: per_minute, "receipts": receipts_per_minute}
         self.trusted = address_set(trusted_proxies)
         self._buckets: dict[str, tuple[float, float]] = {}  # client: (tokens, when)
         self._lock = threading.Lock()
@@ -4663,14 +4926,14 @@ class RateLimitPlugin:
         self._redis_take = redis_client and redis_client.register_script(RATE_LIMIT_LUA)
         self._prefix = prefix + "rate:"
 
-    def take(self, client: str) -> float:
+    def take(self, client: str, per_minute: int) -> float:
         """0 when ``client`` may go on, else the seconds until it may."""
         if self._redis_take:
             try:
                 with _redis_errors("counting a client's writes"):
                     return float(
                         self._redis_take(
-                            args=[self._prefix + client, self.per_minute, time.time()]
+                            args=[self._prefix + client, per_minute, time.time()]
                         )
                     )
             except StoreUnavailable as e:
@@ -4680,15 +4943,15 @@ class RateLimitPlugin:
                 # memory; a write that needs room is refused by the store.
                 return 0.0
         now = time.monotonic()
-        rate = self.per_minute / 60
+        rate = per_minute / 60
         with self._lock:
             if (
                 len(self._buckets) > 100_000
             ):  # forget clients whose buckets are full again
-                full = now - self.per_minute / rate
+                full = now - 60
                 self._buckets = {c: b for c, b in self._buckets.items() if b[1] > full}
-            tokens, when = self._buckets.get(client, (self.per_minute, now))
-            tokens = min(self.per_minute, tokens + (now - when) * rate)
+            tokens, when = self._buckets.get(client, (per_minute, now))
+            tokens = min(per_minute, tokens + (now - when) * rate)
             if tokens < 1:
                 self._buckets[client] = (tokens, now)
                 return (1 - tokens) / rate
@@ -4696,12 +4959,15 @@ class RateLimitPlugin:
             return 0.0
 
     def apply(self, callback: Callable, route: bottle.Route) -> Callable:
-        if not self.per_minute or not route.config.get("rate_limited"):
+        kind = route.config.get("rate_limited")
+        per_minute = self.limits.get(kind, 0) if kind else 0
+        if not per_minute:
             return callback
+        bucket = "receipts:" if kind == "receipts" else ""  # apart from the writes
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             client = client_address(bottle.request.environ, self.trusted)
-            wait = self.take(client)
+            wait = self.take(bucket + client, per_minute)
             if wait:
                 bottle.response.set_header("Retry-After", str(math.ceil(wait)))
                 log.warning(
@@ -4712,7 +4978,8 @@ class RateLimitPlugin:
                 )
                 raise ApiError(
                     429,
-                    f"too many subscription changes from {client}; try again in {math.ceil(wait)} s",
+                    f"too many {self.WHAT[kind]} from {client}; try again in "
+                    f"{math.ceil(wait)} s",
                 )
             return callback(*args, **kwargs)
 
@@ -4928,15 +5195,18 @@ def create_app(
     store: SubscriptionStore | RedisSubscriptionStore | None = None,
     token: str | None = None,
     journal: NotificationJournal | None = None,
+    receipt_key: bytes | None = None,
 ) -> bottle.Bottle:
     """The WSGI application. Anything not given is made from ``settings``;
     ``app.config["webpush.close"](timeout)`` stops its delivery and files."""
     settings = settings or Settings.from_env()
     keys = keys if keys is not None else VapidKeys.load_or_create(settings)
     token = token if token is not None else load_or_create_token(settings)[0]
+    if receipt_key is None:
+        receipt_key = load_or_create_receipt_key(settings)
     if store is None:
         store = open_store(settings)
-    delivery = Delivery(keys, settings)
+    delivery = Delivery(keys, settings, receipt_key)
     queue: NotificationQueue | RedisNotificationQueue
     if isinstance(store, RedisSubscriptionStore):
         queue = RedisNotificationQueue(
@@ -4972,6 +5242,7 @@ def create_app(
             settings.trusted_proxies,
             store.redis if isinstance(store, RedisSubscriptionStore) else None,
             settings.redis_prefix,
+            settings.receipt_rate_limit,
         )
     )
     app.config.update(
@@ -4981,6 +5252,7 @@ def create_app(
             "webpush.queue": queue,
             "webpush.delivery": delivery,
             "webpush.keys": keys,
+            "webpush.receipt_key": receipt_key,
             "webpush.close": close,
         }
     )
@@ -5205,6 +5477,23 @@ def create_app(
                 f"the notification has ended ({status}); there is nothing to cancel",
             ) from None
 
+    @app.post("/notifications/<id>/events", api=True, rate_limited="receipts")
+    def receipt_event(id: str) -> dict:
+        notification_id(id)
+        body = read_json(settings.max_body_bytes)
+        event = body.get("event")
+        if event not in RECEIPT_EVENTS:
+            raise ApiError(400, f"'event' must be one of {', '.join(RECEIPT_EVENTS)}")
+        if not isinstance(body.get("receipt"), str):
+            raise ApiError(400, "'receipt' must be the string the message carried")
+        subscriber = receipt_subscriber(receipt_key, id, body["receipt"])
+        if subscriber is None:
+            raise ApiError(403, "this receipt was not made for this notification")
+        counted = queue.count_receipt(id, event, subscriber)
+        if counted is None:
+            raise ApiError(404, "no such notification; it may be past its retention")
+        return {"event": event, "counted": counted}
+
     in_flight = InFlight(app)  # what a shutdown waits for
     app.config["webpush.in_flight"] = in_flight
 
@@ -5300,9 +5589,25 @@ def create_app(
             answer["workers"] = queue.delivering()
         return answer
 
+    @app.get("/topics", api=True)
+    def list_topics() -> str:
+        require_token()
+        counts = store.topics()
+        bottle.response.content_type = "application/json"
+        # A list: Bottle turns only dicts into JSON itself.
+        return json.dumps(
+            [{"topic": t, "subscriptions": counts[t]} for t in sorted(counts)]
+        )
+
     @app.get("/")
     def index() -> bottle.HTTPResponse:
         return serve_static("index.html")
+
+    @app.get("/admin")
+    def admin() -> bottle.HTTPResponse:
+        response = serve_static("admin.html")
+        response.set_header("Cache-Control", "no-cache")
+        return response
 
     @app.get("/sw.js")
     def service_worker() -> bottle.HTTPResponse:
@@ -5534,9 +5839,10 @@ def run_worker(settings: Settings) -> int:
         return 2
     try:
         keys = VapidKeys.load_or_create(settings)
-        store.claim_identity(keys.public_key, None)  # type: ignore[union-attr]
+        receipt_key = load_or_create_receipt_key(settings)
+        store.claim_identity(keys.public_key, None, receipt_key)  # type: ignore[union-attr]
         _raise_open_file_limit(settings.push_concurrency + 256)
-        delivery = Delivery(keys, settings)
+        delivery = Delivery(keys, settings, receipt_key)
     except (OSError, SettingError) as e:
         log.error("%s", e)
         store.close()
@@ -5637,8 +5943,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keys = VapidKeys.load_or_create(settings)
         token, generated = load_or_create_token(settings)
+        receipt_key = load_or_create_receipt_key(settings)
         if isinstance(store, RedisSubscriptionStore):
-            store.claim_identity(keys.public_key, token)
+            store.claim_identity(keys.public_key, token, receipt_key)
     except (OSError, SettingError) as e:
         if isinstance(e, OSError) and not isinstance(e, StoreUnavailable):
             log.error("cannot read or write the keys in %s: %s", settings.vapid_dir, e)
@@ -5664,7 +5971,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before create_app: its delivery processes inherit the limit.
     _raise_open_file_limit(settings.connection_limit + settings.push_concurrency + 256)
     try:
-        app = create_app(settings, keys, store, token, journal)
+        app = create_app(settings, keys, store, token, journal, receipt_key)
     except (SettingError, StoreUnavailable) as e:  # FCM_SERVICE_ACCOUNT, Redis
         log.error("%s", e)
         store.close()

@@ -467,6 +467,31 @@ def test_health_counts_subscriptions(app):
     assert health["status"] == "ok" and health["subscriptions"] == 1
 
 
+def test_get_topics_counts_the_subscribers_of_each_topic_for_the_token_only(app):
+    assert app.get("/topics", status=401).json["error"].startswith("send the push")
+    assert app.get("/topics", headers=AUTH).json == []
+    for n, topics in enumerate([["news", "alerts"], ["news"], [], ["alerts"]]):
+        app.post_json("/subscription", {**fake_subscription(n), "topics": topics})
+    app.post_json("/subscription", {**fake_subscription(4), "topics": ["news"]})
+    expected = [
+        {"topic": "alerts", "subscriptions": 2},
+        {"topic": "news", "subscriptions": 3},
+    ]
+    assert app.get("/topics", headers=AUTH).json == expected
+    # Moved off a topic, and unsubscribed: the counts follow; an empty topic goes.
+    app.post_json("/subscription", {**fake_subscription(3), "topics": ["news"]})
+    app.delete_json("/subscription", {"endpoint": fake_subscription(1)["endpoint"]})
+    expected = [
+        {"topic": "alerts", "subscriptions": 1},
+        {"topic": "news", "subscriptions": 3},
+    ]
+    assert app.get("/topics", headers=AUTH).json == expected
+    app.delete_json("/subscription", {"endpoint": fake_subscription(0)["endpoint"]})
+    assert app.get("/topics", headers=AUTH).json == [
+        {"topic": "news", "subscriptions": 2}
+    ]
+
+
 def test_everything_is_kept_in_the_json_files_or_with_redis_url_in_redis_alone(
     app, settings, store
 ):
@@ -545,7 +570,11 @@ def stored_state(settings: api.Settings) -> dict:
     if not settings.redis_url:
         return {
             path.name: path.read_bytes() if path.exists() else None
-            for path in (Path(settings.subscriptions_file), settings.journal_path)
+            for path in (
+                Path(settings.subscriptions_file),
+                settings.journal_path,
+                api.ReceiptJournal.path_for(settings.journal_path),
+            )
         }
     pattern = re.sub(r"([*?\[\]\\])", r"\\\1", settings.redis_prefix) + "*"
     state: dict = {}
@@ -773,9 +802,16 @@ def test_push_sends_the_notification_to_every_subscriber_encrypted_and_signed(
     assert (result["sent"], result["failed"], result["removed"]) == (3, 0, 0)
     deliveries = push_service.received()
     assert sorted(d.subscriber for d in deliveries) == sorted(s.id for s in subs)
+    key = app.app.config["webpush.receipt_key"]
     for delivery in deliveries:
         assert delivery.error is None and delivery.status == 201
-        assert delivery.message == {**body}
+        endpoint = push_service.subscribers[delivery.subscriber].endpoint
+        record_id = api.endpoint_id(endpoint)
+        assert delivery.message == {
+            **body,
+            "id": result["id"],
+            "receipt": api.receipt(key, result["id"], record_id),
+        }
         assert delivery.claims["aud"] == push_service.origin
         assert delivery.claims["sub"] == "mailto:ops@push.test"
         assert delivery.headers["ttl"] == "86400"
@@ -796,7 +832,7 @@ def test_the_legacy_message_form_still_works(app, push_service):
     assert pushed(app, {"message": "hello"})["sent"] == 1
     message = push_service.received()[0].message
     assert message["body"] == "hello" and message["title"]
-    assert set(message) == {"title", "body", "icon", "url", "data"}
+    assert set(message) == {"title", "body", "icon", "url", "data", "id", "receipt"}
 
 
 def test_push_headers_carry_ttl_urgency_and_topic(app, push_service):
@@ -1162,6 +1198,8 @@ def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
             small_disk / "subscriptions.json.lock",
             journal,
             small_disk / "subscriptions.notifications.json.lock",
+            small_disk / "subscriptions.notifications.receipts.json",
+            small_disk / "subscriptions.notifications.receipts.json.lock",
         ]
     )
 
@@ -1804,6 +1842,12 @@ def test_push_reaches_browsers_and_fcm_tokens_with_the_fields_mapped(
         "ok": "true",
         "who": "ci",
         "url": "https://site.test/v2",
+        "id": result["id"],  # and the token's receipt, as in web push messages
+        "receipt": api.receipt(
+            fcm_app.app.config["webpush.receipt_key"],
+            result["id"],
+            api.subscription_id("fcm:" + tokens[0]),
+        ),
     }
     assert message["android"] == {
         "ttl": "60s",
@@ -2846,12 +2890,16 @@ def test_the_generic_webhook_carries_every_push_field(hook_app, push_service):
     assert answer.json["status"] == "scheduled"
     [delivery] = push_service.wait_for(1)
     assert delivery.at - started >= 0.9
-    assert delivery.message == {
+    endpoint = push_service.subscribers[delivery.subscriber].endpoint
+    message = delivery.message
+    assert message.pop("receipt").startswith(api.endpoint_id(endpoint))
+    assert message == {
         "title": "Backup",
         "body": "done",
         "icon": "/i.png",
         "url": "/b",
         "data": {"n": 1},
+        "id": answer.json["id"],
     }
     headers = delivery.headers
     assert (headers["ttl"], headers["urgency"], headers["topic"]) == (

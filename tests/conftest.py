@@ -4,6 +4,8 @@ runs each test that uses it on both backends, JSON files and Redis."""
 
 from test_api import (  # noqa: F401
     app,
+    app_with,
+    backend_env,
     json_settings,
     push_service,
     redis_server,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_api import Server, server_pushed
+from test_api import AUTH, Server, server_pushed
 from tests.push_service import PushService
 
 CHROMIUM = "/usr/bin/chromium"
@@ -325,3 +325,49 @@ def test_a_browser_without_web_push_is_told_so(browser, server):
     assert "does not support Web Push" in page.inner_text("#status")
     assert page.is_disabled("#enable")
     context.close()
+
+
+def _receipts_of(server: Server, notification_id: str, wanted: dict) -> dict:
+    """The notification's receipt counts once they are ``wanted`` (or after 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        document = requests.get(
+            f"{server.url}/notifications/{notification_id}", headers=AUTH
+        ).json()
+        counts = {k: document[k] for k in ("delivered", "clicked", "closed")}
+        if counts == wanted or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
+# The OS would fire these; a test dispatches them in the worker. The worker
+# must send its receipt before anything that needs a real (trusted) event.
+DISPATCH = """async (type) => {
+  const [shown] = await self.registration.getNotifications();
+  self.dispatchEvent(new NotificationEvent(type, { notification: shown }));
+}"""
+
+
+def test_the_service_worker_reports_delivered_clicked_and_closed_once_each(
+    demo, server, push_service
+):
+    demo.click("#enable", "Push is enabled")
+    answer = server_pushed(server, {"title": "Sale", "url": "/static/index.html"})
+    delivery = push_service.wait_for(1)[0]
+    demo.deliver(delivery.plaintext.decode())
+    [shown] = demo.notifications()
+    assert shown["data"]["id"] == answer["id"]
+    none = {"delivered": 0, "clicked": 0, "closed": 0}
+    delivered = {**none, "delivered": 1}
+    assert _receipts_of(server, answer["id"], delivered) == delivered
+    [worker] = demo.context.service_workers
+    worker.evaluate(DISPATCH, "notificationclick")
+    clicked = {**delivered, "clicked": 1}
+    assert _receipts_of(server, answer["id"], clicked) == clicked
+    demo.deliver(delivery.plaintext.decode())  # the same message again
+    demo.notifications()
+    worker.evaluate(DISPATCH, "notificationclose")
+    closed = {**clicked, "closed": 1}
+    assert _receipts_of(server, answer["id"], closed) == closed
+    time.sleep(0.5)  # a second delivered receipt would have landed by now
+    assert _receipts_of(server, answer["id"], closed) == closed

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 import webtest
 
@@ -27,6 +28,9 @@ WAIT = {**AUTH, "Prefer": "wait=30"}
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 DOCUMENT_FIELDS = {
     "id",
+    "delivered",
+    "clicked",
+    "closed",
     "status",
     "title",
     "topic",
@@ -458,6 +462,191 @@ def test_ended_notifications_are_dropped_after_the_retention(settings, monkeypat
             time.sleep(0.05)
         kept = status_of(client, scheduled.json["id"])  # not ended: kept
         assert kept["status"] == "scheduled"
+    finally:
+        application.config["webpush.close"]()
+
+
+# -- receipts ---------------------------------------------------------------------------
+
+
+def _receipts(app, push_service, count: int) -> tuple[str, list[dict]]:
+    """A notification delivered to ``count`` new subscribers: its id, and the
+    messages they decrypted (each with the id and its own receipt)."""
+    topic = f"t{len(push_service.subscribers)}"
+    subscribe(app, push_service, count, topics=[topic])
+    body = {"title": "t", "topic": topic}
+    answer = app.post_json("/push", body, headers=WAIT).json
+    messages = [d.message for d in push_service.received()]
+    return answer["id"], [m for m in messages if m["id"] == answer["id"]]
+
+
+def _report(app, notification_id: str, event: str, receipt, status: int = 200):
+    return app.post_json(
+        f"/notifications/{notification_id}/events",
+        {"event": event, "receipt": receipt},
+        status=status,
+    ).json
+
+
+def test_each_message_carries_the_notification_id_and_its_own_receipt(
+    app, push_service
+):
+    notification_id, messages = _receipts(app, push_service, 3)
+    assert {m["id"] for m in messages} == {notification_id}
+    receipts = [m["receipt"] for m in messages]
+    assert len(set(receipts)) == 3
+    key = app.app.config["webpush.receipt_key"]
+    for receipt in receipts:
+        assert api.receipt_subscriber(key, notification_id, receipt) is not None
+
+
+def test_receipts_are_counted_once_per_subscriber_and_event(app, push_service):
+    notification_id, messages = _receipts(app, push_service, 3)
+    for message in messages:
+        answer = _report(app, notification_id, "delivered", message["receipt"])
+        assert answer == {"event": "delivered", "counted": True}
+    first = messages[0]["receipt"]
+    assert _report(app, notification_id, "clicked", first)["counted"] is True
+    for _ in range(3):  # sent again: counted once
+        assert _report(app, notification_id, "clicked", first)["counted"] is False
+        assert _report(app, notification_id, "delivered", first)["counted"] is False
+    _report(app, notification_id, "closed", messages[1]["receipt"])
+    document = status_of(app, notification_id)
+    assert (document["delivered"], document["clicked"], document["closed"]) == (3, 1, 1)
+    listed = app.get("/notifications", headers=AUTH).json["notifications"][0]
+    assert (listed["delivered"], listed["clicked"], listed["closed"]) == (3, 1, 1)
+
+
+def test_a_receipt_needs_no_token_and_is_a_simple_cross_origin_request(
+    app, push_service
+):
+    """Service workers post it as text/plain, so no preflight is needed."""
+    notification_id, [message] = _receipts(app, push_service, 1)
+    body = json.dumps({"event": "clicked", "receipt": message["receipt"]})
+    response = app.post(
+        f"/notifications/{notification_id}/events",
+        body,
+        headers={
+            "Content-Type": "text/plain;charset=UTF-8",
+            "Origin": "https://a.test",
+        },
+    )
+    assert response.json == {"event": "clicked", "counted": True}
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_forged_or_replayed_receipts_change_nothing(app, settings, push_service):
+    from test_api import stored_state
+
+    notification_id, [mine, theirs] = _receipts(app, push_service, 2)
+    other_id, [other] = _receipts(app, push_service, 1)
+    _report(app, notification_id, "delivered", mine["receipt"])
+    before = stored_state(settings)
+    subscriber, _, mac = mine["receipt"].partition(".")
+    forged = [
+        f"{subscriber}.{'A' * 22}",  # a made-up signature
+        f"{theirs['receipt'].partition('.')[0]}.{mac}",  # my signature, their name
+        other["receipt"],  # another notification's receipt
+    ]
+    for receipt in forged:
+        error = _report(app, notification_id, "clicked", receipt, status=403)["error"]
+        assert "not made for this notification" in error
+    bad = [
+        ({"event": "opened", "receipt": mine["receipt"]}, 400, "'event' must be"),
+        ({"event": "clicked"}, 400, "'receipt' must be"),
+        ({"event": "clicked", "receipt": 7}, 400, "'receipt' must be"),
+        ({"event": "clicked", "receipt": "x" * 5000}, 403, "not made for"),
+        ([1], 400, "JSON object"),
+    ]
+    for body, status, words in bad:
+        error = app.post_json(
+            f"/notifications/{notification_id}/events", body, status=status
+        ).json["error"]
+        assert words in error
+    app.post(f"/notifications/{notification_id}/events", b"{", status=400)
+    # A receipt of a notification the server no longer has: 404.
+    key = app.app.config["webpush.receipt_key"]
+    gone = "A" * 16
+    receipt = api.receipt(key, gone, subscriber)
+    assert (
+        "no such notification" in _report(app, gone, "clicked", receipt, 404)["error"]
+    )
+    app.post_json("/notifications/short/events", {}, status=404)
+    # A replay of the counted one: counted before, so nothing changes either.
+    assert (
+        _report(app, notification_id, "delivered", mine["receipt"])["counted"] is False
+    )
+
+    def counted(state: dict) -> dict:  # what the rate limiter spent aside
+        return {k: v for k, v in state.items() if ":rate:" not in str(k)}
+
+    assert counted(stored_state(settings)) == counted(before)
+    document = status_of(app, notification_id)
+    assert (document["delivered"], document["clicked"], document["closed"]) == (1, 0, 0)
+    assert status_of(app, other_id)["clicked"] == 0
+
+
+def test_receipts_are_rate_limited_per_client_apart_from_subscription_writes(
+    app_with, push_service
+):
+    client = app_with(receipt_rate_limit=2, rate_limit=1)
+    notification_id, messages = _receipts(client, push_service, 1)  # one write
+    receipt = messages[0]["receipt"]
+    _report(client, notification_id, "delivered", receipt)
+    _report(client, notification_id, "clicked", receipt)
+    refused = _report(client, notification_id, "closed", receipt, status=429)
+    assert refused["error"].startswith("too many receipts from ")
+    assert status_of(client, notification_id)["closed"] == 0
+
+
+def test_counted_receipts_survive_kill_9(server_factory, backend_env, push_service):
+    server = server_factory(**backend_env).start()
+    sub = push_service.subscriber()
+    requests.post(server.url + "/subscription", json=sub.subscription)
+    answer = requests.post(server.url + "/push", json={"title": "t"}, headers=WAIT)
+    notification_id = answer.json()["id"]
+    [delivery] = push_service.wait_for(1)
+    url = f"{server.url}/notifications/{notification_id}/events"
+    body = {"event": "clicked", "receipt": delivery.message["receipt"]}
+    assert requests.post(url, json=body).json()["counted"] is True
+    server.stop(signal.SIGKILL)
+    server.start()
+    document = requests.get(
+        f"{server.url}/notifications/{notification_id}", headers=AUTH
+    ).json()
+    assert document["clicked"] == 1
+    assert requests.post(url, json=body).json()["counted"] is False
+
+
+def test_receipts_are_dropped_with_their_notification(settings, monkeypatch):
+    short = dataclasses.replace(settings, notification_retention=1)
+    with PushService() as service:
+        application = api.create_app(short)
+        client = webtest.TestApp(application)
+        notification_id, [message] = _receipts(client, service, 1)
+        _report(client, notification_id, "delivered", message["receipt"])
+        application.config["webpush.close"]()
+    time.sleep(1.5)
+    application = api.create_app(short)  # the sweep runs at start
+    client = webtest.TestApp(application)
+    try:
+        deadline = time.monotonic() + 10
+        while (
+            client.get(
+                f"/notifications/{notification_id}", headers=AUTH, expect_errors=True
+            ).status_int
+            != 404
+        ):
+            assert time.monotonic() < deadline, "not dropped"
+            time.sleep(0.05)
+        receipt = message["receipt"]
+        _report(client, notification_id, "delivered", receipt, status=404)
+        if short.redis_url:
+            with redis.Redis.from_url(short.redis_url) as r:
+                assert not r.keys(short.redis_prefix + "rc:*")
+        else:
+            receipts = application.config["webpush.queue"].receipts
+            assert len(receipts) == 0
     finally:
         application.config["webpush.close"]()
 
