@@ -10,6 +10,7 @@
 #     "pycurl>=7.48",
 #     "pyfcm>=2.0,<3",
 #     "redis>=5.0",
+#     "prometheus_client>=0.20",
 # ]
 # ///
 """A self-hosted Web Push server in one file.
@@ -330,6 +331,18 @@ class Settings:
         "when unset, one is generated into VAPID_DIR/receipt_key",
         cli=False,
         check=lambda v: "must be at least 16 characters" if 0 < len(v) < 16 else None,
+    )
+    metrics_token: str = _setting(
+        "",
+        "METRICS_TOKEN",
+        "bearer token for GET /metrics; when unset, the push token",
+        cli=False,
+    )
+    metrics_port: int = _setting(
+        0,
+        "METRICS_PORT",
+        "with --worker: port of its own GET /metrics, on HOST (0: none)",
+        check=_between(0, 65535),
     )
     webhook_secret: str = _setting(
         "",
@@ -1603,6 +1616,7 @@ class PushOutcome:
     reason: str = ""
     tries: int = 1
     channel: str = "webpush"  # or fcm
+    seconds: float = 0.0  # the push service's answer time, last try; 0: none
 
 
 @dataclass
@@ -1788,6 +1802,7 @@ class _PushJob:
     body: bytes = b""
     attempt: int = 0
     answer: bytearray = field(default_factory=bytearray)
+    seconds: float = 0.0
 
     def write(self, data: bytes) -> int | None:
         """libcurl's body callback: keep the answer, refuse one too large."""
@@ -2131,6 +2146,7 @@ class WebPushDelivery:
         self._busy.discard(handle)
         handle.job = None
         self._in_flight[job.origin] -= 1
+        job.seconds = handle.getinfo(pycurl.TOTAL_TIME)
         if error is not None:
             reason, retryable = _curl_reason(*error, self.timeout)
             status, retry_after = None, None
@@ -2160,7 +2176,13 @@ class WebPushDelivery:
         batch = job.batch
         batch.outcomes.append(
             PushOutcome(
-                job.record["id"], job.origin, status, result, reason, job.attempt
+                job.record["id"],
+                job.origin,
+                status,
+                result,
+                reason,
+                job.attempt,
+                seconds=job.seconds,
             )
         )
         batch.left -= 1
@@ -2206,6 +2228,7 @@ def delivery_process(fd: int) -> int:
     def reply(number: int, future: concurrent.futures.Future) -> None:
         outcomes = [
             (o.record_id, o.origin, o.status, o.result, o.reason, o.tries, o.channel)
+            + (o.seconds,)
             for o in future.result()
         ]
         with replying, contextlib.suppress(OSError):
@@ -2490,7 +2513,11 @@ class FcmSender:
                 payload = self.client.parse_payload(
                     fcm_token=record["fcm_token"], **options
                 )
-                response = self.client.send_request(payload, self.timeout)
+                began = time.monotonic()
+                try:
+                    response = self.client.send_request(payload, self.timeout)
+                finally:
+                    outcome.seconds = time.monotonic() - began
                 outcome.status = response.status_code
                 outcome.reason = response.text[:200]
                 retry_after = response.headers.get("Retry-After")
@@ -2546,6 +2573,7 @@ class Delivery:
 
     def __init__(self, keys: VapidKeys, settings: Settings, receipt_key: bytes = b""):
         self.processes = max(1, settings.push_processes)
+        self.metrics = Metrics()
         # PUSH_CONCURRENCY is per push service, shared by the delivery processes.
         per_origin = max(1, settings.push_concurrency // self.processes)
         self.fcm = (
@@ -2590,7 +2618,13 @@ class Delivery:
             futures.append(self._local.submit(web, message, key, first))
         elif web:
             futures.append(self._worker().submit(web, message, key, first))
-        return _gather(futures)
+        gathered = _gather(futures)
+        gathered.add_done_callback(self._observe)
+        return gathered
+
+    def _observe(self, future: concurrent.futures.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.metrics.observe(future.result())
 
     def cancel(self, key: str) -> None:
         """Send nothing more of what was submitted with ``key``."""
@@ -3042,6 +3076,44 @@ class NotificationQueue:
         with self._lock:
             newest = [i for _, i in self._order[-limit:]][::-1]
         return [d for d in map(self.get, newest) if d is not None]
+
+    def status_counts(self) -> collections.Counter[str]:
+        """How many notifications it keeps have each status."""
+        with self._lock:
+            ids = [i for _, i in self._order]
+            live = {i: job.record["status"] for i, job in self._jobs.items()}
+        counts: collections.Counter[str] = collections.Counter()
+        for notification_id in ids:
+            status = live.get(notification_id)
+            if status is None:
+                record = self.journal.get(notification_id)
+                status = record and record["status"]
+            if status:
+                counts[status] += 1
+        return counts
+
+    def backlog(self) -> tuple[int, float]:
+        """Batches due and not yet delivered (waiting, or being sent), and how
+        long the oldest has waited (seconds since its notification was due)."""
+        now = time.time()
+        batches, oldest = 0, now
+        with self._lock:
+            for job in self._jobs.values():
+                record = job.record
+                if record["status"] == "queued" or (
+                    record["status"] == "sending" and not job.planned
+                ):
+                    waiting = [record["total"]]
+                elif record["status"] == "sending":
+                    waiting = [len(ids) for ids in job.pending.values()]
+                else:
+                    continue
+                count = sum(-(-n // self.batch_size) for n in waiting)
+                count += sum(job.out.values())
+                if count:
+                    batches += count
+                    oldest = min(oldest, record["due"])
+        return batches, now - oldest
 
     def cancel(self, notification_id: str) -> dict:
         """Send no more of it: KeyError if there is no such notification,
@@ -3592,6 +3664,11 @@ DROP_PAGE = 1000  # notifications looked at a time when dropping old ones
 CONSUMER_KEPT = 86400  # seconds a consumer holding no batch stays in the group
 
 
+def _chunks(items: list, size: int = DROP_PAGE) -> Any:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def _number(text: str | None) -> float | None:
     return float(text) if text else None
 
@@ -3761,6 +3838,30 @@ class RedisNotificationQueue:
         with _redis_errors("listing notifications"):
             newest = self.redis.zrevrange(self.prefix + "notifications", 0, limit - 1)
         return [d for d in map(self.get, newest) if d is not None]
+
+    def status_counts(self) -> collections.Counter[str]:
+        """How many notifications Redis keeps have each status."""
+        counts: collections.Counter[str] = collections.Counter()
+        with _redis_errors("counting notifications"):
+            for ids in _chunks(self.redis.zrange(self.prefix + "notifications", 0, -1)):
+                pipe = self.redis.pipeline(transaction=False)
+                for notification_id in ids:
+                    pipe.hget(self.prefix + "n:" + notification_id, "status")
+                counts.update(status for status in pipe.execute() if status)
+        return counts
+
+    def backlog(self) -> tuple[int, float]:
+        """Batches on the stream (waiting or being sent: an acknowledged one
+        is deleted), and the age of the oldest, from its entry id."""
+        with _redis_errors("measuring the queue"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xlen(self._stream)
+            pipe.xrange(self._stream, count=1)
+            length, first = pipe.execute()
+        if not first:
+            return length, 0.0
+        added = int(first[0][0].split("-")[0]) / 1000
+        return length, max(0.0, time.time() - added)
 
     def cancel(self, notification_id: str) -> dict:
         """As NotificationQueue.cancel. Other processes stop sending its
@@ -4499,6 +4600,155 @@ def github_failed_workflow(payload: dict) -> dict | None:
 
 
 ###############################################################################
+# Metrics #####################################################################
+###############################################################################
+
+ANSWER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """What ``/metrics`` gives, with prometheus_client, in a registry of this
+    process: counters that delivery and the routes add to, and gauges read
+    from the store and the queue at each scrape (the sources). Delivery
+    processes hand every outcome, with its answer time, back to this
+    process, so its counters count theirs; a ``--worker`` has its own (on
+    METRICS_PORT)."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self._prom = prom
+        self.registry = prom.CollectorRegistry()
+        by_service = ["channel", "origin"]
+        self.messages = prom.Counter(
+            "webpush_messages",
+            "Messages by channel, push service origin and result (sent, failed, "
+            "removed)",
+            [*by_service, "result"],
+            registry=self.registry,
+        )
+        self.retries = prom.Counter(
+            "webpush_retries",
+            "Tries of a message beyond its first (429, 5xx, no answer)",
+            by_service,
+            registry=self.registry,
+        )
+        self.answer_seconds = prom.Histogram(
+            "webpush_push_service_seconds",
+            "Push service answer time of each message's last try",
+            by_service,
+            buckets=ANSWER_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = prom.Counter(
+            "webpush_http_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.receipts = prom.Counter(
+            "webpush_receipts",
+            "Receipts counted (each subscriber's once), by event",
+            ["event"],
+            registry=self.registry,
+        )
+        for event in RECEIPT_EVENTS:
+            self.receipts.labels(event)  # listed at 0 before the first
+        self._sources: list[Callable[[], list]] = []
+        self.registry.register(self)
+
+    def observe(self, outcomes: list[PushOutcome]) -> None:
+        """Count a batch's outcomes (those not sent are counted when they are)."""
+        messages: collections.Counter[tuple] = collections.Counter()
+        retries: collections.Counter[tuple] = collections.Counter()
+        for o in outcomes:
+            if o.result == "unsent":
+                continue
+            messages[(o.channel, o.origin, o.result)] += 1
+            retries[(o.channel, o.origin)] += o.tries - 1
+            if o.seconds > 0:
+                self.answer_seconds.labels(o.channel, o.origin).observe(o.seconds)
+        for labels, count in messages.items():
+            self.messages.labels(*labels).inc(count)
+        for labels, count in retries.items():
+            if count:
+                self.retries.labels(*labels).inc(count)
+
+    def gauge(self, name: str, help: str, label: str | None = None) -> Any:
+        """A gauge family for a source to fill (``add_metric``)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        return GaugeMetricFamily(name, help, labels=[label] if label else None)
+
+    def add_source(self, source: Callable[[], list]) -> None:
+        """A function giving metric families, called at each scrape."""
+        self._sources.append(source)
+
+    def describe(self) -> list:
+        return []  # registered without being collected
+
+    def collect(self) -> Any:
+        for source in self._sources:
+            try:
+                yield from source()
+            except OSError as e:  # Redis away: the counters still answer
+                log.warning("metrics: %s", e)
+
+    def exposition(self) -> bytes:
+        return self._prom.generate_latest(self.registry)
+
+
+def metrics_response(metrics: Metrics, token: str) -> bottle.HTTPResponse:
+    """``GET /metrics``: the Prometheus text format, for ``Authorization:
+    Bearer <token>`` only (METRICS_TOKEN, or the push token)."""
+    header = request_header("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise ApiError(
+            401, "send METRICS_TOKEN (or, without it, the push token) as a bearer token"
+        )
+    return bottle.HTTPResponse(
+        metrics.exposition(),
+        status=200,
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+class MetricsPlugin:
+    """Bottle plugin: counts every routed request by route, method and status."""
+
+    name = "metrics"
+    api = 2
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        counter = self.metrics.requests
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = callback(*args, **kwargs)
+            except bottle.HTTPResponse as e:
+                counter.labels(route.rule, route.method, e.status_code).inc()
+                raise
+            except Exception:
+                counter.labels(route.rule, route.method, 500).inc()
+                raise
+            status = (
+                result.status_code
+                if isinstance(result, bottle.HTTPResponse)
+                else bottle.response.status_code
+            )
+            counter.labels(route.rule, route.method, status).inc()
+            return result
+
+        return wrapper
+
+
+###############################################################################
 # HTTP ########################################################################
 ###############################################################################
 
@@ -5233,8 +5483,37 @@ def create_app(
         store.close()
         return recorded
 
+    metrics = delivery.metrics
+    metrics_token = settings.metrics_token or token
+
+    def gauges() -> list:
+        subscriptions = metrics.gauge(
+            "webpush_subscriptions", "Subscriptions stored, by channel", "channel"
+        )
+        for kind in CHANNELS:
+            subscriptions.add_metric([kind], store.count(kind))
+        notifications = metrics.gauge(
+            "webpush_notifications", "Notifications kept, by status", "status"
+        )
+        counts = queue.status_counts()
+        for status in ("scheduled", "queued", "sending", *FINISHED):
+            notifications.add_metric([status], counts.get(status, 0))
+        batches, age = queue.backlog()
+        depth = metrics.gauge(
+            "webpush_queue_batches", "Fan-out batches due and not yet delivered"
+        )
+        depth.add_metric([], batches)
+        oldest = metrics.gauge(
+            "webpush_queue_oldest_seconds", "How long the oldest of them has waited"
+        )
+        oldest.add_metric([], age)
+        return [subscriptions, notifications, depth, oldest]
+
+    metrics.add_source(gauges)
+
     app = bottle.Bottle()
-    app.install(cors)  # installed first, so it wraps the JSON errors too
+    app.install(MetricsPlugin(metrics))  # outermost: it sees every answer
+    app.install(cors)  # then CORS, so it wraps the JSON errors too
     app.install(JsonApiPlugin())
     app.install(
         RateLimitPlugin(
@@ -5492,7 +5771,13 @@ def create_app(
         counted = queue.count_receipt(id, event, subscriber)
         if counted is None:
             raise ApiError(404, "no such notification; it may be past its retention")
+        if counted:
+            metrics.receipts.labels(event).inc()
         return {"event": event, "counted": counted}
+
+    @app.get("/metrics", api=True)
+    def get_metrics() -> bottle.HTTPResponse:
+        return metrics_response(metrics, metrics_token)
 
     in_flight = InFlight(app)  # what a shutdown waits for
     app.config["webpush.in_flight"] = in_flight
@@ -5861,6 +6146,16 @@ def run_worker(settings: Settings) -> int:
         delivery.processes,
         "es" if delivery.processes > 1 else "",
     )
+    metrics_server = None
+    if settings.metrics_port:
+        try:
+            metrics_server = serve_worker_metrics(settings, delivery.metrics)
+        except (OSError, SettingError) as e:
+            log.error("METRICS_PORT=%d: %s", settings.metrics_port, e)
+            queue.stop(0)
+            delivery.close()
+            store.close()
+            return 2
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -5878,8 +6173,34 @@ def run_worker(settings: Settings) -> int:
     delivery.close()
     queue.stop(1)
     store.close()
+    if metrics_server is not None:
+        metrics_server.close()
     log.info("stopped")
     return 0
+
+
+def serve_worker_metrics(settings: Settings, metrics: Metrics) -> Any:
+    """A --worker's ``GET /metrics`` on HOST:METRICS_PORT, in a thread: its
+    own counters (the gauges of the store and queue are the API's)."""
+    token = settings.metrics_token or load_or_create_token(settings)[0]
+    app = bottle.Bottle()
+    app.install(JsonApiPlugin())
+
+    @app.get("/metrics", api=True)
+    def get_metrics() -> bottle.HTTPResponse:
+        return metrics_response(metrics, token)
+
+    @app.error(404)
+    def not_found(error: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        return json.dumps({"error": "only GET /metrics is served here"})
+
+    server = waitress.create_server(
+        app, host=settings.host, port=settings.metrics_port, threads=2
+    )
+    threading.Thread(target=server.run, name="metrics", daemon=True).start()
+    log.info("metrics: http://%s:%d/metrics", settings.host, settings.metrics_port)
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:

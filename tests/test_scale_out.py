@@ -749,3 +749,39 @@ def test_fcm_tokens_a_worker_without_fcm_settings_is_given_fail_visibly(
     [error] = document["errors"]
     assert "give every process the same FCM_SERVICE_ACCOUNT" in error["reason"]
     assert len(push_service.received(subscriber)) == 1
+
+
+def test_a_workers_figures_reach_prometheus_on_its_metrics_port(cluster):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(text: str) -> dict:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    port = free_port()
+    with PushService() as push_service:
+        guard = {"METRICS_TOKEN": "metrics-token-0123456789"}
+        metrics_auth = {"Authorization": f"Bearer {guard['METRICS_TOKEN']}"}
+        server = cluster.http(API_DELIVERS="false", **guard)
+        cluster.worker("w", METRICS_PORT=str(port), **guard)
+        for _ in range(5):
+            requests.post(
+                server.url + "/subscription",
+                json=push_service.subscriber().subscription,
+            )
+        done = requests.post(server.url + "/push", json={"title": "t"}, headers=WAIT)
+        assert done.json()["sent"] == 5
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert requests.get(url).status_code == 401
+        found = samples(requests.get(url, headers=metrics_auth).text)
+        service = (("channel", "webpush"), ("origin", push_service.origin))
+        assert found[("webpush_messages_total", (*service, ("result", "sent")))] == 5
+        # The API process delivered none: its own counters have none.
+        api_text = requests.get(server.url + "/metrics", headers=metrics_auth).text
+        api_found = samples(api_text)
+        sent = ("webpush_messages_total", (*service, ("result", "sent")))
+        assert sent not in api_found
+        assert api_found[("webpush_notifications", (("status", "done"),))] == 1
