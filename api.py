@@ -5365,7 +5365,7 @@ class CorsPlugin:
     name = "cors"
     api = 2
     methods = "GET, POST, DELETE, OPTIONS"
-    headers = "Content-Type, Authorization"
+    headers = "Content-Type, Authorization, Idempotency-Key, Prefer"
 
     def __init__(self, origins: str):
         self.origins = {o.strip() for o in origins.split(",") if o.strip()}
@@ -5891,14 +5891,16 @@ def create_app(
     @app.get("/admin")
     def admin() -> bottle.HTTPResponse:
         response = serve_static("admin.html")
-        response.set_header("Cache-Control", "no-cache")
+        # The page holds the push token: never in another site's frame, and
+        # its address never sent on as a Referer.
+        response.set_header("Content-Security-Policy", "frame-ancestors 'none'")
+        response.set_header("X-Frame-Options", "DENY")
+        response.set_header("Referrer-Policy", "no-referrer")
         return response
 
     @app.get("/sw.js")
     def service_worker() -> bottle.HTTPResponse:
-        response = serve_static("sw.js")
-        response.set_header("Cache-Control", "no-cache")
-        return response
+        return serve_static("sw.js")
 
     @app.get("/static/<name:path>")
     def static(name: str) -> bottle.HTTPResponse:
@@ -5934,9 +5936,13 @@ def serve_static(name: str) -> bottle.HTTPResponse:
     mimetype: str | bool = "application/javascript" if path.suffix == ".js" else True
     if path.suffix == ".webmanifest":
         mimetype = "application/manifest+json"
-    return bottle.static_file(
+    response = bottle.static_file(
         str(path.relative_to(root)), root=str(root), mimetype=mimetype
     )
+    # Revalidated (a 304 when unchanged): an upgrade never pairs a new page
+    # with an old script from the browser's cache.
+    response.set_header("Cache-Control", "no-cache")
+    return response
 
 
 ###############################################################################

@@ -934,6 +934,7 @@ def test_cors_headers_on_api_answers_errors_and_preflights(app):
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
     allowed = preflight.headers["Access-Control-Allow-Headers"]
     assert "Content-Type" in allowed and "Authorization" in allowed
+    assert "Idempotency-Key" in allowed and "Prefer" in allowed
 
 
 def test_cors_origins_lists_the_sites_allowed(app_with):
@@ -958,6 +959,23 @@ def test_demo_page_and_service_worker_are_served(app):
     assert "showNotification" in worker.text
     assert app.get("/static/main.js").content_type == "application/javascript"
     assert app.get("/static/manifest.webmanifest").json["start_url"] == "/"
+
+
+def test_the_console_is_served_at_admin_never_framed_nor_referred(app):
+    page = app.get("/admin")
+    assert page.content_type == "text/html"
+    assert '<script type="module" src="/static/admin.js">' in page.text
+    assert page.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert page.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_pages_and_static_files_are_revalidated_so_an_upgrade_takes_at_once(app):
+    for path in ("/", "/admin", "/sw.js", "/static/admin.js", "/static/style.css"):
+        response = app.get(path)
+        assert response.headers["Cache-Control"] == "no-cache", path
+        since = {"If-Modified-Since": response.headers["Last-Modified"]}
+        assert app.get(path, headers=since, status=304).body == b""
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,480 @@
+// The push console's story: sign in with the push token, compose a
+// notification while its preview draws itself, send it and watch it go out,
+// and keep the history and the subscribers in view. The API is this page's
+// own origin; the token lives in this tab's sessionStorage and nowhere else.
+
+const TOKEN_KEY = "webpush-admin-token";
+const FINISHED = new Set(["done", "cancelled", "expired", "failed"]);
+const CANCELLABLE = new Set(["scheduled", "queued", "sending"]);
+const STATUS_WORDS = {
+  scheduled: "Scheduled",
+  queued: "Queued",
+  sending: "Sending",
+  done: "Done",
+  cancelled: "Cancelled",
+  expired: "Expired",
+  failed: "Failed",
+};
+const POLL_MS = 500;
+const REFRESH_MS = 5000;
+const DEFAULT_ICON = "/static/icon.png";
+
+const $ = (id) => document.getElementById(id);
+
+// -- talking to the server -----------------------------------------------------
+
+class ApiError extends Error {
+  constructor(message, status) {
+    super(message);
+    this.status = status; // 0: the server could not be reached
+  }
+}
+
+/** One API call; its JSON answer, or an ApiError carrying the server's own words. */
+async function api(method, path, { body, token = session(), headers = {} } = {}) {
+  headers = { ...headers };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      cache: "no-store",
+      credentials: "omit",
+    });
+  } catch {
+    throw new ApiError("Could not reach the server. Check that it is running and that this device is online, then try again.", 0);
+  }
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    // not JSON: a proxy's error page, say; described below by its status
+  }
+  if (!response.ok) {
+    const said = data && typeof data.error === "string" ? data.error : `HTTP ${response.status} ${response.statusText}`.trim();
+    const error = new ApiError(said, response.status);
+    if (response.status === 401 && token && token === session()) {
+      signOut("The server no longer accepts this push token (was it changed?). Sign in again.");
+    }
+    throw error;
+  }
+  return data;
+}
+
+/** An idempotency key, so that a send whose answer was lost can be retried safely. */
+function freshKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// -- small helpers ---------------------------------------------------------------
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (name === "dataset") Object.assign(node.dataset, value);
+    else if (name in node) node[name] = value;
+    else node.setAttribute(name, value);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+function say(id, text) {
+  $(id).textContent = text || "";
+}
+
+function plural(n, one, many = `${one}s`) {
+  return `${n.toLocaleString()} ${n === 1 ? one : many}`;
+}
+
+const sameDay = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const otherDay = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" });
+const full = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
+
+function shortTime(iso) {
+  const date = new Date(iso);
+  return (date.toDateString() === new Date().toDateString() ? sameDay : otherDay).format(date);
+}
+
+function timeElement(iso) {
+  return el("time", { dateTime: iso, title: full.format(new Date(iso)) }, shortTime(iso));
+}
+
+const count = (doc, name) => (Number.isFinite(doc[name]) ? doc[name] : 0);
+
+// -- the session ------------------------------------------------------------------
+
+const timers = { refresh: 0, poll: 0 };
+let watched = null; // the id of the notification whose progress is shown
+
+function session() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const token = $("token").value.trim();
+  say("sign-in-error", "");
+  if (!token) {
+    say("sign-in-error", "Enter the push token.");
+    return $("token").focus();
+  }
+  if (!/^[\x21-\x7e]+$/.test(token)) {
+    say("sign-in-error", "That is not a push token: a token is letters, digits and punctuation, without spaces.");
+    return $("token").select();
+  }
+  $("sign-in-button").disabled = true;
+  try {
+    await api("GET", "/notifications?limit=1", { token });
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $("token").value = "";
+    enter();
+  } catch (error) {
+    const message = error.status === 401 ? `That push token is not the right one. The server said: ${error.message}` : error.message;
+    say("sign-in-error", message);
+    $("token").select();
+  } finally {
+    $("sign-in-button").disabled = false;
+  }
+}
+
+function enter() {
+  $("sign-in").hidden = true;
+  $("console").hidden = false;
+  $("sign-out").hidden = false;
+  refresh();
+  clearInterval(timers.refresh);
+  timers.refresh = setInterval(() => document.hidden || refresh(), REFRESH_MS);
+  $("title").focus();
+}
+
+function signOut(reason = "") {
+  sessionStorage.removeItem(TOKEN_KEY);
+  clearInterval(timers.refresh);
+  clearTimeout(timers.poll);
+  watched = null;
+  $("compose-form").reset();
+  drawPreview();
+  $("history-table").tBodies[0].replaceChildren();
+  $("topics").replaceChildren();
+  $("topic-list").replaceChildren();
+  for (const id of ["compose-error", "history-error", "topics-error", "progress-error", "totals"]) say(id, "");
+  lastHistory = lastTopics = "";
+  $("progress").hidden = true;
+  $("console").hidden = true;
+  $("sign-out").hidden = true;
+  $("sign-in").hidden = false;
+  say("sign-in-error", reason);
+  $("token").focus();
+}
+
+function refresh() {
+  if (!session()) return;
+  loadHistory();
+  loadAudience();
+}
+
+// -- compose and preview -----------------------------------------------------------
+
+let iconTimer = 0;
+
+function linkHost(url) {
+  try {
+    return new URL(url || "/", location.origin).host;
+  } catch {
+    return location.host;
+  }
+}
+
+function drawPreview() {
+  $("preview-title-text").textContent = $("title").value.trim() || "Notification";
+  $("preview-body").textContent = $("body").value.trim();
+  $("preview-host").textContent = linkHost($("url").value.trim());
+  // A time already past sends at once, as the server does with it.
+  const sendAt = $("send-at").value;
+  $("send").textContent = sendAt && new Date(sendAt) > new Date() ? "Schedule" : "Send now";
+  clearTimeout(iconTimer);
+  // A moment's pause, so that a half-typed address is not fetched at each key.
+  iconTimer = setTimeout(drawIcon, 300);
+}
+
+function drawIcon() {
+  const image = $("preview-icon");
+  let wanted = DEFAULT_ICON;
+  try {
+    wanted = new URL($("icon").value.trim() || DEFAULT_ICON, location.origin).href;
+  } catch {
+    // not a URL: the default icon, as a browser would show
+  }
+  if (image.src !== wanted) image.src = wanted;
+}
+
+function previewIconFailed() {
+  const fallback = new URL(DEFAULT_ICON, location.origin).href;
+  if ($("preview-icon").src !== fallback) $("preview-icon").src = fallback;
+}
+
+class InputError extends Error {}
+
+/** The POST /push body the form describes (the server judges the values). */
+function composed() {
+  const body = {};
+  for (const name of ["title", "body", "url", "icon", "topic", "urgency"]) {
+    const value = $(name).value.trim();
+    if (value) body[name] = value;
+  }
+  const ttl = $("ttl");
+  if (ttl.validity.badInput) throw new InputError("“Time to live” must be a whole number of seconds.");
+  if (ttl.value !== "") body.ttl = Number(ttl.value);
+  const sendAt = $("send-at");
+  if (sendAt.validity.badInput) throw new InputError("“Send at” is incomplete: give a date and a time, or clear it to send now.");
+  if (sendAt.value) {
+    const when = new Date(sendAt.value); // a datetime-local value is this device's local time
+    if (Number.isNaN(when.getTime())) throw new InputError("“Send at” is not a date and time this browser understands.");
+    body.send_at = when.toISOString();
+  }
+  return body;
+}
+
+let pending = { body: "", key: freshKey() }; // kept while a send may be retried
+
+async function send(event) {
+  event.preventDefault();
+  say("compose-error", "");
+  let body;
+  try {
+    body = composed();
+  } catch (error) {
+    return say("compose-error", error.message);
+  }
+  const text = JSON.stringify(body);
+  if (text !== pending.body) pending = { body: text, key: freshKey() };
+  const button = $("send");
+  button.disabled = true;
+  try {
+    const answer = await api("POST", "/push", { body, headers: { "Idempotency-Key": pending.key } });
+    pending = { body: "", key: freshKey() }; // done: the same form again is a new notification
+    watch(answer);
+    loadHistory();
+  } catch (error) {
+    if (error.status === 0) {
+      say("compose-error", "Could not reach the server. Check that it is running and that this device is online, then send again: the same notification will not go out twice.");
+    } else {
+      if (error.status < 500) pending = { body: "", key: freshKey() }; // refused: nothing to retry
+      say("compose-error", error.message);
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// -- progress ---------------------------------------------------------------------
+
+function watch(answer) {
+  clearTimeout(timers.poll);
+  watched = answer.id;
+  $("progress").hidden = false;
+  $("progress").classList.remove("done");
+  $("progress-bar").value = 0;
+  say("progress-error", "");
+  say("progress-text", answer.status === "scheduled" ? "Scheduled…" : `Queued for ${plural(count(answer, "subscriptions"), "subscriber")}…`);
+  poll(answer.id);
+}
+
+async function poll(id) {
+  let doc;
+  try {
+    doc = await api("GET", `/notifications/${encodeURIComponent(id)}`);
+  } catch (error) {
+    if (watched !== id) return;
+    say("progress-error", `Could not read its progress: ${error.message}`);
+    if (error.status === 0 || error.status >= 500) timers.poll = setTimeout(() => poll(id), POLL_MS * 4);
+    return;
+  }
+  if (watched !== id) return;
+  say("progress-error", "");
+  drawProgress(doc);
+  if (FINISHED.has(doc.status) || doc.status === "scheduled") {
+    refresh(); // its row, and the subscribers it found gone
+    return; // a scheduled one is followed in the history, where it can be cancelled
+  }
+  timers.poll = setTimeout(() => poll(id), POLL_MS);
+}
+
+function drawProgress(doc) {
+  const total = count(doc, "total");
+  const settled = count(doc, "sent") + count(doc, "failed") + count(doc, "removed");
+  const finished = FINISHED.has(doc.status);
+  const fraction = total ? Math.min(1, settled / total) : finished ? 1 : 0;
+  const bar = $("progress-bar");
+  bar.value = fraction;
+  bar.setAttribute("aria-valuetext", `${Math.round(fraction * 100)}%`);
+  $("progress").classList.toggle("done", doc.status === "done");
+  const sent = count(doc, "sent");
+  const others = `${count(doc, "failed")} failed, ${count(doc, "removed")} removed as gone`;
+  const audience = doc.topic ? `subscribers of “${doc.topic}”` : "subscribers";
+  let text;
+  if (doc.status === "scheduled") {
+    text = `Scheduled for ${full.format(new Date(doc.send_at))}, to ${plural(total, "subscriber")} as of now. Cancel it in the history below.`;
+  } else if (doc.status === "queued") {
+    text = `Queued for ${plural(total, "subscriber")}…`;
+  } else if (doc.status === "sending") {
+    text = `Sending: ${settled.toLocaleString()} of ${total.toLocaleString()} handled (${sent.toLocaleString()} sent, ${others}).`;
+  } else if (doc.status === "done") {
+    text = total ? `Done: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : `Done: there are no ${audience}, so nothing was sent.`;
+  } else if (doc.status === "cancelled") {
+    text = doc.started ? `Cancelled while sending: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : "Cancelled: it was never sent.";
+  } else if (doc.status === "expired") {
+    text = "Expired: its time to live passed before it could be sent.";
+  } else {
+    text = `${STATUS_WORDS[doc.status] || doc.status}: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.`;
+  }
+  const cause = doc.errors?.[0];
+  if (cause) text += ` Commonest failure: ${describeError(cause)}.`;
+  say("progress-text", text);
+}
+
+function describeError(cause) {
+  const status = cause.status ? ` (${cause.status})` : "";
+  const origin = cause.origin ? ` from ${cause.origin}` : "";
+  return `${cause.reason || "refused"}${status}${origin}, ${plural(cause.count || 0, "time")}`;
+}
+
+// -- history ----------------------------------------------------------------------
+
+let lastHistory = "";
+let historyTurn = 0; // only the latest answer is drawn, however they arrive
+
+async function loadHistory() {
+  const turn = ++historyTurn;
+  try {
+    const { notifications } = await api("GET", "/notifications?limit=50");
+    if (turn !== historyTurn) return;
+    say("history-error", "");
+    drawHistory(notifications || []);
+  } catch (error) {
+    if (turn === historyTurn && session()) say("history-error", `Could not load the history: ${error.message}`);
+  }
+}
+
+function drawHistory(docs) {
+  const text = JSON.stringify(docs);
+  if (text === lastHistory) return; // unchanged: keep the rows, and the focus in them
+  lastHistory = text;
+  const focused = document.activeElement?.dataset?.cancel;
+  const rows = docs.map(historyRow);
+  $("history-table").tBodies[0].replaceChildren(...rows);
+  $("history-empty").hidden = docs.length > 0;
+  $("history-table").hidden = docs.length === 0;
+  if (focused) document.querySelector(`[data-cancel="${CSS.escape(focused)}"]`)?.focus();
+}
+
+function historyRow(doc) {
+  const delivered = count(doc, "delivered");
+  const clicked = count(doc, "clicked");
+  const rate = delivered ? `${Math.round((clicked / delivered) * 100)}%` : "—";
+  const scheduled = doc.status === "scheduled" && doc.send_at;
+  const when = scheduled ? ["due ", timeElement(doc.send_at)] : [timeElement(doc.started || doc.created)];
+  const cause = doc.errors?.[0] ? el("span", { className: "cause" }, describeError(doc.errors[0])) : null;
+  const cell = (props, ...content) => el("td", { role: "cell", ...props }, ...content);
+  const number = (label, value) => cell({ className: "num", dataset: { label } }, value.toLocaleString());
+  const cancel = CANCELLABLE.has(doc.status)
+    ? el("button", { type: "button", className: "quiet", dataset: { cancel: doc.id }, "aria-label": `Cancel “${doc.title || doc.id}”` }, "Cancel")
+    : null;
+  return el(
+    "tr",
+    { role: "row", dataset: { id: doc.id, status: doc.status } },
+    cell({ className: "status-cell", dataset: { label: "Status" } }, el("span", { className: `status ${doc.status}` }, STATUS_WORDS[doc.status] || doc.status)),
+    cell({ className: "title", dataset: { label: "Title" } }, doc.title || "(no title)", cause),
+    cell({ className: "topic", dataset: { label: "Topic" } }, doc.topic ? doc.topic : el("span", { className: "topic-none" }, "everyone")),
+    cell({ className: "when", dataset: { label: "Time" } }, ...when),
+    number("Sent", count(doc, "sent")),
+    number("Failed", count(doc, "failed")),
+    number("Removed", count(doc, "removed")),
+    number("Delivered", delivered),
+    number("Clicked", clicked),
+    cell({ className: "num", dataset: { label: "Click rate" } }, rate),
+    cell({ className: "actions" }, cancel),
+  );
+}
+
+async function cancel(button) {
+  const id = button.dataset.cancel;
+  button.disabled = true;
+  say("history-error", "");
+  try {
+    await api("DELETE", `/notifications/${encodeURIComponent(id)}`);
+    if (watched === id) {
+      clearTimeout(timers.poll);
+      poll(id);
+    }
+  } catch (error) {
+    button.disabled = false;
+    say("history-error", `Could not cancel it: ${error.message}`);
+  }
+  loadHistory();
+}
+
+// -- the audience -----------------------------------------------------------------
+
+let lastTopics = "";
+let audienceTurn = 0;
+
+async function loadAudience() {
+  const turn = ++audienceTurn;
+  const [health, topics] = await Promise.allSettled([api("GET", "/health", { token: null }), api("GET", "/topics")]);
+  if (turn !== audienceTurn || !session()) return;
+  if (health.status === "fulfilled") {
+    const { subscriptions = 0, fcm_tokens = 0, version } = health.value;
+    say("totals", `${plural(subscriptions, "browser")}, ${plural(fcm_tokens, "app")}${version ? ` · server ${version}` : ""}`);
+  } else {
+    say("totals", health.reason.status === 0 ? "Server out of reach" : "");
+  }
+  if (topics.status === "fulfilled") {
+    say("topics-error", "");
+    const list = Array.isArray(topics.value) ? topics.value : topics.value?.topics || [];
+    drawTopics(list, health.status === "fulfilled" ? health.value : null);
+  } else if (session()) {
+    say("topics-error", `Could not load the topics: ${topics.reason.message}`);
+  }
+}
+
+function drawTopics(topics, health) {
+  const everyone = health ? count(health, "subscriptions") + count(health, "fcm_tokens") : null;
+  const text = JSON.stringify([topics, everyone]);
+  if (text === lastTopics) return;
+  lastTopics = text;
+  const chip = (name, n, className = "") =>
+    el("li", { className, dataset: { topic: name } }, el("span", { className: "chip-name" }, name), " ", el("span", { className: "chip-count" }, n.toLocaleString(), el("span", { className: "visually-hidden" }, n === 1 ? " subscriber" : " subscribers")));
+  const chips = topics.map((t) => chip(t.topic, count(t, "subscriptions")));
+  if (everyone !== null) chips.unshift(chip("Everyone", everyone, "everyone"));
+  $("topics").replaceChildren(...chips);
+  $("topics-empty").hidden = topics.length > 0;
+  $("topic-list").replaceChildren(...topics.map((t) => el("option", { value: t.topic }, plural(count(t, "subscriptions"), "subscriber"))));
+}
+
+// -- wiring -----------------------------------------------------------------------
+
+function main() {
+  $("sign-in-form").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", () => signOut());
+  $("compose-form").addEventListener("submit", send);
+  $("compose-form").addEventListener("input", drawPreview);
+  $("preview-icon").addEventListener("error", previewIconFailed);
+  $("refresh").addEventListener("click", refresh);
+  $("history-table").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-cancel]");
+    if (button) cancel(button);
+  });
+  document.addEventListener("visibilitychange", () => document.hidden || refresh());
+  drawPreview();
+  if (session()) enter();
+  else $("token").focus();
+}
+
+main();

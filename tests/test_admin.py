@@ -1,0 +1,504 @@
+"""The admin console (static/admin.*) in a real Chromium, driven by Playwright.
+
+Nothing is replaced: the console at ``/admin`` talks to a real server process
+with the push token, the server encrypts and sends to the push-service stand-in
+(tests/push_service.py), which checks VAPID and decrypts every message, and the
+tests read what the console shows and what the server and the stand-in hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import requests
+
+from test_api import AUTH, TOKEN, Server
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+STATIC = Path(__file__).resolve().parent.parent / "static"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+# No daylight saving and a half-hour offset: a conversion that forgets the
+# offset, or half of it, is caught.
+TIMEZONE = "Asia/Kolkata"
+OFFSET = timezone(timedelta(hours=5, minutes=30))
+TOKEN_KEY = "webpush-admin-token"
+
+if not shutil.which(CHROMIUM):
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{CHROMIUM} is missing: CI must install Debian's chromium")
+    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
+
+from playwright.sync_api import expect, sync_playwright
+
+# Every element's right edge, against the viewport's width.
+OVERFLOWING = """() => {
+  const width = document.documentElement.clientWidth;
+  return [...document.querySelectorAll("body *")]
+    .filter((e) => e.getBoundingClientRect().right > width + 0.5)
+    .map((e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") + "." + e.className);
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path, PUSH_PROCESSES="1").start()
+    yield server
+    server.stop()
+
+
+class Console:
+    """The console in a fresh browser context, with its errors and requests watched."""
+
+    def __init__(self, browser, server: Server, viewport: dict = DESKTOP, **options):
+        self.server = server
+        self.context = browser.new_context(
+            viewport=viewport, timezone_id=TIMEZONE, locale="en-GB", **options
+        )
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.urls: list[str] = []
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.urls.append(r.url))
+        self.page.goto(server.url + "/admin")
+
+    def _console(self, message) -> None:
+        # Chromium logs every 4xx and refused connection; the page shows them itself.
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            self.errors.append(message.text)
+
+    def sign_in(self, token: str = TOKEN) -> None:
+        self.page.fill("#token", token)
+        self.page.click("#sign-in-button")
+        if token == TOKEN:
+            expect(self.page.locator("#console")).to_be_visible()
+
+    def compose(self, **fields: str) -> None:
+        """Fill in a fresh form: ``title="..."``, ``send_at="2030-01-01T09:00"``..."""
+        self.page.eval_on_selector("#compose-form", "form => form.reset()")
+        for name, value in fields.items():
+            field = "#" + name.replace("_", "-")
+            if name == "urgency":
+                self.page.select_option(field, value)
+            else:
+                self.page.fill(field, value)
+
+    def send(self) -> dict:
+        """Press Send (or Schedule): the server's answer to the POST /push."""
+        with self.page.expect_response(
+            lambda r: r.url.endswith("/push") and r.request.method == "POST"
+        ) as answer:
+            self.page.click("#send")
+        return {"code": answer.value.status, **answer.value.json()}
+
+    def row(self, notification_id: str):
+        return self.page.locator(f'#history-table tr[data-id="{notification_id}"]')
+
+    def cell(self, notification_id: str, label: str) -> str:
+        return (
+            self.row(notification_id).locator(f'td[data-label="{label}"]').inner_text()
+        )
+
+    def storage(self) -> dict:
+        return self.page.evaluate(
+            "() => ({ session: {...sessionStorage}, local: {...localStorage}, "
+            "cookies: document.cookie })"
+        )
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def console(browser, server):
+    console = Console(browser, server)
+    yield console
+    console.close()
+    assert console.errors == []
+
+
+def store(server: Server, subscriber, topics: list[str] = ()) -> None:
+    body = {**subscriber.subscription, "topics": list(topics)}
+    response = requests.post(server.url + "/subscription", json=body)
+    assert response.status_code == 201, response.text
+
+
+def subscribe(server: Server, push_service, *topics: list[str]) -> list:
+    """One subscriber on the stand-in per list of topics, stored on the server."""
+    subscribers = [push_service.subscriber() for _ in topics]
+    for subscriber, names in zip(subscribers, topics):
+        store(server, subscriber, names)
+    return subscribers
+
+
+def notification(server: Server, notification_id: str) -> dict:
+    response = requests.get(
+        f"{server.url}/notifications/{notification_id}", headers=AUTH
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def report(server: Server, delivery, event: str) -> None:
+    """What a subscriber's service worker posts, with its message's receipt."""
+    message = delivery.message
+    response = requests.post(
+        f"{server.url}/notifications/{message['id']}/events",
+        json={"event": event, "receipt": message["receipt"]},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_a_wrong_token_shows_the_servers_error_and_stays_signed_out(console, server):
+    said = requests.get(
+        server.url + "/notifications?limit=1", headers={"Authorization": "Bearer nope"}
+    ).json()["error"]
+    assert console.page.get_attribute("#token", "type") == "password"
+    console.sign_in("nope")
+    alert = console.page.locator("#sign-in-error")
+    expect(alert).to_contain_text(said)
+    assert alert.get_attribute("role") == "alert"
+    assert console.page.is_hidden("#console") and console.page.is_hidden("#sign-out")
+    assert console.storage()["session"] == {}
+
+
+def test_the_right_token_signs_in_and_is_kept_in_session_storage_only(console):
+    console.sign_in()
+    assert console.storage() == {
+        "session": {TOKEN_KEY: TOKEN},
+        "local": {},
+        "cookies": "",
+    }
+    console.page.reload()  # the same tab keeps it...
+    expect(console.page.locator("#console")).to_be_visible()
+    other_tab = console.context.new_page()  # ...and no other one has it
+    other_tab.goto(console.server.url + "/admin")
+    expect(other_tab.locator("#sign-in")).to_be_visible()
+    other_tab.close()
+    console.page.click("#sign-out")
+    expect(console.page.locator("#sign-in")).to_be_visible()
+    assert console.page.is_hidden("#console")
+    assert console.storage()["session"] == {}
+    console.page.reload()
+    expect(console.page.locator("#sign-in")).to_be_visible()
+    assert all(TOKEN not in url for url in [*console.urls, console.page.url])
+
+
+def test_compose_draws_a_live_preview(console, server):
+    console.sign_in()
+    page = console.page
+    title, body, host = (
+        page.locator("#preview-title-text"),
+        page.locator("#preview-body"),
+        page.locator("#preview-host"),
+    )
+    expect(title).to_have_text("Notification")  # what the server sends without one
+    page.locator("#title").press_sequentially("Deploy")
+    expect(title).to_have_text("Deploy")
+    page.locator("#title").press_sequentially(" done")
+    expect(title).to_have_text("Deploy done")
+    page.fill("#body", "v2 is live")
+    expect(body).to_have_text("v2 is live")
+    expect(host).to_have_text(server.url.removeprefix("http://"))
+    page.fill("#url", "https://example.org/changelog")
+    expect(host).to_have_text("example.org")
+    icon = page.locator("#preview-icon")
+    expect(icon).to_have_attribute("src", "/static/icon.png")
+    page.fill("#icon", "/static/badge.png")
+    expect(icon).to_have_attribute("src", server.url + "/static/badge.png")
+    page.fill("#icon", "/static/no-such-icon.png")  # a broken icon: the default one
+    expect(icon).to_have_attribute("src", server.url + "/static/icon.png")
+    expect(page.locator("#send")).to_have_text("Send now")
+    page.fill("#send-at", "2030-01-01T09:00")
+    expect(page.locator("#send")).to_have_text("Schedule")
+
+
+def test_a_scheduled_notification_is_cancelled_from_the_history(
+    console, server, push_service
+):
+    subscribe(server, push_service, [])
+    console.sign_in()
+    later = (datetime.now(OFFSET) + timedelta(hours=1)).replace(second=0, microsecond=0)
+    console.compose(
+        title="Maintenance tonight", send_at=later.strftime("%Y-%m-%dT%H:%M")
+    )
+    answer = console.send()
+    assert (answer["code"], answer["status"]) == (202, "scheduled")
+    stored = notification(server, answer["id"])
+    # The browser's local time, with its offset, is the instant the server keeps.
+    sent_at = datetime.fromisoformat(stored["send_at"].replace("Z", "+00:00"))
+    assert sent_at == later.astimezone(timezone.utc)
+    row = console.row(answer["id"])
+    expect(row).to_have_attribute("data-status", "scheduled")
+    expect(row.locator(".status")).to_have_text("Scheduled")
+    row.get_by_role("button", name="Cancel “Maintenance tonight”").click()
+    expect(row).to_have_attribute("data-status", "cancelled")
+    expect(row.locator(".status")).to_have_text("Cancelled")
+    assert row.get_by_role("button").count() == 0
+    assert notification(server, answer["id"])["status"] == "cancelled"
+    expect(console.page.locator("#progress-text")).to_contain_text("Cancelled")
+    assert push_service.received() == []
+
+
+def test_a_send_reaches_every_subscriber_and_its_progress_fills_to_done(
+    console, server, push_service
+):
+    # One push service asks for a retry in 2 s: the console must keep watching.
+    slow = push_service.subscriber([(503, {"Retry-After": "2"})])
+    store(server, slow)
+    subscribers = [slow, *subscribe(server, push_service, [], [])]
+    console.sign_in()
+    console.compose(
+        title="Deploy done",
+        body="v2 is live",
+        url="/changelog",
+        urgency="high",
+        ttl="600",
+    )
+    answer = console.send()
+    assert (answer["code"], answer["subscriptions"]) == (202, 3)
+    progress = console.page.locator("#progress-text")
+    expect(progress).to_contain_text("Sending: 0 of 3")
+    expect(progress).to_contain_text("Done: 3 of 3 sent, 0 failed, 0 removed")
+    assert console.page.eval_on_selector("#progress-bar", "bar => bar.value") == 1
+    deliveries = [d for d in push_service.wait_for(4) if d.status == 201]
+    assert sorted(d.subscriber for d in deliveries) == sorted(s.id for s in subscribers)
+    for delivery in deliveries:
+        assert delivery.error is None
+        assert delivery.message["title"] == "Deploy done"
+        assert (delivery.message["body"], delivery.message["url"]) == (
+            "v2 is live",
+            "/changelog",
+        )
+        assert (delivery.headers["urgency"], delivery.headers["ttl"]) == ("high", "600")
+    row = console.row(answer["id"])
+    expect(row).to_have_attribute("data-status", "done")
+    assert console.cell(answer["id"], "Sent") == "3"
+    assert console.cell(answer["id"], "Failed") == "0"
+    assert console.cell(answer["id"], "Click rate") == "—"  # nothing delivered yet
+    # What the subscribers' service workers report, with the receipts they got.
+    for delivery, events in zip(deliveries, [["delivered", "clicked"], ["delivered"]]):
+        for event in events:
+            report(server, delivery, event)
+    console.page.click("#refresh")
+    expect(row.locator('td[data-label="Delivered"]')).to_have_text("2")
+    assert console.cell(answer["id"], "Clicked") == "1"
+    assert console.cell(answer["id"], "Click rate") == "50%"
+
+
+def test_a_send_to_nobody_is_done_at_once_saying_there_are_no_subscribers(console):
+    console.sign_in()
+    console.compose(title="Anyone there?")
+    assert console.send()["subscriptions"] == 0
+    expect(console.page.locator("#progress-text")).to_contain_text("no subscribers")
+    assert console.page.eval_on_selector("#progress-bar", "bar => bar.value") == 1
+
+
+def test_the_audience_shows_subscribers_per_topic_and_a_topic_send_reaches_only_them(
+    console, server, push_service
+):
+    _, both, _ = subscribe(server, push_service, ["news"], ["news", "alerts"], [])
+    console.sign_in()
+    chips = console.page.locator("#topics li")
+    expect(chips).to_have_count(3)
+    assert chips.all_text_contents() == [
+        "Everyone 3 subscribers",
+        "alerts 1 subscriber",
+        "news 2 subscribers",
+    ]
+    offered = console.page.eval_on_selector_all(
+        "#topic-list option", "options => options.map((o) => o.value)"
+    )
+    assert offered == ["alerts", "news"]
+    console.compose(title="Storm warning", topic="alerts")
+    answer = console.send()
+    expect(console.page.locator("#progress-text")).to_contain_text("Done: 1 of 1 sent")
+    assert [d.subscriber for d in push_service.wait_for(1)] == [both.id]
+    assert console.cell(answer["id"], "Topic") == "alerts"
+
+
+def test_the_history_refreshes_itself_every_few_seconds(console, server):
+    console.page.clock.install()
+    console.page.reload()
+    console.sign_in()
+    expect(console.page.locator("#history-empty")).to_be_visible()
+    elsewhere = requests.post(
+        server.url + "/push", json={"title": "From a script"}, headers=AUTH
+    ).json()
+    console.page.clock.run_for(5_500)
+    expect(console.row(elsewhere["id"])).to_be_visible()
+    assert console.cell(elsewhere["id"], "Title") == "From a script"
+
+
+def test_a_server_without_topics_says_so_and_the_rest_still_works(console, server):
+    """A server from before GET /topics: that card says why it is empty."""
+    missing = {"error": "no such route; see README for the API"}
+    console.page.route(
+        "**/topics",
+        lambda route: route.fulfill(status=404, json=missing),
+    )
+    console.sign_in()
+    expect(console.page.locator("#topics-error")).to_contain_text(missing["error"])
+    console.compose(title="Still works")
+    console.send()
+    expect(console.page.locator("#history-table tbody tr")).to_have_count(1)
+
+
+# What the console sends for each: the same bytes, so the same answer.
+REFUSED = {
+    "a body over the server's limit": {"title": "Big", "body": "x" * 40000},
+    "a notification over a push message's size": {"title": "Long", "body": "x" * 4000},
+    "a TTL over 28 days": {"title": "Ttl", "ttl": 3000000},
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_send_shows_the_servers_error_in_words(
+    console, server, push_service, case
+):
+    subscribe(server, push_service, [])
+    body = REFUSED[case]
+    said = requests.post(
+        server.url + "/push",
+        data=json.dumps(body, separators=(",", ":")),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert said.status_code in (400, 413)
+    console.sign_in()
+    console.compose(**{name: str(value) for name, value in body.items()})
+    assert console.send()["code"] == said.status_code
+    alert = console.page.get_by_role("alert").filter(has_text=said.json()["error"])
+    expect(alert).to_be_visible()
+    assert alert.get_attribute("id") == "compose-error"
+    expect(console.page.locator("#history-empty")).to_be_visible()
+    assert push_service.received() == []
+
+
+def test_a_server_out_of_reach_is_explained_in_a_sentence(console, server):
+    console.sign_in()
+    expect(console.page.locator("#history-empty")).to_be_visible()
+    server.stop()
+    console.compose(title="Into the void")
+    console.page.click("#send")
+    expect(console.page.locator("#compose-error")).to_contain_text(
+        "Could not reach the server"
+    )
+    console.page.click("#refresh")
+    expect(console.page.locator("#history-error")).to_contain_text(
+        "Could not reach the server"
+    )
+    expect(console.page.locator("#topics-error")).to_contain_text(
+        "Could not reach the server"
+    )
+
+
+def send_some(console: Console, server: Server, push_service) -> None:
+    """A history to look at: one scheduled for tomorrow, then two sent."""
+    subscribe(server, push_service, ["news"], ["news", "alerts"], [])
+    tomorrow = datetime.now(OFFSET) + timedelta(days=1)
+    console.compose(
+        title="Weekly digest",
+        body="The five stories you missed this week.",
+        topic="news",
+        send_at=tomorrow.strftime("%Y-%m-%dT09:00"),
+    )
+    console.send()
+    console.compose(
+        title="Storm warning", body="Expect gusts after 6 pm.", topic="alerts"
+    )
+    console.send()
+    expect(console.page.locator("#progress-text")).to_contain_text("Done: 1 of 1 sent")
+    console.compose(
+        title="Deploy done",
+        body="Version 2 is live: faster pages and a new dashboard.",
+        url="https://example.org/changelog",
+    )
+    console.send()
+    expect(console.page.locator("#progress-text")).to_contain_text("Done: 3 of 3 sent")
+    # Every message arrives; two of the three deploy notes are clicked.
+    for n, delivery in enumerate(push_service.wait_for(4)):
+        events = ["delivered", "clicked"] if n in (1, 2) else ["delivered"]
+        for event in events:
+            report(server, delivery, event)
+    console.page.click("#refresh")
+    expect(console.page.locator("#history-table tbody tr")).to_have_count(3)
+    expect(console.page.get_by_text("67%")).to_be_visible()
+
+
+def test_nothing_overflows_sideways_from_a_phone_to_a_desktop(
+    browser, server, push_service
+):
+    console = Console(browser, server, PHONE)
+    page = console.page
+    assert page.evaluate(OVERFLOWING) == []
+    console.sign_in()
+    send_some(console, server, push_service)
+    assert page.evaluate(OVERFLOWING) == []
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    # One column: every card starts at the same left edge.
+    cards = ["#preview-card", "#compose", "#progress", "#audience", "#history"]
+    lefts = {round(page.locator(card).bounding_box()["x"]) for card in cards}
+    assert len(lefts) == 1
+    for width in (768, 1024, 1101, 1280):  # a tablet, laptops; the history a table
+        page.set_viewport_size({"width": width, "height": 800})
+        assert page.evaluate(OVERFLOWING) == [], width
+    console.close()
+    assert console.errors == []
+
+
+def test_the_console_follows_a_dark_system_theme(browser, server):
+    console = Console(browser, server, color_scheme="dark")
+    background = console.page.evaluate(
+        "getComputedStyle(document.body).backgroundColor"
+    )
+    red, green, blue = (int(v) for v in background[4:-1].split(","))
+    assert max(red, green, blue) < 60, background
+    console.close()
+
+
+def test_screenshots_show_the_console_after_a_send(
+    browser, server, push_service, tmp_path
+):
+    """UPDATE_SCREENSHOT=1 refreshes the pictures in static/."""
+    update = os.environ.get("UPDATE_SCREENSHOT")
+    desktop = Console(browser, server, DESKTOP)
+    desktop.sign_in()
+    send_some(desktop, server, push_service)
+    phone = Console(browser, server, PHONE)
+    phone.sign_in()
+    phone.compose(title="Back online", body="The service is up again.")
+    phone.send()
+    expect(phone.page.locator("#progress-text")).to_contain_text("Done: 3 of 3 sent")
+    expect(phone.page.locator("#history-table tbody tr")).to_have_count(4)
+    phone.page.evaluate(
+        "scrollTo(0, document.querySelector('#progress').offsetTop - 12)"
+    )
+    desktop.page.click("#refresh")
+    expect(desktop.page.locator("#history-table tbody tr")).to_have_count(4)
+    for name, console in [("desktop", desktop), ("phone", phone)]:
+        path = STATIC / f"admin-{name}.png" if update else tmp_path / f"{name}.png"
+        console.page.screenshot(path=str(path))
+        assert path.stat().st_size > 10_000
+        console.close()
+        assert console.errors == []
