@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_api import AUTH, Server, server_pushed
+from test_api import AUTH, TOKEN, Server, server_pushed
 from tests.push_service import PushService
 
 CHROMIUM = "/usr/bin/chromium"
@@ -348,7 +348,7 @@ DISPATCH = """async (type) => {
 }"""
 
 
-def test_the_service_worker_reports_delivered_clicked_and_closed_once_each(
+def test_the_service_worker_reports_delivered_clicked_and_closed_once_each_and_the_console_shows_them(
     demo, server, push_service
 ):
     demo.click("#enable", "Push is enabled")
@@ -371,3 +371,13 @@ def test_the_service_worker_reports_delivered_clicked_and_closed_once_each(
     assert _receipts_of(server, answer["id"], closed) == closed
     time.sleep(0.5)  # a second delivered receipt would have landed by now
     assert _receipts_of(server, answer["id"], closed) == closed
+    # And the console's history shows them, with the click rate.
+    console = demo.context.new_page()
+    console.goto(server.url + "/admin")
+    console.fill("#token", TOKEN)
+    console.click("#sign-in-button")
+    row = console.locator(f'#history-table tr[data-id="{answer["id"]}"]')
+    for label, shown in (("Delivered", "1"), ("Clicked", "1"), ("Click rate", "100%")):
+        cell = row.locator(f'td[data-label="{label}"]')
+        cell.wait_for()
+        assert cell.inner_text() == shown, label
