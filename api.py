@@ -51,6 +51,7 @@ import secrets
 import selectors
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -71,8 +72,9 @@ import waitress
 import waitress.channel
 import waitress.server
 import waitress.task
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from py_vapid import Vapid, VapidException
 
 __version__ = "0.1.0"
@@ -328,7 +330,7 @@ class Settings:
         "",
         "RECEIPT_KEY",
         "secret that signs the receipts in each message (at least 16 characters); "
-        "when unset, one is generated into VAPID_DIR/receipt_key",
+        "when unset, one derived from the VAPID private key",
         cli=False,
         check=lambda v: "must be at least 16 characters" if 0 < len(v) < 16 else None,
     )
@@ -436,7 +438,6 @@ def _convert(f: dataclasses.Field, raw: str) -> Any:
 PRIVATE_PEM = "private_key.pem"
 PUBLIC_TXT = "public_key.txt"
 PUSH_TOKEN_FILE = "push_token"
-RECEIPT_KEY_FILE = "receipt_key"
 # Files made "the blog's way" with openssl, accepted as they are.
 OPENSSL_PEM = "vapid_private.pem"
 OPENSSL_PRIVATE_TXT = "private_key.txt"
@@ -508,6 +509,7 @@ class VapidKeys:
         )
         self._headers: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
+        self._secret = private_key.private_numbers().private_value.to_bytes(32, "big")
         try:  # py_vapid's rule for the subject, checked now rather than at every push
             self.authorization("https://fcm.googleapis.com")
         except VapidException:
@@ -553,6 +555,12 @@ class VapidKeys:
         (directory / PUBLIC_TXT).write_text(keys.public_key + "\n")
         log.info("generated a new VAPID key pair in %s", directory)
         return keys
+
+    def derived_key(self, purpose: bytes) -> bytes:
+        """A 32-byte key for ``purpose``, derived from the private key (HKDF):
+        the same in every process with this key, and telling nothing of it."""
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose)
+        return hkdf.derive(self._secret)
 
     def private_pem(self) -> bytes:
         """The private key as PEM, for delivery processes; never log it."""
@@ -662,12 +670,12 @@ def load_or_create_token(settings: Settings) -> tuple[str, bool]:
     )
 
 
-def load_or_create_receipt_key(settings: Settings) -> bytes:
-    """The key that signs receipts (RECEIPT_KEY or VAPID_DIR/receipt_key)."""
-    key, _ = _load_or_create_secret(
-        settings.receipt_key, Path(settings.vapid_dir) / RECEIPT_KEY_FILE
-    )
-    return key.encode()
+def receipt_key_of(settings: Settings, keys: VapidKeys) -> bytes:
+    """The key that signs receipts: RECEIPT_KEY, or else one derived from the
+    VAPID private key (HKDF-SHA256), which every process shares already."""
+    if settings.receipt_key:
+        return settings.receipt_key.encode()
+    return keys.derived_key(b"webpush receipt key")
 
 
 ###############################################################################
@@ -1079,6 +1087,7 @@ class SubscriptionStore(JsonLinesStore):
     def __init__(self, path: str | Path):
         self._index: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._kinds: collections.Counter[str] = collections.Counter()
+        self._topics: collections.Counter[str] = collections.Counter()
         self._origins: dict[str, str] = {}  # one string per origin, shared
         super().__init__(path)
 
@@ -1097,11 +1106,8 @@ class SubscriptionStore(JsonLinesStore):
 
     def topics(self) -> dict[str, int]:
         """How many records (of either kind) each topic has."""
-        counts: collections.Counter[str] = collections.Counter()
         with self._mutex:
-            for _, topics in self._index.values():
-                counts.update(topics)
-        return dict(counts)
+            return {topic: n for topic, n in self._topics.items() if n > 0}
 
     def list(self, topic: str | None = None) -> list[dict]:
         """The records, all or those subscribed to ``topic``."""
@@ -1128,14 +1134,17 @@ class SubscriptionStore(JsonLinesStore):
         kind = record.get("kind", "webpush")
         origin = "fcm" if kind == "fcm" else endpoint_origin(record.get("endpoint", ""))
         origin = self._origins.setdefault(origin, origin)
-        self._index[record_id] = (origin, tuple(record.get("topics") or ()))
+        topics = tuple(dict.fromkeys(record.get("topics") or ()))
+        self._index[record_id] = (origin, topics)
         self._kinds[kind] += 1
+        self._topics.update(topics)
 
     def _drop(self, record_id: str) -> None:
         super()._drop(record_id)
         entry = self._index.pop(record_id, None)
         if entry is not None:
             self._kinds["fcm" if entry[0] == "fcm" else "webpush"] -= 1
+            self._topics.subtract(entry[1])
 
 
 def endpoint_origin(endpoint: str) -> str:
@@ -1319,9 +1328,6 @@ local function unindex(id)
   if type(record['topics']) == 'table' then
     for _, topic in ipairs(record['topics']) do
       redis.call('ZREM', p .. 'tx:' .. kind .. ':' .. topic, id)
-      if redis.call('HINCRBY', p .. 'topics', topic, -1) <= 0 then
-        redis.call('HDEL', p .. 'topics', topic)
-      end
     end
   end
   redis.call('HINCRBY', counts, kind, -1)
@@ -1337,7 +1343,6 @@ for n = 1, tonumber(ARGV[2]) do
   redis.call('ZADD', p .. 'ix:' .. kind, score, id)
   for t = 1, topics do
     redis.call('ZADD', p .. 'tx:' .. kind .. ':' .. ARGV[i + 3 + t], score, id)
-    redis.call('HINCRBY', p .. 'topics', ARGV[i + 3 + t], 1)
   end
   redis.call('HINCRBY', counts, kind, 1)
   i = i + 4 + topics
@@ -1359,8 +1364,7 @@ class RedisSubscriptionStore:
     the interface and semantics of SubscriptionStore, nothing held in memory.
 
     Keys, after REDIS_PREFIX: ``subs`` (hash: id -> the record as a JSON
-    line), ``count`` (hash: kind -> how many), ``topics`` (hash: topic -> how
-    many of either kind), and the indexes a fan-out is
+    line), ``count`` (hash: kind -> how many), and the indexes a fan-out is
     planned from, page by page: ``ix:<kind>`` and ``tx:<kind>:<topic>``
     (sorted sets of ids, scored in the order they first subscribed, from the
     ``seq`` counter). A write is one Lua script: a record and its indexes
@@ -1440,10 +1444,20 @@ class RedisSubscriptionStore:
             return self.redis.zcard(self.index_key(kind, topic))
 
     def topics(self) -> dict[str, int]:
-        """How many records (of either kind) each topic has."""
+        """How many records (of either kind) each topic has: the sizes of the
+        topic indexes (Redis drops an empty one)."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "tx:*"
+        start = len(self.prefix) + len("tx:")
+        counts: collections.Counter[str] = collections.Counter()
         with _redis_errors("counting topics"):
-            counts = self.redis.hgetall(self.prefix + "topics")
-        return {topic: int(n) for topic, n in counts.items() if int(n) > 0}
+            keys = list(self.redis.scan_iter(match=pattern, count=1000))
+            for chunk in _chunks(keys):
+                pipe = self.redis.pipeline(transaction=False)
+                for key in chunk:
+                    pipe.zcard(key)
+                for key, size in zip(chunk, pipe.execute()):
+                    counts[key[start:].partition(":")[2]] += size
+        return {topic: n for topic, n in counts.items() if n}
 
     def index_key(self, kind: str, topic: str | None) -> str:
         """The sorted set of the records of a kind, all or on a topic."""
@@ -1580,6 +1594,8 @@ def personal_payload(message: Message, record_id: str, key: bytes) -> bytes:
     id and this subscriber's receipt when the message has an id."""
     if not message.notification_id or not key:
         return message.payload
+    if len(message.payload) + RECEIPT_ROOM > MAX_PLAINTEXT:
+        return message.payload  # made before receipts had room: sent without one
     notification_id = message.notification_id
     mark = receipt(key, notification_id, record_id)
     extra = f',"id":"{notification_id}","receipt":"{mark}"}}'
@@ -2310,12 +2326,13 @@ class _DeliveryProcess:
         while True:
             try:
                 number, outcomes = self.conn.recv()
-            except (EOFError, OSError, ValueError):
+                outcomes = [PushOutcome(*o) for o in outcomes]
+            except (EOFError, OSError, ValueError, TypeError):  # or another version
                 break
             with self._lock:
                 future = self._futures.pop(number, None)
             if future is not None:
-                future.set_result([PushOutcome(*o) for o in outcomes])
+                future.set_result(outcomes)
         self._stop()
 
     def _stop(self) -> None:
@@ -2711,71 +2728,144 @@ class NotificationJournal(JsonLinesStore):
     SETTING = "NOTIFICATIONS_FILE"
 
 
-class ReceiptJournal(JsonLinesStore):
-    """The receipts counted (see JsonLinesStore), beside the notification
-    journal: one record ``{"id": "<notification> <event> <subscriber>"}`` per
-    event counted, so each subscriber's is counted once; the counts per
-    notification are kept in memory. A notification's go when it is dropped."""
+def receipts_path(journal: Path) -> Path:
+    """The receipt database of a notification journal: beside it, named after it."""
+    return journal.with_name(journal.stem + ".receipts.sqlite")
 
-    WHAT = "receipt journal"
-    SETTING = "NOTIFICATIONS_FILE"
+
+class ReceiptDatabase:
+    """The receipts counted beside the notification journal (the JSON store's
+    side; Redis keeps its own): who sent which event for which notification,
+    in an SQLite file (Python's own sqlite3), so that set lives on disk and
+    not in memory; the counts per notification are kept in memory.
+
+    One thread writes: what arrives together is one transaction (WAL,
+    synchronous=FULL), and each answer waits for the commit that holds its
+    receipt, or for the one that counted it before. A refused write (a full
+    disk) fails every receipt of its transaction and changes nothing.
+    """
 
     def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS receipts (notification TEXT, event TEXT, "
+                "subscriber TEXT, PRIMARY KEY (notification, event, subscriber)) "
+                "WITHOUT ROWID"
+            )
+            rows = self._db.execute(
+                "SELECT notification, event, count(*) FROM receipts GROUP BY 1, 2"
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise StoreDamaged(
+                f"{self.path}: the receipt database cannot be opened ({e}); move it "
+                "aside to start with no receipts counted"
+            ) from None
+        os.chmod(self.path, 0o600)
         self._counts: dict[str, collections.Counter[str]] = {}
-        super().__init__(path)
-
-    @staticmethod
-    def path_for(journal: Path) -> Path:
-        return journal.with_name(journal.stem + ".receipts" + journal.suffix)
+        for notification_id, event, count in rows:
+            self._counts.setdefault(notification_id, collections.Counter())[event] = (
+                count
+            )
+        self._work: collections.deque[tuple] = collections.deque()
+        self._lock = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="receipts", daemon=True)
+        self._thread.start()
 
     def add(self, notification_id: str, event: str, subscriber: str) -> bool:
         """Count one subscriber's event, durably (OSError if the disk refuses);
         False if it was counted before."""
-        record_id = f"{notification_id} {event} {subscriber}"
-        record = {"id": record_id}
-        line = _record_line(record).encode()
-        with self._mutex:  # the check and the write in one step: counted once
-            if record_id in self._records:
-                return False
-            write = self._append(line + b"\n", 1, {record_id: None})
-            self._put(record_id, line, record)
-            self._compact_if_due()
-        self._wait_synced(write)
-        return True
+        return self._submit(("add", notification_id, event, subscriber))
+
+    def forget(self, notification_ids: list[str]) -> None:
+        """Drop the receipts of these notifications."""
+        gone = [i for i in notification_ids if i in self._counts]
+        if gone:
+            self._submit(("forget", gone))
 
     def notifications(self) -> list[str]:
         """The notifications that have receipts."""
-        with self._mutex:
+        with self._lock:
             return list(self._counts)
 
     def counts(self, notification_id: str) -> dict[str, int]:
         counted = self._counts.get(notification_id, {})
         return {event: counted.get(event, 0) for event in RECEIPT_EVENTS}
 
-    def forget(self, notification_ids: list[str]) -> None:
-        """Drop the receipts of these notifications."""
-        gone = {i for i in notification_ids if i in self._counts}
-        if gone:
-            with self._mutex:
-                ids = [i for i in self._records if i.partition(" ")[0] in gone]
-            self.write(removals=ids)
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
 
-    def _put(self, record_id: str, line: bytes, record: dict) -> None:
-        new = record_id not in self._records
-        super()._put(record_id, line, record)
-        if new:
-            notification_id, event, _ = record_id.split(" ", 2)
-            self._counts.setdefault(notification_id, collections.Counter())[event] += 1
+    def _submit(self, work: tuple) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closing:
+                raise OSError(errno.EIO, "the receipt database is closed")
+            self._work.append((work, future))
+            self._lock.notify_all()
+        return future.result()
 
-    def _drop(self, record_id: str) -> None:
-        if record_id in self._records:
-            notification_id, event, _ = record_id.split(" ", 2)
-            counted = self._counts.get(notification_id)
-            if counted is not None:
-                counted[event] -= 1
-                if not +counted:
-                    del self._counts[notification_id]
-        super()._drop(record_id)
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._work and not self._closing:
+                    self._lock.wait()
+                if not self._work:
+                    return
+                batch = list(self._work)
+                self._work.clear()
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple]) -> None:
+        results = []
+        added: collections.Counter[tuple[str, str]] = collections.Counter()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for work, _ in batch:
+                if work[0] == "add":
+                    cursor = self._db.execute(
+                        "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?)", work[1:]
+                    )
+                    results.append(cursor.rowcount == 1)
+                    added[(work[1], work[2])] += cursor.rowcount == 1
+                else:
+                    self._db.executemany(
+                        "DELETE FROM receipts WHERE notification = ?",
+                        [(i,) for i in work[1]],
+                    )
+                    results.append(None)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            full = "full" in str(e).lower()
+            error = OSError(errno.ENOSPC if full else errno.EIO, f"receipts: {e}")
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        with self._lock:
+            for (notification_id, event), count in added.items():
+                if count:
+                    counted = self._counts.setdefault(
+                        notification_id, collections.Counter()
+                    )
+                    counted[event] += count
+            for work, _ in batch:
+                if work[0] == "forget":
+                    for notification_id in work[1]:
+                        self._counts.pop(notification_id, None)
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
 
 
 class AlreadyFinished(Exception):
@@ -2972,12 +3062,12 @@ class NotificationQueue:
         delivery: Delivery,
         retention: float,
         batch_size: int = BATCH_SIZE,
-        receipts: ReceiptJournal | None = None,
+        receipts: ReceiptDatabase | None = None,
     ):
         self.journal = journal
-        self.receipts = receipts or ReceiptJournal(
-            ReceiptJournal.path_for(journal.path)
-        )
+        self.receipts = receipts
+        if receipts is None:
+            self.receipts = ReceiptDatabase(receipts_path(journal.path))
         self.store = store
         self.delivery = delivery
         self.retention = retention
@@ -4604,6 +4694,7 @@ def github_failed_workflow(payload: dict) -> dict | None:
 ###############################################################################
 
 ANSWER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+MAX_ORIGIN_LABELS = 20
 
 
 class Metrics:
@@ -4655,6 +4746,7 @@ class Metrics:
         for event in RECEIPT_EVENTS:
             self.receipts.labels(event)  # listed at 0 before the first
         self._sources: list[Callable[[], list]] = []
+        self._origins: set[str] = set()
         self.registry.register(self)
 
     def observe(self, outcomes: list[PushOutcome]) -> None:
@@ -4664,15 +4756,32 @@ class Metrics:
         for o in outcomes:
             if o.result == "unsent":
                 continue
-            messages[(o.channel, o.origin, o.result)] += 1
-            retries[(o.channel, o.origin)] += o.tries - 1
+            origin = self.origin_label(o.origin)
+            messages[(o.channel, origin, o.result)] += 1
+            retries[(o.channel, origin)] += o.tries - 1
             if o.seconds > 0:
-                self.answer_seconds.labels(o.channel, o.origin).observe(o.seconds)
+                self.answer_seconds.labels(o.channel, origin).observe(o.seconds)
         for labels, count in messages.items():
             self.messages.labels(*labels).inc(count)
         for labels, count in retries.items():
             if count:
                 self.retries.labels(*labels).inc(count)
+
+    def origin_label(self, origin: str) -> str:
+        """A push service origin as a label, from a bounded set: anyone may
+        subscribe, and each *.notify.windows.com host would be a new series.
+        A service of many hosts is one label; past MAX_ORIGIN_LABELS others,
+        the rest are "other"."""
+        host = urlsplit(origin).hostname or ""
+        for domain in PUSH_SERVICE_DOMAINS:
+            if host.endswith("." + domain):
+                return f"https://*.{domain}"
+        if origin in self._origins:
+            return origin
+        if len(self._origins) < MAX_ORIGIN_LABELS:
+            self._origins.add(origin)
+            return origin
+        return "other"
 
     def gauge(self, name: str, help: str, label: str | None = None) -> Any:
         """A gauge family for a source to fill (``add_metric``)."""
@@ -5453,7 +5562,7 @@ def create_app(
     keys = keys if keys is not None else VapidKeys.load_or_create(settings)
     token = token if token is not None else load_or_create_token(settings)[0]
     if receipt_key is None:
-        receipt_key = load_or_create_receipt_key(settings)
+        receipt_key = receipt_key_of(settings, keys)
     if store is None:
         store = open_store(settings)
     delivery = Delivery(keys, settings, receipt_key)
@@ -6130,7 +6239,7 @@ def run_worker(settings: Settings) -> int:
         return 2
     try:
         keys = VapidKeys.load_or_create(settings)
-        receipt_key = load_or_create_receipt_key(settings)
+        receipt_key = receipt_key_of(settings, keys)
         store.claim_identity(keys.public_key, None, receipt_key)  # type: ignore[union-attr]
         _raise_open_file_limit(settings.push_concurrency + 256)
         delivery = Delivery(keys, settings, receipt_key)
@@ -6188,7 +6297,14 @@ def run_worker(settings: Settings) -> int:
 def serve_worker_metrics(settings: Settings, metrics: Metrics) -> Any:
     """A --worker's ``GET /metrics`` on HOST:METRICS_PORT, in a thread: its
     own counters (the gauges of the store and queue are the API's)."""
-    token = settings.metrics_token or load_or_create_token(settings)[0]
+    token = settings.metrics_token or settings.push_token
+    token_file = Path(settings.vapid_dir) / PUSH_TOKEN_FILE
+    if not token and token_file.is_file():
+        token = load_or_create_token(settings)[0]
+    if not token:
+        raise SettingError(
+            "give the worker METRICS_TOKEN (or PUSH_TOKEN) to guard its metrics"
+        )
     app = bottle.Bottle()
     app.install(JsonApiPlugin())
 
@@ -6270,7 +6386,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keys = VapidKeys.load_or_create(settings)
         token, generated = load_or_create_token(settings)
-        receipt_key = load_or_create_receipt_key(settings)
+        receipt_key = receipt_key_of(settings, keys)
         if isinstance(store, RedisSubscriptionStore):
             store.claim_identity(keys.public_key, token, receipt_key)
     except (OSError, SettingError) as e:
@@ -6299,7 +6415,7 @@ def main(argv: list[str] | None = None) -> int:
     _raise_open_file_limit(settings.connection_limit + settings.push_concurrency + 256)
     try:
         app = create_app(settings, keys, store, token, journal, receipt_key)
-    except (SettingError, StoreUnavailable) as e:  # FCM_SERVICE_ACCOUNT, Redis
+    except (SettingError, StoreUnavailable, StoreDamaged) as e:  # FCM, Redis, receipts
         log.error("%s", e)
         store.close()
         if journal is not None:

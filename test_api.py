@@ -390,6 +390,28 @@ def test_a_subject_push_services_would_refuse_stops_the_start(server_factory, su
     assert "Traceback" not in server.output()
 
 
+def test_the_receipt_key_is_derived_from_the_vapid_key_unless_receipt_key_is_set(
+    json_settings,
+):
+    keys = api.VapidKeys.load_or_create(json_settings)
+    derived = api.receipt_key_of(json_settings, keys)
+    again = api.VapidKeys.load_or_create(json_settings)  # another process, say
+    assert len(derived) == 32 and api.receipt_key_of(json_settings, again) == derived
+    other = api.VapidKeys(
+        ec.generate_private_key(ec.SECP256R1()), "mailto:a@b.test", "t"
+    )
+    assert api.receipt_key_of(json_settings, other) != derived
+    assert keys.private_pem() not in derived and derived not in keys.private_pem()
+    given = dataclasses.replace(json_settings, receipt_key="r" * 16)
+    assert api.receipt_key_of(given, keys) == b"r" * 16
+    short = dataclasses.replace(json_settings, receipt_key="secret-ish")
+    with pytest.raises(api.SettingError) as refused:
+        short.check()
+    assert "RECEIPT_KEY" in str(refused.value) and "secret-ish" not in str(
+        refused.value
+    )
+
+
 def test_vapid_header_is_signed_once_per_audience_with_its_own_claims(json_settings):
     keys = api.VapidKeys.load_or_create(json_settings)
     a = keys.authorization("https://fcm.googleapis.com")
@@ -490,6 +512,12 @@ def test_get_topics_counts_the_subscribers_of_each_topic_for_the_token_only(app)
     assert app.get("/topics", headers=AUTH).json == [
         {"topic": "news", "subscriptions": 2}
     ]
+    # A record that names a topic twice (a hand-edited file) counts once.
+    store = app.app.config["webpush.store"]
+    store.upsert({**_record(9), "topics": ["twice", "twice"]})
+    assert {"topic": "twice", "subscriptions": 1} in app.get(
+        "/topics", headers=AUTH
+    ).json
 
 
 def test_everything_is_kept_in_the_json_files_or_with_redis_url_in_redis_alone(
@@ -573,7 +601,8 @@ def stored_state(settings: api.Settings) -> dict:
             for path in (
                 Path(settings.subscriptions_file),
                 settings.journal_path,
-                api.ReceiptJournal.path_for(settings.journal_path),
+                api.receipts_path(settings.journal_path),
+                api.receipts_path(settings.journal_path).with_suffix(".sqlite-wal"),
             )
         }
     pattern = re.sub(r"([*?\[\]\\])", r"\\\1", settings.redis_prefix) + "*"
@@ -1216,10 +1245,59 @@ def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
             small_disk / "subscriptions.json.lock",
             journal,
             small_disk / "subscriptions.notifications.json.lock",
-            small_disk / "subscriptions.notifications.receipts.json",
-            small_disk / "subscriptions.notifications.receipts.json.lock",
+            small_disk / "subscriptions.notifications.receipts.sqlite",
+            small_disk / "subscriptions.notifications.receipts.sqlite-shm",
+            small_disk / "subscriptions.notifications.receipts.sqlite-wal",
         ]
     )
+
+
+def test_a_receipt_on_a_full_disk_gets_507_and_counts_once_space_is_back(
+    server_factory, small_disk
+):
+    server = server_factory(SUBSCRIPTIONS_FILE=str(small_disk / "s.json")).start()
+    answer = requests.post(server.url + "/push", json={"title": "t"}, headers=AUTH)
+    notification_id = answer.json()["id"]
+    settings = api.Settings(
+        vapid_dir=server.env["VAPID_DIR"], vapid_subject="mailto:ops@push.test"
+    )
+    key = api.receipt_key_of(settings, api.VapidKeys.load_or_create(settings))
+    url = f"{server.url}/notifications/{notification_id}/events"
+
+    def report(n: int) -> requests.Response:
+        subscriber = api.subscription_id(f"subscriber-{n}")
+        body = {
+            "event": "delivered",
+            "receipt": api.receipt(key, notification_id, subscriber),
+        }
+        return requests.post(url, json=body)
+
+    def delivered() -> int:
+        document = requests.get(
+            f"{server.url}/notifications/{notification_id}", headers=AUTH
+        )
+        return document.json()["delivered"]
+
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"x" * 4096)
+    counted, refused = 0, None
+    for n in range(2000):
+        answer = report(n)
+        if answer.status_code != 200:
+            refused = answer
+            break
+        counted += 1
+    assert refused is not None and refused.status_code == 507, refused
+    assert "disk is full" in refused.json()["error"]
+    assert delivered() == counted  # the refused one changed nothing
+    filler.unlink()
+    assert report(counted).json() == {"event": "delivered", "counted": True}
+    assert report(counted).json()["counted"] is False
+    server.stop(signal.SIGKILL)
+    server.start()
+    assert delivered() == counted + 1
 
 
 def test_concurrent_writers_lose_no_update(settings):

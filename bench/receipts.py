@@ -7,9 +7,9 @@ A. Rate: ``--receipts`` (20,000) distinct receipts, each a subscriber's
    redis-server, tests/redis_server.py), one after the other in this run. Each
    is fsynced (JSON) or in Redis before its answer. Prints receipts per second
    for both, and checks the notification then counts exactly that many.
-B. Memory: the server's RSS before and after (JSON: the receipts are held in
-   memory as their journal lines), and Redis's ``used_memory`` before and
-   after; both per receipt.
+B. Memory: the server's RSS before and after (JSON: the receipts are in an
+   SQLite file, only their counts in memory), and Redis's ``used_memory``
+   before and after; both per receipt.
 
     python bench/receipts.py [--receipts 20000] [--clients 16]
 """
@@ -90,7 +90,10 @@ def measure(directory: Path, receipts: int, clients: int, env_extra: dict) -> di
                 time.sleep(0.05)
         # A notification to nobody: receipts need only that it exists.
         notification = request(port, "POST", "/push", {"title": "bench"})["id"]
-        key = (vapid / api.RECEIPT_KEY_FILE).read_text().strip().encode()
+        settings = api.Settings(
+            vapid_dir=str(vapid), vapid_subject="mailto:b@push.test"
+        )
+        key = api.receipt_key_of(settings, api.VapidKeys.load_or_create(settings))
         bodies = [
             json.dumps(
                 {

@@ -113,3 +113,18 @@ def test_queue_depth_and_age_show_work_waiting(settings, push_service):
         assert batches >= 1 and waited > 0.1
     finally:
         application.config["webpush.close"]()
+
+
+def test_metric_labels_stay_bounded_however_many_push_service_hosts_subscribe():
+    """Anyone may subscribe: a push service of many hosts is one label, and
+    past 20 other origins the rest are "other"."""
+    metrics = api.Metrics()
+    hosts = [f"https://x{n}.notify.windows.com" for n in range(100)]
+    assert {metrics.origin_label(h) for h in hosts} == {"https://*.notify.windows.com"}
+    assert metrics.origin_label("https://fcm.googleapis.com") == (
+        "https://fcm.googleapis.com"
+    )
+    local = [f"http://127.0.0.1:{port}" for port in range(1000, 1100)]
+    labels = [metrics.origin_label(o) for o in local]
+    assert labels[:19] == local[:19] and set(labels[19:]) == {"other"}
+    assert metrics.origin_label(local[0]) == local[0]  # kept for good

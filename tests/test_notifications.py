@@ -646,7 +646,7 @@ def test_receipts_are_dropped_with_their_notification(settings, monkeypatch):
                 assert not r.keys(short.redis_prefix + "rc:*")
         else:
             receipts = application.config["webpush.queue"].receipts
-            assert len(receipts) == 0
+            assert receipts.notifications() == []
     finally:
         application.config["webpush.close"]()
 
