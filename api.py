@@ -57,6 +57,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -222,6 +223,36 @@ class Settings:
         7 * 86400,
         "NOTIFICATION_RETENTION",
         "seconds an ended notification stays visible in GET /notifications",
+        check=_at_least(0),
+    )
+    payload_format: str = _setting(
+        "declarative",
+        "PAYLOAD_FORMAT",
+        "what browsers receive: declarative (Declarative Web Push, shown without a "
+        "service worker where supported) or classic (the JSON of earlier versions, "
+        'for a service worker that expects it); a push\'s "format" overrides it',
+        check=lambda v: (
+            None
+            if v in ("declarative", "classic")
+            else "must be declarative or classic"
+        ),
+    )
+    public_url: str = _setting(
+        "",
+        "PUBLIC_URL",
+        "the site's URL (https://example.org), against which a relative 'url' is "
+        "made absolute for a declarative message; unset: the request's own origin",
+        check=lambda v: (
+            None
+            if not v or re.fullmatch(r"https?://[^/\s]+(/\S*)?", v)
+            else "must be an http(s) URL such as https://example.org"
+        ),
+    )
+    prune_after_failures: int = _setting(
+        5,
+        "PRUNE_AFTER_FAILURES",
+        "remove a subscription its push service refused (400, 403, 413) on this "
+        "many fan-outs in a row with no success between (0: never)",
         check=_at_least(0),
     )
     cors_origins: str = _setting(
@@ -831,24 +862,32 @@ class JsonLinesStore:
         file in order; a crash may keep the first of them without the rest."""
         lines = [(r["id"], _record_line(r).encode("utf-8"), r) for r in upserts]
         with self._mutex:
-            removals = [i for i in removals if i in self._records]
-            if not lines and not removals:
-                return
-            data = b"".join(line + b"\n" for _, line, _ in lines)
-            data += b"".join(
-                json.dumps({"id": i, "deleted": True}).encode() + b"\n"
-                for i in removals
-            )
-            previous: dict[str, bytes | None] = {}
-            for record_id in [i for i, _, _ in lines] + removals:
-                previous.setdefault(record_id, self._records.get(record_id))
-            write = self._append(data, len(lines) + len(removals), previous)
-            for record_id, line, record in lines:
-                self._put(record_id, line, record)
-            for record_id in removals:
-                self._drop(record_id)
-            self._compact_if_due()
-        self._wait_synced(write)
+            write = self._write_locked(lines, list(removals))
+        if write is not None:
+            self._wait_synced(write)
+
+    def _write_locked(
+        self, lines: list[tuple[str, bytes, dict]], removals: list[str]
+    ) -> _Write | None:
+        """:meth:`write`'s append, the mutex held: what to wait for, or None
+        when there is nothing to write."""
+        removals = [i for i in removals if i in self._records]
+        if not lines and not removals:
+            return None
+        data = b"".join(line + b"\n" for _, line, _ in lines)
+        data += b"".join(
+            json.dumps({"id": i, "deleted": True}).encode() + b"\n" for i in removals
+        )
+        previous: dict[str, bytes | None] = {}
+        for record_id in [i for i, _, _ in lines] + removals:
+            previous.setdefault(record_id, self._records.get(record_id))
+        write = self._append(data, len(lines) + len(removals), previous)
+        for record_id, line, record in lines:
+            self._put(record_id, line, record)
+        for record_id in removals:
+            self._drop(record_id)
+        self._compact_if_due()
+        return write
 
     def close(self) -> None:
         while True:
@@ -1104,6 +1143,36 @@ class SubscriptionStore(JsonLinesStore):
                 if (origin == "fcm") == fcm and topic in topics
             )
 
+    def count_failures(
+        self, failed: list[str], succeeded: list[str], limit: int
+    ) -> list[str]:
+        """One more refusal in a row for each of ``failed`` (removed at
+        ``limit``), none for ``succeeded``; the ids removed. Read and written
+        under the mutex, so a subscribe in between is never undone."""
+        with self._mutex:
+            upserts, removals = [], []
+            for record_id in failed:
+                line = self._records.get(record_id)
+                if line is None:
+                    continue
+                record = json.loads(line)
+                record["failures"] = record.get("failures", 0) + 1
+                if record["failures"] >= limit:
+                    removals.append(record_id)
+                else:
+                    upserts.append(record)
+            for record_id in succeeded:
+                line = self._records.get(record_id)
+                if line is not None and b'"failures":' in line:
+                    record = json.loads(line)
+                    if record.pop("failures", None) is not None:
+                        upserts.append(record)
+            lines = [(r["id"], _record_line(r).encode("utf-8"), r) for r in upserts]
+            write = self._write_locked(lines, removals)
+        if write is not None:
+            self._wait_synced(write)
+        return removals
+
     def topics(self) -> dict[str, int]:
         """How many records (of either kind) each topic has."""
         with self._mutex:
@@ -1315,7 +1384,7 @@ def _redis_errors(what: str) -> Any:
 # upserts, each as (id, line, kind, number of topics, topics...), then the ids
 # to remove. A record keeps its place in the indexes (its score, from the
 # ``seq`` counter) for life, so a fan-out being planned meets each record once.
-SUBSCRIPTION_WRITE_LUA = """
+SUBSCRIPTION_UNINDEX_LUA = """
 local p = ARGV[1]
 local subs, counts = p .. 'subs', p .. 'count'
 local function unindex(id)
@@ -1331,8 +1400,13 @@ local function unindex(id)
     end
   end
   redis.call('HINCRBY', counts, kind, -1)
+  redis.call('HDEL', p .. 'fails', id)
   return true, score
 end
+"""
+SUBSCRIPTION_WRITE_LUA = (
+    SUBSCRIPTION_UNINDEX_LUA
+    + """
 local results, i = {}, 3
 for n = 1, tonumber(ARGV[2]) do
   local id, line, kind, topics = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
@@ -1357,6 +1431,29 @@ for j = i, #ARGV do
 end
 return results
 """
+)
+# Refusals in a row (PRUNE_AFTER_FAILURES). ARGV: prefix, limit, the number of
+# failed ids, those ids, then the ids that succeeded. Returns the ids removed.
+SUBSCRIPTION_FAILURES_LUA = (
+    SUBSCRIPTION_UNINDEX_LUA
+    + """
+local limit, failed, removed = tonumber(ARGV[2]), tonumber(ARGV[3]), {}
+for j = 4, 3 + failed do
+  local id = ARGV[j]
+  if redis.call('HEXISTS', subs, id) == 1 then
+    if redis.call('HINCRBY', p .. 'fails', id, 1) >= limit then
+      unindex(id)
+      redis.call('HDEL', subs, id)
+      removed[#removed + 1] = id
+    end
+  end
+end
+if #ARGV > 3 + failed then
+  redis.call('HDEL', p .. 'fails', unpack(ARGV, 4 + failed))
+end
+return removed
+"""
+)
 
 
 class RedisSubscriptionStore:
@@ -1375,6 +1472,7 @@ class RedisSubscriptionStore:
         self.redis = client
         self.prefix = prefix
         self._write = client.register_script(SUBSCRIPTION_WRITE_LUA)
+        self._failures = client.register_script(SUBSCRIPTION_FAILURES_LUA)
 
     def __len__(self) -> int:
         with _redis_errors("counting subscriptions"):
@@ -1442,6 +1540,18 @@ class RedisSubscriptionStore:
             if topic is None:
                 return int(self.redis.hget(self.prefix + "count", kind) or 0)
             return self.redis.zcard(self.index_key(kind, topic))
+
+    def count_failures(
+        self, failed: list[str], succeeded: list[str], limit: int
+    ) -> list[str]:
+        """As SubscriptionStore.count_failures, in one script (the count of
+        each is the hash ``fails``, forgotten when it is stored again)."""
+        if not failed and not succeeded:
+            return []
+        with _redis_errors("counting refusals"):
+            return self._failures(
+                args=[self.prefix, limit, len(failed), *failed, *succeeded]
+            )
 
     def topics(self) -> dict[str, int]:
         """How many records (of either kind) each topic has: the sizes of the
@@ -1541,8 +1651,9 @@ def open_store(settings: Settings) -> SubscriptionStore | RedisSubscriptionStore
 
 # One 4096-byte aes128gcm record, less its header (86), tag and delimiter (17).
 MAX_PLAINTEXT = 3993
-# What each message adds to the notification's JSON for receipts (see receipt()).
-RECEIPT_ROOM = len(',"id":"","receipt":""') + 16 + 22 + 1 + 22
+RECEIPT_LENGTH = 22 + 1 + 22  # see receipt()
+PAYLOAD_FORMATS = ("declarative", "classic")
+DECLARATIVE_WEB_PUSH = 8030  # the "web_push" member of a declarative message
 RECEIPT_EVENTS = ("delivered", "clicked", "closed")
 RECEIPT_RE = re.compile(r"([A-Za-z0-9_\-]{22})\.[A-Za-z0-9_\-]{22}")
 MAX_RESPONSE_BYTES = 65536  # a push service's answer is a status and a short reason
@@ -1555,6 +1666,19 @@ UNSENT = "not sent: cancelled, or the server stopped first"
 
 
 # What a POST /push body may say (the HTTP section's Validator reads them).
+CLASSIC_FIELDS = ("title", "body", "icon", "url", "data")  # always there, null or not
+OPTIONAL_FIELDS = (
+    "tag",
+    "badge",
+    "silent",
+    "lang",
+    "dir",
+    "require_interaction",
+    "actions",
+    "image",
+)
+
+
 PUSH_FIELDS = (
     "title",
     "body",
@@ -1568,6 +1692,9 @@ PUSH_FIELDS = (
     "collapse_key",
     "send_at",
     "delay",
+    "format",
+    "mutable",
+    *OPTIONAL_FIELDS,
 )
 
 
@@ -1590,21 +1717,77 @@ def receipt_subscriber(key: bytes, notification_id: str, text: Any) -> str | Non
 
 
 def personal_payload(message: Message, record_id: str, key: bytes) -> bytes:
-    """The JSON one subscriber receives: the message's, with the notification
-    id and this subscriber's receipt when the message has an id."""
-    if not message.notification_id or not key:
+    """The JSON one subscriber receives: the message's, with this subscriber's
+    receipt where the message left room for it."""
+    if message.receipt_at < 0 or not key or not message.notification_id:
         return message.payload
-    if len(message.payload) + RECEIPT_ROOM > MAX_PLAINTEXT:
+    if len(message.payload) + RECEIPT_LENGTH > MAX_PLAINTEXT:
         return message.payload  # made before receipts had room: sent without one
-    notification_id = message.notification_id
-    mark = receipt(key, notification_id, record_id)
-    extra = f',"id":"{notification_id}","receipt":"{mark}"}}'
-    return message.payload[:-1] + extra.encode()
+    mark = receipt(key, message.notification_id, record_id).encode()
+    at = message.receipt_at
+    return message.payload[:at] + mark + message.payload[at:]
 
 
 def notification_json(notification: dict) -> bytes:
-    """What a browser's service worker receives."""
     return json.dumps(notification, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def render_payload(
+    notification: dict, payload_format: str, notification_id: str | None = None
+) -> tuple[bytes, int]:
+    """The JSON a browser receives, and where each subscriber's receipt goes
+    in it (-1: nowhere, without a notification id).
+
+    ``classic``: ``{"title", "body", "icon", "url", "data", ...}`` for a
+    service worker to show. ``declarative``: Declarative Web Push (the Push
+    API's declarative push message): ``{"web_push": 8030, "notification":
+    {...}, "app_badge": n}``, which a browser that supports it shows by
+    itself, and hands to the service worker first when ``mutable``; the id
+    and receipt ride in ``notification.data`` so that worker sees them."""
+    given = {
+        k: notification[k] for k in OPTIONAL_FIELDS if notification.get(k) is not None
+    }
+    mark = "" if notification_id is None else secrets.token_hex(16)
+    receipts = (
+        {} if notification_id is None else {"id": notification_id, "receipt": mark}
+    )
+    if payload_format == "classic":
+        document = {k: notification.get(k) for k in CLASSIC_FIELDS}
+        document.update(given, **receipts)
+    else:
+        shown: dict[str, Any] = {
+            "title": notification["title"],
+            "navigate": notification["navigate"],
+        }
+        for name in ("body", "icon", "image", "tag", "lang", "dir", "silent"):
+            if notification.get(name) not in (None, ""):
+                shown[name] = notification[name]
+        if notification.get("require_interaction") is not None:
+            shown["requireInteraction"] = notification["require_interaction"]
+        if notification.get("actions"):
+            shown["actions"] = [
+                {
+                    "action": a["action"],
+                    "title": a["title"],
+                    **({"navigate": a["navigate"]} if a.get("navigate") else {}),
+                    **({"icon": a["icon"]} if a.get("icon") else {}),
+                }
+                for a in notification["actions"]
+            ]
+        data = dict(receipts)
+        if notification.get("data") is not None:
+            data["data"] = notification["data"]
+        if data:
+            shown["data"] = data
+        shown["mutable"] = bool(notification.get("mutable", True))
+        document = {"web_push": DECLARATIVE_WEB_PUSH, "notification": shown}
+        if notification.get("badge") is not None:
+            document["app_badge"] = notification["badge"]
+    payload = notification_json(document)
+    if not mark:
+        return payload, -1
+    at = payload.index(mark.encode())
+    return payload[:at] + payload[at + len(mark) :], at
 
 
 @dataclass
@@ -1619,6 +1802,8 @@ class Message:
         None  # collapse key: a newer message replaces an undelivered older one
     )
     notification_id: str | None = None  # what receipts name; None: no receipts
+    receipt_at: int = -1  # where in ``payload`` each subscriber's receipt goes
+    format: str = "classic"  # or declarative (PAYLOAD_FORMAT)
 
 
 @dataclass
@@ -2443,13 +2628,26 @@ def fcm_message_options(message: Message) -> dict:
     if message.topic:
         android["collapse_key"] = message.topic
         apns_headers["apns-collapse-id"] = message.topic
+    shown: dict[str, Any] = {}  # AndroidNotification
+    aps: dict[str, Any] = {}
+    if note.get("tag"):  # a newer one with the same tag replaces it on the device
+        shown["tag"] = note["tag"]
+        aps["thread-id"] = note["tag"]
+    if note.get("badge") is not None:
+        shown["notification_count"] = min(note["badge"], 2**31 - 1)
+        aps["badge"] = min(note["badge"], 2**31 - 1)
+    if shown:
+        android["notification"] = shown
+    apns: dict[str, Any] = {"headers": apns_headers}
+    if aps:
+        apns["payload"] = {"aps": aps}
     return {
         "notification_title": note.get("title"),
         "notification_body": note.get("body"),
-        "notification_image": note.get("icon"),
+        "notification_image": note.get("image") or note.get("icon"),
         "data_payload": values or None,
         "android_config": android,
-        "apns_config": {"headers": apns_headers},
+        "apns_config": apns,
     }
 
 
@@ -2628,9 +2826,31 @@ class Delivery:
     ) -> concurrent.futures.Future:
         """Deliver ``message``; the future gives one PushOutcome per record
         (none for FCM tokens while FCM is not configured), or DeliveryStopped."""
+        now_ms = time.time() * 1000
+        expired = [
+            r for r in records if (r.get("expirationTime") or math.inf) <= now_ms
+        ]
+        if expired:  # the browser said it stops working then: not sent, removed
+            gone = {r["id"] for r in expired}
+            records = [r for r in records if r["id"] not in gone]
         web = [r for r in records if r.get("kind", "webpush") == "webpush"]
         tokens = [r for r in records if r.get("kind") == "fcm"]
         futures = self.fcm.submit(tokens, message) if self.fcm and tokens else []
+        if expired:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(
+                [
+                    PushOutcome(
+                        r["id"],
+                        endpoint_origin(r["endpoint"]),
+                        None,
+                        "removed",
+                        EXPIRED,
+                    )
+                    for r in expired
+                ]
+            )
+            futures.append(done)
         if web and self._local is not None:
             futures.append(self._local.submit(web, message, key, first))
         elif web:
@@ -2673,9 +2893,40 @@ class Delivery:
             worker.close()
 
 
-def apply_outcomes(store: SubscriptionStore, outcomes: list[PushOutcome]) -> None:
+REFUSALS = (400, 403, 413)
+EXPIRED = (
+    "its expirationTime has passed"  # what no retry changes: counted toward pruning
+)
+
+
+def apply_outcomes(
+    store: SubscriptionStore, outcomes: list[PushOutcome], prune_after: int = 0
+) -> None:
     """What outcomes mean for the store: a subscription its push service says
-    is gone (404, 410) is removed; failures are logged, one line per cause."""
+    is gone (404, 410), or whose expirationTime passed, is removed; one
+    refused (400, 403, 413) on ``prune_after`` fan-outs in a row is removed
+    too; failures are logged, one line per cause."""
+    if prune_after:
+        refused = [o for o in outcomes if o.status in REFUSALS and o.result == "failed"]
+        sent = [o.record_id for o in outcomes if o.result == "sent"]
+        try:
+            pruned = store.count_failures(
+                [o.record_id for o in refused], sent, prune_after
+            )
+        except OSError as e:  # counted at the next fan-out instead
+            log.warning("cannot count refused subscriptions yet: %s", e)
+        else:
+            last = {o.record_id: o for o in refused}
+            for record_id in pruned:
+                log.warning(
+                    "removed subscription %s: %s refused it (%s %s) on %d fan-outs "
+                    "in a row (PRUNE_AFTER_FAILURES)",
+                    record_id,
+                    last[record_id].origin,
+                    last[record_id].status,
+                    last[record_id].reason[:100],
+                    prune_after,
+                )
     gone = [o for o in outcomes if o.result == "removed"]
     if gone:
         try:
@@ -2685,10 +2936,9 @@ def apply_outcomes(store: SubscriptionStore, outcomes: list[PushOutcome]) -> Non
         else:
             for o in gone:
                 log.info(
-                    "removed subscription %s: %s answered %s",
+                    "removed subscription %s: %s",
                     o.record_id,
-                    o.origin,
-                    o.status,
+                    f"{o.origin} answered {o.status}" if o.status else o.reason,
                 )
     causes = collections.Counter(
         (o.origin, o.status, o.reason) for o in outcomes if o.result == "failed"
@@ -2938,13 +3188,19 @@ def message_of(record: dict, now: float) -> Message:
     due, so a message sent late expires when it would have on time."""
     spec = record["message"]
     late = max(0.0, now - record["due"])
+    payload_format = spec.get("format", "classic")  # journals from before formats
+    payload, receipt_at = render_payload(
+        spec["notification"], payload_format, record["id"]
+    )
     return Message(
         spec["notification"],
-        notification_json(spec["notification"]),
+        payload,
         max(0, spec["ttl"] - int(late)),
         spec["urgency"],
         spec["collapse_key"],
         record["id"],
+        receipt_at,
+        payload_format,
     )
 
 
@@ -2975,6 +3231,7 @@ def new_notification(
             "ttl": message.ttl,
             "urgency": message.urgency,
             "collapse_key": message.topic,
+            "format": message.format,
         },
         "idempotency": key_hash and {"key": key_hash, "body": body_hash},
         "total": total,
@@ -3063,8 +3320,10 @@ class NotificationQueue:
         retention: float,
         batch_size: int = BATCH_SIZE,
         receipts: ReceiptDatabase | None = None,
+        prune_after: int = 0,
     ):
         self.journal = journal
+        self.prune_after = prune_after
         self.receipts = receipts
         if receipts is None:
             self.receipts = ReceiptDatabase(receipts_path(journal.path))
@@ -3478,7 +3737,7 @@ class NotificationQueue:
             )
         if not reached:
             return
-        apply_outcomes(self.store, reached)
+        apply_outcomes(self.store, reached, self.prune_after)
         counts = _zero_counts()
         causes: collections.Counter = collections.Counter()
         for o in reached:
@@ -3809,6 +4068,7 @@ class RedisNotificationQueue:
         self.prefix = store.prefix
         self.delivery = delivery
         self.retention = settings.notification_retention
+        self.prune_after = settings.prune_after_failures
         self.lease = settings.worker_timeout
         self.batch_size = batch_size
         self.max_in_flight = BATCHES_PER_PROCESS * delivery.processes
@@ -4467,7 +4727,7 @@ class RedisNotificationQueue:
             outcomes = []
         reached = failed + [o for o in outcomes if o.result != "unsent"]
         done = {o.record_id for o in reached}
-        apply_outcomes(self.store, reached)  # type: ignore[arg-type]
+        apply_outcomes(self.store, reached, self.prune_after)  # type: ignore[arg-type]
         again = [i for i in ids if i not in done]
         self._complete(entry_id, notification_id, reached, again, vanished)
 
@@ -4864,6 +5124,11 @@ class MetricsPlugin:
 TOPIC_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_:.\-]{1,4096}")
 COLLAPSE_KEY_RE = re.compile(r"[A-Za-z0-9_\-]{1,32}")
+LANGUAGE_TAG_RE = re.compile(r"[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*")
+DIRECTIONS = ("auto", "ltr", "rtl")
+MAX_TAG_LENGTH = 64
+MAX_ACTIONS = 2
+MAX_BADGE = 2**63 - 1  # the Push API's app badge range
 IDEMPOTENCY_KEY_RE = re.compile(r"[!-~][ -~]{0,253}[!-~]|[!-~]")
 NOTIFICATION_ID_RE = re.compile(r"[A-Za-z0-9_\-]{16}")
 MAX_PREFER_WAIT = 60
@@ -5020,6 +5285,12 @@ class Validator:
             raise ApiError(
                 400, "'expirationTime' must be null or a number (milliseconds)"
             )
+        if expiration is not None and expiration <= time.time() * 1000:
+            raise ApiError(
+                400,
+                "'expirationTime' has passed: the browser says this subscription no "
+                "longer works; subscribe again for a new one",
+            )
         return {
             "id": subscription_id(endpoint),
             "endpoint": endpoint,
@@ -5080,10 +5351,12 @@ class Validator:
             )
         return value
 
-    def push(self, body: dict) -> tuple[Message, str | None]:
-        """The message and topic of a POST /push body."""
+    def push(self, body: dict, base: str = "") -> tuple[Message, str | None]:
+        """The message and topic of a POST /push body; ``base`` is what a
+        relative ``url`` is made absolute against (PUBLIC_URL, or the
+        request's origin) for a declarative message's ``navigate``."""
         text = {}
-        for name in ("title", "body", "icon", "url", "message"):
+        for name in ("title", "body", "icon", "url", "message", "image", "tag"):
             value = body.get(name)
             if value is not None and not isinstance(value, str):
                 raise ApiError(400, f"'{name}' must be a string")
@@ -5095,22 +5368,28 @@ class Validator:
                 400,
                 "nothing to send: give a 'title' or a 'body' (or the legacy 'message')",
             )
+        payload_format = body.get("format", self.settings.payload_format)
+        if payload_format not in PAYLOAD_FORMATS:
+            raise ApiError(400, f"'format' must be one of {', '.join(PAYLOAD_FORMATS)}")
         notification = {
             "title": text["title"] or "Notification",
             "body": text["body"] or "",
             "icon": text["icon"],
             "url": text["url"],
             "data": body.get("data"),
+            "navigate": self._absolute(text["url"] or "/", base, "url"),
+            **self._display(body, text, base),
         }
-        payload = notification_json(notification)
-        size = len(payload) + RECEIPT_ROOM  # as sent: with its id and receipt
+        payload, _ = render_payload(notification, payload_format, "x" * 16)
+        size = len(payload) + RECEIPT_LENGTH  # as sent: with its id and receipt
         if size > MAX_PLAINTEXT:
             raise ApiError(
                 413,
-                f"the notification is {size} bytes as JSON with its id and receipt, "
-                f"{size - MAX_PLAINTEXT} over the {MAX_PLAINTEXT}-byte limit of an "
-                "encrypted push message; shorten it",
+                f"the notification is {size} bytes as sent ({payload_format} JSON "
+                f"with its id and receipt), {size - MAX_PLAINTEXT} over the "
+                f"{MAX_PLAINTEXT}-byte limit of an encrypted push message; shorten it",
             )
+        payload, _ = render_payload(notification, payload_format)
         ttl = body.get("ttl", self.settings.default_ttl)
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= MAX_TTL:
             raise ApiError(400, f"'ttl' must be whole seconds from 0 to {MAX_TTL}")
@@ -5129,7 +5408,97 @@ class Validator:
         topic = body.get("topic")
         if topic is not None:
             self.topic(topic)
-        return Message(notification, payload, ttl, urgency, collapse_key), topic
+        message = Message(
+            notification, payload, ttl, urgency, collapse_key, format=payload_format
+        )
+        return message, topic
+
+    def _display(self, body: dict, text: dict, base: str) -> dict:
+        """The optional display fields of a push, checked; only those given."""
+        shown: dict[str, Any] = {}
+        if text["tag"] is not None:
+            if not 1 <= len(text["tag"]) <= MAX_TAG_LENGTH:
+                raise ApiError(400, f"'tag' must be 1-{MAX_TAG_LENGTH} characters")
+            shown["tag"] = text["tag"]
+        if text["image"] is not None:
+            shown["image"] = text["image"]
+        badge = body.get("badge")
+        if badge is not None:
+            if (
+                isinstance(badge, bool)
+                or not isinstance(badge, int)
+                or not (0 <= badge <= MAX_BADGE)
+            ):
+                raise ApiError(400, "'badge' must be a whole number from 0 (none) up")
+            shown["badge"] = badge
+        for name in ("silent", "require_interaction", "mutable"):
+            if body.get(name) is not None:
+                if not isinstance(body[name], bool):
+                    raise ApiError(400, f"'{name}' must be true or false")
+                shown[name] = body[name]
+        lang = body.get("lang")
+        if lang is not None:
+            if not isinstance(lang, str) or not LANGUAGE_TAG_RE.fullmatch(lang):
+                raise ApiError(
+                    400, "'lang' must be a language tag (BCP 47) such as en or pt-BR"
+                )
+            shown["lang"] = lang
+        direction = body.get("dir")
+        if direction is not None:
+            if direction not in DIRECTIONS:
+                raise ApiError(400, f"'dir' must be one of {', '.join(DIRECTIONS)}")
+            shown["dir"] = direction
+        actions = body.get("actions")
+        if actions is not None:
+            shown["actions"] = self._actions(actions, base)
+        return shown
+
+    def _actions(self, actions: Any, base: str) -> list[dict]:
+        if not isinstance(actions, list) or len(actions) > MAX_ACTIONS:
+            raise ApiError(
+                400, f"'actions' must be a list of at most {MAX_ACTIONS} actions"
+            )
+        checked = []
+        for n, action in enumerate(actions):
+            where = f"actions[{n}]"
+            if not isinstance(action, dict):
+                raise ApiError(
+                    400, f"'{where}' must be an object with 'action' and 'title'"
+                )
+            name, title = action.get("action"), action.get("title")
+            if not isinstance(name, str) or not 1 <= len(name) <= MAX_TAG_LENGTH:
+                raise ApiError(
+                    400,
+                    f"'{where}.action' must be a name of 1-{MAX_TAG_LENGTH} characters",
+                )
+            if not isinstance(title, str) or not title:
+                raise ApiError(400, f"'{where}.title' must be the text of its button")
+            entry = {"action": name, "title": title}
+            for field_name in ("url", "icon"):
+                value = action.get(field_name)
+                if value is not None and not isinstance(value, str):
+                    raise ApiError(400, f"'{where}.{field_name}' must be a string")
+                if value:
+                    entry[field_name] = value
+            if entry.get("url"):
+                entry["navigate"] = self._absolute(entry["url"], base, f"{where}.url")
+            checked.append(entry)
+        if len({a["action"] for a in checked}) < len(checked):
+            raise ApiError(400, "'actions' must have different 'action' names")
+        return checked
+
+    @staticmethod
+    def _absolute(url: str, base: str, where: str) -> str:
+        """``url`` made absolute against ``base``: an http(s) URL, or ApiError."""
+        absolute = urllib.parse.urljoin(base, url) if base else url
+        parts = urlsplit(absolute)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ApiError(
+                400,
+                f"'{where}' must be an http(s) URL, or a path on the site "
+                "(PUBLIC_URL, or this server's address)",
+            )
+        return absolute
 
     def send_at(self, body: dict) -> float | None:
         """When a POST /push body schedules it (``send_at`` or ``delay``), or None."""
@@ -5575,7 +5944,11 @@ def create_app(
         if journal is None:
             journal = NotificationJournal(settings.journal_path)
         queue = NotificationQueue(
-            journal, store, delivery, settings.notification_retention
+            journal,
+            store,
+            delivery,
+            settings.notification_retention,
+            prune_after=settings.prune_after_failures,
         )
     validate = Validator(settings)
     cors = CorsPlugin(settings.cors_origins)
@@ -5645,6 +6018,14 @@ def create_app(
         }
     )
     bottle.BaseRequest.MEMFILE_MAX = settings.max_body_bytes
+
+    def public_base() -> str:
+        """What a relative ``url`` is relative to: PUBLIC_URL, else this
+        request's origin (behind a proxy, the Host it forwarded)."""
+        if settings.public_url:
+            return settings.public_url.rstrip("/") + "/"
+        parts = bottle.request.urlparts
+        return f"{parts.scheme}://{parts.netloc}/"
 
     def bearer_ok() -> bool:
         header = request_header("Authorization", "")
@@ -5740,15 +6121,15 @@ def create_app(
             raise ApiError(
                 403, "the 'auth' secret does not match the stored subscription"
             )
-        notification = {
-            "title": "Test notification",
-            "body": "Push works for this browser.",
-            "icon": None,
-            "url": "/",
-            "data": {"test": True},
-        }
-        message = Message(
-            notification, notification_json(notification), settings.default_ttl, "high"
+        message, _ = validate.push(
+            {
+                "title": "Test notification",
+                "body": "Push works for this browser.",
+                "url": "/",
+                "data": {"test": True},
+                "urgency": "high",
+            },
+            public_base(),
         )
         # Ahead of any fan-out's messages to the same push service, on a few
         # HTTP threads at most, and never longer than TEST_WAIT.
@@ -5776,7 +6157,7 @@ def create_app(
             ]
         finally:
             test_slots.release()
-        apply_outcomes(store, outcomes)
+        apply_outcomes(store, outcomes, settings.prune_after_failures)
         return PushReport(outcomes).summary(detail=True)
 
     def answer(document: dict, wait: int | None, replayed: bool = False) -> dict:
@@ -5806,7 +6187,7 @@ def create_app(
     def push() -> dict:
         require_token()
         body = read_json(settings.max_body_bytes)
-        message, topic = validate.push(body)
+        message, topic = validate.push(body, public_base())
         send_at = validate.send_at(body)
         key = validate.idempotency_key(request_header("Idempotency-Key"))
         wait = prefer_wait(request_header("Prefer"))
@@ -5936,7 +6317,7 @@ def create_app(
         if fields is None:
             bottle.response.status = 202
             return {"ignored": f"{source} {event!r} of this kind sends no notification"}
-        message, topic = validate.push(fields)
+        message, topic = validate.push(fields, public_base())
         send_at = validate.send_at(fields)
         delivery_id = request_header(kind.delivery_header)
         key = f"webhook:{source}:{delivery_id}" if delivery_id else None

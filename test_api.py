@@ -88,6 +88,9 @@ def _json_settings(tmp_path: Path) -> api.Settings:
         push_timeout=3.0,
         push_processes=1,  # the server-process tests cover delivery processes
         rate_limit=0,  # tests that check it turn it on
+        # The tests of other features read the classic JSON; the default,
+        # Declarative Web Push, has tests/test_payloads.py.
+        payload_format="classic",
     )
 
 
@@ -166,6 +169,7 @@ class Server:
             "VAPID_SUBJECT": "mailto:ops@push.test",
             "PUSH_TOKEN": TOKEN,
             "RATE_LIMIT": "0",
+            "PAYLOAD_FORMAT": "classic",  # as in _json_settings
             "PYTHONUNBUFFERED": "1",
             **env,
         }
@@ -2978,6 +2982,16 @@ def test_the_generic_webhook_carries_every_push_field(hook_app, push_service):
         "urgency": "high",
         "collapse_key": "backup",
         "delay": 1,
+        "format": "classic",
+        "mutable": False,
+        "tag": "backups",
+        "badge": 3,
+        "silent": True,
+        "lang": "en-GB",
+        "dir": "ltr",
+        "require_interaction": True,
+        "actions": [{"action": "open", "title": "Open", "url": "/b/1"}],
+        "image": "/big.png",
     }
     # "body" is "message", "send_at" is "delay" another way; topic is tested above
     assert set(fields) | {"body", "topic", "send_at"} == set(api.PUSH_FIELDS)
@@ -2995,6 +3009,21 @@ def test_the_generic_webhook_carries_every_push_field(hook_app, push_service):
         "icon": "/i.png",
         "url": "/b",
         "data": {"n": 1},
+        "tag": "backups",
+        "badge": 3,
+        "silent": True,
+        "lang": "en-GB",
+        "dir": "ltr",
+        "require_interaction": True,
+        "actions": [
+            {
+                "action": "open",
+                "title": "Open",
+                "url": "/b/1",
+                "navigate": "http://localhost:80/b/1",
+            }
+        ],
+        "image": "/big.png",
         "id": answer.json["id"],
     }
     headers = delivery.headers

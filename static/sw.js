@@ -15,6 +15,68 @@ function report(data, event) {
   }).catch(() => {}); // a lost receipt costs a count, never the notification
 }
 
+// What to show for a message, in either format the server sends:
+// Declarative Web Push ({"web_push": 8030, "notification": {...}}), which a
+// browser that supports it shows by itself and hands here only when it is
+// "mutable" (as the "pushnotification" event), or the classic JSON.
+function shown(data) {
+  if (data.web_push === 8030 && typeof data.notification === "object" && data.notification) {
+    const n = data.notification;
+    const extra = n.data && typeof n.data === "object" ? n.data : {};
+    return {
+      title: n.title || "New notification",
+      options: {
+        body: n.body || "",
+        icon: n.icon || "/static/icon.png",
+        image: n.image,
+        tag: n.tag,
+        lang: n.lang,
+        dir: n.dir,
+        silent: n.silent,
+        requireInteraction: n.requireInteraction,
+        actions: (n.actions || []).map(({ action, title, icon }) => ({ action, title, icon })),
+        badge: "/static/badge.png",
+        data: {
+          url: n.navigate || "/",
+          actions: Object.fromEntries((n.actions || []).map((a) => [a.action, a.navigate])),
+          data: extra.data ?? null,
+          id: extra.id ?? null,
+          receipt: extra.receipt ?? null,
+        },
+      },
+      badge: data.app_badge,
+    };
+  }
+  return {
+    title: data.title || "New notification",
+    options: {
+      body: data.body || "",
+      icon: data.icon || "/static/icon.png",
+      image: data.image,
+      tag: data.tag,
+      lang: data.lang,
+      dir: data.dir,
+      silent: data.silent,
+      requireInteraction: data.require_interaction,
+      actions: (data.actions || []).map(({ action, title, icon }) => ({ action, title, icon })),
+      badge: "/static/badge.png",
+      data: {
+        url: data.url || "/",
+        actions: Object.fromEntries((data.actions || []).map((a) => [a.action, a.url])),
+        data: data.data ?? null,
+        id: data.id ?? null,
+        receipt: data.receipt ?? null,
+      },
+    },
+    badge: data.badge,
+  };
+}
+
+function setBadge(count) {
+  if (typeof count !== "number" || !("setAppBadge" in self.navigator)) return Promise.resolve();
+  return (count ? self.navigator.setAppBadge(count) : self.navigator.clearAppBadge()).catch(() => {});
+}
+
 self.addEventListener("push", (event) => {
   let data = {};
   if (event.data) {
@@ -25,25 +87,49 @@ self.addEventListener("push", (event) => {
     }
   }
   if (typeof data !== "object" || data === null) data = { body: String(data) };
-  const title = data.title || "New notification";
-  const receipt = { id: data.id ?? null, receipt: data.receipt ?? null };
+  const { title, options, badge } = shown(data);
+  for (const name of Object.keys(options)) if (options[name] === undefined) delete options[name];
   event.waitUntil(
     Promise.all([
-      self.registration.showNotification(title, {
-        body: data.body || "",
-        icon: data.icon || "/static/icon.png",
-        badge: "/static/badge.png",
-        data: { url: data.url || "/", data: data.data ?? null, ...receipt },
-      }),
-      report(data, "delivered"),
+      self.registration.showNotification(title, options),
+      report(options.data, "delivered"),
+      setBadge(badge),
+    ]),
+  );
+});
+
+// A declarative message marked "mutable", in a browser that shows those by
+// itself: it asks the worker first. This one shows it as it came (so its
+// clicks and closes reach the handlers below) and reports it delivered; a
+// worker that shows nothing leaves the browser to show the declarative one.
+self.addEventListener("pushnotification", (event) => {
+  const n = event.notification;
+  const data = n.data && typeof n.data === "object" ? n.data : {};
+  const options = {
+    body: n.body,
+    icon: n.icon || "/static/icon.png",
+    tag: n.tag,
+    lang: n.lang,
+    dir: n.dir,
+    silent: n.silent,
+    requireInteraction: n.requireInteraction,
+    data: { url: n.navigate || "/", data: data.data ?? null, id: data.id ?? null, receipt: data.receipt ?? null },
+  };
+  event.waitUntil(
+    Promise.all([
+      self.registration.showNotification(n.title, options),
+      report(options.data, "delivered"),
+      setBadge(event.appBadge ?? undefined),
     ]),
   );
 });
 
 self.addEventListener("notificationclick", (event) => {
   event.notification.close();
-  const reported = report(event.notification.data, "clicked");
-  const url = new URL(event.notification.data?.url || "/", self.location.origin).href;
+  const data = event.notification.data || {};
+  const reported = report(data, "clicked");
+  const target = (event.action && data.actions?.[event.action]) || data.url || "/";
+  const url = new URL(target, self.location.origin).href;
   event.waitUntil(
     (async () => {
       const windows = await self.clients.matchAll({ type: "window", includeUncontrolled: true });
