@@ -434,3 +434,32 @@ def test_a_newer_notification_with_the_same_tag_replaces_the_older(
         ("weather", "Weather"),
     ]
     assert demo.errors == []
+
+
+# Safari's "pushnotification" event (a mutable declarative message, where the
+# browser shows those itself), which Chromium does not fire: dispatched here
+# with the declared notification, as the Push API builds it.
+PUSH_NOTIFICATION = """(message) => {
+  const event = new ExtendableEvent("pushnotification");
+  const declared = message.notification;
+  Object.defineProperty(event, "notification", { value: { ...declared } });
+  Object.defineProperty(event, "appBadge", { value: message.app_badge ?? null });
+  self.dispatchEvent(event);
+}"""
+
+
+def test_a_mutable_declarative_message_lets_the_worker_show_it_and_report_it(
+    demo, server, push_service
+):
+    demo.click("#enable", "Push is enabled")
+    body = {"format": "declarative", "title": "Flash", "body": "Now", "tag": "flash"}
+    answer = server_pushed(server, body)
+    message = push_service.wait_for(1)[0].message
+    assert message["notification"]["mutable"] is True
+    [worker] = demo.context.service_workers
+    worker.evaluate(PUSH_NOTIFICATION, message)
+    [shown] = demo.notifications()
+    assert (shown["title"], shown["body"], shown["tag"]) == ("Flash", "Now", "flash")
+    assert shown["data"]["receipt"] == message["notification"]["data"]["receipt"]
+    delivered = {"delivered": 1, "clicked": 0, "closed": 0}
+    assert _receipts_of(server, answer["id"], delivered) == delivered
