@@ -463,3 +463,19 @@ def test_a_mutable_declarative_message_lets_the_worker_show_it_and_report_it(
     assert shown["data"]["receipt"] == message["notification"]["data"]["receipt"]
     delivered = {"delivered": 1, "clicked": 0, "closed": 0}
     assert _receipts_of(server, answer["id"], delivered) == delivered
+
+
+def test_a_declarative_message_that_is_not_mutable_still_reports_where_the_worker_runs(
+    demo, server, push_service
+):
+    """Chromium runs the worker for every push, declarative or not."""
+    demo.click("#enable", "Push is enabled")
+    body = {"format": "declarative", "title": "Fixed", "mutable": False}
+    answer = server_pushed(server, body)
+    delivery = push_service.wait_for(1)[0]
+    assert delivery.message["notification"]["mutable"] is False
+    demo.deliver(delivery.plaintext.decode())
+    [shown] = demo.notifications()
+    assert shown["title"] == "Fixed"
+    delivered = {"delivered": 1, "clicked": 0, "closed": 0}
+    assert _receipts_of(server, answer["id"], delivered) == delivered
