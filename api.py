@@ -2452,15 +2452,25 @@ def delivery_process(fd: int) -> int:
 class _DeliveryProcess:
     """The server's end of one delivery process: batches out, outcomes in.
 
-    A plain ``python api.py --delivery-process`` on a socket pair rather than
+    ``api.py --delivery-process`` (the module imported, or the file run when
+    its name is no module name) on a socket pair rather than
     multiprocessing's spawn, which would add a 14 MB resource tracker process."""
 
     def __init__(self, args: tuple):
         ours, theirs = socket.socketpair()
         with theirs:
+            # Imported, not run as a script: from its cached bytecode, each
+            # process is 6 MB smaller than one that compiles the file itself.
+            here = Path(__file__).resolve()
+            command = [sys.executable, str(here), "--delivery-process"]
+            if here.stem.isidentifier():
+                start = (
+                    f"import sys; sys.path.insert(0, {str(here.parent)!r}); "
+                    f"import {here.stem}; sys.exit({here.stem}.main(sys.argv[1:]))"
+                )
+                command = [sys.executable, "-c", start, "--delivery-process"]
             self.process = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve())]
-                + ["--delivery-process", str(theirs.fileno())],
+                [*command, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
