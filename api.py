@@ -3274,10 +3274,7 @@ def status_document(record: dict, receipts: dict[str, int] | None = None) -> dic
         "pending": max(
             0, total - counts["sent"] - counts["failed"] - counts["removed"]
         ),
-        **{
-            event: (receipts or record.get("receipts") or {}).get(event, 0)
-            for event in RECEIPT_EVENTS
-        },
+        **{event: (receipts or {}).get(event, 0) for event in RECEIPT_EVENTS},
         "channels": channels,
         "errors": record["errors"],
     }
@@ -4174,7 +4171,7 @@ class RedisNotificationQueue:
             if earlier is not None:
                 if earlier["idempotency"]["body"] != body_hash:
                     raise IdempotencyConflict(made)
-                return status_document(earlier), True
+                return status_document(earlier, earlier["receipts"]), True
         self._created.set()
         return status_document(record), False
 
@@ -4185,7 +4182,7 @@ class RedisNotificationQueue:
 
     def get(self, notification_id: str) -> dict | None:
         record = self._record(notification_id)
-        return None if record is None else status_document(record)
+        return None if record is None else status_document(record, record["receipts"])
 
     def count_receipt(
         self, notification_id: str, event: str, subscriber: str

@@ -18,58 +18,59 @@ function report(data, event) {
 // What to show for a message, in either format the server sends:
 // Declarative Web Push ({"web_push": 8030, "notification": {...}}), which a
 // browser that supports it shows by itself and hands here only when it is
-// "mutable" (as the "pushnotification" event), or the classic JSON.
-function shown(data) {
+// "mutable" (as the "pushnotification" event), or the classic JSON. First
+// the fields both formats have, under one set of names.
+function fields(data) {
+  const common = (o) => ({ title: o.title, body: o.body, icon: o.icon, image: o.image, tag: o.tag, lang: o.lang, dir: o.dir, silent: o.silent });
   if (data.web_push === 8030 && typeof data.notification === "object" && data.notification) {
     const n = data.notification;
     const extra = n.data && typeof n.data === "object" ? n.data : {};
     return {
-      title: n.title || "New notification",
-      options: {
-        body: n.body || "",
-        icon: n.icon || "/static/icon.png",
-        image: n.image,
-        tag: n.tag,
-        lang: n.lang,
-        dir: n.dir,
-        silent: n.silent,
-        requireInteraction: n.requireInteraction,
-        actions: (n.actions || []).map(({ action, title, icon }) => ({ action, title, icon })),
-        badge: "/static/badge.png",
-        data: {
-          url: n.navigate || "/",
-          actions: Object.fromEntries((n.actions || []).map((a) => [a.action, a.navigate])),
-          data: extra.data ?? null,
-          id: extra.id ?? null,
-          receipt: extra.receipt ?? null,
-        },
-      },
+      ...common(n),
+      requireInteraction: n.requireInteraction,
+      url: n.navigate,
+      actions: (n.actions || []).map(({ action, title, icon, navigate }) => ({ action, title, icon, url: navigate })),
+      data: extra.data,
+      id: extra.id,
+      receipt: extra.receipt,
       badge: data.app_badge,
     };
   }
   return {
-    title: data.title || "New notification",
-    options: {
-      body: data.body || "",
-      icon: data.icon || "/static/icon.png",
-      image: data.image,
-      tag: data.tag,
-      lang: data.lang,
-      dir: data.dir,
-      silent: data.silent,
-      requireInteraction: data.require_interaction,
-      actions: (data.actions || []).map(({ action, title, icon }) => ({ action, title, icon })),
-      badge: "/static/badge.png",
-      data: {
-        url: data.url || "/",
-        actions: Object.fromEntries((data.actions || []).map((a) => [a.action, a.url])),
-        data: data.data ?? null,
-        id: data.id ?? null,
-        receipt: data.receipt ?? null,
-      },
-    },
+    ...common(data),
+    requireInteraction: data.require_interaction,
+    url: data.url,
+    actions: data.actions || [],
+    data: data.data,
+    id: data.id,
+    receipt: data.receipt,
     badge: data.badge,
   };
+}
+
+function shown(data) {
+  const f = fields(data);
+  const options = {
+    body: f.body || "",
+    icon: f.icon || "/static/icon.png",
+    image: f.image,
+    tag: f.tag,
+    lang: f.lang,
+    dir: f.dir,
+    silent: f.silent,
+    requireInteraction: f.requireInteraction,
+    actions: f.actions.map(({ action, title, icon }) => ({ action, title, icon })),
+    badge: "/static/badge.png",
+    data: {
+      url: f.url || "/",
+      actions: Object.fromEntries(f.actions.map((a) => [a.action, a.url])),
+      data: f.data ?? null,
+      id: f.id ?? null,
+      receipt: f.receipt ?? null,
+    },
+  };
+  for (const name of Object.keys(options)) if (options[name] === undefined) delete options[name];
+  return { title: f.title || "New notification", options, badge: f.badge };
 }
 
 function setBadge(count) {
@@ -88,7 +89,6 @@ self.addEventListener("push", (event) => {
   }
   if (typeof data !== "object" || data === null) data = { body: String(data) };
   const { title, options, badge } = shown(data);
-  for (const name of Object.keys(options)) if (options[name] === undefined) delete options[name];
   event.waitUntil(
     Promise.all([
       self.registration.showNotification(title, options),
@@ -103,23 +103,13 @@ self.addEventListener("push", (event) => {
 // clicks and closes reach the handlers below) and reports it delivered; a
 // worker that shows nothing leaves the browser to show the declarative one.
 self.addEventListener("pushnotification", (event) => {
-  const n = event.notification;
-  const data = n.data && typeof n.data === "object" ? n.data : {};
-  const options = {
-    body: n.body,
-    icon: n.icon || "/static/icon.png",
-    tag: n.tag,
-    lang: n.lang,
-    dir: n.dir,
-    silent: n.silent,
-    requireInteraction: n.requireInteraction,
-    data: { url: n.navigate || "/", data: data.data ?? null, id: data.id ?? null, receipt: data.receipt ?? null },
-  };
+  const declared = { web_push: 8030, notification: event.notification, app_badge: event.appBadge };
+  const { title, options, badge } = shown(declared);
   event.waitUntil(
     Promise.all([
-      self.registration.showNotification(n.title, options),
+      self.registration.showNotification(title, options),
       report(options.data, "delivered"),
-      setBadge(event.appBadge ?? undefined),
+      setBadge(badge ?? undefined),
     ]),
   );
 });

@@ -70,6 +70,15 @@ def wait_status(client, notification_id: str, wanted: str, timeout: float = 20):
         time.sleep(0.05)
 
 
+def wait_dropped(client, notification_id: str, timeout: float = 10) -> None:
+    """Until the retention sweep has forgotten the notification (404)."""
+    deadline = time.monotonic() + timeout
+    path = f"/notifications/{notification_id}"
+    while client.get(path, headers=AUTH, expect_errors=True).status_int != 404:
+        assert time.monotonic() < deadline, "not dropped"
+        time.sleep(0.05)
+
+
 def store_file(path: Path, subscriptions: list[dict], topics=()) -> None:
     """Subscriptions written straight into a store file (faster than POSTs)."""
     with open(path, "a") as f:
@@ -451,15 +460,7 @@ def test_ended_notifications_are_dropped_after_the_retention(settings, monkeypat
     application = api.create_app(short)  # the sweep runs at start, then each minute
     client = webtest.TestApp(application)
     try:
-        deadline = time.monotonic() + 10  # the sweep runs in the background
-        while (
-            client.get(
-                f"/notifications/{answer['id']}", headers=AUTH, expect_errors=True
-            ).status_int
-            != 404
-        ):
-            assert time.monotonic() < deadline, "not dropped"
-            time.sleep(0.05)
+        wait_dropped(client, answer["id"])  # the sweep runs in the background
         kept = status_of(client, scheduled.json["id"])  # not ended: kept
         assert kept["status"] == "scheduled"
     finally:
@@ -630,15 +631,7 @@ def test_receipts_are_dropped_with_their_notification(settings, monkeypatch):
     application = api.create_app(short)  # the sweep runs at start
     client = webtest.TestApp(application)
     try:
-        deadline = time.monotonic() + 10
-        while (
-            client.get(
-                f"/notifications/{notification_id}", headers=AUTH, expect_errors=True
-            ).status_int
-            != 404
-        ):
-            assert time.monotonic() < deadline, "not dropped"
-            time.sleep(0.05)
+        wait_dropped(client, notification_id)
         receipt = message["receipt"]
         _report(client, notification_id, "delivered", receipt, status=404)
         if short.redis_url:
