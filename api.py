@@ -1660,6 +1660,7 @@ URGENCIES = ("very-low", "low", "normal", "high")
 RETRY_TRIES = 3
 RETRY_MAX_WAIT = 30.0
 START_BATCH = 64  # messages encrypted and started between two looks at the answers
+FLUSH_EVERY = 0.1  # seconds between runs of every transfer while any is under way
 # The reason of an outcome "unsent": cancelled, or the server stopped first.
 UNSENT = "not sent: cancelled, or the server stopped first"
 
@@ -2062,6 +2063,7 @@ class WebPushDelivery:
         self._ca = _ca_options()
         self._selector = selectors.DefaultSelector()
         self._timer: float | None = None  # when libcurl wants socket_action(TIMEOUT)
+        self._next_flush = 0.0  # see _turn
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
         self._multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, 1000)
@@ -2145,6 +2147,8 @@ class WebPushDelivery:
         self._take_new()
         more = self._start_waiting()
         due = [t for t in (self._timer, self._next_retry()) if t is not None]
+        if self._busy:
+            due.append(self._next_flush)
         wait = 0.0 if more else None
         if due and not more:
             wait = max(0.0, min(due) - time.monotonic())
@@ -2159,6 +2163,16 @@ class WebPushDelivery:
         if self._timer is not None and self._timer <= time.monotonic():
             self._timer = None
             self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        if self._busy and self._next_flush <= time.monotonic():
+            # libcurl (8.23 here) can keep a request's last DATA frame in
+            # nghttp2's buffer, stop watching the socket for writing, and wait
+            # for an answer the push service cannot give without it: the message
+            # waits for PUSH_TIMEOUT and is sent again. Measured with two
+            # processes on two busy cores, each sending batches of 250 to a
+            # local nginx: 1 batch in 120. Running every transfer now and then
+            # sends what waits.
+            self._next_flush = time.monotonic() + FLUSH_EVERY
+            self._multi.socket_all()
         self._finish_done()
         self._requeue_due_retries()
 
