@@ -5,20 +5,26 @@ push service of bench/fanout.py: Debian's nginx (TLS, HTTP/2 by ALPN) answering
 201 itself, with one subscriber in ``--check-every`` routed to the decrypting
 stand-in (tests/push_service.py), which checks the VAPID JWT and decrypts every
 message it gets; any bad one fails the run. The push service is on this
-machine, so its share of the 2 cores is kept small: 1 subscriber in 100. The HTTP process is ``python
+machine, so its share of the 2 cores is kept small: 1 subscriber in 1,000
+(20 checked in each fan-out of part A). The stand-in decrypts in Python at
+about 1.6 ms of CPU a message: checking 1 in 100 took 0.05 of the 2 cores
+from the workers. The HTTP process is ``python
 api.py`` with ``API_DELIVERS=false``; the workers are ``python api.py
 --worker``; all with ``PUSH_PROCESSES=1`` (one process, one core each).
 
 A. Scaling out: ``--subscribers`` (20,000) in Redis, ``POST /push`` delivered
    by 1 worker, then by 2, alternating (1, 2, 2, 1, ...) for ``--runs``. Each
-   rate is the notification's own: sent / (finished - started). Prints both
-   and their ratio, measured side by side in this run (target at least 1.7x
-   on a 2-core machine), with the CPU each process used during each fan-out:
-   the workers share the 2 cores with redis-server, nginx and the stand-in,
-   so a bottleneck outside the workers shows. This script polls the
-   notification once a second on one connection: polling 4 times a second
-   on a new connection each cost the HTTP process, Redis and this script
-   0.024 cores, against 0.006.
+   rate is the notification's own: sent / (finished - started). Prints both,
+   the ratio within each pair of runs one after the other, and the median
+   pair's as the verdict (target at least 1.7x on a 2-core machine). This
+   shared machine's speed drifts by up to a quarter from one minute to the
+   next (one worker: 1,744 to 2,161 msg/s in one run), so the best of each,
+   also printed, compares runs minutes apart. With the rates, the CPU each
+   process used during each fan-out: the workers share the 2 cores with
+   redis-server, nginx and the stand-in, so a bottleneck outside the workers
+   shows. This script polls the notification once a second on one
+   connection: polling 4 times a second on a new connection each cost the
+   HTTP process, Redis and this script 0.024 cores, against 0.006.
 
 B. A million: ``--million`` (1,000,000) subscriptions written straight into
    Redis (1,000 key pairs reused with distinct endpoints as long as FCM's), then
@@ -322,21 +328,27 @@ def print_part_a(args, runs: list, peak: float) -> bool:
         )
     one = [r for r in runs if r["workers"] == 1]
     two = [r for r in runs if r["workers"] == 2]
+    # Each 1-worker run with the 2-worker run next to it, (1, 2), (2, 1), ...:
+    # this machine's speed drifts by up to a quarter from one minute to the
+    # next, so a ratio is taken within a pair, and the verdict is the median's.
+    pairs = sorted(zip(one, two), key=lambda pair: pair[1]["rate"] / pair[0]["rate"])
+    got1, got2 = pairs[(len(pairs) - 1) // 2]
+    ratio = got2["rate"] / got1["rate"]
+    met = ratio >= TARGET_RATIO
+    print(
+        "  run by run, 2 workers / 1 worker: "
+        + ", ".join(f"{b['rate'] / a['rate']:.2f}x" for a, b in zip(one, two))
+    )
     best1 = max(r["rate"] for r in one)
     best2 = max(r["rate"] for r in two)
-    ratio = best2 / best1
-    met = ratio >= TARGET_RATIO
-    if len(one) > 1:
-        pairs = ", ".join(f"{b['rate'] / a['rate']:.2f}x" for a, b in zip(one, two))
-        print(f"  run by run, 2 workers / 1 worker: {pairs}")
     print(
-        f"  2 workers / 1 worker: {ratio:.2f}x ({best2:,.0f} / {best1:,.0f} msg/s, "
-        f"best of each); target {TARGET_RATIO}x: {'met' if met else 'NOT met'}"
+        f"  2 workers / 1 worker: {ratio:.2f}x ({got2['rate']:,.0f} / "
+        f"{got1['rate']:,.0f} msg/s, the median pair); target {TARGET_RATIO}x: "
+        f"{'met' if met else 'NOT met'}. Best of each: {best2 / best1:.2f}x "
+        f"({best2:,.0f} / {best1:,.0f} msg/s, from runs minutes apart)"
     )
     if not met:
         # What the workers got of the cores, against what they needed.
-        got1 = max(one, key=lambda r: r["rate"])
-        got2 = max(two, key=lambda r: r["rate"])
         outside = sum(v for k, v in got2["cores"].items() if k != "workers")
         cores = os.cpu_count() or 1
         print(
@@ -558,9 +570,9 @@ def main() -> None:
     parser.add_argument(
         "--check-every",
         type=int,
-        default=100,
+        default=1000,
         help="one subscriber in this many goes to the decrypting stand-in (it "
-        "shares the cores with the workers, so part A keeps it to 1%%)",
+        "shares the cores with the workers)",
     )
     args = parser.parse_args()
 
