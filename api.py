@@ -2172,7 +2172,7 @@ class WebPushDelivery:
             # local nginx: 1 batch in 120. Running every transfer now and then
             # sends what waits.
             self._next_flush = time.monotonic() + FLUSH_EVERY
-            self._multi.socket_all()
+            self._multi.perform()
         self._finish_done()
         self._requeue_due_retries()
 
