@@ -38,17 +38,7 @@ PATTERN = r"^https://127\.0\.0\.1:\d+/"
 TIMEOUT = 2.0  # PUSH_TIMEOUT: a stalled message costs this, then a retry
 
 
-class _Front:
-    """What fanout.fast_subscription needs of an Nginx, in another process."""
-
-    def __init__(self, origin: str):
-        self.origin = origin
-
-    def fast_endpoint(self, name: str) -> str:
-        return f"{self.origin}/fast/{name}"
-
-
-def send(origin: str, ca_file: str, seconds: float, flush: float, results) -> None:
+def send(records: list, ca_file: str, seconds: float, flush: float, results) -> None:
     os.environ["SSL_CERT_FILE"] = ca_file
     api.FLUSH_EVERY = flush
     settings = api.Settings.from_env(
@@ -56,10 +46,6 @@ def send(origin: str, ca_file: str, seconds: float, flush: float, results) -> No
     )
     keys = api.VapidKeys.load_or_create(settings)
     delivery = api.WebPushDelivery(keys, 100, TIMEOUT, PATTERN)
-    front = _Front(origin)
-    records = [
-        {**fanout.fast_subscription(front, n), "id": f"r{n}"} for n in range(250)
-    ]
     message = api.Message({"title": "t"}, b'{"title": "t"}', 60)
     batches = stalled = retried = 0
     end = time.monotonic() + seconds
@@ -78,10 +64,13 @@ def send(origin: str, ca_file: str, seconds: float, flush: float, results) -> No
 
 
 def run(front: Nginx, seconds: float, flush: float) -> tuple[int, int, int]:
+    records = [
+        {**fanout.fast_subscription(front, n), "id": f"r{n}"} for n in range(250)
+    ]
     results = multiprocessing.Queue()
     processes = [
         multiprocessing.Process(
-            target=send, args=(front.origin, front.ca_file, seconds, flush, results)
+            target=send, args=(records, front.ca_file, seconds, flush, results)
         )
         for _ in range(2)
     ]
