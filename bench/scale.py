@@ -331,14 +331,13 @@ def print_part_a(args, runs: list, peak: float) -> bool:
     # Each 1-worker run with the 2-worker run next to it, (1, 2), (2, 1), ...:
     # this machine's speed drifts by up to a quarter from one minute to the
     # next, so a ratio is taken within a pair, and the verdict is the median's.
-    pairs = sorted(zip(one, two), key=lambda pair: pair[1]["rate"] / pair[0]["rate"])
-    got1, got2 = pairs[(len(pairs) - 1) // 2]
-    ratio = got2["rate"] / got1["rate"]
-    met = ratio >= TARGET_RATIO
+    pairs = [(b["rate"] / a["rate"], a, b) for a, b in zip(one, two)]
     print(
         "  run by run, 2 workers / 1 worker: "
-        + ", ".join(f"{b['rate'] / a['rate']:.2f}x" for a, b in zip(one, two))
+        + ", ".join(f"{pair[0]:.2f}x" for pair in pairs)
     )
+    ratio, got1, got2 = sorted(pairs, key=lambda pair: pair[0])[(len(pairs) - 1) // 2]
+    met = ratio >= TARGET_RATIO
     best1 = max(r["rate"] for r in one)
     best2 = max(r["rate"] for r in two)
     print(
