@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -62,7 +63,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import bottle
@@ -1117,30 +1118,66 @@ class JsonLinesStore:
 
 class SubscriptionStore(JsonLinesStore):
     """Push subscriptions and FCM tokens by id (see JsonLinesStore), with an
-    index of each one's channel, push service origin and topics, so a fan-out
-    can be planned without reading every record."""
+    index of each one's channel, push service origin, topics and place in
+    line, so a fan-out is planned and counted without reading every record.
+
+    A record's place in line (``seq``) is given when its id is first stored
+    and kept for life, in the record itself: a fan-out goes to the records
+    in line up to where the line ended when it started, as on Redis.
+    """
 
     WHAT = "subscription file"
 
     def __init__(self, path: str | Path):
-        self._index: dict[str, tuple[str, tuple[str, ...]]] = {}
-        self._kinds: collections.Counter[str] = collections.Counter()
-        self._topics: collections.Counter[str] = collections.Counter()
+        # id -> (origin, topics, seq), in the order of seq.
+        self._index: dict[str, tuple[str, tuple[str, ...], int]] = {}
+        self._counts: collections.Counter[tuple[str, str | None]] = (
+            collections.Counter()
+        )
         self._origins: dict[str, str] = {}  # one string per origin, shared
+        self._seq = 0
+        self._plans: dict[tuple, tuple[list[int], list[str], list[str]]] = {}
         super().__init__(path)
 
     def count(self, kind: str, topic: str | None = None) -> int:
         """How many records of a kind (a record's ``kind``, "webpush" if it has
         none), all or those subscribed to ``topic``."""
-        if topic is None:
-            return self._kinds[kind]
-        fcm = kind == "fcm"
+        return self._counts[(kind, topic)]
+
+    def sequence(self) -> int:
+        """Where the line of records ends now: every record stored has a
+        ``seq`` at most this."""
         with self._mutex:
-            return sum(
-                1
-                for origin, topics in self._index.values()
-                if (origin == "fcm") == fcm and topic in topics
-            )
+            return self._seq
+
+    def page(
+        self, kind: str, topic: str | None, after: int, upto: int, limit: int
+    ) -> list[tuple[int, str, str]]:
+        """The next ``limit`` records of a kind, all or on ``topic``, in line
+        after ``after`` and up to ``upto``: (seq, id, push service origin)."""
+        key = (kind, topic, upto)
+        plan = self._plans.get(key)
+        if plan is None:  # taken once per fan-out: later records are past upto
+            fcm = kind == "fcm"
+            with self._mutex:
+                found = [
+                    (seq, record_id, origin)
+                    for record_id, (origin, topics, seq) in self._index.items()
+                    if seq <= upto
+                    and (origin == "fcm") == fcm
+                    and (topic is None or topic in topics)
+                ]
+            found.sort()  # a record stored again moved to the dict's end
+            seqs = [seq for seq, _, _ in found]
+            ids = [record_id for _, record_id, _ in found]
+            origins = [origin for _, _, origin in found]
+            plan = self._plans[key] = (seqs, ids, origins)
+            while len(self._plans) > 4:
+                del self._plans[next(iter(self._plans))]
+        seqs, ids, origins = plan
+        start = bisect.bisect_right(seqs, after)
+        end = start + limit
+        return list(zip(seqs[start:end], ids[start:end], origins[start:end]))
 
     def count_failures(
         self, failed: list[str], succeeded: list[str], limit: int
@@ -1174,45 +1211,70 @@ class SubscriptionStore(JsonLinesStore):
 
     def topics(self) -> dict[str, int]:
         """How many records (of either kind) each topic has."""
+        counts: collections.Counter[str] = collections.Counter()
         with self._mutex:
-            return {topic: n for topic, n in self._topics.items() if n > 0}
+            for (_, topic), n in self._counts.items():
+                if topic is not None and n > 0:
+                    counts[topic] += n
+        return dict(counts)
 
-    def list(self, topic: str | None = None) -> list[dict]:
-        """The records, all or those subscribed to ``topic``."""
-        with self._mutex:
-            lines = [
-                self._records[i]
-                for i, (_, topics) in self._index.items()
-                if topic is None or topic in topics
-            ]
-        return [json.loads(line) for line in lines]
+    def get(self, record_id: str) -> dict | None:
+        """The record with that id (a copy), without its place in line."""
+        record = super().get(record_id)
+        if record is not None:
+            record.pop("seq", None)
+        return record
 
-    def ids_by_origin(self, topic: str | None = None) -> dict[str, list[str]]:
-        """The ids of the records, all or those subscribed to ``topic``, by push
-        service origin ("fcm" for FCM tokens)."""
-        plan: dict[str, list[str]] = {}
+    def list(self) -> list[dict]:
+        """Every record."""
         with self._mutex:
-            for record_id, (origin, topics) in self._index.items():
-                if topic is None or topic in topics:
-                    plan.setdefault(origin, []).append(record_id)
-        return plan
+            ids = list(self._records)
+        return [r for r in map(self.get, ids) if r is not None]
+
+    def get_many(self, record_ids: list[str]) -> list[dict | None]:
+        """The records of ``record_ids``, in order; None for those not stored."""
+        return [self.get(record_id) for record_id in record_ids]
+
+    def _write_locked(
+        self, lines: list[tuple[str, bytes, dict]], removals: list[str]
+    ) -> _Write | None:
+        # A new id takes the next place in line; a stored one keeps its own.
+        placed = []
+        for record_id, line, record in lines:
+            if "seq" not in record:
+                known = self._index.get(record_id)
+                if known is None:
+                    self._seq += 1
+                record = {**record, "seq": known[2] if known else self._seq}
+                line = _record_line(record).encode("utf-8")
+            placed.append((record_id, line, record))
+        return super()._write_locked(placed, removals)
 
     def _put(self, record_id: str, line: bytes, record: dict) -> None:
+        known = self._index.get(record_id)
         super()._put(record_id, line, record)
         kind = record.get("kind", "webpush")
-        origin = "fcm" if kind == "fcm" else endpoint_origin(record.get("endpoint", ""))
+        origin = record_origin(record)
         origin = self._origins.setdefault(origin, origin)
         topics = tuple(dict.fromkeys(record.get("topics") or ()))
-        self._index[record_id] = (origin, topics)
-        self._kinds[kind] += 1
-        self._topics.update(topics)
+        # Records from before places in line get them in the file's order.
+        seq = record.get("seq") or (known[2] if known else self._seq + 1)
+        self._seq = max(self._seq, seq)
+        self._index[record_id] = (origin, topics, seq)
+        self._counts[(kind, None)] += 1
+        for topic in topics:
+            self._counts[(kind, topic)] += 1
 
     def _drop(self, record_id: str) -> None:
         super()._drop(record_id)
         entry = self._index.pop(record_id, None)
         if entry is not None:
-            self._kinds["fcm" if entry[0] == "fcm" else "webpush"] -= 1
-            self._topics.subtract(entry[1])
+            kind = "fcm" if entry[0] == "fcm" else "webpush"
+            self._counts[(kind, None)] -= 1
+            for topic in entry[1]:
+                self._counts[(kind, topic)] -= 1
+                if not self._counts[(kind, topic)]:
+                    del self._counts[(kind, topic)]
 
 
 def endpoint_origin(endpoint: str) -> str:
@@ -1222,6 +1284,13 @@ def endpoint_origin(endpoint: str) -> str:
     except ValueError:
         return ""
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def record_origin(record: dict) -> str:
+    """Where a record's messages go: its push service's origin, or "fcm"."""
+    if record.get("kind") == "fcm":
+        return "fcm"
+    return endpoint_origin(record.get("endpoint", ""))
 
 
 def _write_all(fd: int, data: bytes) -> int:
@@ -1380,7 +1449,7 @@ def _redis_errors(what: str) -> Any:
 
 
 # One write of records and their indexes, atomic. ARGV: prefix, the number of
-# upserts, each as (id, line, kind, number of topics, topics...), then the ids
+# upserts, each as (id, line, kind, origin, number of topics, topics...), then the ids
 # to remove. A record keeps its place in the indexes (its score, from the
 # ``seq`` counter) for life, so a fan-out being planned meets each record once.
 SUBSCRIPTION_UNINDEX_LUA = """
@@ -1400,6 +1469,7 @@ local function unindex(id)
   end
   redis.call('HINCRBY', counts, kind, -1)
   redis.call('HDEL', p .. 'fails', id)
+  redis.call('HDEL', p .. 'origin', id)
   return true, score
 end
 """
@@ -1408,17 +1478,18 @@ SUBSCRIPTION_WRITE_LUA = (
     + """
 local results, i = {}, 3
 for n = 1, tonumber(ARGV[2]) do
-  local id, line, kind, topics = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local id, line, kind, topics = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 4])
   local existed, score = unindex(id)
   results[n] = existed and 0 or 1
   if not score then score = redis.call('INCR', p .. 'seq') end
   redis.call('HSET', subs, id, line)
+  redis.call('HSET', p .. 'origin', id, ARGV[i + 3])
   redis.call('ZADD', p .. 'ix:' .. kind, score, id)
   for t = 1, topics do
-    redis.call('ZADD', p .. 'tx:' .. kind .. ':' .. ARGV[i + 3 + t], score, id)
+    redis.call('ZADD', p .. 'tx:' .. kind .. ':' .. ARGV[i + 4 + t], score, id)
   end
   redis.call('HINCRBY', counts, kind, 1)
-  i = i + 4 + topics
+  i = i + 5 + topics
 end
 for j = i, #ARGV do
   if unindex(ARGV[j]) then
@@ -1528,8 +1599,8 @@ class RedisSubscriptionStore:
         args: list[Any] = [self.prefix, len(upserts)]
         for record in upserts:
             topics = record.get("topics") or []
-            args += [record["id"], _record_line(record)]
-            args += [record.get("kind", "webpush"), len(topics), *topics]
+            args += [record["id"], _record_line(record), record.get("kind", "webpush")]
+            args += [record_origin(record), len(topics), *topics]
         with _redis_errors("storing subscriptions"):
             return self._write(args=args + removals)
 
@@ -1574,27 +1645,40 @@ class RedisSubscriptionStore:
             return f"{self.prefix}ix:{kind}"
         return f"{self.prefix}tx:{kind}:{topic}"
 
-    def list(self, topic: str | None = None) -> list[dict]:
-        """The records, all or those subscribed to ``topic``."""
-        if topic is None:
-            return [r for chunk in self.scan() for r in chunk]
-        ids: list[str] = []
-        with _redis_errors("listing subscriptions"):
-            for kind in CHANNELS:
-                ids += self.redis.zrange(self.index_key(kind, topic), 0, -1)
-        return [r for r in self.get_many(ids) if r is not None]
+    def sequence(self) -> int:
+        """As SubscriptionStore.sequence: the ``seq`` counter."""
+        with _redis_errors("reading the subscription count"):
+            return int(self.redis.get(self.prefix + "seq") or 0)
 
-    def ids_by_origin(self, topic: str | None = None) -> dict[str, list[str]]:
-        """The ids of the records, all or on ``topic``, by push service origin."""
-        plan: dict[str, list[str]] = {}
-        for record in self.list(topic):
-            origin = (
-                "fcm"
-                if record.get("kind") == "fcm"
-                else endpoint_origin(record.get("endpoint", ""))
+    def page(
+        self, kind: str, topic: str | None, after: int, upto: int, limit: int
+    ) -> list[tuple[int, str, str]]:
+        """As SubscriptionStore.page: from the index, with each record's
+        origin from the hash ``origin`` (read from the record itself for
+        records stored before it)."""
+        with _redis_errors("planning a notification"):
+            found = self.redis.zrangebyscore(
+                self.index_key(kind, topic),
+                f"({after}",
+                upto,
+                start=0,
+                num=limit,
+                withscores=True,
             )
-            plan.setdefault(origin, []).append(record["id"])
-        return plan
+            ids = [record_id for record_id, _ in found]
+            origins = self.redis.hmget(self.prefix + "origin", ids) if ids else []
+        unknown = [i for i, origin in zip(ids, origins) if origin is None]
+        if unknown:
+            known = {r["id"]: record_origin(r) for r in self.get_many(unknown) if r}
+            origins = [o or known.get(i, "") for i, o in zip(ids, origins)]
+        return [
+            (int(score), record_id, origin)
+            for (record_id, score), origin in zip(found, origins)
+        ]
+
+    def list(self) -> list[dict]:
+        """Every record."""
+        return [r for chunk in self.scan() for r in chunk]
 
     def claim_identity(
         self, public_key: str, token: str | None, receipt_key: bytes | None = None
@@ -3193,24 +3277,6 @@ def _zero_counts() -> dict[str, dict[str, int]]:
     return {channel: dict.fromkeys(COUNTS, 0) for channel in CHANNELS}
 
 
-def _add_counts(into: dict, counts: dict) -> None:
-    for channel, values in counts.items():
-        for name, value in values.items():
-            into[channel][name] += value
-
-
-def _add_errors(into: list[dict], errors: list[dict]) -> list[dict]:
-    """Merge counts of failure causes; keep the commonest MAX_ERRORS."""
-    merged: collections.Counter = collections.Counter()
-    for error in into + errors:
-        cause = (error["channel"], error["origin"], error["status"], error["reason"])
-        merged[cause] += error["count"]
-    return [
-        {"channel": c, "origin": o, "status": s, "reason": r, "count": n}
-        for (c, o, s, r), n in merged.most_common(MAX_ERRORS)
-    ]
-
-
 def message_of(record: dict, now: float) -> Message:
     """A notification's message as sent now: its TTL counted from when it was
     due, so a message sent late expires when it would have on time."""
@@ -3273,7 +3339,11 @@ def status_document(record: dict, receipts: dict[str, int] | None = None) -> dic
     receipts counted so far."""
     channels = record["counts"]
     counts = {name: sum(c[name] for c in channels.values()) for name in COUNTS}
-    total = record["total"]
+    # Once planned, it goes to those queued; either way not to those who
+    # unsubscribed before their batch was sent.
+    planned = record.get("planned", False)
+    total = record["enqueued"] if planned else record["total"]
+    total = max(0, total - record.get("vanished", 0))
     return {
         "id": record["id"],
         "status": record["status"],
@@ -3290,7 +3360,7 @@ def status_document(record: dict, receipts: dict[str, int] | None = None) -> dic
         ),
         **{event: (receipts or {}).get(event, 0) for event in RECEIPT_EVENTS},
         "channels": channels,
-        "errors": record["errors"],
+        "errors": record["errors"][:MAX_ERRORS],
     }
 
 
@@ -3308,240 +3378,562 @@ def log_end(document: dict) -> None:
     )
 
 
-@dataclass(eq=False)
-class _Job:
-    """A notification that has not ended, as the dispatcher holds it."""
+@dataclass(frozen=True)
+class Batch:
+    """Subscribers of one notification who share a push service, handed to
+    delivery together."""
 
-    record: dict
-    message: Message | None = None
-    pending: dict[str, collections.deque[str]] = field(default_factory=dict)
-    out: collections.Counter[str] = field(default_factory=collections.Counter)
-    done: set[str] = field(default_factory=set)  # known sent, until the plan
-    progress: list[str] = field(default_factory=list)  # its progress records
-    planned: bool = False
+    entry: str  # the job store's name for it
+    origin: str  # their push service ("fcm" for FCM tokens)
+    notification: str
+    ids: tuple[str, ...]
+    added: float = 0.0  # when it was queued
 
 
-class NotificationQueue:
-    """Notifications as durable jobs: accepted into the journal at once,
-    delivered by one dispatcher thread, resumed after a crash.
+class JobStore(Protocol):
+    """Where notifications, their batches and their counts are kept, for
+    NotificationEngine: the JSON journal (JournalJobStore) or Redis
+    (RedisJobStore). Policy (what is due, what a batch holds, what outcomes
+    mean) is the engine's; a job store keeps state, and makes each step
+    atomic. A notification is a record as ``new_notification`` makes it;
+    ``load`` gives it back with its counts, causes of failure, receipts and
+    plan (``planned``, ``enqueued``, ``vanished``). Methods raise OSError
+    (StoreUnavailable on Redis) when the store refuses."""
 
-    The dispatcher starts a notification when it is due: it lists the ids of
-    its subscribers by push service, and hands them out in batches of
-    BATCH_SIZE, at most ``BATCHES_PER_PROCESS x PUSH_PROCESSES`` batches per
-    push service per notification at a time, so a hung push service holds
-    only its own batches. Each batch's outcomes are applied to the store and
-    written to the journal as one progress record; after a crash, the
-    subscribers of recorded batches are skipped, and those of batches in
-    flight at that moment are sent again: at most ``BATCH_SIZE x
-    BATCHES_PER_PROCESS x PUSH_PROCESSES`` duplicates per push service and
-    notification.
-    """
+    def insert(self, record: dict, key_hash: str | None) -> str | None:
+        """Keep a new notification, unless one made with the same
+        Idempotency-Key hash in the last IDEMPOTENCY_SECONDS is still kept:
+        then that one's id, and nothing is stored."""
 
-    def __init__(
+    def load(self, notification_id: str) -> dict | None:
+        """A notification as status_document reads it, or None."""
+
+    def newest(self, limit: int) -> list[str]:
+        """The ids of the newest ``limit`` notifications, newest first."""
+
+    def statuses(self) -> collections.Counter[str]:
+        """How many notifications kept have each status."""
+
+    def status_of(self, notification_ids: list[str]) -> list[str | None]:
+        """The status of each (None: not kept)."""
+
+    def change(
+        self, notification_id: str, status: str, before: tuple[str, ...], now: float
+    ) -> bool | None:
+        """Give it ``status`` (a finished one) if it has one of ``before``:
+        whether it did; None if there is no such notification."""
+
+    def claim_due(self, now: float, lease_until: float) -> str | None:
+        """A notification to plan (due, or sending with its plan unfinished
+        and its lease over), leased to the caller until ``lease_until``."""
+
+    def start(
+        self, notification_id: str, now: float, total: int, plan_max: int
+    ) -> tuple[int, str] | None:
+        """Start sending a claimed notification (a scheduled or queued one
+        becomes sending, with this ``plan_max``); its plan_max and plan
+        cursor, or None if there is nothing to plan (it ended)."""
+
+    def enqueue(
         self,
-        journal: NotificationJournal,
-        store: SubscriptionStore,
-        delivery: Delivery,
-        retention: float,
-        batch_size: int = BATCH_SIZE,
-        receipts: ReceiptDatabase | None = None,
-        prune_after: int = 0,
-    ):
-        self.journal = journal
-        self.prune_after = prune_after
-        self.receipts = receipts
-        if receipts is None:
-            self.receipts = ReceiptDatabase(receipts_path(journal.path))
-        self.store = store
-        self.delivery = delivery
-        self.retention = retention
-        self.batch_size = batch_size
-        self.batches_per_origin = BATCHES_PER_PROCESS * delivery.processes
-        self._jobs: dict[str, _Job] = {}  # not ended, in order of creation
-        self._order: list[tuple[float, str]] = []  # (created, id) of all, oldest first
-        self._keys: dict[str, str] = {}  # idempotency key's hash -> id
-        self._lock = threading.Condition()
-        self._creating = threading.Lock()  # one check-and-create per key at a time
-        # A status change and its journal write, one at a time: the journal's
-        # order is the order the statuses changed in.
-        self._changing = threading.Lock()
-        self._completed: collections.deque[tuple] = collections.deque()
-        self._stopping = False
-        self._load()
-        self._drop_old(time.time())
-        self._next_sweep = time.time() + 60
-        self._thread = threading.Thread(
-            target=self._run, name="notifications", daemon=True
-        )
-        self._thread.start()
+        notification_id: str,
+        cursor: str,
+        after: str,
+        lease_until: float,
+        batches: list[tuple[str, list[str]]],
+    ) -> bool:
+        """Queue (origin, ids) batches and move the cursor to ``after``, if
+        the cursor is still ``cursor`` and it is sending; whether it did."""
 
-    # -- what the HTTP routes call ----------------------------------------------
+    def planned(self, notification_id: str, cursor: str, now: float) -> int:
+        """Its plan is complete: 2 if so is the notification (every batch came
+        back), 1 if not, 0 if the cursor moved or it ended."""
 
-    def create(
+    def hand_over(self, notification_id: str, now: float) -> None:
+        """Let another planner take its plan over now (this one stops)."""
+
+    def take(
+        self, consumer: str, room: Callable[[str], int], block: float
+    ) -> list[Batch]:
+        """Queued batches for ``consumer``, at most ``room(origin)`` of each
+        push service, waiting up to ``block`` seconds for one."""
+
+    def reclaim(
+        self, consumer: str, idle: float, room: Callable[[str], int]
+    ) -> list[Batch]:
+        """Batches other consumers took and said nothing of for ``idle``
+        seconds, now the caller's."""
+
+    def keep(self, consumer: str, batches: list[Batch]) -> None:
+        """The consumer still works on these: not to be reclaimed yet."""
+
+    def complete(
         self,
-        message: Message,
-        topic: str | None,
-        send_at: float | None = None,
-        key: str | None = None,
-        body_hash: str = "",
-        source: str = "api",
-    ) -> tuple[dict, bool]:
-        """Record a notification durably (OSError if the disk refuses); its
-        status document, and whether it is an earlier one with the same
-        Idempotency-Key (IdempotencyConflict if that one had another body)."""
-        key_hash = hashlib.sha256(key.encode()).hexdigest() if key else None
-        with self._creating if key_hash else contextlib.nullcontext():
-            if key_hash:
-                earlier = self._earlier(key_hash)
-                if earlier is not None:
-                    if earlier["idempotency"]["body"] != body_hash:
-                        raise IdempotencyConflict(earlier["id"])
-                    return status_document(earlier), True
-            now = time.time()
-            record = new_notification(
-                message,
-                topic,
-                now,
-                send_at,
-                key_hash,
-                body_hash,
-                source,
-                self.subscribers(topic),
-            )
-            self.journal.upsert(record)
-            with self._lock:
-                self._jobs[record["id"]] = _Job(record)
-                self._order.append((now, record["id"]))
-                if key_hash:
-                    self._keys[key_hash] = record["id"]
-                self._lock.notify_all()
-                return status_document(record), False
+        batch: Batch,
+        done: list[str],
+        counts: dict[str, int],
+        causes: dict[tuple, int],
+        again: list[str],
+        vanished: int,
+        now: float,
+    ) -> int:
+        """A batch came back, in one step: count its outcomes (``counts`` by
+        "<channel>.<result>", ``causes`` of failure), queue ``again`` once
+        more if it is still sending; 0 if it was completed before, 2 if the
+        notification is done with it, else 1."""
 
-    def subscribers(self, topic: str | None) -> int:
-        """How many subscribers a notification to ``topic`` goes to now."""
-        kinds = [k for k in CHANNELS if self.delivery.sends_to(k)]
-        return sum(self.store.count(kind, topic) for kind in kinds)
+    def backlog(self) -> tuple[int, float]:
+        """Batches queued or being sent, and the age of the oldest."""
 
-    def get(self, notification_id: str) -> dict | None:
-        receipts = self.receipts.counts(notification_id)
-        with self._lock:
-            job = self._jobs.get(notification_id)
-            if job is not None:
-                return status_document(job.record, receipts)
-        record = self.journal.get(notification_id)
-        if record is None or "of" in record:
-            return None
-        return status_document(record, receipts)
+    def drop_ended(self, now: float, keep_from: float) -> int:
+        """Forget notifications that ended before ``keep_from`` and whose
+        Idempotency-Key has lapsed, with their receipts; how many."""
 
     def count_receipt(
         self, notification_id: str, event: str, subscriber: str
     ) -> bool | None:
-        """Count a subscriber's receipt once: True if it was new, False if
-        counted before, None if there is no such notification (OSError if the
-        disk refuses)."""
+        """Count a subscriber's receipt once: True if new, False if counted
+        before, None if there is no such notification."""
+
+    def announce(self, consumer: str, now: float) -> None:
+        """The consumer delivers (for ``delivering``)."""
+
+    def leave(self, consumer: str) -> None:
+        """The consumer stopped delivering."""
+
+    def delivering(self, since: float) -> int:
+        """How many consumers announced themselves since ``since``."""
+
+    def flush(self) -> None:
+        """Write what could not be written before (a full disk)."""
+
+    def wake(self) -> None:
+        """End a ``take`` that waits now."""
+
+    def close(self) -> None:
+        """Close its files or connection (after the engine stopped)."""
+
+
+@dataclass(eq=False)
+class _Held:
+    """A notification that has not ended, as JournalJobStore holds it."""
+
+    record: dict
+    parts: list[str] = field(default_factory=list)  # its progress records
+    done: set[str] = field(default_factory=set)  # sent before a restart
+    causes: collections.Counter = field(default_factory=collections.Counter)
+    cursor: str | None = None
+    planned: bool = False
+    lease: float = 0.0
+    batches: int = 0
+    batches_done: int = 0
+    enqueued: int = 0
+    vanished: int = 0
+
+
+class JournalJobStore:
+    """The JobStore of one process, over the notification journal (see
+    NotificationJournal) and the receipt database: notifications that have
+    not ended and their batches are held in memory; each notification and
+    each change of its status is a journal record, and each batch's outcomes
+    a progress record (``{"id": "<id>.<n>", "of": "<id>", "done": [...],
+    "counts": ..., "errors": ...}``) that the final record replaces.
+
+    After a crash, a notification that was sending is planned again from
+    its cursor's start, without the subscribers of its progress records.
+    Records the disk refused (full) are kept in order and written when it
+    takes them again: what is in memory stays right meanwhile.
+    """
+
+    def __init__(self, journal: NotificationJournal, receipts: ReceiptDatabase):
+        self.journal = journal
+        self.receipts = receipts
+        self._held: dict[str, _Held] = {}  # not ended, in order of creation
+        self._order: list[tuple[float, str]] = []  # (created, id), oldest first
+        self._keys: dict[str, str] = {}  # Idempotency-Key's hash -> id
+        self._queues: dict[str, collections.deque[Batch]] = {}  # by origin
+        self._taken: dict[str, Batch] = {}  # entry -> batch being sent
+        self._entries = itertools.count(1)
+        self._unwritten: list[tuple[list[dict], list[str]]] = []
+        self._refused = 0.0  # when the disk last refused a write: logged once a minute
+        self._lock = threading.Condition()
+        self._writing = threading.RLock()  # the journal's order is the changes' order
+        self._woken = False
+        self._load()
+
+    # -- notifications ------------------------------------------------------------
+
+    def insert(self, record: dict, key_hash: str | None) -> str | None:
+        with self._writing:
+            if key_hash:
+                earlier = self._keys.get(key_hash)
+                found = earlier and self.load(earlier)
+                if found and found["created"] > time.time() - IDEMPOTENCY_SECONDS:
+                    return earlier
+            self._write([record], [])
+            with self._lock:
+                self._held[record["id"]] = _Held(record)
+                self._order.append((record["created"], record["id"]))
+                if key_hash:
+                    self._keys[key_hash] = record["id"]
+        return None
+
+    def load(self, notification_id: str) -> dict | None:
         with self._lock:
-            known = notification_id in self._jobs
-        if not known and self.get(notification_id) is None:
+            held = self._held.get(notification_id)
+            if held is not None:
+                record = {
+                    **held.record,
+                    "counts": {c: dict(n) for c, n in held.record["counts"].items()},
+                    "errors": _errors_of(held.causes),
+                    "planned": held.planned,
+                    "enqueued": held.enqueued,
+                    "vanished": held.vanished,
+                }
+        if held is None:
+            record = self.journal.get(notification_id)
+            if record is None or "of" in record:
+                return None
+        record["receipts"] = self.receipts.counts(notification_id)
+        return record
+
+    def newest(self, limit: int) -> list[str]:
+        with self._lock:
+            return [i for _, i in self._order[-limit:]][::-1]
+
+    def statuses(self) -> collections.Counter[str]:
+        with self._lock:
+            ids = [i for _, i in self._order]
+        return collections.Counter(s for s in self.status_of(ids) if s)
+
+    def status_of(self, notification_ids: list[str]) -> list[str | None]:
+        statuses = []
+        for notification_id in notification_ids:
+            with self._lock:
+                held = self._held.get(notification_id)
+                status = held and held.record["status"]
+            if held is None:
+                record = self.journal.get(notification_id)
+                status = record and record.get("status")
+            statuses.append(status)
+        return statuses
+
+    def change(
+        self, notification_id: str, status: str, before: tuple[str, ...], now: float
+    ) -> bool | None:
+        with self._writing:
+            with self._lock:
+                held = self._held.get(notification_id)
+                if held is None:
+                    return None if self.load(notification_id) is None else False
+                if held.record["status"] not in before:
+                    return False
+                changed = {**held.record, "status": status, "finished": now}
+            self._write([changed], [])  # refused: nothing changed
+            with self._lock:
+                held.record.update(status=status, finished=now)
+                for queue in self._queues.values():  # its batches not yet taken
+                    mine = [b for b in queue if b.notification == notification_id]
+                    for batch in mine:
+                        queue.remove(batch)
+                    held.batches_done += len(mine)
+                final = self._final(held)
+            if final:
+                self._write_later(*final)
+        return True
+
+    def claim_due(self, now: float, lease_until: float) -> str | None:
+        with self._lock:
+            for notification_id, held in self._held.items():
+                status = held.record["status"]
+                if held.lease > now:
+                    continue
+                due = status in ("scheduled", "queued") and held.record["due"] <= now
+                if due or (status == "sending" and not held.planned):
+                    held.lease = lease_until
+                    return notification_id
+        return None
+
+    def start(
+        self, notification_id: str, now: float, total: int, plan_max: int
+    ) -> tuple[int, str] | None:
+        with self._writing:
+            with self._lock:
+                held = self._held.get(notification_id)
+                status = held and held.record["status"]
+                if status == "sending" and not held.planned:
+                    held.cursor = held.cursor or PLAN_START
+                    return held.record.get("plan_max", EVERYONE), held.cursor
+                if status not in ("scheduled", "queued"):
+                    return None
+                held.record.update(
+                    status="sending", started=now, total=total, plan_max=plan_max
+                )
+                held.cursor = PLAN_START
+                started = dict(held.record)
+            self._write_later([started], [])
+        return plan_max, PLAN_START
+
+    def enqueue(
+        self,
+        notification_id: str,
+        cursor: str,
+        after: str,
+        lease_until: float,
+        batches: list[tuple[str, list[str]]],
+    ) -> bool:
+        with self._lock:
+            held = self._held.get(notification_id)
+            if held is None or held.cursor != cursor:
+                return False
+            if held.record["status"] != "sending":
+                return False
+            for origin, ids in batches:
+                if held.done:  # sent before the restart
+                    ids = [i for i in ids if i not in held.done]
+                if ids:
+                    self._queue(notification_id, origin, ids)
+                    held.batches += 1
+                    held.enqueued += len(ids)
+            held.cursor = after
+            held.lease = lease_until
+            self._lock.notify_all()
+            return True
+
+    def planned(self, notification_id: str, cursor: str, now: float) -> int:
+        with self._lock:
+            held = self._held.get(notification_id)
+            if held is None or held.cursor != cursor:
+                return 0
+            if held.record["status"] != "sending":
+                return 0
+            held.planned, held.cursor, held.done = True, "planned", set()
+            if held.batches != held.batches_done:
+                return 1
+            held.record.update(status="done", finished=now)
+            final = self._final(held)
+        if final:
+            self._write_later(*final)
+        return 2
+
+    def hand_over(self, notification_id: str, now: float) -> None:
+        with self._lock:
+            held = self._held.get(notification_id)
+            if held is not None:
+                held.lease = now
+
+    # -- batches ------------------------------------------------------------------
+
+    def take(
+        self, consumer: str, room: Callable[[str], int], block: float
+    ) -> list[Batch]:
+        deadline = time.monotonic() + block
+        with self._lock:
+            while True:
+                taken = []
+                for origin, queue in self._queues.items():
+                    for _ in range(min(len(queue), room(origin))):
+                        batch = queue.popleft()
+                        self._taken[batch.entry] = batch
+                        taken.append(batch)
+                left = deadline - time.monotonic()
+                if taken or self._woken or left <= 0:
+                    self._woken = False
+                    return taken
+                self._lock.wait(left)
+
+    def reclaim(
+        self, consumer: str, idle: float, room: Callable[[str], int]
+    ) -> list[Batch]:
+        return []  # one process: a batch it took comes back or it crashed
+
+    def keep(self, consumer: str, batches: list[Batch]) -> None:
+        pass
+
+    def complete(
+        self,
+        batch: Batch,
+        done: list[str],
+        counts: dict[str, int],
+        causes: dict[tuple, int],
+        again: list[str],
+        vanished: int,
+        now: float,
+    ) -> int:
+        part = final = None
+        with self._lock:
+            if self._taken.pop(batch.entry, None) is None:
+                return 0
+            held = self._held.get(batch.notification)
+            if held is None:
+                return 1
+            record = held.record
+            for name, count in counts.items():
+                channel, _, result = name.partition(".")
+                record["counts"][channel][result] += count
+            _add_causes(held.causes, causes)
+            held.vanished += vanished
+            if again and record["status"] == "sending":
+                self._queue(batch.notification, batch.origin, again)
+                held.batches += 1
+            held.batches_done += 1
+            if done:
+                part = {
+                    "id": f"{batch.notification}.{len(held.parts)}",
+                    "of": batch.notification,
+                    "done": sorted(done),
+                    "counts": _counts_of(counts),
+                    "errors": _errors_of(collections.Counter(causes)),
+                }
+                held.parts.append(part["id"])
+            ended = record["status"] == "sending" and held.planned
+            ended = ended and held.batches == held.batches_done
+            if ended:
+                record.update(status="done", finished=now)
+            final = self._final(held)
+            self._lock.notify_all()
+        if part:
+            self._write_later([part], [])
+        if final:
+            self._write_later(*final)
+        return 2 if ended else 1
+
+    def backlog(self) -> tuple[int, float]:
+        with self._lock:
+            batches = [*self._taken.values()]
+            batches += [b for queue in self._queues.values() for b in queue]
+        now = time.time()
+        return len(batches), now - min((b.added for b in batches), default=now)
+
+    def _queue(self, notification_id: str, origin: str, ids: list[str]) -> None:
+        """Queue a batch (the lock held)."""
+        entry = str(next(self._entries))
+        batch = Batch(entry, origin, notification_id, tuple(ids), time.time())
+        self._queues.setdefault(origin, collections.deque()).append(batch)
+
+    def _final(self, held: _Held) -> tuple[list[dict], list[str]] | None:
+        """A finished notification with no batch out: it leaves memory, and its
+        final record replaces its progress (the lock held)."""
+        record = held.record
+        if record["status"] not in FINISHED or held.batches != held.batches_done:
+            return None
+        del self._held[record["id"]]
+        self._lock.notify_all()
+        final = {
+            **record,
+            "final": True,
+            "errors": _errors_of(held.causes),
+            "planned": held.planned,
+            "enqueued": held.enqueued,
+            "vanished": held.vanished,
+        }
+        return [final], held.parts
+
+    # -- the journal --------------------------------------------------------------
+
+    def _write(self, upserts: list[dict], removals: list[str]) -> None:
+        """Write now, after what waits (``_writing`` held): OSError if refused."""
+        self._flush_unwritten()
+        self.journal.write(upserts, removals)
+
+    def _write_later(self, upserts: list[dict], removals: list[str]) -> None:
+        """Write in order, now if the disk takes it, else when it does."""
+        with self._writing:
+            self._unwritten.append((upserts, removals))
+            try:
+                self._flush_unwritten()
+            except OSError as e:
+                if time.monotonic() - self._refused > 60:
+                    self._refused = time.monotonic()
+                    log.error(
+                        "the notification journal refuses writes (%s): %d kept in "
+                        "memory, written when it takes them",
+                        e,
+                        len(self._unwritten),
+                    )
+
+    def _flush_unwritten(self) -> None:
+        while self._unwritten:
+            upserts, removals = self._unwritten[0]
+            self.journal.write(upserts, removals)
+            self._unwritten.pop(0)
+
+    def flush(self) -> None:
+        if self._unwritten:
+            self._write_later([], [])
+
+    def drop_ended(self, now: float, keep_from: float) -> int:
+        old = []
+        with self._lock:
+            for created, notification_id in self._order:
+                if created >= keep_from:
+                    break
+                if notification_id not in self._held:
+                    old.append(notification_id)
+        drop = []
+        for notification_id in old:
+            record = self.journal.get(notification_id)
+            if record is None:
+                drop.append(notification_id)
+                continue
+            keyed = record.get("idempotency") and (
+                record["created"] > now - IDEMPOTENCY_SECONDS
+            )
+            ended = record["finished"] is not None and record["finished"] < keep_from
+            if ended and not keyed:
+                drop.append(notification_id)
+        if not drop:
+            return 0
+        self.receipts.forget(drop)  # first: what is dropped has none left
+        with self._writing:
+            self._write([], drop)
+        gone = set(drop)
+        with self._lock:
+            self._order = [(c, i) for c, i in self._order if i not in gone]
+            for key, notification_id in list(self._keys.items()):
+                if notification_id in gone:
+                    del self._keys[key]
+        return len(drop)
+
+    def count_receipt(
+        self, notification_id: str, event: str, subscriber: str
+    ) -> bool | None:
+        with self._lock:
+            known = notification_id in self._held
+        if not known and self.load(notification_id) is None:
             return None
         return self.receipts.add(notification_id, event, subscriber)
 
-    def list(self, limit: int) -> list[dict]:
-        """The newest ``limit`` notifications, newest first."""
-        with self._lock:
-            newest = [i for _, i in self._order[-limit:]][::-1]
-        return [d for d in map(self.get, newest) if d is not None]
+    def announce(self, consumer: str, now: float) -> None:
+        pass
 
-    def status_counts(self) -> collections.Counter[str]:
-        """How many notifications it keeps have each status."""
-        with self._lock:
-            ids = [i for _, i in self._order]
-            live = {i: job.record["status"] for i, job in self._jobs.items()}
-        counts: collections.Counter[str] = collections.Counter()
-        for notification_id in ids:
-            status = live.get(notification_id)
-            if status is None:
-                record = self.journal.get(notification_id)
-                status = record and record["status"]
-            if status:
-                counts[status] += 1
-        return counts
+    def leave(self, consumer: str) -> None:
+        pass
 
-    def backlog(self) -> tuple[int, float]:
-        """Batches due and not yet delivered (waiting, or being sent), and how
-        long the oldest has waited (seconds since its notification was due)."""
-        now = time.time()
-        batches, oldest = 0, now
-        with self._lock:
-            for job in self._jobs.values():
-                record = job.record
-                if record["status"] == "queued" or (
-                    record["status"] == "sending" and not job.planned
-                ):
-                    waiting = [record["total"]]
-                elif record["status"] == "sending":
-                    waiting = [len(ids) for ids in job.pending.values()]
-                else:
-                    continue
-                count = sum(-(-n // self.batch_size) for n in waiting)
-                count += sum(job.out.values())
-                if count:
-                    batches += count
-                    oldest = min(oldest, record["due"])
-        return batches, now - oldest
+    def delivering(self, since: float) -> int:
+        return 1
 
-    def cancel(self, notification_id: str) -> dict:
-        """Send no more of it: KeyError if there is no such notification,
-        AlreadyFinished if it has ended, OSError if the disk refuses."""
-        with self._changing:
-            with self._lock:
-                job = self._jobs.get(notification_id)
-                if job is None:
-                    if self.get(notification_id) is None:
-                        raise KeyError(notification_id)
-                    raise AlreadyFinished(notification_id)
-                if job.record["status"] in FINISHED:
-                    raise AlreadyFinished(notification_id)
-                record = {**job.record, "status": "cancelled", "finished": time.time()}
-            self.journal.upsert(record)
-            with self._lock:
-                job.record.update(status="cancelled", finished=record["finished"])
-                self._lock.notify_all()
-        self.delivery.cancel(notification_id)
-        log.info("notification %s cancelled", notification_id)
-        return status_document(record, self.receipts.counts(notification_id))
-
-    def wait(self, notification_id: str, timeout: float) -> dict | None:
-        """Its status document once it has ended, or after ``timeout`` seconds
-        (sooner if the server is stopping)."""
+    def wake(self) -> None:
         with self._lock:
-            self._lock.wait_for(
-                lambda: notification_id not in self._jobs or self._stopping, timeout
-            )
-        return self.get(notification_id)
+            self._woken = True
+            self._lock.notify_all()
 
     def close(self) -> None:
-        """Close the journals (after :meth:`stop`)."""
+        with self._writing:
+            with contextlib.suppress(OSError):  # logged when refused before
+                self._flush_unwritten()
+            if self._unwritten:
+                log.error(
+                    "the notification journal still refuses writes: %d records "
+                    "lost; notifications that were sending resume at the next start",
+                    len(self._unwritten),
+                )
         self.journal.close()
         self.receipts.close()
 
-    def stop(self, timeout: float) -> bool:
-        """Hand out nothing more, and wait up to ``timeout`` seconds for the
-        batches in flight to be recorded; True if they all were. What was not
-        sent resumes at the next start."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-            sending = [i for i, job in self._jobs.items() if job.out]
-        for notification_id in sending:  # what waits ends now, unsent
-            self.delivery.cancel(notification_id)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    # -- the journal at start ---------------------------------------------------
-
     def _load(self) -> None:
-        """Rebuild the jobs that had not ended from the journal: their counts
-        and the subscribers already done come from their progress records."""
+        """Rebuild what had not ended from the journal: counts and the
+        subscribers done come from the progress records."""
         progress: dict[str, list[dict]] = collections.defaultdict(list)
         orphans = []
         records = []
@@ -3559,22 +3951,25 @@ class NotificationQueue:
             key = record.get("idempotency")
             if key and record["created"] > now - IDEMPOTENCY_SECONDS:
                 self._keys[key["key"]] = record["id"]
-            done = progress.pop(record["id"], [])
+            parts = progress.pop(record["id"], [])
             if record.get("final"):
-                orphans += [p["id"] for p in done]
+                orphans += [p["id"] for p in parts]
                 continue
-            job = _Job(record, progress=[p["id"] for p in done])
+            held = _Held(record, parts=[p["id"] for p in parts])
             record["counts"] = _zero_counts()
-            for part in done:
-                job.done.update(part["done"])
-                _add_counts(record["counts"], part["counts"])
-                record["errors"] = _add_errors(record["errors"], part["errors"])
-            self._jobs[record["id"]] = job
-            if record["status"] in ("queued", "sending"):
+            for part in sorted(parts, key=lambda p: int(p["id"].rpartition(".")[2])):
+                held.done.update(part["done"])
+                for channel, values in part["counts"].items():
+                    for name, value in values.items():
+                        record["counts"][channel][name] += value
+                _add_causes(held.causes, _causes_of(part["errors"]))
+            held.enqueued = len(held.done)
+            self._held[record["id"]] = held
+            if record["status"] == "sending":
                 log.info(
                     "notification %s resumes: %d subscribers done before the stop",
                     record["id"],
-                    len(job.done),
+                    len(held.done),
                 )
         orphans += [p["id"] for parts in progress.values() for p in parts]
         if orphans:
@@ -3586,281 +3981,57 @@ class NotificationQueue:
                 [i for i in self.receipts.notifications() if i not in known]
             )
 
-    def _earlier(self, key_hash: str) -> dict | None:
-        """The notification made with this Idempotency-Key in the last 24 hours."""
-        notification_id = self._keys.get(key_hash)
-        if notification_id is None:
-            return None
-        with self._lock:
-            job = self._jobs.get(notification_id)
-            record = job.record if job else self.journal.get(notification_id)
-        if record is None or record["created"] < time.time() - IDEMPOTENCY_SECONDS:
-            return None
-        return record
 
-    # -- the dispatcher, on its own thread ---------------------------------------
+PLAN_START = "1 0"  # a plan's cursor: CHANNELS' number (from 1), last seq planned
+EVERYONE = 2**53  # the plan_max of a notification planned before plans had one
+MAX_CAUSES = 100  # causes of failure counted per notification
 
-    def _run(self) -> None:
-        while True:
-            try:
-                if not self._turn():
-                    return
-            except Exception:  # a bug here must not stop every notification
-                log.exception("notification dispatcher error; it carries on")
-                time.sleep(1)
 
-    def _turn(self) -> bool:
-        """One turn: record what delivery finished, start what is due, hand
-        out batches, end what is complete; False once stopped."""
-        with self._lock:
-            out = any(job.out for job in self._jobs.values())
-            if self._stopping and not out and not self._completed:
-                return False
-            if not self._completed:
-                self._lock.wait(self._sleep())
-            completed = list(self._completed)
-            self._completed.clear()
-            stopping = self._stopping
-        for job, origin, ids, future in completed:
-            self._record(job, origin, ids, future)
-        if stopping:
-            with self._lock:
-                return any(job.out for job in self._jobs.values())
-        now = time.time()
-        for job in list(self._jobs.values()):
-            try:
-                self._advance(job, now)
-            except Exception:  # one bad notification must not stop the others
-                log.exception("notification %s: dispatcher error", job.record["id"])
-        if now >= self._next_sweep:
-            self._next_sweep = now + 60
-            self._drop_old(now)
-        return True
+def _counts_of(counts: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Counts by "<channel>.<name>" as counts by channel."""
+    by_channel = _zero_counts()
+    for name, count in counts.items():
+        channel, _, result = name.partition(".")
+        by_channel[channel][result] += count
+    return by_channel
 
-    def _advance(self, job: _Job, now: float) -> None:
-        """Start a job that is due, hand out its batches, end it when complete."""
-        status = job.record["status"]
-        due = status in ("scheduled", "queued") and job.record["due"] <= now
-        if due or (status == "sending" and not job.planned):
-            self._start(job, now)
-        if job.record["status"] == "sending":
-            self._hand_out(job)
-        status = job.record["status"]
-        complete = status == "sending" and not any(job.pending.values())
-        if (complete or status == "cancelled") and not job.out:
-            self._end(job)
 
-    def _sleep(self) -> float | None:
-        """Seconds until something is due: a scheduled notification, the sweep."""
-        if self._stopping:
-            return None  # only batches coming back
-        now = time.time()
-        due = [self._next_sweep]
-        for job in self._jobs.values():
-            if job.record["status"] in ("scheduled", "queued"):
-                due.append(job.record["due"])
-            elif job.record["status"] == "sending" and not job.out:
-                due.append(now + 1)  # its hand-out failed: try again in a second
-        return max(0.0, min(due) - now)
+def _add_causes(into: collections.Counter, causes: dict[tuple, int]) -> None:
+    """Count causes of failure, at most MAX_CAUSES different ones."""
+    for cause, count in causes.items():
+        if cause in into or len(into) < MAX_CAUSES:
+            into[cause] += count
 
-    def _start(self, job: _Job, now: float) -> None:
-        """A due notification: expired if it is past its TTL, else planned;
-        one that was sending when the server stopped is planned again."""
-        record = job.record
-        late = now - record["due"] > record["message"]["ttl"] + EXPIRY_SLACK
-        if late and record["status"] != "sending":
-            log.warning(
-                "notification %s expired: due %s, its TTL of %d s passed before "
-                "it could be sent",
-                record["id"],
-                rfc3339(record["due"]),
-                record["message"]["ttl"],
-            )
-            self._end(job, "expired")
-            return
-        plan = self.store.ids_by_origin(record["topic"])
-        for origin, ids in plan.items():
-            if self.delivery.sends_to(origin):
-                left = [i for i in ids if i not in job.done] if job.done else ids
-                job.pending[origin] = collections.deque(left)
-        total = len(job.done) + sum(map(len, job.pending.values()))
-        job.done = set()
-        job.message = message_of(record, now)
-        job.planned = True
-        with self._changing:
-            with self._lock:
-                if record["status"] == "cancelled":  # while it was being planned
-                    return
-                record.update(status="sending", total=total)
-                record["started"] = record["started"] or now
-                started = dict(record)
-            with contextlib.suppress(OSError):  # the journal says queued: again
-                self.journal.upsert(started)
-        log.info(
-            "notification %s: sending to %d subscribers%s",
-            record["id"],
-            total,
-            f" (topic {record['topic']})" if record["topic"] else "",
-        )
 
-    def _hand_out(self, job: _Job) -> None:
-        for origin, waiting in job.pending.items():
-            while waiting and job.out[origin] < self.batches_per_origin:
-                with self._lock:  # cancelled or stopping since the turn began
-                    if job.record["status"] != "sending" or self._stopping:
-                        return
-                # A small list is shared among the delivery processes too.
-                share = -(-len(waiting) // self.delivery.processes)
-                count = min(self.batch_size, share)
-                ids = [waiting.popleft() for _ in range(count)]
-                records = [r for r in map(self.store.get, ids) if r is not None]
-                if len(records) < len(ids):  # unsubscribed since the plan
-                    with self._lock:
-                        job.record["total"] -= len(ids) - len(records)
-                    ids = [r["id"] for r in records]
-                if not ids:
-                    continue
-                try:
-                    future = self.delivery.submit(
-                        records, job.message, job.record["id"]
-                    )
-                except Exception:  # no delivery process could start: later
-                    log.exception("notification %s: cannot hand out", job.record["id"])
-                    waiting.extendleft(reversed(ids))
-                    return
-                job.out[origin] += 1
-                future.add_done_callback(
-                    functools.partial(self._completed_batch, job, origin, ids)
-                )
+def _errors_of(causes: collections.Counter) -> list[dict]:
+    """Causes of failure as the status document lists them, commonest first."""
+    return [
+        {"channel": c, "origin": o, "status": s, "reason": r, "count": n}
+        for (c, o, s, r), n in causes.most_common()
+    ]
 
-    def _completed_batch(
-        self, job: _Job, origin: str, ids: list[str], future: Any
-    ) -> None:
-        with self._lock:
-            self._completed.append((job, origin, ids, future))
-            self._lock.notify_all()
 
-    def _record(self, job: _Job, origin: str, ids: list[str], future: Any) -> None:
-        """Apply a batch's outcomes to the store and write its progress; the
-        subscribers it did not reach go back to be handed out again."""
-        job.out[origin] -= 1
-        if not job.out[origin]:
-            del job.out[origin]
-        try:
-            outcomes: list[PushOutcome] = future.result()
-        except DeliveryStopped:
-            outcomes = []
-        except Exception:  # a bug: the batch is handed out again, not lost
-            log.exception("notification %s: a batch failed", job.record["id"])
-            outcomes = []
-        reached = [o for o in outcomes if o.result != "unsent"]
-        done = {o.record_id for o in reached}
-        again = [i for i in ids if i not in done]
-        if again:
-            job.pending.setdefault(origin, collections.deque()).extendleft(
-                reversed(again)
-            )
-        if not reached:
-            return
-        apply_outcomes(self.store, reached, self.prune_after)
-        counts = _zero_counts()
-        causes: collections.Counter = collections.Counter()
-        for o in reached:
-            counts[o.channel][o.result] += 1
-            counts[o.channel]["retried"] += o.tries > 1
-            if o.result == "failed":
-                causes[(o.channel, o.origin, o.status, o.reason)] += 1
-        errors = [
-            {"channel": c, "origin": og, "status": s, "reason": r, "count": n}
-            for (c, og, s, r), n in causes.items()
-        ]
-        record = job.record
-        part = {
-            "id": f"{record['id']}.{len(job.progress)}",
-            "of": record["id"],
-            "done": sorted(done),
-            "counts": counts,
-            "errors": errors,
+def _causes_of(errors: list[dict]) -> collections.Counter:
+    return collections.Counter(
+        {
+            (e["channel"], e["origin"], e["status"], e["reason"]): e["count"]
+            for e in errors
         }
-        try:
-            self.journal.upsert(part)
-            job.progress.append(part["id"])
-        except OSError as e:  # sent, not recorded: sent again after a crash
-            log.error("notification %s: cannot record progress: %s", record["id"], e)
-        with self._lock:
-            _add_counts(record["counts"], counts)
-            record["errors"] = _add_errors(record["errors"], errors)
-
-    def _end(self, job: _Job, status: str = "done") -> None:
-        """Write a notification's final record in place of its progress."""
-        record = job.record
-        with self._changing:
-            final = {**record, "final": True}
-            if record["status"] != "cancelled":
-                final.update(status=status, finished=time.time())
-            try:
-                self.journal.write([final], removals=job.progress)
-            except OSError as e:  # ended in memory; the journal resumes it at start
-                log.error("notification %s: cannot record its end: %s", record["id"], e)
-            with self._lock:
-                record.update(final)
-                del self._jobs[record["id"]]
-                self._lock.notify_all()
-        log_end(status_document(record))
-
-    def _drop_old(self, now: float) -> None:
-        """Forget notifications ended NOTIFICATION_RETENTION seconds ago (kept
-        while their Idempotency-Key is, 24 hours)."""
-        old = []
-        keep_from = now - self.retention
-        with self._lock:
-            for created, notification_id in self._order:
-                if created >= keep_from:
-                    break
-                if notification_id not in self._jobs:
-                    old.append(notification_id)
-        drop = []
-        for notification_id in old:
-            record = self.journal.get(notification_id)
-            if record is None:
-                drop.append(notification_id)
-                continue
-            keyed = record.get("idempotency") and (
-                record["created"] > now - IDEMPOTENCY_SECONDS
-            )
-            ended = record["finished"] is not None and record["finished"] < keep_from
-            if ended and not keyed:
-                drop.append(notification_id)
-        if not drop:
-            return
-        try:
-            self.journal.write(removals=drop)
-        except OSError as e:
-            log.warning("cannot drop old notifications yet: %s", e)
-            return
-        try:
-            self.receipts.forget(drop)
-        except OSError as e:  # dropped at the next start
-            log.warning("cannot drop the receipts of old notifications yet: %s", e)
-        gone = set(drop)
-        with self._lock:
-            self._order = [(c, i) for c, i in self._order if i not in gone]
-            for key, notification_id in list(self._keys.items()):
-                if notification_id in gone:
-                    del self._keys[key]
-        log.info("dropped %d notifications older than the retention", len(drop))
+    )
 
 
-# The Lua scripts of RedisNotificationQueue. ARGV[1] is REDIS_PREFIX; times
-# are seconds since the epoch. A notification is the hash ``n:<id>``: its
-# fixed part as JSON (``doc``), ``status``, ``started``, ``finished``,
-# ``total``, the plan's state (``plan_max``, ``cursor``, ``batches``,
-# ``batches_done``, ``enqueued``, ``planned``) and its counts
-# (``webpush.sent``...); the causes of failure are counted in ``ne:<id>``.
+# The Lua scripts of RedisJobStore. ARGV[1] is REDIS_PREFIX; times are
+# seconds since the epoch. A notification is the hash ``n:<id>``: its fixed
+# part as JSON (``doc``), ``status``, ``started``, ``finished``, ``total``,
+# the plan's state (``plan_max``, ``cursor``, ``batches``, ``batches_done``,
+# ``enqueued``, ``vanished``, ``planned``) and its counts (``webpush.sent``...);
+# the causes of failure are counted in ``ne:<id>``. Batches are entries of
+# one stream per push service, ``batches:<origin>``, each read by the
+# consumer group ``delivery``; the set ``streams`` names them.
 
 # ARGV: prefix, id, idempotency key's hash or '', seconds it is kept, doc,
 # status, total, created, due. The id of an earlier notification made with
-# the same key, else this one's.
+# the same key that is still kept, else false (this one is stored).
 NOTIFICATION_CREATE_LUA = """
 local p, id, key = ARGV[1], ARGV[2], ARGV[3]
 if key ~= '' then
@@ -3873,32 +4044,34 @@ end
 redis.call('HSET', p .. 'n:' .. id, 'doc', ARGV[5], 'status', ARGV[6], 'total', ARGV[7])
 redis.call('ZADD', p .. 'notifications', ARGV[8], id)
 redis.call('ZADD', p .. 'due', ARGV[9], id)
-return id
+return false
 """
 
 # ARGV: prefix, now, lease end. One due notification, leased to the caller:
 # no other process plans it before the lease ends (the planner renews it).
 NOTIFICATION_CLAIM_LUA = """
-local due = redis.call('ZRANGEBYSCORE', ARGV[1] .. 'due', '-inf', ARGV[2], 'LIMIT', 0, 1)
-if #due == 0 then return false end
-redis.call('ZADD', ARGV[1] .. 'due', ARGV[3], due[1])
-return due[1]
+local p = ARGV[1]
+while true do
+  local due = redis.call('ZRANGEBYSCORE', p .. 'due', '-inf', ARGV[2], 'LIMIT', 0, 1)
+  if #due == 0 then return false end
+  if redis.call('EXISTS', p .. 'n:' .. due[1]) == 1 then
+    redis.call('ZADD', p .. 'due', ARGV[3], due[1])
+    return due[1]
+  end
+  redis.call('ZREM', p .. 'due', due[1])
+end
 """
 
-# ARGV: prefix, id, now, the index keys to plan from. A queued or scheduled
-# notification starts sending: the subscribers it goes to are those indexed
-# now (scores up to ``plan_max``). Its plan_max and cursor, or nil if it has
-# ended (cancelled, say).
+# ARGV: prefix, id, now, total, plan_max, the plan's first cursor. A queued
+# or scheduled notification starts sending. Its plan_max and cursor, or
+# false if there is nothing to plan (it ended, or its plan is complete).
 NOTIFICATION_START_LUA = """
 local p, id = ARGV[1], ARGV[2]
 local n = p .. 'n:' .. id
 local status = redis.call('HGET', n, 'status')
 if status == 'scheduled' or status == 'queued' then
-  local max = redis.call('GET', p .. 'seq') or '0'
-  local total = 0
-  for i = 4, #ARGV do total = total + redis.call('ZCOUNT', ARGV[i], '-inf', max) end
-  redis.call('HSET', n, 'status', 'sending', 'started', ARGV[3], 'plan_max', max,
-             'total', total, 'cursor', '1 -inf')
+  redis.call('HSET', n, 'status', 'sending', 'started', ARGV[3], 'total', ARGV[4],
+             'plan_max', ARGV[5], 'cursor', ARGV[6])
 elseif status ~= 'sending' or redis.call('HGET', n, 'planned') == '1' then
   redis.call('ZREM', p .. 'due', id)
   return false
@@ -3907,19 +4080,22 @@ return redis.call('HMGET', n, 'plan_max', 'cursor')
 """
 
 # ARGV: prefix, id, the cursor the caller read, the cursor after these
-# batches, lease end, then (ids, how many) per batch. The batches go on the
-# stream with the cursor that names them, or not at all (0): another process
-# took over the plan, or the notification ended.
+# batches, lease end, then (stream, ids, how many) per batch. The batches
+# go on their streams with the cursor that names them, or not at all (0):
+# another process took over the plan, or the notification ended.
 NOTIFICATION_ENQUEUE_LUA = """
 local p, id = ARGV[1], ARGV[2]
 local n = p .. 'n:' .. id
 if redis.call('HGET', n, 'cursor') ~= ARGV[3] or redis.call('HGET', n, 'status') ~= 'sending' then
   return 0
 end
-for i = 6, #ARGV, 2 do
-  redis.call('XADD', p .. 'batches', '*', 'n', id, 'ids', ARGV[i])
+for i = 6, #ARGV, 3 do
+  if redis.call('SADD', p .. 'streams', ARGV[i]) == 1 then
+    pcall(redis.call, 'XGROUP', 'CREATE', ARGV[i], 'delivery', '0', 'MKSTREAM')
+  end
+  redis.call('XADD', ARGV[i], '*', 'n', id, 'ids', ARGV[i + 1])
   redis.call('HINCRBY', n, 'batches', 1)
-  redis.call('HINCRBY', n, 'enqueued', ARGV[i + 1])
+  redis.call('HINCRBY', n, 'enqueued', ARGV[i + 2])
 end
 redis.call('HSET', n, 'cursor', ARGV[4])
 redis.call('ZADD', p .. 'due', 'XX', ARGV[5], id)
@@ -3944,10 +4120,9 @@ end
 return 1
 """
 
-# ARGV: prefix, id, new status, now, the statuses it may change from. {1,
-# old status} if it changed, {0, status} if not, nil if there is no such
-# notification.
-NOTIFICATION_END_LUA = """
+# ARGV: prefix, id, new status, now, the statuses it may change from. 1 if
+# it changed, 0 if not, false if there is no such notification.
+NOTIFICATION_CHANGE_LUA = """
 local n = ARGV[1] .. 'n:' .. ARGV[2]
 local status = redis.call('HGET', n, 'status')
 if not status then return false end
@@ -3955,85 +4130,97 @@ for i = 5, #ARGV do
   if status == ARGV[i] then
     redis.call('HSET', n, 'status', ARGV[3], 'finished', ARGV[4])
     redis.call('ZREM', ARGV[1] .. 'due', ARGV[2])
-    return {1, status}
+    return 1
   end
 end
-return {0, status}
+return 0
 """
 
-# ARGV: prefix, batch (stream entry id), notification id, now, ids to send
+# ARGV: prefix, stream, batch (entry id), notification id, now, ids to send
 # again ('' if none), ids that were no longer stored, then (name, increment)
 # pairs: counts, and causes of failure (a JSON array). Acknowledging the
 # batch and counting its outcomes are one step, so a batch delivered twice
 # (its process went silent and another claimed it) is counted once: 0 for
 # the second. 2 when the notification is done with this batch.
 BATCH_COMPLETE_LUA = """
-local p, entry, id = ARGV[1], ARGV[2], ARGV[3]
-local stream = p .. 'batches'
+local p, stream, entry, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('XACK', stream, 'delivery', entry) == 0 then return 0 end
 redis.call('XDEL', stream, entry)
 local n = p .. 'n:' .. id
 if redis.call('EXISTS', n) == 0 then return 1 end
 local errors = p .. 'ne:' .. id
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local name = ARGV[i]
   if string.sub(name, 1, 1) ~= '[' then
     redis.call('HINCRBY', n, name, ARGV[i + 1])
-  elseif redis.call('HEXISTS', errors, name) == 1 or redis.call('HLEN', errors) < 100 then
+  elseif redis.call('HEXISTS', errors, name) == 1 or redis.call('HLEN', errors) < 100 then  -- MAX_CAUSES
     redis.call('HINCRBY', errors, name, ARGV[i + 1])
   end
 end
-if ARGV[6] ~= '0' then redis.call('HINCRBY', n, 'vanished', ARGV[6]) end
+if ARGV[7] ~= '0' then redis.call('HINCRBY', n, 'vanished', ARGV[7]) end
 local status = redis.call('HGET', n, 'status')
-if ARGV[5] ~= '' and status == 'sending' then
-  redis.call('XADD', stream, '*', 'n', id, 'ids', ARGV[5])
+if ARGV[6] ~= '' and status == 'sending' then
+  redis.call('XADD', stream, '*', 'n', id, 'ids', ARGV[6])
   redis.call('HINCRBY', n, 'batches', 1)
 end
 local done = redis.call('HINCRBY', n, 'batches_done', 1)
 if status == 'sending' and redis.call('HGET', n, 'planned') == '1'
    and tonumber(redis.call('HGET', n, 'batches')) == done then
-  redis.call('HSET', n, 'status', 'done', 'finished', ARGV[4])
+  redis.call('HSET', n, 'status', 'done', 'finished', ARGV[5])
   return 2
 end
 return 1
 """
 
 # ARGV: prefix, a consumer's name or '' for all, idle milliseconds. Removes
-# from the consumer group those idle longer that hold no batch (so nothing
-# is lost: a consumer comes back by itself when it reads again). Without
-# this, every start of a process would leave its name in the group for good.
+# from every stream's consumer group those idle longer that hold no batch
+# (nothing is lost: a consumer comes back by itself when it reads again).
+# Without this, every start of a process would leave its name for good.
 CONSUMERS_PRUNE_LUA = """
-local stream = ARGV[1] .. 'batches'
 local removed = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, 'delivery')) do
-  local f = {}
-  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if (ARGV[2] == '' or f['name'] == ARGV[2]) and f['pending'] == 0
-     and f['idle'] >= tonumber(ARGV[3]) then
-    redis.call('XGROUP', 'DELCONSUMER', stream, 'delivery', f['name'])
-    removed = removed + 1
+for _, stream in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'streams')) do
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, 'delivery')
+  if ok then
+    for _, c in ipairs(consumers) do
+      local f = {}
+      for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+      if (ARGV[2] == '' or f['name'] == ARGV[2]) and f['pending'] == 0
+         and f['idle'] >= tonumber(ARGV[3]) then
+        redis.call('XGROUP', 'DELCONSUMER', stream, 'delivery', f['name'])
+        removed = removed + 1
+      end
+    end
   end
 end
 return removed
 """
-# ARGV: prefix, consumer, batches (entry ids). Their idle time starts again,
-# for those the consumer still holds: one another process took over (this
-# one was silent too long) stays with it, not taken back.
+
+# ARGV: consumer, then (stream, entry id) pairs. Their idle time starts
+# again, for those the consumer still holds: one another process took over
+# (this one was silent too long) stays with it, not taken back.
 BATCHES_KEEP_LUA = """
-local stream, me = ARGV[1] .. 'batches', ARGV[2]
-for i = 3, #ARGV do
-  local held = redis.call('XPENDING', stream, 'delivery', ARGV[i], ARGV[i], 1)
+local me = ARGV[1]
+for i = 2, #ARGV, 2 do
+  local held = redis.call('XPENDING', ARGV[i], 'delivery', ARGV[i + 1], ARGV[i + 1], 1)
   if held[1] and held[1][2] == me then
-    redis.call('XCLAIM', stream, 'delivery', me, 0, ARGV[i], 'JUSTID')
+    redis.call('XCLAIM', ARGV[i], 'delivery', me, 0, ARGV[i + 1], 'JUSTID')
   end
 end
 return 0
 """
+
+# A receipt, counted once per subscriber and event: the set ``rc:<id>:<event>``
+# holds who sent it, the notification's ``r.<event>`` field how many. ARGV:
+# prefix, notification id, event, subscriber. -1: no such notification.
+RECEIPT_COUNT_LUA = """
+local p, id, event, who = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = p .. 'n:' .. id
+if redis.call('HEXISTS', key, 'doc') == 0 then return -1 end
+if redis.call('SADD', p .. 'rc:' .. id .. ':' .. event, who) == 0 then return 0 end
+redis.call('HINCRBY', key, 'r.' .. event, 1)
+return 1
+"""
 CONSUMER_GROUP = "delivery"
-FCM_ELSEWHERE = (
-    "FCM is not configured in this process, but in the one that planned it: "
-    "give every process the same FCM_SERVICE_ACCOUNT"
-)
 DROP_PAGE = 1000  # notifications looked at a time when dropping old ones
 CONSUMER_KEPT = 86400  # seconds a consumer holding no batch stays in the group
 
@@ -4047,127 +4234,82 @@ def _number(text: str | None) -> float | None:
     return float(text) if text else None
 
 
-# A receipt, counted once per subscriber and event: the set ``rc:<id>:<event>``
-# holds who sent it, the notification's ``r.<event>`` field how many. ARGV:
-# prefix, notification id, event, subscriber. -1: no such notification.
-RECEIPT_COUNT_LUA = """
-local p, id, event, who = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local key = p .. 'n:' .. id
-if redis.call('HEXISTS', key, 'doc') == 0 then return -1 end
-if redis.call('SADD', p .. 'rc:' .. id .. ':' .. event, who) == 0 then return 0 end
-redis.call('HINCRBY', key, 'r.' .. event, 1)
-return 1
-"""
+class RedisJobStore:
+    """The JobStore in Redis, shared by every ``api.py`` and ``api.py
+    --worker`` process (keys in the Lua scripts' comment above). Each step is
+    one script, so any process may plan, take, complete or end any
+    notification; a batch taken by a process that goes silent is taken over
+    by another (XAUTOCLAIM) after WORKER_TIMEOUT."""
 
+    def __init__(self, store: RedisSubscriptionStore):
+        import redis
 
-class RedisNotificationQueue:
-    """Notifications as durable jobs in Redis, shared by every ``api.py`` and
-    ``api.py --worker`` process: the interface of NotificationQueue.
-
-    Four threads per process (the planner alone with API_DELIVERS=false).
-    The planner claims a due notification (a Lua script leases it for
-    WORKER_TIMEOUT, so exactly one process plans it; if that one dies,
-    another resumes from the cursor), pages through the
-    subscription index and adds batches of BATCH_SIZE ids to the ``batches``
-    stream, each together with the cursor, so none is added twice. The
-    consumer reads the stream in the consumer group ``delivery``, at most
-    ``BATCHES_PER_PROCESS x PUSH_PROCESSES`` batches in flight, and takes
-    over batches a silent process held for WORKER_TIMEOUT (XAUTOCLAIM); the
-    keeper tells Redis every second that this process still works on its
-    batches, and stops those of cancelled notifications. Each batch's
-    outcomes are counted by the script that acknowledges it, atomically:
-    delivery is at least once, counts exactly once, and the duplicates a
-    dead process causes are at most the batches it had in flight.
-    """
-
-    def __init__(
-        self,
-        store: RedisSubscriptionStore,
-        delivery: Delivery,
-        settings: Settings,
-        batch_size: int = BATCH_SIZE,
-        consume: bool = True,
-    ):
-        self.store = store
         self.redis = store.redis
         self.prefix = store.prefix
-        self.delivery = delivery
-        self.retention = settings.notification_retention
-        self.prune_after = settings.prune_after_failures
-        self.lease = settings.worker_timeout
-        self.batch_size = batch_size
-        self.max_in_flight = BATCHES_PER_PROCESS * delivery.processes
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self._stream = self.prefix + "batches"
         scripts = {
             "create": NOTIFICATION_CREATE_LUA,
             "claim": NOTIFICATION_CLAIM_LUA,
             "start": NOTIFICATION_START_LUA,
             "enqueue": NOTIFICATION_ENQUEUE_LUA,
             "planned": NOTIFICATION_PLANNED_LUA,
-            "end": NOTIFICATION_END_LUA,
+            "change": NOTIFICATION_CHANGE_LUA,
             "complete": BATCH_COMPLETE_LUA,
             "prune": CONSUMERS_PRUNE_LUA,
             "keep": BATCHES_KEEP_LUA,
             "receipt": RECEIPT_COUNT_LUA,
         }
         self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
-        self._make_group()
-        if consume:  # delivering from now on: /health counts this process at once
-            with _redis_errors("saying this process delivers"):
-                self.redis.zadd(self.prefix + "consumers", {self.consumer: time.time()})
-        self._lock = threading.Condition()
-        self._in_flight: dict[str, str] = {}  # batch (entry id) -> notification
-        self._completed: collections.deque[tuple] = collections.deque()
-        self._cancelled: set[str] = set()  # told to the delivery already
-        self._messages: dict[str, tuple[float, str | None, Message | None]] = {}
-        self._created = threading.Event()  # made here: plan it without waiting
-        self._stopping = False
-        self._complained = 0.0
-        self._claim_from = "0-0"  # where XAUTOCLAIM goes on
-        loops = [(self._plan_loop, "notification-planner")]
-        if consume:  # else the batches are left to the other processes
-            loops += [
-                (self._consume_loop, "batch-consumer"),
-                (self._record_loop, "batch-recorder"),
-                (self._keep_loop, "batch-keeper"),
-            ]
-        self._threads = [
-            threading.Thread(target=target, name=name, daemon=True)
-            for target, name in loops
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    # -- what the HTTP routes call ----------------------------------------------
-
-    def create(
-        self,
-        message: Message,
-        topic: str | None,
-        send_at: float | None = None,
-        key: str | None = None,
-        body_hash: str = "",
-        source: str = "api",
-    ) -> tuple[dict, bool]:
-        """As NotificationQueue.create; StoreUnavailable (an OSError) when
-        Redis cannot take it."""
-        key_hash = hashlib.sha256(key.encode()).hexdigest() if key else None
-        now = time.time()
-        record = new_notification(
-            message,
-            topic,
-            now,
-            send_at,
-            key_hash,
-            body_hash,
-            source,
-            self.subscribers(topic),
+        # The blocking read has a connection of its own, so a stop can end
+        # it at once (CLIENT UNBLOCK) rather than wait for its timeout.
+        pool = self.redis.connection_pool
+        self._reader = redis.Redis(
+            connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class,
+                max_connections=1,
+                **pool.connection_kwargs,
+            )
         )
+        self._reader_id: int | None = None
+        self._woken = False
+        self._wakeup = threading.Event()  # ends a wait with no stream to read
+        self._streams: list[str] = []
+        self._claim_from: dict[str, str] = {}  # where XAUTOCLAIM goes on
+        self._next_prune = 0.0
+        with _redis_errors("opening the batch streams"):
+            legacy = self.prefix + "batches"  # one stream, before one per origin
+            if self.redis.exists(legacy):
+                self.redis.sadd(self.prefix + "streams", legacy)
+            self._make_groups()
+
+    def _stream(self, origin: str) -> str:
+        return f"{self.prefix}batches:{origin}"
+
+    def _origin(self, stream: str) -> str:
+        return stream[len(self.prefix) + len("batches:") :]
+
+    def _make_groups(self) -> None:
+        import redis
+
+        for stream in self.redis.smembers(self.prefix + "streams"):
+            try:
+                self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def _known_streams(self) -> list[str]:
+        """The batch streams (one per push service that was ever sent to)."""
+        with _redis_errors("listing the batch streams"):
+            self._streams = sorted(self.redis.smembers(self.prefix + "streams"))
+        return self._streams
+
+    # -- notifications ------------------------------------------------------------
+
+    def insert(self, record: dict, key_hash: str | None) -> str | None:
         fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
         doc = {k: record[k] for k in (*fixed, "idempotency")}
         with _redis_errors("storing a notification"):
-            made = self._scripts["create"](
+            return self._scripts["create"](
                 args=[
                     self.prefix,
                     record["id"],
@@ -4176,141 +4318,12 @@ class RedisNotificationQueue:
                     _record_line(doc),
                     record["status"],
                     record["total"],
-                    now,
+                    record["created"],
                     record["due"],
                 ]
             )
-        if made != record["id"]:
-            earlier = self._record(made)
-            if earlier is not None:
-                if earlier["idempotency"]["body"] != body_hash:
-                    raise IdempotencyConflict(made)
-                return status_document(earlier, earlier["receipts"]), True
-        self._created.set()
-        return status_document(record), False
 
-    def subscribers(self, topic: str | None) -> int:
-        """How many subscribers a notification to ``topic`` goes to now."""
-        kinds = [k for k in CHANNELS if self.delivery.sends_to(k)]
-        return sum(self.store.count(kind, topic) for kind in kinds)
-
-    def get(self, notification_id: str) -> dict | None:
-        record = self._record(notification_id)
-        return None if record is None else status_document(record, record["receipts"])
-
-    def count_receipt(
-        self, notification_id: str, event: str, subscriber: str
-    ) -> bool | None:
-        """As NotificationQueue.count_receipt, in one script."""
-        with _redis_errors("counting a receipt"):
-            counted = self._scripts["receipt"](
-                args=[self.prefix, notification_id, event, subscriber]
-            )
-        return None if counted < 0 else bool(counted)
-
-    def list(self, limit: int) -> list[dict]:
-        """The newest ``limit`` notifications, newest first."""
-        with _redis_errors("listing notifications"):
-            newest = self.redis.zrevrange(self.prefix + "notifications", 0, limit - 1)
-        return [d for d in map(self.get, newest) if d is not None]
-
-    def status_counts(self) -> collections.Counter[str]:
-        """How many notifications Redis keeps have each status."""
-        counts: collections.Counter[str] = collections.Counter()
-        with _redis_errors("counting notifications"):
-            for ids in _chunks(self.redis.zrange(self.prefix + "notifications", 0, -1)):
-                pipe = self.redis.pipeline(transaction=False)
-                for notification_id in ids:
-                    pipe.hget(self.prefix + "n:" + notification_id, "status")
-                counts.update(status for status in pipe.execute() if status)
-        return counts
-
-    def backlog(self) -> tuple[int, float]:
-        """Batches on the stream (waiting or being sent: an acknowledged one
-        is deleted), and the age of the oldest, from its entry id."""
-        with _redis_errors("measuring the queue"):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xlen(self._stream)
-            pipe.xrange(self._stream, count=1)
-            length, first = pipe.execute()
-        if not first:
-            return length, 0.0
-        added = int(first[0][0].split("-")[0]) / 1000
-        return length, max(0.0, time.time() - added)
-
-    def cancel(self, notification_id: str) -> dict:
-        """As NotificationQueue.cancel. Other processes stop sending its
-        batches within a second."""
-        ended = self._end(notification_id, "cancelled", *UNFINISHED)
-        if ended is None:
-            raise KeyError(notification_id)
-        if not ended:
-            raise AlreadyFinished(notification_id)
-        self.delivery.cancel(notification_id)
-        log.info("notification %s cancelled", notification_id)
-        try:
-            return self.get(notification_id) or {}
-        except StoreUnavailable:  # cancelled all the same: say so
-            return {"id": notification_id, "status": "cancelled"}
-
-    def wait(self, notification_id: str, timeout: float) -> dict | None:
-        """Its status document once it has ended, or after ``timeout`` seconds
-        (or when Redis fails meanwhile: the last one read, or None)."""
-        deadline = time.monotonic() + timeout
-        pause = 0.02
-        document = None
-        while True:
-            try:
-                document = self.get(notification_id)
-            except StoreUnavailable:  # it exists: the caller answers 202 for it
-                return document
-            left = deadline - time.monotonic()
-            if document is None or document["status"] in FINISHED or left <= 0:
-                return document
-            with self._lock:
-                if self._stopping:
-                    return document
-                self._lock.wait(min(pause, left))
-            pause = min(pause * 2, 0.25)
-
-    def stop(self, timeout: float) -> bool:
-        """Take no more batches; what this process has not sent goes back on
-        the stream for the others (or for the next start); wait up to
-        ``timeout`` seconds for the batches in flight to be recorded."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-            sending = set(self._in_flight.values())
-        self._created.set()
-        for notification_id in sending:
-            self.delivery.cancel(notification_id)
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if any(thread.is_alive() for thread in self._threads):
-            return False
-        if self._threads[1:]:  # it delivered: it leaves the consumers and group
-            # Should Redis fail now, they forget this process in a day.
-            with contextlib.suppress(StoreUnavailable), _redis_errors("leaving"):
-                self.redis.zrem(self.prefix + "consumers", self.consumer)
-                self._scripts["prune"](args=[self.prefix, self.consumer, 0])
-        return True
-
-    def close(self) -> None:
-        """Nothing of its own to close: the store closes the connection."""
-
-    def delivering(self) -> int:
-        """How many processes said in the last WORKER_TIMEOUT seconds that they
-        take batches: the workers, and the api.py processes that deliver."""
-        with _redis_errors("counting the delivering processes"):
-            return self.redis.zcount(
-                self.prefix + "consumers", time.time() - self.lease, "+inf"
-            )
-
-    # -- notifications in Redis --------------------------------------------------
-
-    def _record(self, notification_id: str) -> dict | None:
-        """A notification as NotificationQueue holds it (status_document's input)."""
+    def load(self, notification_id: str) -> dict | None:
         with _redis_errors("reading a notification"):
             pipe = self.redis.pipeline(transaction=False)
             pipe.hgetall(self.prefix + "n:" + notification_id)
@@ -4322,9 +4335,9 @@ class RedisNotificationQueue:
         record["status"] = fields.get("status", "queued")
         record["started"] = _number(fields.get("started"))
         record["finished"] = _number(fields.get("finished"))
-        planned = fields.get("planned") == "1"
-        total = int(fields.get("enqueued" if planned else "total") or 0)
-        record["total"] = max(0, total - int(fields.get("vanished") or 0))
+        for name in ("total", "enqueued", "vanished"):
+            record[name] = int(fields.get(name) or 0)
+        record["planned"] = fields.get("planned") == "1"
         record["counts"] = {
             channel: {
                 name: int(fields.get(f"{channel}.{name}") or 0) for name in COUNTS
@@ -4334,171 +4347,225 @@ class RedisNotificationQueue:
         record["receipts"] = {
             event: int(fields.get(f"r.{event}") or 0) for event in RECEIPT_EVENTS
         }
-        causes = sorted(errors.items(), key=lambda item: -int(item[1]))
-        record["errors"] = [
-            dict(zip(("channel", "origin", "status", "reason"), json.loads(cause)))
-            | {"count": int(count)}
-            for cause, count in causes[:MAX_ERRORS]
-        ]
+        record["errors"] = _errors_of(
+            collections.Counter(
+                {tuple(json.loads(cause)): int(n) for cause, n in errors.items()}
+            )
+        )
         return record
 
-    def _end(self, notification_id: str, status: str, *before: str) -> bool | None:
-        """Give it ``status`` if it has one of ``before``: whether it did
-        (None: no such notification)."""
+    def newest(self, limit: int) -> list[str]:
+        with _redis_errors("listing notifications"):
+            return self.redis.zrevrange(self.prefix + "notifications", 0, limit - 1)
+
+    def statuses(self) -> collections.Counter[str]:
+        with _redis_errors("counting notifications"):
+            ids = self.redis.zrange(self.prefix + "notifications", 0, -1)
+        counts: collections.Counter[str] = collections.Counter()
+        for chunk in _chunks(ids):
+            counts.update(s for s in self.status_of(chunk) if s)
+        return counts
+
+    def status_of(self, notification_ids: list[str]) -> list[str | None]:
+        with _redis_errors("reading notifications"):
+            pipe = self.redis.pipeline(transaction=False)
+            for notification_id in notification_ids:
+                pipe.hget(self.prefix + "n:" + notification_id, "status")
+            return pipe.execute()
+
+    def change(
+        self, notification_id: str, status: str, before: tuple[str, ...], now: float
+    ) -> bool | None:
         with _redis_errors("changing a notification"):
-            result = self._scripts["end"](
-                args=[self.prefix, notification_id, status, time.time(), *before]
+            changed = self._scripts["change"](
+                args=[self.prefix, notification_id, status, now, *before]
             )
-        return None if result is None else bool(result[0])
+        return None if changed is None else bool(changed)
 
-    def _make_group(self) -> None:
-        """The batch stream's consumer group (and the stream), unless there."""
-        import redis
+    def claim_due(self, now: float, lease_until: float) -> str | None:
+        with _redis_errors("claiming a due notification"):
+            return self._scripts["claim"](args=[self.prefix, now, lease_until])
 
-        with _redis_errors("creating the batch stream"):
-            try:
-                self.redis.xgroup_create(
-                    self._stream, CONSUMER_GROUP, id="0", mkstream=True
-                )
-            except redis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
-
-    def _complain(self, what: str, error: Exception, pause: float = 1.0) -> None:
-        """A background thread's error, logged at most every 10 s (Redis
-        unreachable would otherwise log one line per turn); then a pause, so
-        that the thread does not spin."""
-        if time.monotonic() - self._complained > 10:
-            self._complained = time.monotonic()
-            if isinstance(error, OSError):
-                log.error("%s: %s; retrying", what, error)
-            else:
-                log.exception("%s; it carries on", what)
-        time.sleep(pause)
-
-    # -- the planner ---------------------------------------------------------------
-
-    def _plan_loop(self) -> None:
-        next_sweep = 0.0
-        while not self._stopping:
-            try:
-                now = time.time()
-                if now >= next_sweep:
-                    next_sweep = now + 60
-                    self._drop_old(now)
-                with _redis_errors("claiming a due notification"):
-                    claimed = self._scripts["claim"](
-                        args=[self.prefix, now, now + self.lease]
-                    )
-                if claimed is None:
-                    self._created.wait(0.25)
-                    self._created.clear()
-                    continue
-                self._plan(claimed)
-            except Exception as e:  # noqa: BLE001 - _complain logs it
-                self._complain("notification planner", e)
-
-    def _plan(self, notification_id: str) -> None:
-        """Start a claimed notification, or expire it; add its batches."""
-        key = self.prefix + "n:" + notification_id
-        with _redis_errors("reading a notification"):
-            doc, status = self.redis.hmget(key, "doc", "status")
-        if doc is None:
-            with _redis_errors("dropping a lost notification"):
-                self.redis.zrem(self.prefix + "due", notification_id)
-            return
-        record = json.loads(doc)
-        now = time.time()
-        late = now - record["due"] > record["message"]["ttl"] + EXPIRY_SLACK
-        if late and status in ("scheduled", "queued"):
-            if self._end(notification_id, "expired", "scheduled", "queued"):
-                log.warning(
-                    "notification %s expired: due %s, its TTL of %d s passed "
-                    "before it could be sent",
-                    notification_id,
-                    rfc3339(record["due"]),
-                    record["message"]["ttl"],
-                )
-            return
-        indexes = [
-            self.store.index_key(kind, record["topic"])
-            for kind in CHANNELS
-            if self.delivery.sends_to(kind)
-        ]
+    def start(
+        self, notification_id: str, now: float, total: int, plan_max: int
+    ) -> tuple[int, str] | None:
         with _redis_errors("starting a notification"):
             started = self._scripts["start"](
-                args=[self.prefix, notification_id, now, *indexes]
+                args=[self.prefix, notification_id, now, total, plan_max, PLAN_START]
             )
         if started is None:
-            return
-        plan_max, cursor = started
-        if status != "sending":
-            with _redis_errors("reading a notification"):
-                total = int(self.redis.hget(key, "total") or 0)
-            log.info(
-                "notification %s: sending to %d subscribers%s",
-                notification_id,
-                total,
-                f" (topic {record['topic']})" if record["topic"] else "",
-            )
-            if total and not self.delivering():
-                log.warning(
-                    "notification %s waits: no process has said for %g s that it "
-                    "delivers (API_DELIVERS=false and no python api.py --worker "
-                    "running?)",
-                    notification_id,
-                    self.lease,
-                )
-        while True:
-            if self._stopping:  # another process takes the plan over now
-                with _redis_errors("handing a plan over"):
-                    self.redis.zadd(
-                        self.prefix + "due", {notification_id: time.time()}, xx=True
-                    )
-                return
-            number, after = cursor.split(" ")
-            index = int(number)
-            if index > len(indexes):
-                break
-            with _redis_errors("planning a notification"):
-                page = self.redis.zrangebyscore(
-                    indexes[index - 1],
-                    after if after == "-inf" else f"({after}",
-                    plan_max,
-                    start=0,
-                    num=self.batch_size * 4,
-                    withscores=True,
-                )
-            args: list[Any] = []
-            for start in range(0, len(page), self.batch_size):
-                ids = [i for i, _ in page[start : start + self.batch_size]]
-                args += [",".join(ids), len(ids)]
-            later = f"{index} {int(page[-1][1])}" if page else f"{index + 1} -inf"
-            with _redis_errors("planning a notification"):
-                added = self._scripts["enqueue"](
-                    args=[
-                        self.prefix,
-                        notification_id,
-                        cursor,
-                        later,
-                        time.time() + self.lease,
-                        *args,
-                    ]
-                )
-            if not added:  # cancelled, or another process plans it now
-                return
-            cursor = later
-        with _redis_errors("planning a notification"):
-            planned = self._scripts["planned"](
-                args=[self.prefix, notification_id, cursor, time.time()]
-            )
-        if planned == 2:
-            self._log_end(notification_id)
+            return None
+        return int(started[0] or EVERYONE), started[1] or PLAN_START
 
-    def _drop_old(self, now: float) -> None:
-        """Forget notifications ended NOTIFICATION_RETENTION seconds ago (kept
-        while their Idempotency-Key is, 24 hours). Any process may do it."""
-        keep_from = now - self.retention
+    def enqueue(
+        self,
+        notification_id: str,
+        cursor: str,
+        after: str,
+        lease_until: float,
+        batches: list[tuple[str, list[str]]],
+    ) -> bool:
+        args: list[Any] = [self.prefix, notification_id, cursor, after, lease_until]
+        for origin, ids in batches:
+            args += [self._stream(origin), ",".join(ids), len(ids)]
+        with _redis_errors("planning a notification"):
+            queued = bool(self._scripts["enqueue"](args=args))
+        if queued and any(self._stream(o) not in self._streams for o, _ in batches):
+            self._unblock()  # this process's read waits on the streams it knew
+        return queued
+
+    def planned(self, notification_id: str, cursor: str, now: float) -> int:
+        with _redis_errors("planning a notification"):
+            return self._scripts["planned"](
+                args=[self.prefix, notification_id, cursor, now]
+            )
+
+    def hand_over(self, notification_id: str, now: float) -> None:
+        with _redis_errors("handing a plan over"):
+            self.redis.zadd(self.prefix + "due", {notification_id: now}, xx=True)
+
+    # -- batches ------------------------------------------------------------------
+
+    def _batches(self, reply: list, consumer: str) -> list[Batch]:
+        batches = []
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if not fields:  # deleted meanwhile (Redis 6.2 still lists it)
+                    with _redis_errors("acknowledging a deleted batch"):
+                        self.redis.xack(stream, CONSUMER_GROUP, entry_id)
+                    continue
+                ids = tuple(i for i in fields.get("ids", "").split(",") if i)
+                added = int(entry_id.split("-")[0]) / 1000
+                batches.append(
+                    Batch(
+                        f"{stream} {entry_id}",
+                        self._origin(stream),
+                        fields.get("n", ""),
+                        ids,
+                        added,
+                    )
+                )
+        return batches
+
+    def take(
+        self, consumer: str, room: Callable[[str], int], block: float
+    ) -> list[Batch]:
+        rooms = {s: room(self._origin(s)) for s in self._known_streams()}
+        rooms = {s: n for s, n in rooms.items() if n > 0}
+        if not rooms:  # nothing to read yet, or every push service is busy
+            self._wakeup.wait(block)
+            self._wakeup.clear()
+            return []
+        try:
+            with _redis_errors("reading batches"):
+                pipe = self.redis.pipeline(transaction=False)
+                for stream, count in rooms.items():
+                    pipe.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"}, count)
+                batches = [
+                    b for r in pipe.execute() for b in self._batches(r, consumer)
+                ]
+                if batches or self._woken:
+                    self._woken = False
+                    return batches
+                if self._reader_id is None:
+                    self._reader_id = self._reader.client_id()
+                reply = self._reader.xreadgroup(
+                    CONSUMER_GROUP,
+                    consumer,
+                    dict.fromkeys(rooms, ">"),
+                    count=1,
+                    block=max(1, int(block * 1000)),
+                )
+                return self._batches(reply, consumer)
+        except StoreUnavailable as e:
+            self._reader_id = None
+            if "NOGROUP" in str(e):
+                # Redis lost its data (a restart without persistence,
+                # FLUSHALL, a failover to an empty replica): without the
+                # groups, no process would take a batch again.
+                log.warning(
+                    "Redis has no batch stream or consumer group any more (did it "
+                    "lose its data?): making them anew"
+                )
+                with _redis_errors("making the batch streams anew"):
+                    self._make_groups()
+            raise
+
+    def reclaim(
+        self, consumer: str, idle: float, room: Callable[[str], int]
+    ) -> list[Batch]:
+        batches = []
+        for stream in self._known_streams():
+            count = room(self._origin(stream))
+            if count <= 0:
+                continue
+            with _redis_errors("claiming abandoned batches"):
+                reply = self.redis.xautoclaim(
+                    stream,
+                    CONSUMER_GROUP,
+                    consumer,
+                    int(idle * 1000),
+                    self._claim_from.get(stream, "0-0"),
+                    count=count,
+                )
+            # It looks at 10 x count entries a call: go on from there next time.
+            self._claim_from[stream] = reply[0] or "0-0"
+            for batch in self._batches([(stream, reply[1])], consumer):
+                log.warning(
+                    "batch %s of notification %s: its process went silent; "
+                    "sending it from here",
+                    batch.entry,
+                    batch.notification,
+                )
+                batches.append(batch)
+        return batches
+
+    def keep(self, consumer: str, batches: list[Batch]) -> None:
+        args = [consumer]
+        for batch in batches:
+            args += batch.entry.split(" ")
+        with _redis_errors("keeping batches"):
+            self._scripts["keep"](args=args)
+
+    def complete(
+        self,
+        batch: Batch,
+        done: list[str],
+        counts: dict[str, int],
+        causes: dict[tuple, int],
+        again: list[str],
+        vanished: int,
+        now: float,
+    ) -> int:
+        stream, entry_id = batch.entry.split(" ")
+        args: list[Any] = [self.prefix, stream, entry_id, batch.notification, now]
+        args += [",".join(again), vanished]
+        for name, count in counts.items():
+            args += [name, count]
+        for cause, count in causes.items():
+            args += [_record_line(list(cause)), count]
+        with _redis_errors("recording a batch"):
+            return self._scripts["complete"](args=args)
+
+    def backlog(self) -> tuple[int, float]:
+        streams = self._known_streams()
+        with _redis_errors("measuring the queue"):
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xlen(stream)
+                pipe.xrange(stream, count=1)
+            replies = pipe.execute()
+        now = time.time()
+        length, oldest = 0, now
+        for size, first in zip(replies[::2], replies[1::2]):
+            length += size
+            if first:
+                oldest = min(oldest, int(first[0][0].split("-")[0]) / 1000)
+        return length, max(0.0, now - oldest)
+
+    # -- the rest -----------------------------------------------------------------
+
+    def drop_ended(self, now: float, keep_from: float) -> int:
         every = self.prefix + "notifications"
         dropped = kept = 0
         with _redis_errors("dropping old notifications"):
@@ -4535,104 +4602,417 @@ class RedisNotificationQueue:
                     pipe.execute()
                     dropped += len(drop)
                 if len(old) < DROP_PAGE:
-                    break
+                    return dropped
+
+    def count_receipt(
+        self, notification_id: str, event: str, subscriber: str
+    ) -> bool | None:
+        with _redis_errors("counting a receipt"):
+            counted = self._scripts["receipt"](
+                args=[self.prefix, notification_id, event, subscriber]
+            )
+        return None if counted < 0 else bool(counted)
+
+    def announce(self, consumer: str, now: float) -> None:
+        consumers = self.prefix + "consumers"  # who delivers: name -> when last said
+        with _redis_errors("saying this process delivers"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(consumers, {consumer: now})
+            pipe.zremrangebyscore(consumers, "-inf", now - CONSUMER_KEPT)
+            pipe.execute()
+            if now >= self._next_prune:  # any process may; once a minute here
+                self._next_prune = now + 60
+                self._scripts["prune"](args=[self.prefix, "", CONSUMER_KEPT * 1000])
+
+    def leave(self, consumer: str) -> None:
+        with _redis_errors("leaving"):
+            self.redis.zrem(self.prefix + "consumers", consumer)
+            self._scripts["prune"](args=[self.prefix, consumer, 0])
+
+    def delivering(self, since: float) -> int:
+        with _redis_errors("counting the delivering processes"):
+            return self.redis.zcount(self.prefix + "consumers", since, "+inf")
+
+    def flush(self) -> None:
+        pass  # Redis takes a write or refuses it: nothing waits here
+
+    def wake(self) -> None:
+        self._woken = True
+        self._unblock()
+
+    def _unblock(self) -> None:
+        """End the consumer's wait now: a blocking read ends by CLIENT UNBLOCK
+        from another connection."""
+        self._wakeup.set()
+        if self._reader_id is not None:
+            with contextlib.suppress(Exception):  # it ends by its timeout then
+                self.redis.client_unblock(self._reader_id)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+UNFINISHED = ("scheduled", "queued", "sending")
+FCM_ELSEWHERE = (
+    "FCM is not configured in this process, but in the one that planned it: "
+    "give every process the same FCM_SERVICE_ACCOUNT"
+)
+TAKE_BLOCK = 0.5  # seconds a consumer waits for a batch before looking again
+
+
+class NotificationEngine:
+    """Notifications as durable jobs, on either job store: accepted at once,
+    planned, delivered in batches, counted, resumed after a crash.
+
+    Four threads per process (the planner alone when it does not deliver).
+    The planner claims a due notification (leased for WORKER_TIMEOUT, so
+    one process plans it; if that one dies, another resumes from the
+    cursor), pages through the subscribers it goes to (those stored when it
+    started) and queues them in batches of at most BATCH_SIZE that share a
+    push service. The consumer takes batches, at most ``BATCHES_PER_PROCESS
+    x PUSH_PROCESSES`` of each push service at a time, so a hung push
+    service holds only its own batches; it takes over batches a silent
+    process held for WORKER_TIMEOUT. The recorder applies each batch's
+    outcomes to the subscription store and counts them with the step that
+    completes the batch: delivery is at least once, counts exactly once, and
+    the duplicates a crash causes are at most the batches in flight. The
+    keeper tells the job store every second that this process still works
+    on its batches, stops those of notifications cancelled elsewhere, and
+    writes what a full disk refused.
+    """
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        store: Any,
+        delivery: Delivery,
+        settings: Settings,
+        batch_size: int = BATCH_SIZE,
+        consume: bool = True,
+    ):
+        self.jobs = jobs
+        self.store = store
+        self.delivery = delivery
+        self.retention = settings.notification_retention
+        self.prune_after = settings.prune_after_failures
+        self.lease = settings.worker_timeout
+        self.batch_size = batch_size
+        self.per_origin = BATCHES_PER_PROCESS * delivery.processes
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._lock = threading.Condition()
+        self._in_flight: dict[str, Batch] = {}  # entry -> batch
+        self._out: collections.Counter[str] = collections.Counter()  # by origin
+        self._completed: collections.deque[tuple] = collections.deque()
+        self._cancelled: set[str] = set()  # told to the delivery already
+        self._messages: dict[str, tuple[float, str | None, Message | None]] = {}
+        self._created = threading.Event()  # made here: plan it without waiting
+        self._stopping = False
+        self._complained = 0.0
+        if consume:  # delivering from now on: /health counts this process at once
+            jobs.announce(self.consumer, time.time())
+        loops = [(self._plan_loop, "notification-planner")]
+        if consume:  # else the batches are left to the other processes
+            loops += [
+                (self._consume_loop, "batch-consumer"),
+                (self._record_loop, "batch-recorder"),
+                (self._keep_loop, "batch-keeper"),
+            ]
+        self._threads = [
+            threading.Thread(target=target, name=name, daemon=True)
+            for target, name in loops
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- what the HTTP routes call ----------------------------------------------
+
+    def create(
+        self,
+        message: Message,
+        topic: str | None,
+        send_at: float | None = None,
+        key: str | None = None,
+        body_hash: str = "",
+        source: str = "api",
+    ) -> tuple[dict, bool]:
+        """Keep a notification (OSError if the store refuses); its status
+        document, and whether it is an earlier one with the same
+        Idempotency-Key (IdempotencyConflict if that one had another body)."""
+        key_hash = hashlib.sha256(key.encode()).hexdigest() if key else None
+        while True:
+            record = new_notification(
+                message,
+                topic,
+                time.time(),
+                send_at,
+                key_hash,
+                body_hash,
+                source,
+                self.subscribers(topic),
+            )
+            earlier = self.jobs.insert(record, key_hash)
+            if earlier is None:
+                self._created.set()
+                return status_document(record), False
+            found = self.jobs.load(earlier)
+            if found is None:  # dropped since: its key is free now
+                continue
+            if found["idempotency"]["body"] != body_hash:
+                raise IdempotencyConflict(earlier)
+            return status_document(found, found["receipts"]), True
+
+    def subscribers(self, topic: str | None) -> int:
+        """How many subscribers a notification to ``topic`` goes to now."""
+        kinds = [k for k in CHANNELS if self.delivery.sends_to(k)]
+        return sum(self.store.count(kind, topic) for kind in kinds)
+
+    def get(self, notification_id: str) -> dict | None:
+        record = self.jobs.load(notification_id)
+        return None if record is None else status_document(record, record["receipts"])
+
+    def count_receipt(
+        self, notification_id: str, event: str, subscriber: str
+    ) -> bool | None:
+        """Count a subscriber's receipt once: True if it was new, False if
+        counted before, None if there is no such notification."""
+        return self.jobs.count_receipt(notification_id, event, subscriber)
+
+    def list(self, limit: int) -> list[dict]:
+        """The newest ``limit`` notifications, newest first."""
+        return [d for d in map(self.get, self.jobs.newest(limit)) if d is not None]
+
+    def status_counts(self) -> collections.Counter[str]:
+        """How many notifications are kept with each status."""
+        return self.jobs.statuses()
+
+    def backlog(self) -> tuple[int, float]:
+        """Batches queued or being sent, and how long the oldest has waited."""
+        return self.jobs.backlog()
+
+    def cancel(self, notification_id: str) -> dict:
+        """Send no more of it: KeyError if there is no such notification,
+        AlreadyFinished if it has ended, OSError if the store refuses. Other
+        processes stop sending its batches within a second."""
+        changed = self.jobs.change(
+            notification_id, "cancelled", UNFINISHED, time.time()
+        )
+        if changed is None:
+            raise KeyError(notification_id)
+        if not changed:
+            raise AlreadyFinished(notification_id)
+        self._stop_sending(notification_id, "cancelled")
+        log.info("notification %s cancelled", notification_id)
+        try:
+            return self.get(notification_id) or {}
+        except StoreUnavailable:  # cancelled all the same: say so
+            return {"id": notification_id, "status": "cancelled"}
+
+    def wait(self, notification_id: str, timeout: float) -> dict | None:
+        """Its status document once it has ended, or after ``timeout`` seconds
+        (sooner if the server is stopping, or the store fails meanwhile: the
+        last one read, or None)."""
+        deadline = time.monotonic() + timeout
+        pause = 0.02
+        document = None
+        while True:
+            try:
+                document = self.get(notification_id)
+            except StoreUnavailable:  # it exists: the caller answers 202 for it
+                return document
+            left = deadline - time.monotonic()
+            if document is None or document["status"] in FINISHED or left <= 0:
+                return document
+            with self._lock:
+                if self._stopping:
+                    return document
+                self._lock.wait(min(pause, left))  # woken by an end here
+            pause = min(pause * 2, 0.25)
+
+    def delivering(self) -> int:
+        """How many processes said in the last WORKER_TIMEOUT seconds that they
+        deliver: the workers, and the api.py processes that deliver."""
+        return self.jobs.delivering(time.time() - self.lease)
+
+    def stop(self, timeout: float) -> bool:
+        """Take no more batches; what this process has not sent goes back to
+        the job store (for the others, or for the next start); wait up to
+        ``timeout`` seconds for the batches in flight to be recorded."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            sending = {batch.notification for batch in self._in_flight.values()}
+        self._created.set()
+        self.jobs.wake()
+        for notification_id in sending:
+            self.delivery.cancel(notification_id)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
+            return False
+        if self._threads[1:]:  # it delivered: it leaves
+            # Should the store fail now, it forgets this process in a day.
+            with contextlib.suppress(OSError):
+                self.jobs.leave(self.consumer)
+        return True
+
+    def close(self) -> None:
+        """Close the job store (after :meth:`stop`)."""
+        self.jobs.close()
+
+    # -- the planner ----------------------------------------------------------------
+
+    def _plan_loop(self) -> None:
+        next_sweep = 0.0
+        while not self._stopping:
+            try:
+                now = time.time()
+                if now >= next_sweep:
+                    next_sweep = now + 60
+                    self._drop_old(now)
+                claimed = self.jobs.claim_due(now, now + self.lease)
+                if claimed is None:
+                    self._created.wait(0.25)
+                    self._created.clear()
+                    continue
+                self._plan(claimed)
+            except Exception as e:  # noqa: BLE001 - _complain logs it
+                self._complain("notification planner", e)
+
+    def _plan(self, notification_id: str) -> None:
+        """Start a claimed notification, or expire it; queue its batches."""
+        record = self.jobs.load(notification_id)
+        if record is None:
+            return
+        now = time.time()
+        late = now - record["due"] > record["message"]["ttl"] + EXPIRY_SLACK
+        if late and record["status"] in ("scheduled", "queued"):
+            if self.jobs.change(
+                notification_id, "expired", ("scheduled", "queued"), now
+            ):
+                log.warning(
+                    "notification %s expired: due %s, its TTL of %d s passed "
+                    "before it could be sent",
+                    notification_id,
+                    rfc3339(record["due"]),
+                    record["message"]["ttl"],
+                )
+                self._ended(notification_id)
+            return
+        topic = record["topic"]
+        plan_max = self.store.sequence()
+        started = self.jobs.start(
+            notification_id, now, self.subscribers(topic), plan_max
+        )
+        if started is None:
+            return
+        plan_max, cursor = started
+        if record["status"] != "sending":
+            total = self.subscribers(topic)
+            log.info(
+                "notification %s: sending to %d subscribers%s",
+                notification_id,
+                total,
+                f" (topic {topic})" if topic else "",
+            )
+            if total and not self.delivering():
+                log.warning(
+                    "notification %s waits: no process has said for %g s that it "
+                    "delivers (API_DELIVERS=false and no python3 api.py --worker "
+                    "running?)",
+                    notification_id,
+                    self.lease,
+                )
+        page_size = self.batch_size * 4
+        while True:
+            if self._stopping:  # another process takes the plan over now
+                self.jobs.hand_over(notification_id, time.time())
+                return
+            number, after = cursor.split(" ")
+            index = int(number)
+            if index > len(CHANNELS):
+                break
+            kind = CHANNELS[index - 1]
+            page = []
+            if self.delivery.sends_to(kind):
+                last = 0 if after == "-inf" else int(float(after))
+                page = self.store.page(kind, topic, last, plan_max, page_size)
+            later = f"{index} {page[-1][0]}" if page else f"{index + 1} 0"
+            batches = self._batches(page)
+            if not self.jobs.enqueue(
+                notification_id, cursor, later, time.time() + self.lease, batches
+            ):
+                return  # cancelled, or another process plans it now
+            cursor = later
+        if self.jobs.planned(notification_id, cursor, time.time()) == 2:
+            self._ended(notification_id)
+
+    def _batches(self, page: list[tuple[int, str, str]]) -> list[tuple[str, list[str]]]:
+        """A page of subscribers as batches that each share a push service; a
+        small list is shared among the delivery processes too."""
+        by_origin: dict[str, list[str]] = {}
+        for _, record_id, origin in page:
+            by_origin.setdefault(origin, []).append(record_id)
+        batches = []
+        for origin, ids in by_origin.items():
+            size = min(self.batch_size, -(-len(ids) // self.delivery.processes))
+            batches += [(origin, ids[i : i + size]) for i in range(0, len(ids), size)]
+        return batches
+
+    def _drop_old(self, now: float) -> None:
+        """Forget notifications ended NOTIFICATION_RETENTION seconds ago (kept
+        while their Idempotency-Key is, 24 hours). Any process may do it."""
+        try:
+            dropped = self.jobs.drop_ended(now, now - self.retention)
+        except OSError as e:
+            log.warning("cannot drop old notifications yet: %s", e)
+            return
         if dropped:
             log.info("dropped %d notifications older than the retention", dropped)
 
-    def _log_end(self, notification_id: str) -> None:
+    def _ended(self, notification_id: str) -> None:
+        """A notification ended here: its line in the log; waiters wake."""
+        with self._lock:
+            self._lock.notify_all()
         document = self.get(notification_id)
         if document is not None:
             log_end(document)
 
-    # -- the consumer, recorder and keeper -------------------------------------
+    # -- the consumer -------------------------------------------------------------
+
+    def _room(self, origin: str) -> int:
+        return self.per_origin - self._out[origin]
 
     def _consume_loop(self) -> None:
         next_claim = 0.0
         while not self._stopping:
             try:
-                with self._lock:
-                    room = self.max_in_flight - len(self._in_flight)
-                    if room <= 0:
-                        self._lock.wait(0.5)
-                        continue
-                entries: list = []
+                batches: list[Batch] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + min(1.0, self.lease / 4)
-                    entries = self._claim_abandoned(room)
-                if not entries:
-                    with _redis_errors("reading batches"):
-                        reply = self.redis.xreadgroup(
-                            CONSUMER_GROUP,
-                            self.consumer,
-                            {self._stream: ">"},
-                            count=room,
-                            block=500,
-                        )
-                    entries = reply[0][1] if reply else []
-                for entry_id, fields in entries:
-                    self._start_batch(entry_id, fields)
-            except StoreUnavailable as e:
-                if "NOGROUP" not in str(e):
-                    self._complain("batch consumer", e)
-                    continue
-                # Redis lost its data (a restart without persistence, FLUSHALL,
-                # a failover to an empty replica): without the group, no
-                # process would take a batch again.
-                log.warning(
-                    "Redis has no batch stream or consumer group any more (did it "
-                    "lose its data?): making them anew"
-                )
-                try:
-                    self._make_group()
-                except StoreUnavailable as again:
-                    self._complain("batch consumer", again)
+                    batches = self.jobs.reclaim(self.consumer, self.lease, self._room)
+                if not batches:
+                    batches = self.jobs.take(self.consumer, self._room, TAKE_BLOCK)
+                for batch in batches:
+                    self._start_batch(batch)
             except Exception as e:  # noqa: BLE001 - _complain logs it
                 self._complain("batch consumer", e)
 
-    def _claim_abandoned(self, room: int) -> list:
-        """Batches another process held for WORKER_TIMEOUT without a word."""
-        with _redis_errors("claiming abandoned batches"):
-            reply = self.redis.xautoclaim(
-                self._stream,
-                CONSUMER_GROUP,
-                self.consumer,
-                int(self.lease * 1000),
-                self._claim_from,
-                count=room,
-            )
-        # It looks at 10 x count entries a call: go on from there next time.
-        self._claim_from = reply[0] or "0-0"
-        entries = []
-        for entry_id, fields in reply[1]:
-            if not fields:  # deleted meanwhile (Redis 6.2 still lists it)
-                with _redis_errors("acknowledging a deleted batch"):
-                    self.redis.xack(self._stream, CONSUMER_GROUP, entry_id)
-            elif entry_id not in self._in_flight:
-                log.warning(
-                    "batch %s of notification %s: its process went silent; "
-                    "sending it from here",
-                    entry_id,
-                    fields.get("n"),
-                )
-                entries.append((entry_id, fields))
-        return entries
-
-    def _start_batch(self, entry_id: str, fields: dict) -> None:
-        notification_id = fields.get("n", "")
-        ids = [i for i in fields.get("ids", "").split(",") if i]
-        if self._stopping:  # read as the process stops: back on the stream now
-            self._complete(entry_id, notification_id, [], ids, 0)
+    def _start_batch(self, batch: Batch) -> None:
+        ids = list(batch.ids)
+        if self._stopping:  # taken as the process stops: back to the store now
+            self._complete(batch, [], ids, 0)
             return
-        status, message = self._message(notification_id)
-        if notification_id in self._cancelled:  # seen by the keeper: not sending
+        status, message = self._message(batch.notification)
+        if batch.notification in self._cancelled:  # seen by the keeper
             status, message = "cancelled", None
         if status != "sending" or message is None:  # cancelled, ended, dropped
-            self._complete(entry_id, notification_id, [], [], 0)
+            self._complete(batch, [], [], 0)
             return
         present = [r for r in self.store.get_many(ids) if r is not None]
         vanished = len(ids) - len(present)  # unsubscribed since the plan
         # Planned by a process with FCM settings, and this one has none: they
-        # fail, visibly, rather than go back on the stream for ever.
+        # fail, visibly, rather than go back to the store for ever.
         sendable: list[dict] = []
         failed: list[PushOutcome] = []
         for record in present:
@@ -4650,59 +5030,72 @@ class RedisNotificationQueue:
                     )
                 )
         if failed:
-            log.warning("notification %s: %s", notification_id, FCM_ELSEWHERE)
-        present = sendable
-        if not present:
-            self._complete(entry_id, notification_id, failed, [], vanished)
+            log.warning("notification %s: %s", batch.notification, FCM_ELSEWHERE)
+        if not sendable:
+            self._complete(batch, failed, [], vanished)
             return
         with self._lock:
             # With the check, one step: the recorder and keeper stop only once
             # nothing is in flight, so a batch started after would go unrecorded.
             stopping = self._stopping
             if not stopping:
-                self._in_flight[entry_id] = notification_id
+                self._in_flight[batch.entry] = batch
+                self._out[batch.origin] += 1
         if stopping:
-            self._complete(entry_id, notification_id, [], ids, 0)
+            self._complete(batch, [], ids, 0)
             return
         try:
-            future = self.delivery.submit(present, message, notification_id)
-        except Exception:  # no delivery process could start: another takes it
-            with self._lock:
-                del self._in_flight[entry_id]
+            future = self.delivery.submit(sendable, message, batch.notification)
+        except Exception:  # no delivery process could start: it goes back
+            self._landed(batch)
+            self._complete(batch, [], ids, 0)
             raise
+        sent_to = [r["id"] for r in sendable] + [o.record_id for o in failed]
         future.add_done_callback(
-            functools.partial(
-                self._batch_done,
-                entry_id,
-                notification_id,
-                [r["id"] for r in present] + [o.record_id for o in failed],
-                vanished,
-                failed,
-            )
+            functools.partial(self._batch_done, batch, sent_to, vanished, failed)
         )
 
     def _message(self, notification_id: str) -> tuple[str | None, Message | None]:
-        """A notification's status and message, read at most once a second."""
+        """A notification's status (read at most once a second) and message
+        (made once)."""
         now = time.monotonic()
         cached = self._messages.get(notification_id)
         if cached and cached[0] > now:
             return cached[1], cached[2]
-        with _redis_errors("reading a notification"):
-            doc, status = self.redis.hmget(
-                self.prefix + "n:" + notification_id, "doc", "status"
-            )
-        message = None
-        if doc is not None and status == "sending":
-            message = message_of(json.loads(doc), time.time())
+        record = self.jobs.load(notification_id)
+        status = record and record["status"]
+        message = cached[2] if cached else None
+        if message is None and status == "sending":
+            message = message_of(record, time.time())
         if len(self._messages) > 1000:
             self._messages = {k: v for k, v in self._messages.items() if v[0] > now}
         self._messages[notification_id] = (now + 1, status, message)
         return status, message
 
+    def _stop_sending(self, notification_id: str, status: str) -> None:
+        """Send nothing more of a notification that ended (here or elsewhere)."""
+        self._cancelled.add(notification_id)
+        # Its next batches must not start from a cached "sending".
+        self._messages[notification_id] = (time.monotonic() + 1, status, None)
+        self.delivery.cancel(notification_id)
+
+    # -- the recorder -------------------------------------------------------------
+
     def _batch_done(self, *completed: Any) -> None:
         with self._lock:
             self._completed.append(completed)
             self._lock.notify_all()
+
+    def _landed(self, batch: Batch) -> None:
+        with self._lock:
+            self._in_flight.pop(batch.entry, None)
+            full = self._out[batch.origin] >= self.per_origin
+            self._out[batch.origin] -= 1
+            if self._out[batch.origin] <= 0:
+                del self._out[batch.origin]
+            self._lock.notify_all()
+        if full:  # the consumer may wait with every push service busy
+            self.jobs.wake()
 
     def _record_loop(self) -> None:
         while True:
@@ -4714,79 +5107,74 @@ class RedisNotificationQueue:
                 completed = list(self._completed)
                 self._completed.clear()
             for item in completed:
-                entry_id = item[0]
+                batch = item[0]
                 try:
                     self._record_batch(*item)
                 except StoreUnavailable as e:
                     # Redis blinked: record it again, still in flight (the
                     # keeper keeps it ours), rather than have it sent twice.
-                    self._complain(f"recording batch {entry_id}", e)
+                    self._complain(f"recording batch {batch.entry}", e)
                     with self._lock:
                         self._completed.append(item)
                     continue
                 except Exception as e:  # noqa: BLE001 - _complain logs it
-                    # A bug: left pending, another process claims it later.
-                    self._complain(f"recording batch {entry_id}", e)
-                with self._lock:
-                    self._in_flight.pop(entry_id, None)
-                    self._lock.notify_all()
+                    # A bug: left out; on Redis another process claims it later.
+                    self._complain(f"recording batch {batch.entry}", e)
+                self._landed(batch)
 
     def _record_batch(
         self,
-        entry_id: str,
-        notification_id: str,
+        batch: Batch,
         ids: list[str],
         vanished: int,
         failed: list[PushOutcome],
         future: Any,
     ) -> None:
         """Apply a batch's outcomes (and ``failed``, those it could not send)
-        to the store, count them, acknowledge it; the subscribers it did not
-        reach go back on the stream."""
+        to the store and count them; the subscribers it did not reach go
+        back to be sent again."""
         try:
             outcomes: list[PushOutcome] = future.result()
         except DeliveryStopped:
             outcomes = []
-        except Exception:  # a bug: the batch goes back on the stream, not lost
-            log.exception("notification %s: a batch failed", notification_id)
+        except Exception:  # a bug: the batch goes back, not lost
+            log.exception("notification %s: a batch failed", batch.notification)
             outcomes = []
         reached = failed + [o for o in outcomes if o.result != "unsent"]
         done = {o.record_id for o in reached}
-        apply_outcomes(self.store, reached, self.prune_after)  # type: ignore[arg-type]
+        apply_outcomes(self.store, reached, self.prune_after)
         again = [i for i in ids if i not in done]
-        self._complete(entry_id, notification_id, reached, again, vanished)
+        self._complete(batch, reached, again, vanished)
 
     def _complete(
-        self,
-        entry_id: str,
-        notification_id: str,
-        reached: list[PushOutcome],
-        again: list[str],
-        vanished: int,
+        self, batch: Batch, reached: list[PushOutcome], again: list[str], vanished: int
     ) -> None:
         counts: collections.Counter[str] = collections.Counter()
+        causes: collections.Counter[tuple] = collections.Counter()
         for o in reached:
             counts[f"{o.channel}.{o.result}"] += 1
             counts[f"{o.channel}.retried"] += o.tries > 1
             if o.result == "failed":
-                counts[_record_line([o.channel, o.origin, o.status, o.reason])] += 1
-        args: list[Any] = [self.prefix, entry_id, notification_id, time.time()]
-        args += [",".join(again), vanished]
-        for name, count in counts.items():
-            if count:
-                args += [name, count]
-        with _redis_errors("recording a batch"):
-            result = self._scripts["complete"](args=args)
+                causes[(o.channel, o.origin, o.status, o.reason)] += 1
+        result = self.jobs.complete(
+            batch,
+            [o.record_id for o in reached],
+            {name: n for name, n in counts.items() if n},
+            causes,
+            again,
+            vanished,
+            time.time(),
+        )
         if result == 2:
-            self._log_end(notification_id)
+            self._ended(batch.notification)
+
+    # -- the keeper ---------------------------------------------------------------
 
     def _keep_loop(self) -> None:
-        """Every second: tell Redis this process delivers (``consumers``) and
-        still works on its batches (their idle time starts again), and stop
-        sending those of notifications that were cancelled elsewhere."""
+        """Every second: tell the job store this process delivers and still
+        works on its batches, stop sending those of notifications that ended
+        elsewhere, and write what the disk refused before."""
         interval = min(1.0, self.lease / 3)
-        consumers = self.prefix + "consumers"  # who delivers: name -> when last said
-        next_prune = 0.0
         next_turn = time.monotonic() + interval
         while True:
             with self._lock:
@@ -4799,52 +5187,40 @@ class RedisNotificationQueue:
                         break
                     self._lock.wait(left)
                 next_turn = time.monotonic() + interval
-                batches = dict(self._in_flight)
+                batches = list(self._in_flight.values())
             try:
-                with _redis_errors("saying this process delivers"):
-                    now = time.time()
-                    pipe = self.redis.pipeline(transaction=False)
-                    if not self._stopping:
-                        pipe.zadd(consumers, {self.consumer: now})
-                    pipe.zremrangebyscore(consumers, "-inf", now - CONSUMER_KEPT)
-                    pipe.execute()
-                    if now >= next_prune:  # any process may; once a minute here
-                        next_prune = now + 60
-                        self._scripts["prune"](
-                            args=[self.prefix, "", CONSUMER_KEPT * 1000]
-                        )
-            except Exception as e:  # noqa: BLE001 - _complain logs it
-                # No pause: its turns are paced, and a late one lets batches
-                # go to others (WORKER_TIMEOUT may be as short as a second).
-                self._complain("batch keeper", e, pause=0)
-            if not batches:
-                continue
-            try:
-                with _redis_errors("keeping batches"):
-                    self._scripts["keep"](args=[self.prefix, self.consumer, *batches])
-                    notifications = sorted(set(batches.values()))
-                    pipe = self.redis.pipeline(transaction=False)
-                    for notification_id in notifications:
-                        pipe.hget(self.prefix + "n:" + notification_id, "status")
-                    statuses = pipe.execute()
-                for notification_id, status in zip(notifications, statuses):
-                    if status != "sending" and notification_id not in self._cancelled:
-                        self._cancelled.add(notification_id)
-                        # Its next batches must not start from a cached "sending".
-                        self._messages[notification_id] = (
-                            time.monotonic() + 1,
-                            status,
-                            None,
-                        )
-                        self.delivery.cancel(notification_id)
-                self._cancelled &= set(notifications)
+                if not self._stopping:
+                    self.jobs.announce(self.consumer, time.time())
+                self.jobs.flush()
+                if batches:
+                    self.jobs.keep(self.consumer, batches)
+                    notifications = sorted({b.notification for b in batches})
+                    statuses = self.jobs.status_of(notifications)
+                    for notification_id, status in zip(notifications, statuses):
+                        if (
+                            status != "sending"
+                            and notification_id not in self._cancelled
+                        ):
+                            self._stop_sending(notification_id, status)
+                    self._cancelled &= set(notifications)
             except Exception as e:  # noqa: BLE001 - _complain logs it
                 # No pause: its turns are paced, and a late one lets batches
                 # go to others (WORKER_TIMEOUT may be as short as a second).
                 self._complain("batch keeper", e, pause=0)
 
-
-UNFINISHED = ("scheduled", "queued", "sending")
+    def _complain(self, what: str, error: Exception, pause: float = 1.0) -> None:
+        """A background thread's error, logged at most every 10 s (Redis
+        unreachable would otherwise log one line per turn); then a pause, so
+        that the thread does not spin (a stop ends it)."""
+        if time.monotonic() - self._complained > 10:
+            self._complained = time.monotonic()
+            if isinstance(error, OSError):
+                log.error("%s: %s; retrying", what, error)
+            else:
+                log.error("%s; it carries on", what, exc_info=error)
+        with self._lock:
+            if not self._stopping and pause:
+                self._lock.wait(pause)
 
 
 ###############################################################################
@@ -5960,21 +6336,16 @@ def create_app(
     if store is None:
         store = open_store(settings)
     delivery = Delivery(keys, settings, receipt_key)
-    queue: NotificationQueue | RedisNotificationQueue
+    jobs: JobStore
     if isinstance(store, RedisSubscriptionStore):
-        queue = RedisNotificationQueue(
-            store, delivery, settings, consume=settings.api_delivers
-        )
+        jobs = RedisJobStore(store)
     else:
         if journal is None:
             journal = NotificationJournal(settings.journal_path)
-        queue = NotificationQueue(
-            journal,
-            store,
-            delivery,
-            settings.notification_retention,
-            prune_after=settings.prune_after_failures,
-        )
+        jobs = JournalJobStore(journal, ReceiptDatabase(receipts_path(journal.path)))
+    # Without Redis this process is the only one: it delivers whatever is set.
+    consume = settings.api_delivers or not isinstance(store, RedisSubscriptionStore)
+    queue = NotificationEngine(jobs, store, delivery, settings, consume=consume)
     validate = Validator(settings)
     cors = CorsPlugin(settings.cors_origins)
     started = time.time()
@@ -6385,7 +6756,7 @@ def create_app(
             "version": __version__,
             "uptime_seconds": int(time.time() - started),
         }
-        if isinstance(queue, RedisNotificationQueue):
+        if isinstance(store, RedisSubscriptionStore):
             answer["workers"] = queue.delivering()
         return answer
 
@@ -6654,7 +7025,7 @@ def run_worker(settings: Settings) -> int:
         store.close()
         return 2
     try:
-        queue = RedisNotificationQueue(store, delivery, settings)  # type: ignore[arg-type]
+        queue = NotificationEngine(RedisJobStore(store), store, delivery, settings)  # type: ignore[arg-type]
     except StoreUnavailable as e:
         log.error("%s", e)
         delivery.close()

@@ -638,7 +638,7 @@ def test_receipts_are_dropped_with_their_notification(settings, monkeypatch):
             with redis.Redis.from_url(short.redis_url) as r:
                 assert not r.keys(short.redis_prefix + "rc:*")
         else:
-            receipts = application.config["webpush.queue"].receipts
+            receipts = application.config["webpush.queue"].jobs.receipts
             assert receipts.notifications() == []
     finally:
         application.config["webpush.close"]()

