@@ -5157,6 +5157,10 @@ MAX_BADGE = 2**63 - 1  # the Push API's app badge range
 IDEMPOTENCY_KEY_RE = re.compile(r"[!-~][ -~]{0,253}[!-~]|[!-~]")
 NOTIFICATION_ID_RE = re.compile(r"[A-Za-z0-9_\-]{16}")
 MAX_PREFER_WAIT = 60
+# A Host (or X-Forwarded-Host): a name or an IPv6 literal in brackets, and a port.
+HOST_RE = re.compile(
+    r"([A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+)
 TEST_WAIT = 10.0  # seconds POST /subscription/test waits for its push service
 MAX_TTL = 28 * 86400
 STATIC_DIR = HERE / "static"
@@ -5515,8 +5519,16 @@ class Validator:
     @staticmethod
     def _absolute(url: str, base: str, where: str) -> str:
         """``url`` made absolute against ``base``: an http(s) URL, or ApiError."""
-        absolute = urllib.parse.urljoin(base, url) if base else url
-        parts = urlsplit(absolute)
+        try:
+            absolute = urllib.parse.urljoin(base, url) if base else url
+            parts = urlsplit(absolute)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:  # "http://[::1", "https://[x]y"
+            raise ApiError(
+                400,
+                f"'{where}' is not a URL ({e}); a host in brackets must be an "
+                "IPv6 address, and a port a number",
+            ) from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ApiError(
                 400,
@@ -5932,7 +5944,11 @@ def prefer_wait(header: str | None) -> int | None:
     for preference in re.split(r"[,;]", header or ""):
         name, _, value = preference.strip().partition("=")
         if name.strip().lower() == "wait" and re.fullmatch(r"[0-9]+", value.strip()):
-            return min(int(value.strip()), MAX_PREFER_WAIT)
+            # Capped before int(): Python refuses to convert over 4,300 digits.
+            digits = value.strip().lstrip("0") or "0"
+            if len(digits) > len(str(MAX_PREFER_WAIT)):
+                return MAX_PREFER_WAIT
+            return min(int(digits), MAX_PREFER_WAIT)
     return None
 
 
@@ -6050,7 +6066,21 @@ def create_app(
         if settings.public_url:
             return settings.public_url.rstrip("/") + "/"
         parts = bottle.request.urlparts
-        return f"{parts.scheme}://{parts.netloc}/"
+        base = f"{parts.scheme}://{parts.netloc}/"
+        try:
+            urlsplit(base).port  # noqa: B018 - raises on "[fff]", port 99999
+            valid = parts.scheme.lower() in ("http", "https") and HOST_RE.fullmatch(
+                parts.netloc
+            )
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ApiError(
+                400,
+                "the Host header is not a host name and port, so no absolute URL "
+                "can be made of this request; send a valid Host, or set PUBLIC_URL",
+            )
+        return base
 
     def bearer_ok() -> bool:
         header = request_header("Authorization", "")

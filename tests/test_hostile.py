@@ -1,0 +1,108 @@
+"""What a hostile client found, and the promises that now hold against it.
+
+Each test about HTTP talks to a real ``python api.py`` process; a request
+that no client library would send (a Host that is not a host) goes over a
+raw socket.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import requests
+
+from test_api import AUTH
+
+BAD_HOSTS = ["[", "[::1", "a]b[", "[fff]", "x:port"]
+
+
+def raw_post(port: int, path: str, host: str, body: dict, headers: dict) -> tuple:
+    """POST ``body`` with this exact Host header: (status, JSON answer)."""
+    data = json.dumps(body).encode()
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(data)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    _, _, body_bytes = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(body_bytes)
+
+
+# -- input that made a 500 ------------------------------------------------------
+
+
+@pytest.fixture
+def hostile_server(server_factory, push_service):
+    """A server with webhooks on, and one subscriber stored on the stand-in."""
+    server = server_factory(WEBHOOK_SECRET="s3cret").start()
+    subscriber = push_service.subscriber()
+    stored = requests.post(server.url + "/subscription", json=subscriber.subscription)
+    assert stored.status_code == 201
+    server.subscription = subscriber.subscription
+    return server
+
+
+def test_a_host_header_that_is_no_host_gets_a_400_json_error_never_a_500(
+    hostile_server,
+):
+    server = hostile_server
+    routes = [
+        ("/push", {"title": "t"}, AUTH),
+        ("/subscription/test", server.subscription, {}),
+        ("/webhooks/generic", {"title": "t"}, AUTH),
+    ]
+    for host in BAD_HOSTS:
+        for path, body, headers in routes:
+            status, answer = raw_post(server.port, path, host, body, headers)
+            assert status == 400, (host, path, answer)
+            assert "Host" in answer["error"], (host, path, answer)
+    # a good Host still works, an IPv6 literal too
+    for host in ["push.example.org", "[::1]:8080"]:
+        status, answer = raw_post(server.port, "/push", host, {"title": "t"}, AUTH)
+        assert status == 202, (host, answer)
+
+
+def test_with_public_url_set_the_host_header_is_not_needed(
+    server_factory, push_service
+):
+    server = server_factory(PUBLIC_URL="https://push.example.org").start()
+    status, answer = raw_post(server.port, "/push", "[", {"title": "t"}, AUTH)
+    assert status == 202, answer
+
+
+def test_a_push_url_with_a_broken_host_gets_a_400_saying_so(hostile_server):
+    for url in ["http://[::1", "https://[x]y", "http://x:port/"]:
+        for body in [
+            {"title": "t", "url": url},
+            {"title": "t", "actions": [{"action": "a", "title": "A", "url": url}]},
+        ]:
+            answer = requests.post(
+                hostile_server.url + "/push", json=body, headers=AUTH
+            )
+            assert answer.status_code == 400, (body, answer.text)
+            assert "is not a URL" in answer.json()["error"], answer.text
+
+
+def test_prefer_wait_with_thousands_of_digits_counts_as_the_longest_wait(
+    hostile_server,
+):
+    for digits in ["9" * 5000, "0" * 5000 + "1"]:
+        answer = requests.post(
+            hostile_server.url + "/push",
+            json={"title": "t"},
+            headers={**AUTH, "Prefer": f"wait={digits}"},
+        )
+        assert answer.status_code == 200, answer.text
+        expected = "60" if digits.startswith("9") else "1"
+        assert answer.headers["Preference-Applied"] == f"wait={expected}"
