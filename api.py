@@ -6246,9 +6246,9 @@ def create_app(
         send_at = validate.send_at(body)
         key = validate.idempotency_key(request_header("Idempotency-Key"))
         wait = prefer_wait(request_header("Prefer"))
-        try:
+        try:  # "push:", apart from webhook deliveries' ids: none swallows another
             document, replayed = queue.create(
-                message, topic, send_at, key, body_hash(body)
+                message, topic, send_at, key and f"push:{key}", body_hash(body)
             )
         except IdempotencyConflict as e:
             raise ApiError(

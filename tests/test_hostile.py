@@ -106,3 +106,37 @@ def test_prefer_wait_with_thousands_of_digits_counts_as_the_longest_wait(
         assert answer.status_code == 200, answer.text
         expected = "60" if digits.startswith("9") else "1"
         assert answer.headers["Preference-Applied"] == f"wait={expected}"
+
+
+# -- Idempotency-Key ------------------------------------------------------------
+
+
+def test_a_push_idempotency_key_never_swallows_a_webhook_delivery_of_that_id(
+    server_factory, backend_env
+):
+    server = server_factory(WEBHOOK_SECRET="s3cret", **backend_env).start()
+    key = {"Idempotency-Key": "webhook:generic:abc"}
+    pushed = requests.post(
+        server.url + "/push", json={"title": "t"}, headers={**AUTH, **key}
+    )
+    assert pushed.status_code == 202, pushed.text
+    hooked = requests.post(
+        server.url + "/webhooks/generic",
+        json={"title": "t"},
+        headers={**AUTH, "X-Delivery-Id": "abc"},
+    )
+    assert hooked.status_code == 202, hooked.text
+    assert "duplicate" not in hooked.json()
+    assert hooked.json()["id"] != pushed.json()["id"]
+    # each still replays in its own namespace
+    again = requests.post(
+        server.url + "/push", json={"title": "t"}, headers={**AUTH, **key}
+    )
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == pushed.json()["id"]
+    redelivered = requests.post(
+        server.url + "/webhooks/generic",
+        json={"title": "t"},
+        headers={**AUTH, "X-Delivery-Id": "abc"},
+    )
+    assert redelivered.json() == {"duplicate": "abc", "id": hooked.json()["id"]}
