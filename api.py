@@ -5164,6 +5164,16 @@ HOST_RE = re.compile(
 TEST_WAIT = 10.0  # seconds POST /subscription/test waits for its push service
 MAX_TTL = 28 * 86400
 STATIC_DIR = HERE / "static"
+# Headers of a static file, by its path under static/, whatever route reaches
+# it. The console holds the push token: never in another site's frame, and
+# its address never sent on as a Referer.
+STATIC_HEADERS = {
+    "admin.html": {
+        "Content-Security-Policy": "frame-ancestors 'none'",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+    },
+}
 
 
 class ApiError(Exception):
@@ -6435,13 +6445,7 @@ def create_app(
 
     @app.get("/admin")
     def admin() -> bottle.HTTPResponse:
-        response = serve_static("admin.html")
-        # The page holds the push token: never in another site's frame, and
-        # its address never sent on as a Referer.
-        response.set_header("Content-Security-Policy", "frame-ancestors 'none'")
-        response.set_header("X-Frame-Options", "DENY")
-        response.set_header("Referrer-Policy", "no-referrer")
-        return response
+        return serve_static("admin.html")
 
     @app.get("/sw.js")
     def service_worker() -> bottle.HTTPResponse:
@@ -6481,12 +6485,13 @@ def serve_static(name: str) -> bottle.HTTPResponse:
     mimetype: str | bool = "application/javascript" if path.suffix == ".js" else True
     if path.suffix == ".webmanifest":
         mimetype = "application/manifest+json"
-    response = bottle.static_file(
-        str(path.relative_to(root)), root=str(root), mimetype=mimetype
-    )
+    relative = path.relative_to(root).as_posix()
+    response = bottle.static_file(relative, root=str(root), mimetype=mimetype)
     # Revalidated (a 304 when unchanged): an upgrade never pairs a new page
     # with an old script from the browser's cache.
     response.set_header("Cache-Control", "no-cache")
+    for header, value in STATIC_HEADERS.get(relative, {}).items():
+        response.set_header(header, value)
     return response
 
 

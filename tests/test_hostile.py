@@ -13,7 +13,7 @@ import socket
 import pytest
 import requests
 
-from test_api import AUTH
+from test_api import AUTH, ROOT
 
 BAD_HOSTS = ["[", "[::1", "a]b[", "[fff]", "x:port"]
 
@@ -140,3 +140,38 @@ def test_a_push_idempotency_key_never_swallows_a_webhook_delivery_of_that_id(
         headers={**AUTH, "X-Delivery-Id": "abc"},
     )
     assert redelivered.json() == {"duplicate": "abc", "id": hooked.json()["id"]}
+
+
+# -- the console ------------------------------------------------------------------
+
+FRAMING = {
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def test_the_console_is_never_framed_nor_referred_by_whatever_route_reaches_it(
+    server_factory,
+):
+    server = server_factory().start()
+    console = (ROOT / "static" / "admin.html").read_bytes()
+    reached = []
+    for path in [
+        "/admin",
+        "/static/admin.html",
+        "/static//admin.html",
+        "/static/%61dmin.html",
+        "/static/./admin.html",
+        "/static/x/../admin.html",
+        "/admin/",
+    ]:
+        for method in ("GET", "HEAD"):
+            page = requests.request(method, server.url + path, allow_redirects=False)
+            if page.status_code == 200 and (
+                method == "HEAD" or page.content == console
+            ):
+                reached.append(path)
+                for name, value in FRAMING.items():
+                    assert page.headers.get(name) == value, (method, path, name)
+    assert {"/admin", "/static/admin.html"} <= set(reached)
