@@ -52,6 +52,7 @@ import selectors
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -569,13 +570,14 @@ class VapidKeys:
             if path.is_file():
                 keys = cls(_load_key_file(path), subject, str(path))
                 keys._check_public_file(directory / PUBLIC_TXT)
+                _keep_private(directory)
                 return keys
         return cls._create(directory, subject)
 
     @classmethod
     def _create(cls, directory: Path, subject: str) -> VapidKeys:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        _keep_private(directory)
         keys = cls(
             ec.generate_private_key(ec.SECP256R1()),
             subject,
@@ -627,6 +629,21 @@ class VapidKeys:
             header = self._vapid.sign(claims)["Authorization"]
             self._headers[audience] = (header, expires)
             return header
+
+
+def _keep_private(directory: Path) -> None:
+    """Take away group's and others' access to the key directory (0700), as a
+    directory made by hand or an older version may have left it (0755)."""
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        try:
+            os.chmod(directory, mode & 0o700)
+        except OSError as e:  # not ours, or a read-only mount: say so, go on
+            log.warning(
+                "%s is mode 0%o and cannot be made 0700: %s", directory, mode, e
+            )
+        else:
+            log.warning("%s was mode 0%o; made it 0700", directory, mode)
 
 
 def _load_key_file(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -3162,9 +3179,10 @@ def rfc3339(moment: float | None) -> str | None:
     return text.replace("+00:00", "Z")
 
 
+# ASCII digits only: \d would take any script's (Arabic-Indic, fullwidth...).
 RFC3339_RE = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?"
-    r"(?:([Zz])|([+-])(\d\d):(\d\d))"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(\.[0-9]+)?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
 )
 
 
@@ -3175,6 +3193,8 @@ def parse_rfc3339(text: str) -> float | None:
         return None
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
     fraction, zulu, sign, off_hours, off_minutes = match.groups()[6:]
+    if second > 60 or (off_minutes and int(off_minutes) > 59):  # 60: a leap second
+        return None
     offset = timedelta(0)
     if not zulu:
         offset = timedelta(hours=int(off_hours), minutes=int(off_minutes))

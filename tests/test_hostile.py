@@ -8,7 +8,9 @@ raw socket.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 
 import pytest
 import requests
@@ -175,3 +177,45 @@ def test_the_console_is_never_framed_nor_referred_by_whatever_route_reaches_it(
                 for name, value in FRAMING.items():
                     assert page.headers.get(name) == value, (method, path, name)
     assert {"/admin", "/static/admin.html"} <= set(reached)
+
+
+# -- send_at and the key directory ----------------------------------------------
+
+
+def test_send_at_refuses_seconds_over_60_offset_minutes_over_59_and_non_ascii_digits(
+    server_factory,
+):
+    server = server_factory().start()
+    refused = [
+        "2026-12-01T09:00:61Z",
+        "2026-12-01T09:00:99Z",
+        "2026-12-01T09:00:00+01:60",
+        "2026-12-01T09:00:00+01:99",
+        "２０２６-12-01T09:00:00Z",  # fullwidth digits
+        "2026-12-01T09:00:00.٥Z",  # an Arabic-Indic digit
+        "2026-12-0١T09:00:00Z",
+    ]
+    for send_at in refused:
+        answer = requests.post(
+            server.url + "/push", json={"title": "t", "send_at": send_at}, headers=AUTH
+        )
+        assert answer.status_code == 400, (send_at, answer.text)
+        assert "RFC 3339" in answer.json()["error"]
+    accepted = ["2020-12-31T23:59:60Z", "2020-12-01T09:00:00.5-09:59"]  # past: now
+    for send_at in accepted:
+        answer = requests.post(
+            server.url + "/push", json={"title": "t", "send_at": send_at}, headers=AUTH
+        )
+        assert answer.status_code == 202, (send_at, answer.text)
+
+
+def test_a_vapid_directory_left_open_to_others_is_made_0700_at_start(
+    server_factory, tmp_path
+):
+    server = server_factory().start()
+    server.stop()
+    vapid = tmp_path / "vapid"
+    os.chmod(vapid, 0o755)
+    server.start()
+    assert stat.S_IMODE(vapid.stat().st_mode) == 0o700
+    assert "was mode 0755; made it 0700" in server.output()
