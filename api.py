@@ -2129,13 +2129,13 @@ class WebPushDelivery:
                 self._inbox.append((None, key, False))
                 self._wake()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         with self._wake_lock:
             if self._closing:
                 return
             self._closing = True
             self._wake()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout)
 
     def _wake(self) -> None:
         """Make the loop look at its inbox (the caller holds the wake lock)."""
@@ -2530,12 +2530,27 @@ class _DeliveryProcess:
     def cancel(self, key: str) -> None:
         self._send(("cancel", key))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 1.0) -> None:
+        self.signal()
+        self.join(time.monotonic() + timeout)
+
+    def signal(self) -> None:
+        """Tell it to stop (EOF), without waiting for it."""
         self._stop()
+        # Shut down, not only closed: _read's recv() on another thread holds
+        # the socket open, and the process would not see EOF.
+        with (
+            contextlib.suppress(OSError, ValueError),
+            socket.socket(fileno=os.dup(self.conn.fileno())) as s,
+        ):
+            s.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
-            self.conn.close()  # it sees EOF and exits
+            self.conn.close()
+
+    def join(self, deadline: float) -> None:
+        """Wait for it to exit until ``deadline`` (time.monotonic()), then kill it."""
         try:
-            self.process.wait(1)
+            self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -2846,6 +2861,7 @@ class Delivery:
         self._workers: list[_DeliveryProcess] = []
         self._turn = itertools.count()
         self._replacing = threading.Lock()
+        self._closed = False
         if self.processes == 1:
             self._local = WebPushDelivery(keys, *self._args[2:])
         else:
@@ -2914,7 +2930,7 @@ class Delivery:
         """The next delivery process in turn; a dead one is replaced."""
         index = next(self._turn) % len(self._workers)
         worker = self._workers[index]
-        if not worker.alive:
+        if not worker.alive and not self._closed:  # closed: its submit fails
             with self._replacing:
                 if self._workers[index] is worker:
                     log.error("a delivery process stopped; starting a new one")
@@ -2923,14 +2939,19 @@ class Delivery:
                 worker = self._workers[index]
         return worker
 
-    def close(self) -> None:
-        """Stop delivering: what is not yet sent ends as unsent."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop delivering: what is not yet sent ends as unsent. The delivery
+        processes stop together, within ``timeout`` seconds (or are killed)."""
+        deadline = time.monotonic() + timeout
+        self._closed = True  # a process that stops now is not replaced
         if self.fcm:
             self.fcm.close()
         if self._local is not None:
-            self._local.close()
+            self._local.close(timeout)
         for worker in self._workers:
-            worker.close()
+            worker.signal()
+        for worker in self._workers:
+            worker.join(deadline)
 
 
 REFUSALS = (400, 403, 413)
@@ -5892,6 +5913,25 @@ class JsonErrorChannel(waitress.channel.HTTPChannel):
     error_task_class = JsonErrorTask
 
 
+class RequestThreads(waitress.task.ThreadedTaskDispatcher):
+    """waitress's request threads, whose shutdown waits for the requests
+    under way until ``deadline`` (time.monotonic(), within SHUTDOWN_TIMEOUT)
+    rather than waitress's own 5 seconds more."""
+
+    deadline: float | None = None
+
+    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
+        if self.deadline is not None:
+            timeout = max(0.0, self.deadline - time.monotonic())
+        return super().shutdown(cancel_pending, timeout)
+
+
+def closing_time(shutdown_timeout: float) -> float:
+    """The seconds of SHUTDOWN_TIMEOUT kept, after waiting for what is in
+    flight, for closing the delivery processes, the queue and the store."""
+    return min(0.5, shutdown_timeout / 4)
+
+
 def _raise_open_file_limit(wanted: int) -> None:
     """Idle connections are open files: let the process hold ``wanted``."""
     try:
@@ -6027,11 +6067,14 @@ def create_app(
     test_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
     wait_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
 
-    def close(timeout: float = 0) -> bool:
-        """Stop: batches in flight get ``timeout`` seconds to be recorded."""
+    def close(timeout: float = 0, rest: float = 1.0) -> bool:
+        """Stop: batches in flight get ``timeout`` seconds to be recorded, and
+        the rest of the stop takes ``rest`` seconds at most."""
         recorded = queue.stop(timeout)
-        delivery.close()  # what it still had comes back unsent...
-        queue.stop(1)  # ...and the dispatcher ends once it has seen it
+        closed_by = time.monotonic() + rest
+        delivery.close(rest)  # what it still had comes back unsent...
+        # ...and the dispatcher ends once it has seen it
+        queue.stop(max(0.0, closed_by - time.monotonic()))
         queue.close()
         store.close()
         return recorded
@@ -6745,9 +6788,11 @@ def run_worker(settings: Settings) -> int:
         "stopping: what is not sent goes back to Redis (%g s at most)",
         settings.shutdown_timeout,
     )
-    queue.stop(settings.shutdown_timeout)
-    delivery.close()
-    queue.stop(1)
+    closing = closing_time(settings.shutdown_timeout)
+    deadline = time.monotonic() + settings.shutdown_timeout
+    queue.stop(settings.shutdown_timeout - closing)
+    delivery.close(max(0.0, deadline - time.monotonic()))
+    queue.stop(max(0.0, deadline - time.monotonic()))
     store.close()
     if metrics_server is not None:
         metrics_server.close()
@@ -6908,6 +6953,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     in_flight = app.config["webpush.in_flight"]
+    request_threads = RequestThreads()
+    request_threads.set_thread_count(settings.threads)
     try:
         wsgi = AccessLog(in_flight, settings.trusted_proxies)
         server = waitress.create_server(
@@ -6915,6 +6962,7 @@ def main(argv: list[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             threads=settings.threads,
+            _dispatcher=request_threads,  # waitress's way to give its threads
             ident="webpush",
             # waitress drops X-Forwarded-For unless told not to; the rate limit
             # believes it only from TRUSTED_PROXIES (client_address).
@@ -6935,12 +6983,15 @@ def main(argv: list[str] | None = None) -> int:
                 listener.channel_class = JsonErrorChannel
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)
+        request_threads.shutdown(timeout=0)
         app.config["webpush.close"]()
         return 2
     log.info("serving on %s (demo page at %s/)", url, url)  # bound and listening
 
     stopping = threading.Event()  # a signal came: drain, then stop
     drained = threading.Event()  # drained (or timed out): stop the loop now
+    # The whole stop ends by one deadline: SHUTDOWN_TIMEOUT after the signal.
+    stop_by = [math.inf]
 
     def on_signal(signum: int, frame: Any) -> None:
         """SIGTERM or SIGINT: drain in a thread; once it is done (or at a second
@@ -6948,6 +6999,8 @@ def main(argv: list[str] | None = None) -> int:
         explicitly, so it works when started in the background, where SIGINT
         arrives ignored."""
         if drained.is_set() or stopping.is_set():
+            if not drained.is_set():  # a second signal: stop at once
+                request_threads.deadline = time.monotonic()
             drained.set()
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: not in the cleanup
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -6960,17 +7013,24 @@ def main(argv: list[str] | None = None) -> int:
             "stopping: finishing requests and messages in flight (%g s at most)",
             settings.shutdown_timeout,
         )
-        deadline = time.monotonic() + settings.shutdown_timeout
+        deadline = stop_by[0] = time.monotonic() + settings.shutdown_timeout
+        # The waits end early enough to close everything by the deadline; a
+        # request still under way then has half of that time to be answered.
+        closing = closing_time(settings.shutdown_timeout)
+        waits_end = deadline - closing
+        request_threads.deadline = deadline - closing / 2
         in_flight.draining = True  # new requests get 503 from now
-        if not app.config["webpush.queue"].stop(settings.shutdown_timeout):
+        if not app.config["webpush.queue"].stop(max(0.0, waits_end - time.monotonic())):
             log.warning(
                 "messages still in flight after SHUTDOWN_TIMEOUT: their subscribers "
                 "get them again at the next start"
             )
-        if not in_flight.drain(max(0.0, deadline - time.monotonic())):
+        if not in_flight.drain(max(0.0, waits_end - time.monotonic())):
             log.warning(
                 "requests still under way after SHUTDOWN_TIMEOUT; stopping anyway"
             )
+            # Those waiting on delivery (test notifications) are answered now.
+            app.config["webpush.delivery"].close(closing / 2)
         if not drained.is_set():  # a second signal may have stopped it already
             drained.set()
             os.kill(os.getpid(), signal.SIGTERM)  # wake the main thread's handler
@@ -6980,7 +7040,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()  # returns on SystemExit, after its threads finish
     finally:
-        app.config["webpush.close"]()
+        left = stop_by[0] - time.monotonic()
+        app.config["webpush.close"](0, max(0.0, left) if left < math.inf else 1.0)
     log.info("stopped")
     if not in_flight.idle:  # abandoned after SHUTDOWN_TIMEOUT: exit without
         logging.shutdown()  # waiting for it, as the interpreter's exit would

@@ -7,15 +7,21 @@ raw socket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import stat
+import subprocess
+import threading
+import time
 
 import pytest
 import requests
 
 from test_api import AUTH, ROOT
+from tests.push_service import HANG, PushService
 
 BAD_HOSTS = ["[", "[::1", "a]b[", "[fff]", "x:port"]
 
@@ -219,3 +225,67 @@ def test_a_vapid_directory_left_open_to_others_is_made_0700_at_start(
     server.start()
     assert stat.S_IMODE(vapid.stat().st_mode) == 0o700
     assert "was mode 0755; made it 0700" in server.output()
+
+
+# -- SIGTERM within SHUTDOWN_TIMEOUT ----------------------------------------------
+
+
+def _exits_within(server, seconds: float) -> float:
+    """Send SIGTERM; the seconds until the process exited, which must be at most
+    ``seconds``."""
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        assert server.proc.wait(seconds) == 0
+    except subprocess.TimeoutExpired:
+        server.proc.wait(30)
+        pytest.fail(
+            f"exited after {time.monotonic() - started:.1f} s, over {seconds} s"
+        )
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("pending", ["fan-out", "test notifications"])
+def test_sigterm_stops_the_server_within_shutdown_timeout_even_with_a_hung_push_service(
+    server_factory, backend_env, pending
+):
+    with PushService() as hung:
+        server = server_factory(
+            SHUTDOWN_TIMEOUT="3", PUSH_TIMEOUT="60", PUSH_PROCESSES="2", **backend_env
+        ).start()
+        subscribers = [hung.subscriber(script=[HANG] * 3) for _ in range(2)]
+        for subscriber in subscribers:
+            stored = requests.post(
+                server.url + "/subscription", json=subscriber.subscription
+            )
+            assert stored.status_code == 201
+
+        answers = []
+
+        def post(path: str, body: dict, headers: dict) -> None:
+            with contextlib.suppress(requests.RequestException):  # cut off: expected
+                answers.append(
+                    requests.post(server.url + path, json=body, headers=headers)
+                )
+
+        if pending == "fan-out":
+            requests_ = [("/push", {"title": "t"}, {**AUTH, "Prefer": "wait=60"})]
+        else:
+            requests_ = [
+                ("/subscription/test", s.subscription, {}) for s in subscribers
+            ]
+        clients = [threading.Thread(target=post, args=r) for r in requests_]
+        for client in clients:
+            client.start()
+        hung.wait_for(2)  # both messages are out, and will never be answered
+        took = _exits_within(server, 3.5)
+        print(f"SIGTERM to exit with {pending} pending: {took:.2f} s")  # -s shows it
+        for client in clients:
+            client.join(10)
+        # what was under way was answered before the exit, not cut off
+        if pending == "fan-out":
+            assert [a.status_code for a in answers] == [202]
+        else:
+            assert [a.status_code for a in answers] == [200, 200]
+            reasons = {r["reason"] for a in answers for r in a.json()["results"]}
+            assert reasons == {"the server is stopping"}
