@@ -116,6 +116,24 @@ def test_prefer_wait_with_thousands_of_digits_counts_as_the_longest_wait(
         assert answer.headers["Preference-Applied"] == f"wait={expected}"
 
 
+def test_a_content_length_of_thousands_of_digits_gets_a_400_json_error(
+    server_factory,
+):
+    server = server_factory().start()
+    head = (
+        b"POST /push HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n{}"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
+        s.sendall(head)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert "Content-Length" in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert "Traceback" not in server.output()
+
+
 # -- Idempotency-Key ------------------------------------------------------------
 
 
