@@ -7005,7 +7005,7 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()  # a signal came: drain, then stop
     drained = threading.Event()  # drained (or timed out): stop the loop now
     # The whole stop ends by one deadline: SHUTDOWN_TIMEOUT after the signal.
-    stop_by = [math.inf]
+    stop_by = math.inf
 
     def on_signal(signum: int, frame: Any) -> None:
         """SIGTERM or SIGINT: drain in a thread; once it is done (or at a second
@@ -7023,11 +7023,12 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=drain, name="shutdown", daemon=True).start()
 
     def drain() -> None:
+        nonlocal stop_by
         log.info(
             "stopping: finishing requests and messages in flight (%g s at most)",
             settings.shutdown_timeout,
         )
-        deadline = stop_by[0] = time.monotonic() + settings.shutdown_timeout
+        deadline = stop_by = time.monotonic() + settings.shutdown_timeout
         # The waits end early enough to close everything by the deadline; a
         # request still under way then has half of that time to be answered.
         closing = closing_time(settings.shutdown_timeout)
@@ -7054,7 +7055,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()  # returns on SystemExit, after its threads finish
     finally:
-        left = stop_by[0] - time.monotonic()
+        left = stop_by - time.monotonic()
         app.config["webpush.close"](0, max(0.0, left) if left < math.inf else 1.0)
     log.info("stopped")
     if not in_flight.idle:  # abandoned after SHUTDOWN_TIMEOUT: exit without

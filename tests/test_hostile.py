@@ -26,6 +26,16 @@ from tests.push_service import HANG, PushService
 BAD_HOSTS = ["[", "[::1", "a]b[", "[fff]", "x:port"]
 
 
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send ``data`` as it is; the whole answer, until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
 def raw_post(port: int, path: str, host: str, body: dict, headers: dict) -> tuple:
     """POST ``body`` with this exact Host header: (status, JSON answer)."""
     data = json.dumps(body).encode()
@@ -37,11 +47,7 @@ def raw_post(port: int, path: str, host: str, body: dict, headers: dict) -> tupl
         "Connection: close",
         *(f"{name}: {value}" for name, value in headers.items()),
     ]
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-        s.sendall("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + data)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+    answer = raw_request(port, "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + data)
     status_line, _, rest = answer.partition(b"\r\n")
     _, _, body_bytes = rest.partition(b"\r\n\r\n")
     return int(status_line.split()[1]), json.loads(body_bytes)
@@ -124,11 +130,7 @@ def test_a_content_length_of_thousands_of_digits_gets_a_400_json_error(
         b"POST /push HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n{}"
     )
-    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
-        s.sendall(head)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+    answer = raw_request(server.port, head)
     assert answer.startswith(b"HTTP/1.1 400 "), answer
     assert "Content-Length" in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
     assert "Traceback" not in server.output()
