@@ -5287,10 +5287,10 @@ class Validator:
         """A stored-record dict from a PushSubscription body (or the blog's
         ``{"subscription_token": ...}`` form); ``also``: the fields the route
         takes besides the subscription's."""
-        sub = body
+        sub, where = body, ""
         if "subscription_token" in body:
             _only_known(body, (*SUBSCRIPTION_TOKEN_FIELDS, *also))
-            sub = body["subscription_token"]
+            sub, where = body["subscription_token"], "subscription_token."
             if isinstance(sub, str):
                 sub = strict_json(sub, "subscription_token")
         else:
@@ -5302,10 +5302,11 @@ class Validator:
                 "the subscription must be a JSON object, as PushSubscription.toJSON() gives it",
             )
         if sub is not body:
-            fields = (*PUSH_SUBSCRIPTION_FIELDS, "topics")
-            _only_known(sub, fields, "subscription_token")
+            _only_known(
+                sub, (*PUSH_SUBSCRIPTION_FIELDS, "topics"), "subscription_token"
+            )
         if isinstance(sub.get("keys"), dict):
-            _only_known(sub["keys"], SUBSCRIPTION_KEYS, "keys")
+            _only_known(sub["keys"], SUBSCRIPTION_KEYS, where + "keys")
         endpoint = sub.get("endpoint")
         if not isinstance(endpoint, str) or not endpoint:
             raise ApiError(
