@@ -6152,7 +6152,8 @@ def create_app(
         if "fcm_token" in body:
             record = validate.fcm_token(body)
         else:
-            record = validate.subscription(body, also=("replaces",))
+            # fcm_token is never in this body: named for the misspelled one
+            record = validate.subscription(body, also=("replaces", "fcm_token"))
         previous = store.get(record["id"]) or {}
         replaced = store.get(validate.replaces(body)) if "replaces" in body else None
         if replaced and replaced["id"] == record["id"]:

@@ -77,6 +77,10 @@ MISSPELT_SUBSCRIPTIONS = {
         {"fcm_token": "dQw4w9WgXcQ:APA91b", "topic": ["news"]},
         'unknown field "topic"; did you mean "topics"?',
     ),
+    "FCM token misspelt": (
+        {"fcm_tokn": "dQw4w9WgXcQ:APA91b", "topics": ["news"]},
+        'unknown field "fcm_tokn"; did you mean "fcm_token"?',
+    ),
     "subscription_token's wrapper": (
         {"subscription_token": fake_subscription(1), "topic": ["news"]},
         'unknown field "topic"; did you mean "topics"?',
