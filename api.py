@@ -34,6 +34,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import errno
 import functools
 import hashlib
@@ -4946,8 +4947,9 @@ def _short(text: str | None, limit: int = 200) -> str:
 
 @on_webhook("generic", "notify")
 def generic_notification(payload: dict) -> dict:
-    """A generic webhook's body is POST /push's, every field of it."""
-    return {k: payload[k] for k in PUSH_FIELDS if k in payload}
+    """A generic webhook's body is POST /push's, all of it: a field POST /push
+    does not know is refused as it would be there."""
+    return dict(payload)
 
 
 @on_webhook("github", "push")
@@ -5217,6 +5219,18 @@ STATIC_HEADERS = {
     },
 }
 
+# The fields of each request body; any other is refused (_only_known), as a
+# misspelled one ignored would change the request's meaning ("topics" in a
+# push: sent to everyone). POST /push's are PUSH_FIELDS; ``data`` stays free.
+PUSH_SUBSCRIPTION_FIELDS = ("endpoint", "expirationTime", "keys")  # its toJSON()
+SUBSCRIPTION_KEYS = ("p256dh", "auth")
+SUBSCRIPTION_TOKEN_FIELDS = ("subscription_token", "topics")  # the blog's wrapper
+FCM_TOKEN_FIELDS = ("fcm_token", "topics", "replaces")
+# An endpoint or a token; the rest of a PushSubscription may come with it.
+UNSUBSCRIBE_FIELDS = ("endpoint", "fcm_token", "expirationTime", "keys")
+ACTION_FIELDS = ("action", "title", "url", "icon")
+RECEIPT_FIELDS = ("event", "receipt")
+
 
 class ApiError(Exception):
     """An answer other than success: status and a message that says how to fix it."""
@@ -5254,6 +5268,23 @@ def strict_json(raw: bytes | str, what: str) -> Any:
     return value
 
 
+def _only_known(body: dict, known: tuple[str, ...], where: str = "") -> None:
+    """ApiError (400) naming the first field of ``body`` not in ``known``, with
+    the known one it is closest to, if any (``where``: the path of ``body``)."""
+    for name in body:
+        if name not in known:
+            prefix = f"{where}." if where else ""
+            cut = name if len(name) <= 64 else name[:63] + "…"
+            shown = json.dumps(prefix + cut, ensure_ascii=False)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = (
+                f"did you mean {json.dumps(prefix + close[0])}?"
+                if close
+                else f"the known fields are {', '.join(known)}"
+            )
+            raise ApiError(400, f"unknown field {shown}; {hint}")
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -5288,6 +5319,7 @@ class Validator:
 
     def fcm_token(self, body: dict) -> dict:
         """A stored-record dict from ``{"fcm_token": ..., "topics": [...]}``."""
+        _only_known(body, FCM_TOKEN_FIELDS)
         if not self.settings.fcm_service_account:
             raise ApiError(
                 400,
@@ -5307,19 +5339,30 @@ class Validator:
             "topics": self.topics(body.get("topics")),
         }
 
-    def subscription(self, body: dict) -> dict:
+    def subscription(self, body: dict, also: tuple[str, ...] = ()) -> dict:
         """A stored-record dict from a PushSubscription body (or the blog's
-        ``{"subscription_token": ...}`` form)."""
-        sub = body
+        ``{"subscription_token": ...}`` form); ``also``: the fields the route
+        takes besides the subscription's."""
+        sub, where = body, ""
         if "subscription_token" in body:
-            sub = body["subscription_token"]
+            _only_known(body, (*SUBSCRIPTION_TOKEN_FIELDS, *also))
+            sub, where = body["subscription_token"], "subscription_token."
             if isinstance(sub, str):
                 sub = strict_json(sub, "subscription_token")
+        else:
+            fields = (*PUSH_SUBSCRIPTION_FIELDS, "topics", *also, "subscription_token")
+            _only_known(body, fields)
         if not isinstance(sub, dict):
             raise ApiError(
                 400,
                 "the subscription must be a JSON object, as PushSubscription.toJSON() gives it",
             )
+        if sub is not body:
+            _only_known(
+                sub, (*PUSH_SUBSCRIPTION_FIELDS, "topics"), "subscription_token"
+            )
+        if isinstance(sub.get("keys"), dict):
+            _only_known(sub["keys"], SUBSCRIPTION_KEYS, where + "keys")
         endpoint = sub.get("endpoint")
         if not isinstance(endpoint, str) or not endpoint:
             raise ApiError(
@@ -5380,6 +5423,21 @@ class Validator:
             "topics": self.topics(body.get("topics", sub.get("topics"))),
         }
 
+    def unsubscribe(self, body: dict) -> str:
+        """The record id a DELETE /subscription body names: its endpoint's, or
+        its FCM token's."""
+        _only_known(body, UNSUBSCRIBE_FIELDS)
+        endpoint, token = body.get("endpoint"), body.get("fcm_token")
+        if isinstance(endpoint, str) and endpoint:
+            return endpoint_id(endpoint)
+        if isinstance(token, str) and token:
+            return subscription_id("fcm:" + token)
+        raise ApiError(
+            400,
+            'send {"endpoint": "..."} of the subscription to delete, '
+            'or {"fcm_token": "..."} of the device',
+        )
+
     def replaces(self, body: dict) -> str:
         """The record id of the old endpoint a rotated subscription replaces
         (pushsubscriptionchange)."""
@@ -5436,6 +5494,7 @@ class Validator:
         """The message and topic of a POST /push body; ``base`` is what a
         relative ``url`` is made absolute against (PUBLIC_URL, or the
         request's origin) for a declarative message's ``navigate``."""
+        _only_known(body, PUSH_FIELDS)
         text = {}
         for name in ("title", "body", "icon", "url", "message", "image", "tag"):
             value = body.get(name)
@@ -5546,6 +5605,7 @@ class Validator:
                 raise ApiError(
                     400, f"'{where}' must be an object with 'action' and 'title'"
                 )
+            _only_known(action, ACTION_FIELDS, where)
             name, title = action.get("action"), action.get("title")
             if not isinstance(name, str) or not 1 <= len(name) <= MAX_TAG_LENGTH:
                 raise ApiError(
@@ -5619,6 +5679,16 @@ class Validator:
                 "days ahead",
             )
         return when
+
+    def receipt(self, body: dict) -> tuple[str, str]:
+        """The event and receipt of a POST /notifications/<id>/events body."""
+        _only_known(body, RECEIPT_FIELDS)
+        event = body.get("event")
+        if event not in RECEIPT_EVENTS:
+            raise ApiError(400, f"'event' must be one of {', '.join(RECEIPT_EVENTS)}")
+        if not isinstance(body.get("receipt"), str):
+            raise ApiError(400, "'receipt' must be the string the message carried")
+        return event, body["receipt"]
 
     def idempotency_key(self, header: str | None) -> str | None:
         if header is None:
@@ -6199,7 +6269,8 @@ def create_app(
         if "fcm_token" in body:
             record = validate.fcm_token(body)
         else:
-            record = validate.subscription(body)
+            # fcm_token is never in this body: named for the misspelled one
+            record = validate.subscription(body, also=("replaces", "fcm_token"))
         previous = store.get(record["id"]) or {}
         replaced = store.get(validate.replaces(body)) if "replaces" in body else None
         if replaced and replaced["id"] == record["id"]:
@@ -6234,18 +6305,7 @@ def create_app(
 
     @app.delete("/subscription", api=True, rate_limited=True)
     def unsubscribe() -> None:
-        body = read_json(settings.max_body_bytes)
-        endpoint, token = body.get("endpoint"), body.get("fcm_token")
-        if isinstance(endpoint, str) and endpoint:
-            record_id = endpoint_id(endpoint)
-        elif isinstance(token, str) and token:
-            record_id = subscription_id("fcm:" + token)
-        else:
-            raise ApiError(
-                400,
-                'send {"endpoint": "..."} of the subscription to delete, '
-                'or {"fcm_token": "..."} of the device',
-            )
+        record_id = validate.unsubscribe(read_json(settings.max_body_bytes))
         if not store.remove(record_id):
             raise ApiError(404, "no subscription with that endpoint or token is stored")
         log.info("deleted subscription %s", record_id)
@@ -6391,13 +6451,8 @@ def create_app(
     @app.post("/notifications/<id>/events", api=True, rate_limited="receipts")
     def receipt_event(id: str) -> dict:
         notification_id(id)
-        body = read_json(settings.max_body_bytes)
-        event = body.get("event")
-        if event not in RECEIPT_EVENTS:
-            raise ApiError(400, f"'event' must be one of {', '.join(RECEIPT_EVENTS)}")
-        if not isinstance(body.get("receipt"), str):
-            raise ApiError(400, "'receipt' must be the string the message carried")
-        subscriber = receipt_subscriber(receipt_key, id, body["receipt"])
+        event, given = validate.receipt(read_json(settings.max_body_bytes))
+        subscriber = receipt_subscriber(receipt_key, id, given)
         if subscriber is None:
             raise ApiError(403, "this receipt was not made for this notification")
         counted = queue.count_receipt(id, event, subscriber)
