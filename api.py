@@ -35,6 +35,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import errno
 import functools
 import hashlib
@@ -53,6 +54,7 @@ import selectors
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -71,6 +73,7 @@ import http_ece
 import pycurl
 import waitress
 import waitress.channel
+import waitress.parser
 import waitress.server
 import waitress.task
 from cryptography.hazmat.primitives import hashes, serialization
@@ -570,13 +573,14 @@ class VapidKeys:
             if path.is_file():
                 keys = cls(_load_key_file(path), subject, str(path))
                 keys._check_public_file(directory / PUBLIC_TXT)
+                _keep_private(directory)
                 return keys
         return cls._create(directory, subject)
 
     @classmethod
     def _create(cls, directory: Path, subject: str) -> VapidKeys:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        _keep_private(directory)
         keys = cls(
             ec.generate_private_key(ec.SECP256R1()),
             subject,
@@ -628,6 +632,21 @@ class VapidKeys:
             header = self._vapid.sign(claims)["Authorization"]
             self._headers[audience] = (header, expires)
             return header
+
+
+def _keep_private(directory: Path) -> None:
+    """Take away group's and others' access to the key directory (0700), as a
+    directory made by hand or an older version may have left it (0755)."""
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        try:
+            os.chmod(directory, mode & 0o700)
+        except OSError as e:  # not ours, or a read-only mount: say so, go on
+            log.warning(
+                "%s is mode 0%o and cannot be made 0700: %s", directory, mode, e
+            )
+        else:
+            log.warning("%s was mode 0%o; made it 0700", directory, mode)
 
 
 def _load_key_file(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -2196,13 +2215,13 @@ class WebPushDelivery:
                 self._inbox.append((None, key, False))
                 self._wake()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         with self._wake_lock:
             if self._closing:
                 return
             self._closing = True
             self._wake()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout)
 
     def _wake(self) -> None:
         """Make the loop look at its inbox (the caller holds the wake lock)."""
@@ -2597,12 +2616,27 @@ class _DeliveryProcess:
     def cancel(self, key: str) -> None:
         self._send(("cancel", key))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 1.0) -> None:
+        self.signal()
+        self.join(time.monotonic() + timeout)
+
+    def signal(self) -> None:
+        """Tell it to stop (EOF), without waiting for it."""
         self._stop()
+        # Shut down, not only closed: _read's recv() on another thread holds
+        # the socket open, and the process would not see EOF.
+        with (
+            contextlib.suppress(OSError, ValueError),
+            socket.socket(fileno=os.dup(self.conn.fileno())) as s,
+        ):
+            s.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
-            self.conn.close()  # it sees EOF and exits
+            self.conn.close()
+
+    def join(self, deadline: float) -> None:
+        """Wait for it to exit until ``deadline`` (time.monotonic()), then kill it."""
         try:
-            self.process.wait(1)
+            self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -2913,6 +2947,7 @@ class Delivery:
         self._workers: list[_DeliveryProcess] = []
         self._turn = itertools.count()
         self._replacing = threading.Lock()
+        self._closed = False
         if self.processes == 1:
             self._local = WebPushDelivery(keys, *self._args[2:])
         else:
@@ -2981,7 +3016,7 @@ class Delivery:
         """The next delivery process in turn; a dead one is replaced."""
         index = next(self._turn) % len(self._workers)
         worker = self._workers[index]
-        if not worker.alive:
+        if not worker.alive and not self._closed:  # closed: its submit fails
             with self._replacing:
                 if self._workers[index] is worker:
                     log.error("a delivery process stopped; starting a new one")
@@ -2990,14 +3025,19 @@ class Delivery:
                 worker = self._workers[index]
         return worker
 
-    def close(self) -> None:
-        """Stop delivering: what is not yet sent ends as unsent."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop delivering: what is not yet sent ends as unsent. The delivery
+        processes stop together, within ``timeout`` seconds (or are killed)."""
+        deadline = time.monotonic() + timeout
+        self._closed = True  # a process that stops now is not replaced
         if self.fcm:
             self.fcm.close()
         if self._local is not None:
-            self._local.close()
+            self._local.close(timeout)
         for worker in self._workers:
-            worker.close()
+            worker.signal()
+        for worker in self._workers:
+            worker.join(deadline)
 
 
 REFUSALS = (400, 403, 413)
@@ -3246,9 +3286,10 @@ def rfc3339(moment: float | None) -> str | None:
     return text.replace("+00:00", "Z")
 
 
+# ASCII digits only: \d would take any script's (Arabic-Indic, fullwidth...).
 RFC3339_RE = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?"
-    r"(?:([Zz])|([+-])(\d\d):(\d\d))"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(\.[0-9]+)?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
 )
 
 
@@ -3259,6 +3300,8 @@ def parse_rfc3339(text: str) -> float | None:
         return None
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
     fraction, zulu, sign, off_hours, off_minutes = match.groups()[6:]
+    if second > 60 or (off_minutes and int(off_minutes) > 59):  # 60: a leap second
+        return None
     offset = timedelta(0)
     if not zulu:
         offset = timedelta(hours=int(off_hours), minutes=int(off_minutes))
@@ -5280,8 +5323,9 @@ def _short(text: str | None, limit: int = 200) -> str:
 
 @on_webhook("generic", "notify")
 def generic_notification(payload: dict) -> dict:
-    """A generic webhook's body is POST /push's, every field of it."""
-    return {k: payload[k] for k in PUSH_FIELDS if k in payload}
+    """A generic webhook's body is POST /push's, all of it: a field POST /push
+    does not know is refused as it would be there."""
+    return dict(payload)
 
 
 @on_webhook("github", "push")
@@ -5533,9 +5577,35 @@ MAX_BADGE = 2**63 - 1  # the Push API's app badge range
 IDEMPOTENCY_KEY_RE = re.compile(r"[!-~][ -~]{0,253}[!-~]|[!-~]")
 NOTIFICATION_ID_RE = re.compile(r"[A-Za-z0-9_\-]{16}")
 MAX_PREFER_WAIT = 60
+# A Host (or X-Forwarded-Host): a name or an IPv6 literal in brackets, and a port.
+HOST_RE = re.compile(
+    r"([A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+)
 TEST_WAIT = 10.0  # seconds POST /subscription/test waits for its push service
 MAX_TTL = 28 * 86400
 STATIC_DIR = HERE / "static"
+# Headers of a static file, by its path under static/, whatever route reaches
+# it. The console holds the push token: never in another site's frame, and
+# its address never sent on as a Referer.
+STATIC_HEADERS = {
+    "admin.html": {
+        "Content-Security-Policy": "frame-ancestors 'none'",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+    },
+}
+
+# The fields of each request body; any other is refused (_only_known), as a
+# misspelled one ignored would change the request's meaning ("topics" in a
+# push: sent to everyone). POST /push's are PUSH_FIELDS; ``data`` stays free.
+PUSH_SUBSCRIPTION_FIELDS = ("endpoint", "expirationTime", "keys")  # its toJSON()
+SUBSCRIPTION_KEYS = ("p256dh", "auth")
+SUBSCRIPTION_TOKEN_FIELDS = ("subscription_token", "topics")  # the blog's wrapper
+FCM_TOKEN_FIELDS = ("fcm_token", "topics", "replaces")
+# An endpoint or a token; the rest of a PushSubscription may come with it.
+UNSUBSCRIBE_FIELDS = ("endpoint", "fcm_token", "expirationTime", "keys")
+ACTION_FIELDS = ("action", "title", "url", "icon")
+RECEIPT_FIELDS = ("event", "receipt")
 
 
 class ApiError(Exception):
@@ -5574,6 +5644,23 @@ def strict_json(raw: bytes | str, what: str) -> Any:
     return value
 
 
+def _only_known(body: dict, known: tuple[str, ...], where: str = "") -> None:
+    """ApiError (400) naming the first field of ``body`` not in ``known``, with
+    the known one it is closest to, if any (``where``: the path of ``body``)."""
+    for name in body:
+        if name not in known:
+            prefix = f"{where}." if where else ""
+            cut = name if len(name) <= 64 else name[:63] + "…"
+            shown = json.dumps(prefix + cut, ensure_ascii=False)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = (
+                f"did you mean {json.dumps(prefix + close[0])}?"
+                if close
+                else f"the known fields are {', '.join(known)}"
+            )
+            raise ApiError(400, f"unknown field {shown}; {hint}")
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -5608,6 +5695,7 @@ class Validator:
 
     def fcm_token(self, body: dict) -> dict:
         """A stored-record dict from ``{"fcm_token": ..., "topics": [...]}``."""
+        _only_known(body, FCM_TOKEN_FIELDS)
         if not self.settings.fcm_service_account:
             raise ApiError(
                 400,
@@ -5627,19 +5715,30 @@ class Validator:
             "topics": self.topics(body.get("topics")),
         }
 
-    def subscription(self, body: dict) -> dict:
+    def subscription(self, body: dict, also: tuple[str, ...] = ()) -> dict:
         """A stored-record dict from a PushSubscription body (or the blog's
-        ``{"subscription_token": ...}`` form)."""
-        sub = body
+        ``{"subscription_token": ...}`` form); ``also``: the fields the route
+        takes besides the subscription's."""
+        sub, where = body, ""
         if "subscription_token" in body:
-            sub = body["subscription_token"]
+            _only_known(body, (*SUBSCRIPTION_TOKEN_FIELDS, *also))
+            sub, where = body["subscription_token"], "subscription_token."
             if isinstance(sub, str):
                 sub = strict_json(sub, "subscription_token")
+        else:
+            fields = (*PUSH_SUBSCRIPTION_FIELDS, "topics", *also, "subscription_token")
+            _only_known(body, fields)
         if not isinstance(sub, dict):
             raise ApiError(
                 400,
                 "the subscription must be a JSON object, as PushSubscription.toJSON() gives it",
             )
+        if sub is not body:
+            _only_known(
+                sub, (*PUSH_SUBSCRIPTION_FIELDS, "topics"), "subscription_token"
+            )
+        if isinstance(sub.get("keys"), dict):
+            _only_known(sub["keys"], SUBSCRIPTION_KEYS, where + "keys")
         endpoint = sub.get("endpoint")
         if not isinstance(endpoint, str) or not endpoint:
             raise ApiError(
@@ -5700,6 +5799,21 @@ class Validator:
             "topics": self.topics(body.get("topics", sub.get("topics"))),
         }
 
+    def unsubscribe(self, body: dict) -> str:
+        """The record id a DELETE /subscription body names: its endpoint's, or
+        its FCM token's."""
+        _only_known(body, UNSUBSCRIBE_FIELDS)
+        endpoint, token = body.get("endpoint"), body.get("fcm_token")
+        if isinstance(endpoint, str) and endpoint:
+            return endpoint_id(endpoint)
+        if isinstance(token, str) and token:
+            return subscription_id("fcm:" + token)
+        raise ApiError(
+            400,
+            'send {"endpoint": "..."} of the subscription to delete, '
+            'or {"fcm_token": "..."} of the device',
+        )
+
     def replaces(self, body: dict) -> str:
         """The record id of the old endpoint a rotated subscription replaces
         (pushsubscriptionchange)."""
@@ -5756,6 +5870,7 @@ class Validator:
         """The message and topic of a POST /push body; ``base`` is what a
         relative ``url`` is made absolute against (PUBLIC_URL, or the
         request's origin) for a declarative message's ``navigate``."""
+        _only_known(body, PUSH_FIELDS)
         text = {}
         for name in ("title", "body", "icon", "url", "message", "image", "tag"):
             value = body.get(name)
@@ -5866,6 +5981,7 @@ class Validator:
                 raise ApiError(
                     400, f"'{where}' must be an object with 'action' and 'title'"
                 )
+            _only_known(action, ACTION_FIELDS, where)
             name, title = action.get("action"), action.get("title")
             if not isinstance(name, str) or not 1 <= len(name) <= MAX_TAG_LENGTH:
                 raise ApiError(
@@ -5891,8 +6007,16 @@ class Validator:
     @staticmethod
     def _absolute(url: str, base: str, where: str) -> str:
         """``url`` made absolute against ``base``: an http(s) URL, or ApiError."""
-        absolute = urllib.parse.urljoin(base, url) if base else url
-        parts = urlsplit(absolute)
+        try:
+            absolute = urllib.parse.urljoin(base, url) if base else url
+            parts = urlsplit(absolute)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:  # "http://[::1", "https://[x]y"
+            raise ApiError(
+                400,
+                f"'{where}' is not a URL ({e}); a host in brackets must be an "
+                "IPv6 address, and a port a number",
+            ) from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ApiError(
                 400,
@@ -5931,6 +6055,16 @@ class Validator:
                 "days ahead",
             )
         return when
+
+    def receipt(self, body: dict) -> tuple[str, str]:
+        """The event and receipt of a POST /notifications/<id>/events body."""
+        _only_known(body, RECEIPT_FIELDS)
+        event = body.get("event")
+        if event not in RECEIPT_EVENTS:
+            raise ApiError(400, f"'event' must be one of {', '.join(RECEIPT_EVENTS)}")
+        if not isinstance(body.get("receipt"), str):
+            raise ApiError(400, "'receipt' must be the string the message carried")
+        return event, body["receipt"]
 
     def idempotency_key(self, header: str | None) -> str | None:
         if header is None:
@@ -6222,8 +6356,40 @@ class JsonErrorTask(waitress.task.ErrorTask):
         self.write(body)
 
 
+class StrictRequestParser(waitress.parser.HTTPRequestParser):
+    """waitress's request parser, with a Content-Length of over 4,300 digits
+    a 400 like any other bad one: waitress's int() raised on it, which
+    dropped the connection unanswered and logged a traceback."""
+
+    def parse_header(self, header_plus: bytes) -> None:
+        try:
+            super().parse_header(header_plus)
+        except ValueError:
+            raise waitress.parser.ParsingError("Content-Length is invalid") from None
+
+
 class JsonErrorChannel(waitress.channel.HTTPChannel):
     error_task_class = JsonErrorTask
+    parser_class = StrictRequestParser
+
+
+class RequestThreads(waitress.task.ThreadedTaskDispatcher):
+    """waitress's request threads, whose shutdown waits for the requests
+    under way until ``deadline`` (time.monotonic(), within SHUTDOWN_TIMEOUT)
+    rather than waitress's own 5 seconds more."""
+
+    deadline: float | None = None
+
+    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
+        if self.deadline is not None:
+            timeout = max(0.0, self.deadline - time.monotonic())
+        return super().shutdown(cancel_pending, timeout)
+
+
+def closing_time(shutdown_timeout: float) -> float:
+    """The seconds of SHUTDOWN_TIMEOUT kept, after waiting for what is in
+    flight, for closing the delivery processes, the queue and the store."""
+    return min(0.5, shutdown_timeout / 4)
 
 
 def _raise_open_file_limit(wanted: int) -> None:
@@ -6308,7 +6474,11 @@ def prefer_wait(header: str | None) -> int | None:
     for preference in re.split(r"[,;]", header or ""):
         name, _, value = preference.strip().partition("=")
         if name.strip().lower() == "wait" and re.fullmatch(r"[0-9]+", value.strip()):
-            return min(int(value.strip()), MAX_PREFER_WAIT)
+            # Capped before int(): Python refuses to convert over 4,300 digits.
+            digits = value.strip().lstrip("0") or "0"
+            if len(digits) > len(str(MAX_PREFER_WAIT)):
+                return MAX_PREFER_WAIT
+            return min(int(digits), MAX_PREFER_WAIT)
     return None
 
 
@@ -6352,11 +6522,14 @@ def create_app(
     test_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
     wait_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
 
-    def close(timeout: float = 0) -> bool:
-        """Stop: batches in flight get ``timeout`` seconds to be recorded."""
+    def close(timeout: float = 0, rest: float = 1.0) -> bool:
+        """Stop: batches in flight get ``timeout`` seconds to be recorded, and
+        the rest of the stop takes ``rest`` seconds at most."""
         recorded = queue.stop(timeout)
-        delivery.close()  # what it still had comes back unsent...
-        queue.stop(1)  # ...and the dispatcher ends once it has seen it
+        closed_by = time.monotonic() + rest
+        delivery.close(rest)  # what it still had comes back unsent...
+        # ...and the dispatcher ends once it has seen it
+        queue.stop(max(0.0, closed_by - time.monotonic()))
         queue.close()
         store.close()
         return recorded
@@ -6421,7 +6594,21 @@ def create_app(
         if settings.public_url:
             return settings.public_url.rstrip("/") + "/"
         parts = bottle.request.urlparts
-        return f"{parts.scheme}://{parts.netloc}/"
+        base = f"{parts.scheme}://{parts.netloc}/"
+        try:
+            urlsplit(base).port  # noqa: B018 - raises on "[fff]", port 99999
+            valid = parts.scheme.lower() in ("http", "https") and HOST_RE.fullmatch(
+                parts.netloc
+            )
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ApiError(
+                400,
+                "the Host header is not a host name and port, so no absolute URL "
+                "can be made of this request; send a valid Host, or set PUBLIC_URL",
+            )
+        return base
 
     def bearer_ok() -> bool:
         header = request_header("Authorization", "")
@@ -6453,7 +6640,8 @@ def create_app(
         if "fcm_token" in body:
             record = validate.fcm_token(body)
         else:
-            record = validate.subscription(body)
+            # fcm_token is never in this body: named for the misspelled one
+            record = validate.subscription(body, also=("replaces", "fcm_token"))
         previous = store.get(record["id"]) or {}
         replaced = store.get(validate.replaces(body)) if "replaces" in body else None
         if replaced and replaced["id"] == record["id"]:
@@ -6488,18 +6676,7 @@ def create_app(
 
     @app.delete("/subscription", api=True, rate_limited=True)
     def unsubscribe() -> None:
-        body = read_json(settings.max_body_bytes)
-        endpoint, token = body.get("endpoint"), body.get("fcm_token")
-        if isinstance(endpoint, str) and endpoint:
-            record_id = endpoint_id(endpoint)
-        elif isinstance(token, str) and token:
-            record_id = subscription_id("fcm:" + token)
-        else:
-            raise ApiError(
-                400,
-                'send {"endpoint": "..."} of the subscription to delete, '
-                'or {"fcm_token": "..."} of the device',
-            )
+        record_id = validate.unsubscribe(read_json(settings.max_body_bytes))
         if not store.remove(record_id):
             raise ApiError(404, "no subscription with that endpoint or token is stored")
         log.info("deleted subscription %s", record_id)
@@ -6587,9 +6764,9 @@ def create_app(
         send_at = validate.send_at(body)
         key = validate.idempotency_key(request_header("Idempotency-Key"))
         wait = prefer_wait(request_header("Prefer"))
-        try:
+        try:  # "push:", apart from webhook deliveries' ids: none swallows another
             document, replayed = queue.create(
-                message, topic, send_at, key, body_hash(body)
+                message, topic, send_at, key and f"push:{key}", body_hash(body)
             )
         except IdempotencyConflict as e:
             raise ApiError(
@@ -6645,13 +6822,8 @@ def create_app(
     @app.post("/notifications/<id>/events", api=True, rate_limited="receipts")
     def receipt_event(id: str) -> dict:
         notification_id(id)
-        body = read_json(settings.max_body_bytes)
-        event = body.get("event")
-        if event not in RECEIPT_EVENTS:
-            raise ApiError(400, f"'event' must be one of {', '.join(RECEIPT_EVENTS)}")
-        if not isinstance(body.get("receipt"), str):
-            raise ApiError(400, "'receipt' must be the string the message carried")
-        subscriber = receipt_subscriber(receipt_key, id, body["receipt"])
+        event, given = validate.receipt(read_json(settings.max_body_bytes))
+        subscriber = receipt_subscriber(receipt_key, id, given)
         if subscriber is None:
             raise ApiError(403, "this receipt was not made for this notification")
         counted = queue.count_receipt(id, event, subscriber)
@@ -6776,13 +6948,7 @@ def create_app(
 
     @app.get("/admin")
     def admin() -> bottle.HTTPResponse:
-        response = serve_static("admin.html")
-        # The page holds the push token: never in another site's frame, and
-        # its address never sent on as a Referer.
-        response.set_header("Content-Security-Policy", "frame-ancestors 'none'")
-        response.set_header("X-Frame-Options", "DENY")
-        response.set_header("Referrer-Policy", "no-referrer")
-        return response
+        return serve_static("admin.html")
 
     @app.get("/sw.js")
     def service_worker() -> bottle.HTTPResponse:
@@ -6822,12 +6988,13 @@ def serve_static(name: str) -> bottle.HTTPResponse:
     mimetype: str | bool = "application/javascript" if path.suffix == ".js" else True
     if path.suffix == ".webmanifest":
         mimetype = "application/manifest+json"
-    response = bottle.static_file(
-        str(path.relative_to(root)), root=str(root), mimetype=mimetype
-    )
+    relative = path.relative_to(root).as_posix()
+    response = bottle.static_file(relative, root=str(root), mimetype=mimetype)
     # Revalidated (a 304 when unchanged): an upgrade never pairs a new page
     # with an old script from the browser's cache.
     response.set_header("Cache-Control", "no-cache")
+    for header, value in STATIC_HEADERS.get(relative, {}).items():
+        response.set_header(header, value)
     return response
 
 
@@ -7061,9 +7228,11 @@ def run_worker(settings: Settings) -> int:
         "stopping: what is not sent goes back to Redis (%g s at most)",
         settings.shutdown_timeout,
     )
-    queue.stop(settings.shutdown_timeout)
-    delivery.close()
-    queue.stop(1)
+    closing = closing_time(settings.shutdown_timeout)
+    deadline = time.monotonic() + settings.shutdown_timeout
+    queue.stop(settings.shutdown_timeout - closing)
+    delivery.close(max(0.0, deadline - time.monotonic()))
+    queue.stop(max(0.0, deadline - time.monotonic()))
     store.close()
     if metrics_server is not None:
         metrics_server.close()
@@ -7224,6 +7393,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     in_flight = app.config["webpush.in_flight"]
+    request_threads = RequestThreads()
+    request_threads.set_thread_count(settings.threads)
     try:
         wsgi = AccessLog(in_flight, settings.trusted_proxies)
         server = waitress.create_server(
@@ -7231,6 +7402,7 @@ def main(argv: list[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             threads=settings.threads,
+            _dispatcher=request_threads,  # waitress's way to give its threads
             ident="webpush",
             # waitress drops X-Forwarded-For unless told not to; the rate limit
             # believes it only from TRUSTED_PROXIES (client_address).
@@ -7251,12 +7423,15 @@ def main(argv: list[str] | None = None) -> int:
                 listener.channel_class = JsonErrorChannel
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)
+        request_threads.shutdown(timeout=0)
         app.config["webpush.close"]()
         return 2
     log.info("serving on %s (demo page at %s/)", url, url)  # bound and listening
 
     stopping = threading.Event()  # a signal came: drain, then stop
     drained = threading.Event()  # drained (or timed out): stop the loop now
+    # The whole stop ends by one deadline: SHUTDOWN_TIMEOUT after the signal.
+    stop_by = math.inf
 
     def on_signal(signum: int, frame: Any) -> None:
         """SIGTERM or SIGINT: drain in a thread; once it is done (or at a second
@@ -7264,6 +7439,8 @@ def main(argv: list[str] | None = None) -> int:
         explicitly, so it works when started in the background, where SIGINT
         arrives ignored."""
         if drained.is_set() or stopping.is_set():
+            if not drained.is_set():  # a second signal: stop at once
+                request_threads.deadline = time.monotonic()
             drained.set()
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: not in the cleanup
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -7272,21 +7449,29 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=drain, name="shutdown", daemon=True).start()
 
     def drain() -> None:
+        nonlocal stop_by
         log.info(
             "stopping: finishing requests and messages in flight (%g s at most)",
             settings.shutdown_timeout,
         )
-        deadline = time.monotonic() + settings.shutdown_timeout
+        deadline = stop_by = time.monotonic() + settings.shutdown_timeout
+        # The waits end early enough to close everything by the deadline; a
+        # request still under way then has half of that time to be answered.
+        closing = closing_time(settings.shutdown_timeout)
+        waits_end = deadline - closing
+        request_threads.deadline = deadline - closing / 2
         in_flight.draining = True  # new requests get 503 from now
-        if not app.config["webpush.queue"].stop(settings.shutdown_timeout):
+        if not app.config["webpush.queue"].stop(max(0.0, waits_end - time.monotonic())):
             log.warning(
                 "messages still in flight after SHUTDOWN_TIMEOUT: their subscribers "
                 "get them again at the next start"
             )
-        if not in_flight.drain(max(0.0, deadline - time.monotonic())):
+        if not in_flight.drain(max(0.0, waits_end - time.monotonic())):
             log.warning(
                 "requests still under way after SHUTDOWN_TIMEOUT; stopping anyway"
             )
+            # Those waiting on delivery (test notifications) are answered now.
+            app.config["webpush.delivery"].close(closing / 2)
         if not drained.is_set():  # a second signal may have stopped it already
             drained.set()
             os.kill(os.getpid(), signal.SIGTERM)  # wake the main thread's handler
@@ -7296,7 +7481,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()  # returns on SystemExit, after its threads finish
     finally:
-        app.config["webpush.close"]()
+        left = stop_by - time.monotonic()
+        app.config["webpush.close"](0, max(0.0, left) if left < math.inf else 1.0)
     log.info("stopped")
     if not in_flight.idle:  # abandoned after SHUTDOWN_TIMEOUT: exit without
         logging.shutdown()  # waiting for it, as the interpreter's exit would

@@ -30,7 +30,7 @@ import requests
 import webtest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -2121,6 +2121,38 @@ def _hostile_bodies(value: str) -> list[bytes]:
 RAW_HOSTILE = st.sampled_from(
     ["1e999", "-1e999", "NaN", "Infinity", "[" * 50_000 + "]" * 50_000]
 ).flatmap(lambda value: st.sampled_from(_hostile_bodies(value)))
+# Misspellings of the real field names, as people make them: a letter
+# dropped, added, swapped with the next or in the other case.
+FIELD_NAMES = sorted(
+    {
+        *api.PUSH_FIELDS,
+        *api.PUSH_SUBSCRIPTION_FIELDS,
+        *api.SUBSCRIPTION_TOKEN_FIELDS,
+        *api.FCM_TOKEN_FIELDS,
+        *api.UNSUBSCRIBE_FIELDS,
+        *api.RECEIPT_FIELDS,
+    }
+)
+
+
+def _misspelt(name: str, edit: str, at: int, letter: str) -> str:
+    at %= len(name)
+    if edit == "drop":
+        return name[:at] + name[at + 1 :]
+    if edit == "add":
+        return name[:at] + letter + name[at:]
+    if edit == "swap":
+        return name[:at] + name[at + 1 : at + 2] + name[at] + name[at + 2 :]
+    return name[:at] + name[at].swapcase() + name[at + 1 :]
+
+
+MISSPELT = st.builds(
+    _misspelt,
+    st.sampled_from(FIELD_NAMES),
+    st.sampled_from(["drop", "add", "swap", "case"]),
+    st.integers(0, 40),
+    st.sampled_from("aeiost_-"),
+)
 ROUTES = [
     ("POST", "/subscription"),
     ("DELETE", "/subscription"),
@@ -2142,6 +2174,9 @@ ROUTES = [
     | JSON.map(lambda v: json.dumps(v).encode())
     | SHAPED.map(lambda v: json.dumps(v).encode())
     | ENDPOINTS.map(lambda e: json.dumps({"endpoint": e, "keys": KEYS}).encode())
+    | st.tuples(MISSPELT, JSON, SHAPED).map(
+        lambda t: json.dumps({t[0]: t[1], **t[2]}).encode()
+    )
     | RAW_HOSTILE,
 )
 def test_fuzzed_requests_never_give_a_5xx_or_store_anything(app, settings, route, body):
@@ -2158,6 +2193,63 @@ def test_fuzzed_requests_never_give_a_5xx_or_store_anything(app, settings, route
     path = Path(settings.subscriptions_file)
     assert not path.exists() or path.stat().st_size == 0
     assert app.get("/health").json["status"] == "ok"
+
+
+# The fields each route with a body takes: a misspelling that spells one of
+# them is no misspelling there.
+SUBSCRIPTION = {*api.PUSH_SUBSCRIPTION_FIELDS, *api.SUBSCRIPTION_TOKEN_FIELDS}
+BODY_FIELDS = {
+    ("POST", "/subscription"): {*SUBSCRIPTION, *api.FCM_TOKEN_FIELDS},
+    ("DELETE", "/subscription"): set(api.UNSUBSCRIBE_FIELDS),
+    ("POST", "/subscription/test"): SUBSCRIPTION,
+    ("POST", "/push"): set(api.PUSH_FIELDS),
+    ("POST", "/notifications/AAAAAAAAAAAAAAAA/events"): set(api.RECEIPT_FIELDS),
+}
+
+
+def _stored_but_rate_limits(settings: api.Settings) -> dict:
+    """stored_state, less the rate limiter's buckets in Redis: a refused
+    receipt still takes a token from its client's."""
+    buckets = settings.redis_prefix.encode() + b"rate:"
+    return {
+        key: value
+        for key, value in stored_state(settings).items()
+        if not (isinstance(key, bytes) and key.startswith(buckets))
+    }
+
+
+@hypothesis_settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    route=st.sampled_from(sorted(BODY_FIELDS)),
+    misspelt=MISSPELT,
+    value=JSON,
+    rest=SHAPED | st.just(VALID) | st.just({"title": "t"}),
+)
+def test_fuzzed_bodies_with_a_misspelt_field_get_a_400_naming_it_and_change_nothing(
+    app, settings, route, misspelt, value, rest
+):
+    assume(misspelt not in BODY_FIELDS[route])
+    method, path = route
+    try:  # no Infinity: that is refused before the names are read
+        text = json.dumps(
+            {misspelt: value, **rest}, allow_nan=False, ensure_ascii=False
+        )
+        body = text.encode()  # nor a lone surrogate
+    except ValueError:
+        assume(False)
+    app.post_json("/subscription", VALID)  # someone a push would reach
+    before = _stored_but_rate_limits(settings)
+    response = app.request(
+        path, method=method, body=body, headers=AUTH, expect_errors=True
+    )
+    assert response.status_int == 400, response.body
+    assert response.json["error"].startswith(f"unknown field {json.dumps(misspelt)};")
+    assert _stored_but_rate_limits(settings) == before
+    assert app.get("/notifications", headers=AUTH).json["notifications"] == []
 
 
 SURROGATE = "\ud800"

@@ -11,4 +11,6 @@ from test_api import (  # noqa: F401
     redis_server,
     server_factory,
     settings,
+    store,
+    unchanged,
 )
