@@ -1486,6 +1486,7 @@ def test_a_busy_port_is_a_clear_error(server_factory):
         ("PUSH_CONCURRENCY", "-1"),
         ("PUSH_TIMEOUT", "nan"),
         ("PUSH_TIMEOUT", "inf"),
+        ("RETRY_BACKOFF", "-1"),
         ("SHUTDOWN_TIMEOUT", "-5"),
         ("LOG_LEVEL", "LOUD"),
         ("PUSH_ENDPOINT_PATTERN", "(unclosed"),
@@ -1598,12 +1599,23 @@ def test_429_is_retried_after_the_retry_after_it_names(app, push_service):
     assert second.at - first.at >= 0.95
 
 
-def test_5xx_is_retried_with_backoff_then_sent(app, push_service):
+def test_5xx_is_retried_with_backoff_then_sent(app, push_service, settings):
     flaky = push_service.subscriber(script=[500, 503])
     app.post_json("/subscription", flaky.subscription)
     result = pushed(app, {"title": "t"})
     assert (result["sent"], result["retried"], result["failed"]) == (1, 1, 0)
-    assert [d.status for d in push_service.received(flaky)] == [500, 503, 201]
+    first, second, third = push_service.received(flaky)
+    assert [d.status for d in (first, second, third)] == [500, 503, 201]
+    backoff = settings.retry_backoff
+    assert second.at - first.at >= backoff * 0.95  # RETRY_BACKOFF, then twice it
+    assert third.at - second.at >= 2 * backoff * 0.95
+
+
+def test_retries_wait_1_s_then_2_s_unless_retry_backoff_says_otherwise():
+    backoff = api.Settings().retry_backoff
+    assert [api._retry_delay(None, n, backoff) for n in (1, 2)] == [1.0, 2.0]
+    assert [api._retry_delay(None, n, 0.25) for n in (1, 2)] == [0.25, 0.5]
+    assert api._retry_delay("3", 1, 0.25) == 3.0  # the push service's Retry-After
 
 
 def test_a_push_service_that_keeps_failing_is_reported_and_kept(
