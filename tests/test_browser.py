@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_api import AUTH, TOKEN, Server, server_pushed
+from conftest import AUTH, TOKEN, Server, server_pushed
 from tests.chromium import CHROMIUM, FLAGS, require_chromium
 from tests.push_service import PushService
 

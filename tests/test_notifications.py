@@ -21,7 +21,7 @@ import requests
 import webtest
 
 import api
-from test_api import AUTH, Server
+from conftest import AUTH, Server, stored_state
 from tests.push_service import PushService
 
 WAIT = {**AUTH, "Prefer": "wait=30"}
@@ -537,8 +537,6 @@ def test_a_receipt_needs_no_token_and_is_a_simple_cross_origin_request(
 
 
 def test_forged_or_replayed_receipts_change_nothing(app, settings, push_service):
-    from test_api import stored_state
-
     notification_id, [mine, theirs] = _receipts(app, push_service, 2)
     other_id, [other] = _receipts(app, push_service, 1)
     _report(app, notification_id, "delivered", mine["receipt"])

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import api
-from test_api import AUTH, WAIT, device_token, fcm, fcm_app  # noqa: F401
+from conftest import AUTH, WAIT, device_token
 
 EVERYTHING = {
     "title": "Sale",
@@ -192,7 +192,7 @@ def test_a_bad_public_url_or_payload_format_stops_the_start():
             api.Settings(**{setting: value}).check()
 
 
-def test_tag_badge_and_image_reach_fcm_tokens_mapped(fcm_app, fcm):  # noqa: F811
+def test_tag_badge_and_image_reach_fcm_tokens_mapped(fcm_app, fcm):
     token = device_token(1)
     fcm_app.post_json("/subscription", {"fcm_token": token})
     fcm_app.post_json("/push", EVERYTHING, headers=WAIT)

@@ -25,7 +25,7 @@ import requests
 import webtest
 
 import api
-from test_api import (
+from conftest import (
     AUTH,
     LOCAL_PUSH,
     ROOT,
