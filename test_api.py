@@ -48,6 +48,7 @@ from conftest import (
     pushed,
     server_pushed,
     stored_state,
+    wait_status,
 )
 from tests.connect_proxy import ConnectProxy
 from tests.nginx import ECHO_MODULE, NGINX, Nginx
@@ -1178,7 +1179,11 @@ def test_kill_9_loses_no_acknowledged_subscription(server_factory):
         ]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        enough = len(acknowledged) + 40  # killed with writes under way
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < enough:
+            assert time.monotonic() < deadline, len(acknowledged)
+            time.sleep(0.01)
         server.stop(signal.SIGKILL)
         stop.set()
         for t in threads:
@@ -1600,19 +1605,6 @@ def push_under_way(
     pushing.start()
     slow.wait_for(2)
     return pushing, answer
-
-
-def ended(server: Server, notification_id: str, timeout: float = 30) -> dict:
-    """The status document of a notification once it has ended on ``server``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        document = requests.get(
-            f"{server.url}/notifications/{notification_id}", headers=AUTH
-        ).json()
-        if document["status"] in ("done", "cancelled", "expired"):
-            return document
-        assert time.monotonic() < deadline, document
-        time.sleep(0.1)
 
 
 def test_health_answers_while_a_fan_out_is_under_way(server_factory, backend_env):
@@ -2265,7 +2257,7 @@ def test_sigterm_lets_messages_in_flight_finish_keeps_the_store_whole_and_resume
         assert len(store) == 8
         store.close()
         server.start()
-        finished = ended(server, result["id"])
+        finished = wait_status(server, result["id"])
         assert (finished["status"], finished["sent"], finished["failed"]) == (
             "done",
             8,
@@ -2292,8 +2284,10 @@ def test_while_draining_new_requests_get_the_json_503(server_factory):
         server = server_factory(PUSH_CONCURRENCY="4").start()
         pushing, result = push_under_way(server, slow, 4)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        refused = requests.get(server.url + "/health", timeout=5)
+        deadline = time.monotonic() + 10
+        while (refused := requests.get(server.url + "/health", timeout=5)).ok:
+            assert time.monotonic() < deadline, "still serving"
+            time.sleep(0.02)
         assert refused.status_code == 503
         assert refused.headers["Content-Type"] == "application/json"
         assert "shutting down" in refused.json()["error"]
@@ -2303,7 +2297,7 @@ def test_while_draining_new_requests_get_the_json_503(server_factory):
         # the messages in flight were let finish and recorded: after a restart,
         # the rest is sent, and nobody gets it twice
         server.start()
-        assert ended(server, result["id"])["sent"] == 4
+        assert wait_status(server, result["id"])["sent"] == 4
         received = [d.subscriber for d in slow.received()]
         assert len(received) == len(set(received)) == 4
 
@@ -2350,6 +2344,30 @@ def _live_in_group(group: int) -> list[int]:
     return live
 
 
+def _delivery_processes(pid: int, count: int) -> list[int]:
+    """The delivery processes of the server ``pid``, once it has ``count``
+    of them up: its live children that run ``api.py --delivery-process`` and
+    have got as far as ignoring SIGINT (the server decides when they stop)."""
+    deadline = time.monotonic() + 15
+    while True:
+        workers = []
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+                status = Path(f"/proc/{child}/status").read_text()
+                ignored = int(re.search(r"SigIgn:\s*(\w+)", status)[1], 16)
+                if (
+                    b"--delivery-process" in command
+                    and "State:\tZ" not in status
+                    and ignored & 1 << (signal.SIGINT - 1)
+                ):
+                    workers.append(int(child))
+        if len(workers) == count:
+            return workers
+        assert time.monotonic() < deadline, f"{len(workers)} delivery processes"
+        time.sleep(0.02)
+
+
 def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
     server = Server(tmp_path, PUSH_PROCESSES="2")
     with open(server.log, "wb") as log:
@@ -2362,17 +2380,16 @@ def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
         )
     try:
         _wait_until_serving(server.url, proc)
-        time.sleep(1)  # the delivery processes are up
+        _delivery_processes(proc.pid, 2)  # they are up, and get the SIGINT too
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole group
         assert proc.wait(15) == 0
-        time.sleep(0.5)
-        output = server.output()
-        assert "Traceback" not in output and "KeyboardInterrupt" not in output
-        assert "stopped" in output
         deadline = time.monotonic() + 5
         while _live_in_group(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.02)
         assert _live_in_group(proc.pid) == []  # no delivery process is left
+        output = server.output()  # all of it: every writer has exited
+        assert "Traceback" not in output and "KeyboardInterrupt" not in output
+        assert "stopped" in output
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -2384,22 +2401,9 @@ def test_a_delivery_process_killed_while_idle_is_replaced_without_a_500(
     server = server_factory(PUSH_PROCESSES="2").start()
     sub = push_service.subscriber()
     requests.post(server.url + "/subscription", json=sub.subscription)
-    time.sleep(1)  # the delivery processes are up
-    children = [
-        int(pid)
-        for pid in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
-        .read_text()
-        .split()
-    ]
-    workers = [  # multiprocessing's spawned children, or api.py --delivery-process
-        pid
-        for pid in children
-        if re.search(
-            rb"spawn_main|--delivery-process", Path(f"/proc/{pid}/cmdline").read_bytes()
-        )
-    ]
+    workers = _delivery_processes(server.proc.pid, 2)
     os.kill(workers[0], signal.SIGKILL)
-    time.sleep(0.5)
+    _delivery_processes(server.proc.pid, 1)  # dead: the server sees its socket close
     answers = [
         requests.post(server.url + "/push", json={"title": "t"}, headers=WAIT)
         for _ in range(3)
@@ -2633,7 +2637,7 @@ def test_a_push_notification_names_the_pusher_and_the_head_commit(
 def test_github_ping_answers_200_and_sends_nothing(hook_app, push_service):
     hook_app.post_json("/subscription", push_service.subscriber().subscription)
     assert github(hook_app, "ping").json == {"pong": True}
-    time.sleep(0.3)
+    assert hook_app.get("/notifications", headers=AUTH).json["notifications"] == []
     assert push_service.received() == []
 
 
@@ -2646,7 +2650,7 @@ def test_events_without_a_notification_are_accepted_and_ignored(
     hook_app.post_json("/subscription", push_service.subscriber().subscription)
     response = github(hook_app, event, fixture)
     assert response.status_int == 202 and "ignored" in response.json
-    time.sleep(0.3)
+    assert hook_app.get("/notifications", headers=AUTH).json["notifications"] == []
     assert push_service.received() == []
 
 
@@ -2664,7 +2668,7 @@ def test_github_webhooks_with_a_missing_or_wrong_signature_get_401(
     )
     response = github(hook_app, "push", headers=headers, status=401)
     assert "X-Hub-Signature-256" in response.json["error"]
-    time.sleep(0.3)
+    assert hook_app.get("/notifications", headers=AUTH).json["notifications"] == []
     assert push_service.received() == []
 
 
@@ -2677,9 +2681,10 @@ def test_a_repeated_delivery_is_sent_once(hook_app, push_service):
     assert again.json == {"duplicate": "d-1", "id": first.json["id"]}
     other = github(hook_app, "issues", delivery="d-2")
     assert other.status_int == 202 and other.json["id"] != first.json["id"]
-    push_service.wait_for(2)
-    time.sleep(0.3)
-    assert len(push_service.received()) == 2
+    for answer in (first, other):
+        assert wait_status(hook_app, answer.json["id"])["sent"] == 1
+    listed = hook_app.get("/notifications", headers=AUTH).json["notifications"]
+    assert len(listed) == 2 and len(push_service.received()) == 2
 
 
 def test_webhooks_are_refused_without_a_secret(app):
