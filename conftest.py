@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def redis_server():
     require_redis_server()
     server = RedisServer()
     yield server
+    _closed_in_the_background()  # while their Redis is still there
     server.stop()
 
 
@@ -106,11 +108,47 @@ def close_app(application) -> None:
     application.config["webpush.close"]()
 
 
+# An app on Redis takes up to half a second to close (its consumer's blocking
+# read of the stream), some 2 minutes over the suite. The apps of the fixtures
+# below are each a test's own (files, key prefix), closed once it ends: on
+# Redis, they are closed on a thread while the next test runs, and the session
+# waits for every one of them, failing if one could not close.
+_CLOSING: list[tuple[threading.Thread, list]] = []
+
+
+def _close_after_the_test(application, settings: api.Settings) -> None:
+    if not settings.redis_url:
+        close_app(application)
+        return
+    errors: list = []
+
+    def close() -> None:
+        try:
+            close_app(application)
+        except Exception as e:  # noqa: BLE001 - reported at the session's end
+            errors.append(e)
+
+    thread = threading.Thread(target=close, name="closing-app", daemon=True)
+    thread.start()
+    _CLOSING.append((thread, errors))
+
+
+def _closed_in_the_background() -> None:
+    failures = []
+    while _CLOSING:
+        thread, errors = _CLOSING.pop()
+        thread.join(30)
+        failures += errors or (
+            ["still closing after 30 s"] if thread.is_alive() else []
+        )
+    assert not failures, f"apps that did not close: {failures}"
+
+
 @pytest.fixture
 def app(settings):
     application = api.create_app(settings)
     yield webtest.TestApp(application)
-    close_app(application)
+    _close_after_the_test(application, settings)
 
 
 @pytest.fixture
@@ -125,7 +163,7 @@ def app_with(settings):
 
     yield make
     for application in made:
-        close_app(application)
+        _close_after_the_test(application, settings)
 
 
 @pytest.fixture
