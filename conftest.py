@@ -5,7 +5,7 @@ tests/redis_server.py), the push-service stand-in (tests/push_service.py), and
 real ``python api.py`` processes.
 
 Fixtures reach the tests by name, as pytest gives them; the helpers below
-them (``Server``, ``pushed``, ``wait_ended``...) are imported from here."""
+them (``Server``, ``pushed``, ``wait_status``...) are imported from here."""
 
 from __future__ import annotations
 
