@@ -2281,7 +2281,7 @@ def _wait_until_serving(url: str, proc: subprocess.Popen | None = None) -> None:
 
 
 def test_while_draining_new_requests_get_the_json_503(server_factory):
-    with PushService(latency=2.0) as slow:
+    with PushService(latency=1.0) as slow:
         server = server_factory(PUSH_CONCURRENCY="4").start()
         pushing, result = push_under_way(server, slow, 4)
         server.proc.send_signal(signal.SIGTERM)
