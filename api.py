@@ -310,6 +310,14 @@ class Settings:
         "seconds to wait for one push service answer",
         check=_between(0.1, 3600),
     )
+    retry_backoff: float = _setting(
+        1.0,
+        "RETRY_BACKOFF",
+        "seconds before a push that may succeed later (no answer, 429 without "
+        "Retry-After, 5xx) is tried again, doubled for the next try; a push "
+        "service's Retry-After takes precedence",
+        check=_between(0, 30),
+    )
     fcm_service_account: str = _setting(
         "",
         "FCM_SERVICE_ACCOUNT",
@@ -2030,8 +2038,9 @@ def encrypt_message(record: dict, payload: bytes) -> bytes:
     )
 
 
-def _retry_delay(retry_after: str | None, attempt: int) -> float:
-    """Seconds to wait before retry ``attempt``: Retry-After when given, else backoff."""
+def _retry_delay(retry_after: str | None, attempt: int, backoff: float) -> float:
+    """Seconds to wait before retry ``attempt``: Retry-After when given, else
+    ``backoff`` (RETRY_BACKOFF) doubled for each try after the first."""
     if retry_after:
         try:
             return min(max(float(retry_after), 0.0), RETRY_MAX_WAIT)
@@ -2042,7 +2051,7 @@ def _retry_delay(retry_after: str | None, attempt: int) -> float:
             return min(max(when - time.time(), 0.0), RETRY_MAX_WAIT)
         except (TypeError, ValueError):
             pass
-    return min(0.5 * 2**attempt, RETRY_MAX_WAIT)
+    return min(backoff * 2 ** (attempt - 1), RETRY_MAX_WAIT)
 
 
 def _curl_reason(code: int, text: str, timeout: float) -> tuple[str, bool]:
@@ -2147,9 +2156,11 @@ class WebPushDelivery:
         timeout: float,
         pattern: str = "",
         receipt_key: bytes = b"",
+        retry_backoff: float = 1.0,
     ):
         self.keys = keys
         self.receipt_key = receipt_key
+        self.retry_backoff = retry_backoff
         # Checked again at each send: a stored endpoint that a changed allowlist
         # (PUSH_ENDPOINT_PATTERN) no longer admits gets nothing.
         self.pattern = re.compile(pattern) if pattern else None
@@ -2476,7 +2487,9 @@ class WebPushDelivery:
         if retryable and job.batch.cancelled:
             reason = UNSENT
         elif retryable and job.attempt < RETRY_TRIES:
-            delay = _retry_delay(retry_after and str(retry_after), job.attempt)
+            delay = _retry_delay(
+                retry_after and str(retry_after), job.attempt, self.retry_backoff
+            )
             heapq.heappush(self._retries, (time.monotonic() + delay, id(job), job))
             return
         self._settle(job, status, reason)
@@ -2828,6 +2841,7 @@ class FcmSender:
                 "the service-account file names no project: set FCM_PROJECT_ID"
             ) from None
         self.timeout = settings.push_timeout
+        self.retry_backoff = settings.retry_backoff
         self.receipt_key = receipt_key
         self._threads = concurrent.futures.ThreadPoolExecutor(
             settings.fcm_threads, thread_name_prefix="fcm"
@@ -2910,7 +2924,7 @@ class FcmSender:
                 outcome.reason = f"{type(e).__name__}: {e}"
             if attempt >= RETRY_TRIES:
                 return outcome
-            time.sleep(_retry_delay(retry_after, attempt))
+            time.sleep(_retry_delay(retry_after, attempt, self.retry_backoff))
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -2942,6 +2956,7 @@ class Delivery:
             settings.push_timeout,
             settings.push_endpoint_pattern,
             receipt_key,
+            settings.retry_backoff,
         )
         self._local: WebPushDelivery | None = None
         self._workers: list[_DeliveryProcess] = []

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 import webtest
 from cryptography.hazmat.primitives import serialization
@@ -35,227 +34,25 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 import api
+from conftest import (
+    AUTH,
+    LOCAL_PUSH,
+    ROOT,
+    TOKEN,
+    WAIT,
+    Server,
+    close_app,
+    device_token,
+    fake_subscription,
+    free_port,
+    pushed,
+    server_pushed,
+    stored_state,
+    wait_status,
+)
 from tests.connect_proxy import ConnectProxy
 from tests.nginx import ECHO_MODULE, NGINX, Nginx
 from tests.push_service import PushService, b64url
-from tests.redis_server import RedisServer, fresh_prefix, require_redis_server
-
-ROOT = Path(__file__).resolve().parent
-LOCAL_PUSH = r"^http://127\.0\.0\.1:\d+/"
-TOKEN = "test-push-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-WAIT = {**AUTH, "Prefer": "wait=60"}  # POST /push answers once delivery ended
-BACKENDS = ["json", "redis"]  # the stores the API tests run on, as their ids
-
-
-# -- fixtures ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def push_service():
-    with PushService() as service:
-        yield service
-
-
-_REDIS_SERVER = pytest.StashKey[RedisServer]()
-
-
-@pytest.fixture(scope="session")
-def redis_server(request) -> RedisServer:
-    """One real redis-server for the whole session, on a free port; tests keep
-    apart with ``fresh_prefix()`` instead of paying for a server each. Skipped
-    when redis-server is missing, except in CI (CI=true), where it fails.
-
-    Kept in the session's stash, not in the fixture: tests/conftest.py
-    re-exports this fixture, which makes a second definition of it there, and
-    both are to share the one server."""
-    require_redis_server()
-    server = request.config.stash.get(_REDIS_SERVER, None)
-    if server is None:
-        server = request.config.stash[_REDIS_SERVER] = RedisServer()
-        request.config.add_cleanup(server.stop)
-    return server
-
-
-def _json_settings(tmp_path: Path) -> api.Settings:
-    return api.Settings.from_env(
-        {},
-        vapid_dir=str(tmp_path / "vapid"),
-        subscriptions_file=str(tmp_path / "subscriptions.json"),
-        push_endpoint_pattern=LOCAL_PUSH,
-        vapid_subject="mailto:ops@push.test",
-        push_token=TOKEN,
-        push_timeout=3.0,
-        push_processes=1,  # the server-process tests cover delivery processes
-        rate_limit=0,  # tests that check it turn it on
-        # The tests of other features read the classic JSON; the default,
-        # Declarative Web Push, has tests/test_payloads.py.
-        payload_format="classic",
-    )
-
-
-@pytest.fixture
-def json_settings(tmp_path):
-    """The settings of the JSON-lines backend alone: for the tests about its
-    files (the store file, the journal, their locks and damage) and for those
-    no store takes part in (VAPID keys, the delivery loop)."""
-    return _json_settings(tmp_path)
-
-
-@pytest.fixture(params=BACKENDS)
-def settings(request, tmp_path):
-    """The settings of each backend in turn, so every test of the API holds on
-    both: ``json``, the JSON-lines files in ``tmp_path``, and ``redis``, the
-    session's real redis-server under a key prefix of the test's own."""
-    settings = _json_settings(tmp_path)
-    if request.param == "redis":
-        redis_server = request.getfixturevalue("redis_server")
-        settings = dataclasses.replace(
-            settings, redis_url=redis_server.url, redis_prefix=fresh_prefix()
-        )
-    return settings
-
-
-def _close(application) -> None:
-    application.config["webpush.close"]()
-
-
-@pytest.fixture
-def app(settings):
-    application = api.create_app(settings)
-    yield webtest.TestApp(application)
-    _close(application)
-
-
-@pytest.fixture
-def app_with(settings):
-    """Makes a client of the app on ``settings`` with some changed; all are
-    closed after the test."""
-    made = []
-
-    def make(**changes) -> webtest.TestApp:
-        made.append(api.create_app(dataclasses.replace(settings, **changes)))
-        return webtest.TestApp(made[-1])
-
-    yield make
-    for application in made:
-        _close(application)
-
-
-@pytest.fixture
-def store(app):
-    return app.app.config["webpush.store"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real ``python api.py`` process."""
-
-    def __init__(self, tmp_path: Path, **env: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp_path / f"server-{self.port}.log"
-        self.env = {
-            **os.environ,
-            "PORT": str(self.port),
-            "VAPID_DIR": str(tmp_path / "vapid"),
-            "SUBSCRIPTIONS_FILE": str(tmp_path / "subscriptions.json"),
-            "PUSH_ENDPOINT_PATTERN": LOCAL_PUSH,
-            "VAPID_SUBJECT": "mailto:ops@push.test",
-            "PUSH_TOKEN": TOKEN,
-            "RATE_LIMIT": "0",
-            "PAYLOAD_FORMAT": "classic",  # as in _json_settings
-            "PYTHONUNBUFFERED": "1",
-            **env,
-        }
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: bool = True) -> Server:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "api.py")],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        if wait:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited: {self.output()}")
-                try:
-                    if requests.get(self.url + "/health", timeout=1).ok:
-                        return self
-                except requests.ConnectionError:
-                    time.sleep(0.05)
-            raise RuntimeError(f"server did not start: {self.output()}")
-        return self
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def server_factory(tmp_path):
-    servers: list[Server] = []
-
-    def make(**env: str) -> Server:
-        servers.append(Server(tmp_path, **env))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.stop(signal.SIGKILL)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_env(request) -> dict[str, str]:
-    """What a real ``python api.py`` needs in its environment to run on each
-    backend in turn: nothing for the JSON files, REDIS_URL and a REDIS_PREFIX
-    of the test's own for Redis."""
-    if request.param == "json":
-        return {}
-    redis_server = request.getfixturevalue("redis_server")
-    return {"REDIS_URL": redis_server.url, "REDIS_PREFIX": fresh_prefix()}
-
-
-def fake_subscription(n: int, port: int = 9) -> dict:
-    """A valid subscription that points at a local port nobody answers on."""
-    key = ec.derive_private_key(1000 + n, ec.SECP256R1()).public_key()
-    point = key.public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    return {
-        "endpoint": f"http://127.0.0.1:{port}/push/fake-{n}",
-        "expirationTime": None,
-        "keys": {"p256dh": b64url(point), "auth": b64url(n.to_bytes(16, "big"))},
-    }
-
-
-def pushed(client: webtest.TestApp, body: dict, headers: dict = WAIT) -> dict:
-    """POST /push and wait for its delivery to end: the notification's final
-    status document (counts, channels, the commonest causes of failure)."""
-    response = client.post_json("/push", body, headers=headers)
-    assert response.status_int == 200, response.json
-    return response.json
-
-
-def server_pushed(server: Server, body: dict, headers: dict = WAIT) -> dict:
-    """:func:`pushed`, through a real server process."""
-    response = requests.post(server.url + "/push", json=body, headers=headers)
-    assert response.status_code == 200, response.text
-    return response.json()
-
 
 # -- keys -------------------------------------------------------------------------
 
@@ -592,55 +389,6 @@ BAD_SUBSCRIPTIONS = {
 }
 
 
-def stored_state(settings: api.Settings) -> dict:
-    """Everything stored on ``settings``' backend, byte for byte, to compare
-    before and after: the store's file and the journal's (JSON), or every key
-    under the Redis prefix, as DUMP gives it. A stream is compared by its
-    entries and its consumer groups' positions instead, as its DUMP also holds
-    when each consumer last read, which an idle app changes; likewise
-    ``consumers`` by its members, as each process renews its time there."""
-    if not settings.redis_url:
-        return {
-            path.name: path.read_bytes() if path.exists() else None
-            for path in (
-                Path(settings.subscriptions_file),
-                settings.journal_path,
-                api.receipts_path(settings.journal_path),
-                api.receipts_path(settings.journal_path).with_suffix(".sqlite-wal"),
-            )
-        }
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", settings.redis_prefix) + "*"
-    state: dict = {}
-    with redis.Redis.from_url(settings.redis_url) as client:
-        for key in sorted(client.scan_iter(match=pattern, count=1000)):
-            if key == settings.redis_prefix.encode() + b"consumers":
-                state[key] = client.zrange(key, 0, -1)
-            elif client.type(key) == b"stream":
-                groups = client.xinfo_groups(key)
-                state[key] = (
-                    client.xrange(key),
-                    [(g["name"], g["pending"], g["last-delivered-id"]) for g in groups],
-                )
-            else:
-                state[key] = client.dump(key)
-    return state
-
-
-@pytest.fixture
-def unchanged(app, settings):
-    """One subscription stored; returns a function that checks nothing stored
-    changed since, on either backend."""
-    app.post_json("/subscription", fake_subscription(50))
-    before = stored_state(settings)
-    store = app.app.config["webpush.store"]
-    assert before and len(store) == 1
-
-    def unchanged() -> bool:
-        return stored_state(settings) == before and len(store) == 1
-
-    return unchanged
-
-
 def _send(app, method: str, path: str, body, status, headers=None):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return app.request(
@@ -803,7 +551,7 @@ def test_a_stored_endpoint_the_allowlist_no_longer_admits_gets_nothing(
     sub = push_service.subscriber()
     first = api.create_app(settings)
     webtest.TestApp(first).post_json("/subscription", sub.subscription)
-    _close(first)
+    close_app(first)
     second = api.create_app(
         dataclasses.replace(settings, push_endpoint_pattern=narrowed)
     )
@@ -812,7 +560,7 @@ def test_a_stored_endpoint_the_allowlist_no_longer_admits_gets_nothing(
         assert (result["sent"], result["failed"]) == (0, 1)
         assert push_service.received() == []
     finally:
-        _close(second)
+        close_app(second)
 
 
 # -- push -------------------------------------------------------------------------------
@@ -1416,7 +1164,11 @@ def test_kill_9_loses_no_acknowledged_subscription(server_factory):
         ]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        enough = len(acknowledged) + 40  # killed with writes under way
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < enough:
+            assert time.monotonic() < deadline, len(acknowledged)
+            time.sleep(0.01)
         server.stop(signal.SIGKILL)
         stop.set()
         for t in threads:
@@ -1486,6 +1238,7 @@ def test_a_busy_port_is_a_clear_error(server_factory):
         ("PUSH_CONCURRENCY", "-1"),
         ("PUSH_TIMEOUT", "nan"),
         ("PUSH_TIMEOUT", "inf"),
+        ("RETRY_BACKOFF", "-1"),
         ("SHUTDOWN_TIMEOUT", "-5"),
         ("LOG_LEVEL", "LOUD"),
         ("PUSH_ENDPOINT_PATTERN", "(unclosed"),
@@ -1598,12 +1351,23 @@ def test_429_is_retried_after_the_retry_after_it_names(app, push_service):
     assert second.at - first.at >= 0.95
 
 
-def test_5xx_is_retried_with_backoff_then_sent(app, push_service):
+def test_5xx_is_retried_with_backoff_then_sent(app, push_service, settings):
     flaky = push_service.subscriber(script=[500, 503])
     app.post_json("/subscription", flaky.subscription)
     result = pushed(app, {"title": "t"})
     assert (result["sent"], result["retried"], result["failed"]) == (1, 1, 0)
-    assert [d.status for d in push_service.received(flaky)] == [500, 503, 201]
+    first, second, third = push_service.received(flaky)
+    assert [d.status for d in (first, second, third)] == [500, 503, 201]
+    backoff = settings.retry_backoff
+    assert second.at - first.at >= backoff * 0.95  # RETRY_BACKOFF, then twice it
+    assert third.at - second.at >= 2 * backoff * 0.95
+
+
+def test_retries_wait_1_s_then_2_s_unless_retry_backoff_says_otherwise():
+    backoff = api.Settings().retry_backoff
+    assert [api._retry_delay(None, n, backoff) for n in (1, 2)] == [1.0, 2.0]
+    assert [api._retry_delay(None, n, 0.25) for n in (1, 2)] == [0.25, 0.5]
+    assert api._retry_delay("3", 1, 0.25) == 3.0  # the push service's Retry-After
 
 
 def test_a_push_service_that_keeps_failing_is_reported_and_kept(
@@ -1646,7 +1410,7 @@ def test_a_slow_push_service_fills_only_its_own_slots(app_with):
     own slots, and every other push service's messages go out at once."""
     from tests.push_service import HANG
 
-    client = app_with(push_concurrency=4, push_timeout=3.0)
+    client = app_with(push_concurrency=4, push_timeout=2.0)
     with PushService() as hung, PushService() as healthy:
         for _ in range(8):
             sub = hung.subscriber(script=[HANG])  # then answers when retried
@@ -1664,7 +1428,7 @@ def test_a_slow_push_service_fills_only_its_own_slots(app_with):
         hung.wait_for(4, timeout=1)
         time.sleep(0.3)
         assert len(hung.received()) == 4  # its limit, and no more, while it hangs
-        assert time.monotonic() - started < 3  # all of that before the timeout
+        assert time.monotonic() - started < 2  # all of that before the timeout
         pushing.join(60)
         assert (answer["sent"], answer["retried"], answer["failed"]) == (13, 8, 0)
 
@@ -1700,7 +1464,7 @@ def test_push_services_are_reached_over_tls_verified_with_ssl_cert_file(
             )
             assert result["retried"] == 0  # a certificate does not mend in a second
         finally:
-            _close(untrusted)
+            close_app(untrusted)
         monkeypatch.setenv("SSL_CERT_FILE", service.ca_file)
         trusted = api.create_app(tls_settings)
         try:
@@ -1708,7 +1472,7 @@ def test_push_services_are_reached_over_tls_verified_with_ssl_cert_file(
             assert result["sent"] == 1
             assert service.received(sub)[-1].message["title"] == "t"
         finally:
-            _close(trusted)
+            close_app(trusted)
 
 
 @pytest.fixture
@@ -1828,21 +1592,8 @@ def push_under_way(
     return pushing, answer
 
 
-def ended(server: Server, notification_id: str, timeout: float = 30) -> dict:
-    """The status document of a notification once it has ended on ``server``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        document = requests.get(
-            f"{server.url}/notifications/{notification_id}", headers=AUTH
-        ).json()
-        if document["status"] in ("done", "cancelled", "expired"):
-            return document
-        assert time.monotonic() < deadline, document
-        time.sleep(0.1)
-
-
 def test_health_answers_while_a_fan_out_is_under_way(server_factory, backend_env):
-    with PushService(latency=1.0) as slow:
+    with PushService(latency=0.5) as slow:  # 16 at 4 at a time: 2 s
         server = server_factory(
             PUSH_CONCURRENCY="4", PUSH_PROCESSES="2", **backend_env
         ).start()
@@ -1855,24 +1606,6 @@ def test_health_answers_while_a_fan_out_is_under_way(server_factory, backend_env
 
 
 # -- native apps through FCM -------------------------------------------------------------
-
-
-@pytest.fixture
-def fcm():
-    from tests.fcm_service import FcmService
-
-    with FcmService() as service:
-        yield service
-
-
-@pytest.fixture
-def fcm_app(app_with, fcm, tmp_path):
-    account = fcm.service_account(tmp_path / "service-account.json")
-    return app_with(fcm_service_account=str(account), fcm_api_url=fcm.url)
-
-
-def device_token(n: int) -> str:
-    return f"dev{n}:APA91b" + os.urandom(40).hex()
 
 
 def test_fcm_tokens_are_refused_with_a_how_to_when_fcm_is_not_configured(
@@ -2489,7 +2222,7 @@ def test_max_subscriptions_caps_new_ones_but_not_updates(app_with):
 
 
 def test_faulty_push_services_fail_each_message_within_the_time_bound(
-    app_with, push_service
+    app_with, push_service, settings
 ):
     from tests.push_service import HANG, HUGE, MALFORMED, RESET, SLOW_BODY
 
@@ -2506,8 +2239,9 @@ def test_faulty_push_services_fail_each_message_within_the_time_bound(
         client.post_json("/subscription", sub.subscription)
     started = time.monotonic()
     result = pushed(client, {"title": "t"})
-    # bound: 3 tries of PUSH_TIMEOUT each and the pauses between them (0.5 s, 1 s)
-    assert time.monotonic() - started < 3 * 0.5 + 1.5 + 2
+    # bound: 3 tries of PUSH_TIMEOUT each and the pauses between them
+    # (RETRY_BACKOFF, then twice it), with 2 s to spare
+    assert time.monotonic() - started < 3 * 0.5 + 3 * settings.retry_backoff + 2
     assert (result["sent"], result["failed"], result["removed"]) == (1, 25, 0)
 
     def failed_with(words: str) -> int:
@@ -2601,7 +2335,7 @@ def test_sigterm_lets_messages_in_flight_finish_keeps_the_store_whole_and_resume
         assert len(store) == 8
         store.close()
         server.start()
-        finished = ended(server, result["id"])
+        finished = wait_status(server, result["id"])
         assert (finished["status"], finished["sent"], finished["failed"]) == (
             "done",
             8,
@@ -2624,12 +2358,14 @@ def _wait_until_serving(url: str, proc: subprocess.Popen | None = None) -> None:
 
 
 def test_while_draining_new_requests_get_the_json_503(server_factory):
-    with PushService(latency=2.0) as slow:
+    with PushService(latency=1.0) as slow:
         server = server_factory(PUSH_CONCURRENCY="4").start()
         pushing, result = push_under_way(server, slow, 4)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        refused = requests.get(server.url + "/health", timeout=5)
+        deadline = time.monotonic() + 10
+        while (refused := requests.get(server.url + "/health", timeout=5)).ok:
+            assert time.monotonic() < deadline, "still serving"
+            time.sleep(0.02)
         assert refused.status_code == 503
         assert refused.headers["Content-Type"] == "application/json"
         assert "shutting down" in refused.json()["error"]
@@ -2639,7 +2375,7 @@ def test_while_draining_new_requests_get_the_json_503(server_factory):
         # the messages in flight were let finish and recorded: after a restart,
         # the rest is sent, and nobody gets it twice
         server.start()
-        assert ended(server, result["id"])["sent"] == 4
+        assert wait_status(server, result["id"])["sent"] == 4
         received = [d.subscriber for d in slow.received()]
         assert len(received) == len(set(received)) == 4
 
@@ -2686,6 +2422,30 @@ def _live_in_group(group: int) -> list[int]:
     return live
 
 
+def _delivery_processes(pid: int, count: int) -> list[int]:
+    """The delivery processes of the server ``pid``, once it has ``count``
+    of them up: its live children that run ``api.py --delivery-process`` and
+    have got as far as ignoring SIGINT (the server decides when they stop)."""
+    deadline = time.monotonic() + 15
+    while True:
+        workers = []
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+                status = Path(f"/proc/{child}/status").read_text()
+                ignored = int(re.search(r"SigIgn:\s*(\w+)", status)[1], 16)
+                if (
+                    b"--delivery-process" in command
+                    and "State:\tZ" not in status
+                    and ignored & 1 << (signal.SIGINT - 1)
+                ):
+                    workers.append(int(child))
+        if len(workers) == count:
+            return workers
+        assert time.monotonic() < deadline, f"{len(workers)} delivery processes"
+        time.sleep(0.02)
+
+
 def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
     server = Server(tmp_path, PUSH_PROCESSES="2")
     with open(server.log, "wb") as log:
@@ -2698,17 +2458,16 @@ def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
         )
     try:
         _wait_until_serving(server.url, proc)
-        time.sleep(1)  # the delivery processes are up
+        _delivery_processes(proc.pid, 2)  # they are up, and get the SIGINT too
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole group
         assert proc.wait(15) == 0
-        time.sleep(0.5)
-        output = server.output()
-        assert "Traceback" not in output and "KeyboardInterrupt" not in output
-        assert "stopped" in output
         deadline = time.monotonic() + 5
         while _live_in_group(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.02)
         assert _live_in_group(proc.pid) == []  # no delivery process is left
+        output = server.output()  # all of it: every writer has exited
+        assert "Traceback" not in output and "KeyboardInterrupt" not in output
+        assert "stopped" in output
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -2720,22 +2479,9 @@ def test_a_delivery_process_killed_while_idle_is_replaced_without_a_500(
     server = server_factory(PUSH_PROCESSES="2").start()
     sub = push_service.subscriber()
     requests.post(server.url + "/subscription", json=sub.subscription)
-    time.sleep(1)  # the delivery processes are up
-    children = [
-        int(pid)
-        for pid in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
-        .read_text()
-        .split()
-    ]
-    workers = [  # multiprocessing's spawned children, or api.py --delivery-process
-        pid
-        for pid in children
-        if re.search(
-            rb"spawn_main|--delivery-process", Path(f"/proc/{pid}/cmdline").read_bytes()
-        )
-    ]
+    workers = _delivery_processes(server.proc.pid, 2)
     os.kill(workers[0], signal.SIGKILL)
-    time.sleep(0.5)
+    _delivery_processes(server.proc.pid, 1)  # dead: the server sees its socket close
     answers = [
         requests.post(server.url + "/push", json={"title": "t"}, headers=WAIT)
         for _ in range(3)
@@ -2969,7 +2715,7 @@ def test_a_push_notification_names_the_pusher_and_the_head_commit(
 def test_github_ping_answers_200_and_sends_nothing(hook_app, push_service):
     hook_app.post_json("/subscription", push_service.subscriber().subscription)
     assert github(hook_app, "ping").json == {"pong": True}
-    time.sleep(0.3)
+    assert hook_app.get("/notifications", headers=AUTH).json["notifications"] == []
     assert push_service.received() == []
 
 
@@ -2982,7 +2728,7 @@ def test_events_without_a_notification_are_accepted_and_ignored(
     hook_app.post_json("/subscription", push_service.subscriber().subscription)
     response = github(hook_app, event, fixture)
     assert response.status_int == 202 and "ignored" in response.json
-    time.sleep(0.3)
+    assert hook_app.get("/notifications", headers=AUTH).json["notifications"] == []
     assert push_service.received() == []
 
 
@@ -3000,7 +2746,7 @@ def test_github_webhooks_with_a_missing_or_wrong_signature_get_401(
     )
     response = github(hook_app, "push", headers=headers, status=401)
     assert "X-Hub-Signature-256" in response.json["error"]
-    time.sleep(0.3)
+    assert hook_app.get("/notifications", headers=AUTH).json["notifications"] == []
     assert push_service.received() == []
 
 
@@ -3013,9 +2759,10 @@ def test_a_repeated_delivery_is_sent_once(hook_app, push_service):
     assert again.json == {"duplicate": "d-1", "id": first.json["id"]}
     other = github(hook_app, "issues", delivery="d-2")
     assert other.status_int == 202 and other.json["id"] != first.json["id"]
-    push_service.wait_for(2)
-    time.sleep(0.3)
-    assert len(push_service.received()) == 2
+    for answer in (first, other):
+        assert wait_status(hook_app, answer.json["id"])["sent"] == 1
+    listed = hook_app.get("/notifications", headers=AUTH).json["notifications"]
+    assert len(listed) == 2 and len(push_service.received()) == 2
 
 
 def test_webhooks_are_refused_without_a_secret(app):
@@ -3148,7 +2895,7 @@ def test_a_webhook_is_answered_before_its_fan_out_ends(settings):
             assert under_way["status"] in ("queued", "sending")
             slow.wait_for(1)
         finally:
-            _close(application)
+            close_app(application)
 
 
 def test_a_new_event_is_one_decorated_function(hook_app, push_service):

@@ -7,7 +7,7 @@ persistence, no eviction, and its working directory and log in a temporary
 directory that is removed on exit. Nothing touches /etc/redis or /var/lib/redis.
 
 Tests share one server per session (the ``redis_server`` fixture in
-tests/conftest.py) and keep apart by key prefix: ``fresh_prefix()``.
+conftest.py) and keep apart by key prefix: ``fresh_prefix()``.
 ``require_redis_server()`` skips a test when redis-server is not installed,
 except in CI (``CI=true``), where .ci/run installs it and its absence is a failure.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_api import AUTH, TOKEN, Server
+from conftest import AUTH, TOKEN, Server
 from tests.chromium import CHROMIUM, FLAGS, require_chromium
 
 STATIC = Path(__file__).resolve().parent.parent / "static"

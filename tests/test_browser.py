@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_api import AUTH, TOKEN, Server, server_pushed
+from conftest import AUTH, TOKEN, Server, server_pushed
 from tests.chromium import CHROMIUM, FLAGS, require_chromium
 from tests.push_service import PushService
 
@@ -416,7 +416,10 @@ def test_a_newer_notification_with_the_same_tag_replaces_the_older(
         server_pushed(server, body)
         delivery = push_service.wait_for(n)[n - 1]
         demo.deliver(delivery.plaintext.decode())
-        time.sleep(0.3)  # shown in order
+        deadline = time.monotonic() + 10
+        while body["title"] not in [n["title"] for n in demo.notifications()]:
+            assert time.monotonic() < deadline, demo.notifications()  # in order
+            demo.page.wait_for_timeout(20)
     shown = demo.notifications(2)
     assert sorted((n["tag"], n["title"]) for n in shown) == [
         ("match", "Score 2-0"),

@@ -11,7 +11,7 @@ import webtest
 from prometheus_client.parser import text_string_to_metric_families
 
 import api
-from test_api import AUTH, WAIT
+from conftest import AUTH, WAIT
 
 
 def scrape(client, headers=AUTH) -> dict:

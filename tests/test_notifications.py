@@ -21,7 +21,7 @@ import requests
 import webtest
 
 import api
-from test_api import AUTH, Server
+from conftest import AUTH, Server, status_document, stored_state, wait_status
 from tests.push_service import PushService
 
 WAIT = {**AUTH, "Prefer": "wait=30"}
@@ -55,19 +55,6 @@ def subscribe(client, service: PushService, count: int, topics=None) -> list:
         body = {**sub.subscription, **({"topics": topics} if topics else {})}
         client.post_json("/subscription", body)
     return subs
-
-
-def status_of(client, notification_id: str) -> dict:
-    return client.get(f"/notifications/{notification_id}", headers=AUTH).json
-
-
-def wait_status(client, notification_id: str, wanted: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while True:
-        document = status_of(client, notification_id)
-        if document["status"] == wanted or time.monotonic() > deadline:
-            return document
-        time.sleep(0.05)
 
 
 def wait_dropped(client, notification_id: str, timeout: float = 10) -> None:
@@ -144,7 +131,7 @@ def test_prefer_wait_answers_200_with_the_final_status_document(app, push_servic
     assert document["channels"]["webpush"]["sent"] == 2
     for name in ("created", "started", "finished"):
         assert RFC3339_UTC.fullmatch(document[name]), document[name]
-    assert document == status_of(app, document["id"])
+    assert document == status_document(app, document["id"])
 
 
 def test_prefer_wait_answers_202_when_delivery_outlasts_it(app, push_service):
@@ -194,7 +181,7 @@ def test_the_same_idempotency_key_returns_the_same_notification_and_sends_once(
     again = app.post_json("/push", {"body": "b", "title": "t"}, headers=headers)
     assert again.status_int == 202 and again.json["id"] == first["id"]
     assert again.headers["Idempotent-Replayed"] == "true"
-    time.sleep(0.3)
+    assert status_document(app, first["id"])["sent"] == 2  # ended, sent once
     assert len(push_service.received()) == 2
     assert len(app.get("/notifications", headers=AUTH).json["notifications"]) == 1
 
@@ -243,18 +230,17 @@ def test_a_malformed_idempotency_key_answers_400(app, key):
 
 def test_send_at_schedules_a_notification_and_it_goes_out_when_due(app, push_service):
     subscribe(app, push_service, 2)
-    when = time.time() + 1.5
+    when, due = time.time() + 1.5, time.monotonic() + 1.5  # the push service's clock
     send_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
     send_at += f".{int(when % 1 * 1000):03d}+00:00"
     answer = app.post_json("/push", {"title": "t", "send_at": send_at}, headers=AUTH)
     assert answer.json["status"] == "scheduled"
-    document = status_of(app, answer.json["id"])
+    document = status_document(app, answer.json["id"])
     assert abs(api.parse_rfc3339(document["send_at"]) - when) < 0.01
-    time.sleep(1)
-    assert not push_service.received()
     done = wait_status(app, answer.json["id"], "done", timeout=5)
     assert done["sent"] == 2
     assert api.parse_rfc3339(done["started"]) >= when - 0.001
+    assert all(d.at >= due - 0.01 for d in push_service.received())  # not before
 
 
 def test_delay_schedules_it_seconds_from_now(app, push_service):
@@ -269,7 +255,7 @@ def test_an_offset_send_at_is_the_same_moment_in_utc(app):
     when = int(time.time()) + 600
     local = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when + 7200)) + "+02:00"
     answer = app.post_json("/push", {"title": "t", "send_at": local}, headers=AUTH)
-    document = status_of(app, answer.json["id"])
+    document = status_document(app, answer.json["id"])
     assert document["send_at"] == time.strftime(
         "%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(when)
     )
@@ -367,9 +353,10 @@ def test_a_cancelled_scheduled_notification_is_never_sent(app, push_service):
     cancelled = app.delete(f"/notifications/{answer['id']}", headers=AUTH).json
     assert cancelled["status"] == "cancelled"
     assert RFC3339_UTC.fullmatch(cancelled["finished"])
-    time.sleep(1.5)
-    assert not push_service.received()
-    assert status_of(app, answer["id"])["status"] == "cancelled"
+    later = app.post_json("/push", {"title": "later", "delay": 1}, headers=AUTH).json
+    assert wait_status(app, later["id"])["sent"] == 2  # the first was due by then
+    assert [d.message["title"] for d in push_service.received()] == ["later"] * 2
+    assert status_document(app, answer["id"])["status"] == "cancelled"
 
 
 def test_cancelling_a_notification_being_sent_sends_no_more(settings, push_service):
@@ -382,15 +369,17 @@ def test_cancelling_a_notification_being_sent_sends_no_more(settings, push_servi
         push_service.wait_for(4)
         cancelled = client.delete(f"/notifications/{answer['id']}", headers=AUTH)
         assert cancelled.json["status"] == "cancelled"
-        final = wait_status(client, answer["id"], "cancelled")
-        time.sleep(1)  # what was in flight has landed
+        wait_status(client, answer["id"], "cancelled")
+        deadline = time.monotonic() + 10
+        while (final := status_document(client, answer["id"]))["sent"] < len(
+            push_service.received()
+        ):  # what was in flight has landed, and is counted
+            assert time.monotonic() < deadline, final
+            time.sleep(0.05)
         received = len(push_service.received())
         assert received <= 8  # those sent before, and the 2 in flight
-        time.sleep(1)
-        assert len(push_service.received()) == received
-        final = status_of(client, answer["id"])
         assert final["sent"] == received
-        assert final["pending"] == 40 - received
+        assert final["pending"] == 40 - received  # the rest is never sent
     finally:
         application.config["webpush.close"]()
 
@@ -400,15 +389,16 @@ def test_cancelling_an_ended_notification_answers_409(app):
     assert answer["status"] == "done"
     refused = app.delete(f"/notifications/{answer['id']}", headers=AUTH, status=409)
     assert "done" in refused.json["error"]
-    assert status_of(app, answer["id"])["status"] == "done"
+    assert status_document(app, answer["id"])["status"] == "done"
 
 
 # -- expiry and retention -----------------------------------------------------------
 
 
 def test_a_notification_past_its_ttl_before_it_could_start_is_expired(
-    settings, push_service
+    settings, push_service, monkeypatch
 ):
+    monkeypatch.setattr(api, "EXPIRY_SLACK", 0.5)  # 5 s would be the same, slower
     application = api.create_app(settings)
     client = webtest.TestApp(application)
     subscribe(client, push_service, 2)
@@ -421,8 +411,7 @@ def test_a_notification_past_its_ttl_before_it_could_start_is_expired(
     try:
         document = wait_status(client, answer["id"], "expired", timeout=5)
         assert document["status"] == "expired"
-        assert (document["sent"], document["pending"]) == (0, 2)
-        time.sleep(0.3)
+        assert (document["sent"], document["pending"]) == (0, 2)  # ended, unsent
         assert not push_service.received()
     finally:
         application.config["webpush.close"]()
@@ -450,18 +439,17 @@ def test_a_late_notification_is_sent_with_what_is_left_of_its_ttl(
 
 def test_ended_notifications_are_dropped_after_the_retention(settings, monkeypatch):
     monkeypatch.setattr(api, "DROP_PAGE", 1)  # Redis: kept ones never hide the rest
-    short = dataclasses.replace(settings, notification_retention=1)
+    short = dataclasses.replace(settings, notification_retention=0)  # at once
     application = api.create_app(short)
     client = webtest.TestApp(application)
     scheduled = client.post_json("/push", {"title": "t", "delay": 60}, headers=AUTH)
     answer = client.post_json("/push", {"title": "t"}, headers=WAIT).json
     application.config["webpush.close"]()
-    time.sleep(1.5)
     application = api.create_app(short)  # the sweep runs at start, then each minute
     client = webtest.TestApp(application)
     try:
         wait_dropped(client, answer["id"])  # the sweep runs in the background
-        kept = status_of(client, scheduled.json["id"])  # not ended: kept
+        kept = status_document(client, scheduled.json["id"])  # not ended: kept
         assert kept["status"] == "scheduled"
     finally:
         application.config["webpush.close"]()
@@ -512,7 +500,7 @@ def test_receipts_are_counted_once_per_subscriber_and_event(app, push_service):
         assert _report(app, notification_id, "clicked", first)["counted"] is False
         assert _report(app, notification_id, "delivered", first)["counted"] is False
     _report(app, notification_id, "closed", messages[1]["receipt"])
-    document = status_of(app, notification_id)
+    document = status_document(app, notification_id)
     assert (document["delivered"], document["clicked"], document["closed"]) == (3, 1, 1)
     listed = app.get("/notifications", headers=AUTH).json["notifications"][0]
     assert (listed["delivered"], listed["clicked"], listed["closed"]) == (3, 1, 1)
@@ -537,8 +525,6 @@ def test_a_receipt_needs_no_token_and_is_a_simple_cross_origin_request(
 
 
 def test_forged_or_replayed_receipts_change_nothing(app, settings, push_service):
-    from test_api import stored_state
-
     notification_id, [mine, theirs] = _receipts(app, push_service, 2)
     other_id, [other] = _receipts(app, push_service, 1)
     _report(app, notification_id, "delivered", mine["receipt"])
@@ -582,9 +568,9 @@ def test_forged_or_replayed_receipts_change_nothing(app, settings, push_service)
         return {k: v for k, v in state.items() if ":rate:" not in str(k)}
 
     assert counted(stored_state(settings)) == counted(before)
-    document = status_of(app, notification_id)
+    document = status_document(app, notification_id)
     assert (document["delivered"], document["clicked"], document["closed"]) == (1, 0, 0)
-    assert status_of(app, other_id)["clicked"] == 0
+    assert status_document(app, other_id)["clicked"] == 0
 
 
 def test_receipts_are_rate_limited_per_client_apart_from_subscription_writes(
@@ -597,7 +583,7 @@ def test_receipts_are_rate_limited_per_client_apart_from_subscription_writes(
     _report(client, notification_id, "clicked", receipt)
     refused = _report(client, notification_id, "closed", receipt, status=429)
     assert refused["error"].startswith("too many receipts from ")
-    assert status_of(client, notification_id)["closed"] == 0
+    assert status_document(client, notification_id)["closed"] == 0
 
 
 def test_counted_receipts_survive_kill_9(server_factory, backend_env, push_service):
@@ -627,7 +613,7 @@ def test_receipts_are_dropped_with_their_notification(settings, monkeypatch):
         notification_id, [message] = _receipts(client, service, 1)
         _report(client, notification_id, "delivered", message["receipt"])
         application.config["webpush.close"]()
-    time.sleep(1.5)
+    time.sleep(1.5)  # past the retention, while no app runs
     application = api.create_app(short)  # the sweep runs at start
     client = webtest.TestApp(application)
     try:
@@ -670,7 +656,7 @@ def test_a_torn_last_journal_line_is_skipped_at_start(json_settings):
     application = api.create_app(json_settings)
     try:
         client = webtest.TestApp(application)
-        assert status_of(client, answer["id"])["status"] == "done"
+        assert status_document(client, answer["id"])["status"] == "done"
         assert json_settings.journal_path.read_bytes().endswith(b"\n")
     finally:
         application.config["webpush.close"]()
@@ -732,18 +718,6 @@ def _server_with(server_factory, tmp_path, subscriptions, topics=(), **env) -> S
     return server_factory(**env).start()
 
 
-def _wait_done(server: Server, notification_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        document = requests.get(
-            f"{server.url}/notifications/{notification_id}", headers=AUTH
-        ).json()
-        if document["status"] in api.FINISHED:
-            return document
-        time.sleep(0.1)
-    raise AssertionError(f"not done in {timeout} s: {document}")
-
-
 def test_a_scheduled_notification_fires_after_a_restart(
     server_factory, tmp_path, push_service
 ):
@@ -757,7 +731,7 @@ def test_a_scheduled_notification_fires_after_a_restart(
     assert not push_service.received()
     server.start()
     push_service.wait_for(3, timeout=10)
-    document = _wait_done(server, answer["id"])
+    document = wait_status(server, answer["id"], timeout=60)
     assert (document["status"], document["sent"]) == ("done", 3)
     assert {d.subscriber for d in push_service.received()} == {s.id for s in subs}
 
@@ -784,7 +758,7 @@ def test_kill_9_in_the_middle_of_a_fan_out_resumes_it_and_everyone_gets_it(
         before = len(service.received())
         assert before < 5000, "the fan-out ended before the kill: make it slower"
         server.start()
-        document = _wait_done(server, answer["id"], timeout=120)
+        document = wait_status(server, answer["id"], timeout=120)
         received = service.received()
     counts: dict[str, int] = {}
     for delivery in received:
@@ -824,7 +798,7 @@ def test_sigterm_stops_within_shutdown_timeout_and_the_rest_resumes(
         assert stopped_with < 400
         service.latency = 0
         server.start()
-        document = _wait_done(server, answer["id"])
+        document = wait_status(server, answer["id"], timeout=60)
         received = service.received()
     assert {d.subscriber for d in received} == {s.id for s in subs}
     assert document["sent"] == 400
