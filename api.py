@@ -22,8 +22,13 @@ durable job in a journal beside it, fans notifications out to them
 (RFC 8030/8291/8292: pywebpush's encryption, py_vapid, libcurl over HTTP/2;
 FCM HTTP v1 with pyfcm), and turns signed webhooks into notifications.
 
-Sections, top to bottom, each using only those above it:
-Configuration, Keys, Store, Delivery, Notifications, Webhooks, HTTP, Command line.
+Sections, top to bottom, each using only those above it (a test checks):
+Configuration (settings), Keys (VAPID, tokens), Messages (pure values and
+rules: a message, its outcomes, a notification's record and status document,
+endpoint rules), Store (the subscription stores and the job stores, JSON and
+Redis, behind one interface each), Delivery (web push and FCM: outcomes
+only), Notifications (the one engine: policy), Webhooks, Metrics (fed by
+outcomes), HTTP (plugins, validation, routes) and Command line.
 """
 
 from __future__ import annotations
@@ -737,8 +742,537 @@ def receipt_key_of(settings: Settings, keys: VapidKeys) -> bytes:
 
 
 ###############################################################################
+# Messages ####################################################################
+###############################################################################
+# Pure values and the rules about them, which Store, Delivery and
+# Notifications all build on: no I/O here.
+
+
+def endpoint_origin(endpoint: str) -> str:
+    """A push endpoint's scheme and host: what one push service shares."""
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError:
+        return ""
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def record_origin(record: dict) -> str:
+    """Where a record's messages go: its push service's origin, or "fcm"."""
+    if record.get("kind") == "fcm":
+        return "fcm"
+    return endpoint_origin(record.get("endpoint", ""))
+
+
+CHANNELS = ("webpush", "fcm")  # a record's ``kind``: the ways messages go
+
+
+# One 4096-byte aes128gcm record, less its header (86), tag and delimiter (17).
+MAX_PLAINTEXT = 3993
+RECEIPT_LENGTH = 22 + 1 + 22  # see receipt()
+PAYLOAD_FORMATS = ("declarative", "classic")
+DECLARATIVE_WEB_PUSH = 8030  # the "web_push" member of a declarative message
+RECEIPT_EVENTS = ("delivered", "clicked", "closed")
+RECEIPT_RE = re.compile(r"([A-Za-z0-9_\-]{22})\.[A-Za-z0-9_\-]{22}")
+URGENCIES = ("very-low", "low", "normal", "high")
+# The reason of an outcome "unsent": cancelled, or the server stopped first.
+UNSENT = "not sent: cancelled, or the server stopped first"
+
+
+# What a POST /push body may say (the HTTP section's Validator reads them).
+CLASSIC_FIELDS = ("title", "body", "icon", "url", "data")  # always there, null or not
+OPTIONAL_FIELDS = (
+    "tag",
+    "badge",
+    "silent",
+    "lang",
+    "dir",
+    "require_interaction",
+    "actions",
+    "image",
+)
+
+
+PUSH_FIELDS = (
+    "title",
+    "body",
+    "message",
+    "icon",
+    "url",
+    "data",
+    "topic",
+    "ttl",
+    "urgency",
+    "collapse_key",
+    "send_at",
+    "delay",
+    "format",
+    "mutable",
+    *OPTIONAL_FIELDS,
+)
+
+
+def receipt(key: bytes, notification_id: str, record_id: str) -> str:
+    """One subscriber's receipt for one notification: its record id and an
+    HMAC of both, so only the server can make one and each names one
+    subscriber of one notification."""
+    mac = hmac.new(key, f"{notification_id}.{record_id}".encode(), "sha256")
+    return f"{record_id}.{b64url_encode(mac.digest()[:16])}"
+
+
+def receipt_subscriber(key: bytes, notification_id: str, text: Any) -> str | None:
+    """The record id a receipt names, or None if the server did not make it
+    for this notification."""
+    match = RECEIPT_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    expected = receipt(key, notification_id, match[1])
+    return match[1] if hmac.compare_digest(expected, text) else None
+
+
+def personal_payload(message: Message, record_id: str, key: bytes) -> bytes:
+    """The JSON one subscriber receives: the message's, with this subscriber's
+    receipt where the message left room for it."""
+    if message.receipt_at < 0 or not key or not message.notification_id:
+        return message.payload
+    if len(message.payload) + RECEIPT_LENGTH > MAX_PLAINTEXT:
+        return message.payload  # made before receipts had room: sent without one
+    mark = receipt(key, message.notification_id, record_id).encode()
+    at = message.receipt_at
+    return message.payload[:at] + mark + message.payload[at:]
+
+
+def notification_json(notification: dict) -> bytes:
+    return json.dumps(notification, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def render_payload(
+    notification: dict, payload_format: str, notification_id: str | None = None
+) -> tuple[bytes, int]:
+    """The JSON a browser receives, and where each subscriber's receipt goes
+    in it (-1: nowhere, without a notification id).
+
+    ``classic``: ``{"title", "body", "icon", "url", "data", ...}`` for a
+    service worker to show. ``declarative``: Declarative Web Push (the Push
+    API's declarative push message): ``{"web_push": 8030, "notification":
+    {...}, "app_badge": n}``, which a browser that supports it shows by
+    itself, and hands to the service worker first when ``mutable``; the id
+    and receipt ride in ``notification.data`` so that worker sees them."""
+    given = {
+        k: notification[k] for k in OPTIONAL_FIELDS if notification.get(k) is not None
+    }
+    mark = "" if notification_id is None else secrets.token_hex(16)
+    receipts = (
+        {} if notification_id is None else {"id": notification_id, "receipt": mark}
+    )
+    if payload_format == "classic":
+        document = {k: notification.get(k) for k in CLASSIC_FIELDS}
+        document.update(given, **receipts)
+    else:
+        shown: dict[str, Any] = {
+            "title": notification["title"],
+            "navigate": notification["navigate"],
+        }
+        for name in ("body", "icon", "image", "tag", "lang", "dir", "silent"):
+            if notification.get(name) not in (None, ""):
+                shown[name] = notification[name]
+        if notification.get("require_interaction") is not None:
+            shown["requireInteraction"] = notification["require_interaction"]
+        if notification.get("actions"):
+            shown["actions"] = [
+                {
+                    "action": a["action"],
+                    "title": a["title"],
+                    **({"navigate": a["navigate"]} if a.get("navigate") else {}),
+                    **({"icon": a["icon"]} if a.get("icon") else {}),
+                }
+                for a in notification["actions"]
+            ]
+        data = dict(receipts)
+        if notification.get("data") is not None:
+            data["data"] = notification["data"]
+        if data:
+            shown["data"] = data
+        shown["mutable"] = bool(notification.get("mutable", True))
+        document = {"web_push": DECLARATIVE_WEB_PUSH, "notification": shown}
+        if notification.get("badge") is not None:
+            document["app_badge"] = notification["badge"]
+    payload = notification_json(document)
+    if not mark:
+        return payload, -1
+    at = payload.index(mark.encode())
+    return payload[:at] + payload[at + len(mark) :], at
+
+
+@dataclass
+class Message:
+    """One notification as sent to every subscriber."""
+
+    notification: dict  # title, body, icon, url, data
+    payload: bytes  # the notification as the JSON a browser receives
+    ttl: int
+    urgency: str | None = None
+    topic: str | None = (
+        None  # collapse key: a newer message replaces an undelivered older one
+    )
+    notification_id: str | None = None  # what receipts name; None: no receipts
+    receipt_at: int = -1  # where in ``payload`` each subscriber's receipt goes
+    format: str = "classic"  # or declarative (PAYLOAD_FORMAT)
+
+
+@dataclass
+class PushOutcome:
+    """What happened to one subscriber."""
+
+    record_id: str
+    origin: str
+    status: int | None  # HTTP status from the push service; None: no answer
+    result: str  # sent, failed, removed, or unsent (cancelled or stopped first)
+    reason: str = ""
+    tries: int = 1
+    channel: str = "webpush"  # or fcm
+    seconds: float = 0.0  # the push service's answer time, last try; 0: none
+
+
+@dataclass
+class PushReport:
+    outcomes: list[PushOutcome] = field(default_factory=list)
+
+    def summary(self, detail: bool = False) -> dict:
+        """Counts across both channels, with a breakdown per channel."""
+        channels = {
+            c: {"sent": 0, "failed": 0, "removed": 0, "retried": 0} for c in CHANNELS
+        }
+        for outcome in self.outcomes:
+            channels[outcome.channel][outcome.result] += 1
+            channels[outcome.channel]["retried"] += outcome.tries > 1
+        counts = {k: sum(c[k] for c in channels.values()) for k in channels["webpush"]}
+        counts["channels"] = channels
+        if detail:
+            counts["results"] = [
+                {
+                    "id": o.record_id,
+                    "channel": o.channel,
+                    "origin": o.origin,
+                    "status": o.status,
+                    "result": o.result,
+                    "reason": o.reason,
+                }
+                for o in self.outcomes
+            ]
+        return counts
+
+
+# Where the server may send: the push services, or PUSH_ENDPOINT_PATTERN.
+# printable ASCII but space, '#' and '\\' (parsers disagree on those)
+SENDABLE_URL_RE = re.compile(r"[!\"$-\[\]-~]+")
+MAX_ENDPOINT_LENGTH = 2048
+PUSH_SERVICE_HOSTS = (
+    "fcm.googleapis.com",
+    "updates.push.services.mozilla.com",
+    "web.push.apple.com",
+)
+PUSH_SERVICE_DOMAINS = (
+    "notify.windows.com",
+    "push.services.mozilla.com",
+)  # one label under
+
+
+def canonical_endpoint(endpoint: str) -> str | None:
+    """The endpoint as the server stores it, signs for it and checks it: scheme
+    and host in lower case, the default port dropped. None if the delivery
+    cannot send to it: not http(s) with a host, not printable ASCII (a Unicode
+    host is refused, not guessed at), userinfo, a bad port, or the characters
+    URL parsers disagree on. Every push service's endpoints pass unchanged."""
+    if not SENDABLE_URL_RE.fullmatch(endpoint):
+        return None
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname  # lower case, IPv6 without its brackets
+    if parts.scheme not in ("http", "https") or not host:
+        return None
+    if "@" in parts.netloc or "%" in parts.netloc:  # libcurl decodes %2e in hosts
+        return None
+    if port == 0:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port not in (None, 443 if parts.scheme == "https" else 80):
+        host += f":{port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+
+
+def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
+    """Whether the server may POST to ``endpoint`` (in its canonical form): a
+    known push service, or whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits
+    instead."""
+    canonical = canonical_endpoint(endpoint)
+    if canonical is None:
+        return False
+    if pattern is not None:
+        return pattern.match(canonical) is not None
+    parts = urlsplit(canonical)
+    if parts.scheme != "https" or parts.port is not None:
+        return False
+    host = parts.hostname or ""
+    if host in PUSH_SERVICE_HOSTS:
+        return True
+    label, _, domain = host.partition(".")
+    return (
+        domain in PUSH_SERVICE_DOMAINS
+        and re.fullmatch(r"[a-z0-9-]{1,63}", label) is not None
+    )
+
+
+EXPIRED = (
+    "its expirationTime has passed"  # what no retry changes: counted toward pruning
+)
+
+
+FINISHED = ("done", "cancelled", "expired")
+COUNTS = ("sent", "failed", "removed", "retried")
+MAX_SCHEDULE_AHEAD = 30 * 86400
+IDEMPOTENCY_SECONDS = 86400
+MAX_ERRORS = 10  # causes of failure kept per notification, the commonest
+
+
+def rfc3339(moment: float | None) -> str | None:
+    """A time as RFC 3339 in UTC, to the millisecond."""
+    if moment is None:
+        return None
+    text = datetime.fromtimestamp(moment, timezone.utc).isoformat("T", "milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+# ASCII digits only: \d would take any script's (Arabic-Indic, fullwidth...).
+RFC3339_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(\.[0-9]+)?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """Seconds since the epoch of an RFC 3339 date-time with an offset, or None."""
+    match = RFC3339_RE.fullmatch(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, zulu, sign, off_hours, off_minutes = match.groups()[6:]
+    if second > 60 or (off_minutes and int(off_minutes) > 59):  # 60: a leap second
+        return None
+    offset = timedelta(0)
+    if not zulu:
+        offset = timedelta(hours=int(off_hours), minutes=int(off_minutes))
+        if sign == "-":
+            offset = -offset
+    try:
+        moment = datetime(
+            year, month, day, hour, minute, min(second, 59), tzinfo=timezone(offset)
+        )
+    except ValueError:  # February 30th, an offset of 24 hours
+        return None
+    return moment.timestamp() + float(fraction or 0) + (second == 60)
+
+
+def _zero_counts() -> dict[str, dict[str, int]]:
+    return {channel: dict.fromkeys(COUNTS, 0) for channel in CHANNELS}
+
+
+def message_of(record: dict, now: float) -> Message:
+    """A notification's message as sent now: its TTL counted from when it was
+    due, so a message sent late expires when it would have on time."""
+    spec = record["message"]
+    late = max(0.0, now - record["due"])
+    payload_format = spec.get("format", "classic")  # journals from before formats
+    payload, receipt_at = render_payload(
+        spec["notification"], payload_format, record["id"]
+    )
+    return Message(
+        spec["notification"],
+        payload,
+        max(0, spec["ttl"] - int(late)),
+        spec["urgency"],
+        spec["collapse_key"],
+        record["id"],
+        receipt_at,
+        payload_format,
+    )
+
+
+def new_notification(
+    message: Message,
+    topic: str | None,
+    now: float,
+    send_at: float | None,
+    key_hash: str | None,
+    body_hash: str,
+    source: str,
+    total: int,
+) -> dict:
+    """A notification as both queues keep it, before anything is sent."""
+    due = now if send_at is None else send_at
+    return {
+        "id": secrets.token_urlsafe(12),
+        "status": "scheduled" if due > now else "queued",
+        "source": source,
+        "created": now,
+        "due": due,
+        "send_at": send_at,
+        "started": None,
+        "finished": None,
+        "topic": topic,
+        "message": {
+            "notification": message.notification,
+            "ttl": message.ttl,
+            "urgency": message.urgency,
+            "collapse_key": message.topic,
+            "format": message.format,
+        },
+        "idempotency": key_hash and {"key": key_hash, "body": body_hash},
+        "total": total,
+        "counts": _zero_counts(),
+        "errors": [],
+    }
+
+
+def status_document(record: dict, receipts: dict[str, int] | None = None) -> dict:
+    """What ``GET /notifications/<id>`` says of a notification, with its
+    receipts counted so far."""
+    channels = record["counts"]
+    counts = {name: sum(c[name] for c in channels.values()) for name in COUNTS}
+    # Once planned, it goes to those queued; either way not to those who
+    # unsubscribed before their batch was sent.
+    planned = record.get("planned", False)
+    total = record["enqueued"] if planned else record["total"]
+    total = max(0, total - record.get("vanished", 0))
+    return {
+        "id": record["id"],
+        "status": record["status"],
+        "title": record["message"]["notification"].get("title"),
+        "topic": record["topic"],
+        "created": rfc3339(record["created"]),
+        "send_at": rfc3339(record["send_at"]),
+        "started": rfc3339(record["started"]),
+        "finished": rfc3339(record["finished"]),
+        "total": total,
+        **counts,
+        "pending": max(
+            0, total - counts["sent"] - counts["failed"] - counts["removed"]
+        ),
+        **{event: (receipts or {}).get(event, 0) for event in RECEIPT_EVENTS},
+        "channels": channels,
+        "errors": record["errors"][:MAX_ERRORS],
+    }
+
+
+def log_end(document: dict) -> None:
+    """One line when a notification ends: its counts."""
+    log.info(
+        "notification %s %s: sent=%d failed=%d removed=%d retried=%d of %d",
+        document["id"],
+        document["status"],
+        document["sent"],
+        document["failed"],
+        document["removed"],
+        document["retried"],
+        document["total"],
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Subscribers of one notification who share a push service, handed to
+    delivery together."""
+
+    entry: str  # the job store's name for it
+    origin: str  # their push service ("fcm" for FCM tokens)
+    notification: str
+    ids: tuple[str, ...]
+    added: float = 0.0  # when it was queued
+
+
+PLAN_START = "1 0"  # a plan's cursor: CHANNELS' number (from 1), last seq planned
+EVERYONE = 2**53  # the plan_max of a notification planned before plans had one
+MAX_CAUSES = 100  # causes of failure counted per notification
+
+
+def _counts_of(counts: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Counts by "<channel>.<name>" as counts by channel."""
+    by_channel = _zero_counts()
+    for name, count in counts.items():
+        channel, _, result = name.partition(".")
+        by_channel[channel][result] += count
+    return by_channel
+
+
+def _add_causes(into: collections.Counter, causes: dict[tuple, int]) -> None:
+    """Count causes of failure, at most MAX_CAUSES different ones."""
+    for cause, count in causes.items():
+        if cause in into or len(into) < MAX_CAUSES:
+            into[cause] += count
+
+
+def _errors_of(causes: collections.Counter) -> list[dict]:
+    """Causes of failure as the status document lists them, commonest first."""
+    return [
+        {"channel": c, "origin": o, "status": s, "reason": r, "count": n}
+        for (c, o, s, r), n in causes.most_common()
+    ]
+
+
+def _causes_of(errors: list[dict]) -> collections.Counter:
+    return collections.Counter(
+        {
+            (e["channel"], e["origin"], e["status"], e["reason"]): e["count"]
+            for e in errors
+        }
+    )
+
+
+@dataclass
+class Tally:
+    """What one batch came to, as a job store counts it: the subscribers it
+    reached, counts by "<channel>.<result>", causes of failure, the
+    subscribers to send to again, and how many were no longer stored."""
+
+    done: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    causes: dict[tuple, int] = field(default_factory=dict)
+    again: list[str] = field(default_factory=list)
+    vanished: int = 0
+
+    @classmethod
+    def of(
+        cls, reached: list[PushOutcome], again: list[str] = (), vanished: int = 0
+    ) -> Tally:  # type: ignore[assignment]
+        counts: collections.Counter[str] = collections.Counter()
+        causes: collections.Counter[tuple] = collections.Counter()
+        for o in reached:
+            counts[f"{o.channel}.{o.result}"] += 1
+            counts[f"{o.channel}.retried"] += o.tries > 1
+            if o.result == "failed":
+                causes[(o.channel, o.origin, o.status, o.reason)] += 1
+        return cls(
+            [o.record_id for o in reached],
+            {name: n for name, n in counts.items() if n},
+            dict(causes),
+            list(again),
+            vanished,
+        )
+
+
+UNFINISHED = ("scheduled", "queued", "sending")
+
+
+###############################################################################
 # Store #######################################################################
 ###############################################################################
+# Subscriptions (SubscriptionStore, RedisSubscriptionStore) and notifications
+# with their batches (the JobStore protocol: JournalJobStore, RedisJobStore).
+# Nothing outside a store touches its files or keys.
 
 
 class StoreLocked(Exception):
@@ -1304,22 +1838,6 @@ class SubscriptionStore(JsonLinesStore):
                     del self._counts[(kind, topic)]
 
 
-def endpoint_origin(endpoint: str) -> str:
-    """A push endpoint's scheme and host: what one push service shares."""
-    try:
-        parts = urlsplit(endpoint)
-    except ValueError:
-        return ""
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def record_origin(record: dict) -> str:
-    """Where a record's messages go: its push service's origin, or "fcm"."""
-    if record.get("kind") == "fcm":
-        return "fcm"
-    return endpoint_origin(record.get("endpoint", ""))
-
-
 def _write_all(fd: int, data: bytes) -> int:
     view = memoryview(data)
     while view:
@@ -1744,9 +2262,6 @@ class RedisSubscriptionStore:
         self.redis.close()
 
 
-CHANNELS = ("webpush", "fcm")  # a record's ``kind``: the ways messages go
-
-
 def open_store(settings: Settings) -> SubscriptionStore | RedisSubscriptionStore:
     """The subscription store the settings name: Redis when REDIS_URL is set,
     else the JSON-lines file."""
@@ -1755,273 +2270,1357 @@ def open_store(settings: Settings) -> SubscriptionStore | RedisSubscriptionStore
     return SubscriptionStore(settings.subscriptions_file)
 
 
+class NotificationJournal(JsonLinesStore):
+    """Notifications and their progress (see JsonLinesStore), beside the
+    subscription store. A notification is one record; each batch of
+    subscribers whose outcomes are known adds a progress record
+    (``{"id": "<id>.<n>", "of": "<id>", "done": [...], "counts": ...}``), and
+    the notification's final record replaces them when it ends."""
+
+    WHAT = "notification journal"
+    SETTING = "NOTIFICATIONS_FILE"
+
+
+def receipts_path(journal: Path) -> Path:
+    """The receipt database of a notification journal: beside it, named after it."""
+    return journal.with_name(journal.stem + ".receipts.sqlite")
+
+
+class ReceiptDatabase:
+    """The receipts counted beside the notification journal (the JSON store's
+    side; Redis keeps its own): who sent which event for which notification,
+    in an SQLite file (Python's own sqlite3), so that set lives on disk and
+    not in memory; the counts per notification are kept in memory.
+
+    One thread writes: what arrives together is one transaction (WAL,
+    synchronous=FULL), and each answer waits for the commit that holds its
+    receipt, or for the one that counted it before. A refused write (a full
+    disk) fails every receipt of its transaction and changes nothing.
+    """
+
+    def __init__(self, path: str | Path):
+        # Imported here: the delivery processes, which never count receipts,
+        # stay 2 MB smaller each.
+        import sqlite3
+
+        self._sqlite = sqlite3
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS receipts (notification TEXT, event TEXT, "
+                "subscriber TEXT, PRIMARY KEY (notification, event, subscriber)) "
+                "WITHOUT ROWID"
+            )
+            rows = self._db.execute(
+                "SELECT notification, event, count(*) FROM receipts GROUP BY 1, 2"
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise StoreDamaged(
+                f"{self.path}: the receipt database cannot be opened ({e}); move it "
+                "aside to start with no receipts counted"
+            ) from None
+        os.chmod(self.path, 0o600)
+        self._counts: dict[str, collections.Counter[str]] = {}
+        for notification_id, event, count in rows:
+            self._counts.setdefault(notification_id, collections.Counter())[event] = (
+                count
+            )
+        self._work: collections.deque[tuple] = collections.deque()
+        self._lock = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="receipts", daemon=True)
+        self._thread.start()
+
+    def add(self, notification_id: str, event: str, subscriber: str) -> bool:
+        """Count one subscriber's event, durably (OSError if the disk refuses);
+        False if it was counted before."""
+        return self._submit(("add", notification_id, event, subscriber))
+
+    def forget(self, notification_ids: list[str]) -> None:
+        """Drop the receipts of these notifications."""
+        gone = [i for i in notification_ids if i in self._counts]
+        if gone:
+            self._submit(("forget", gone))
+
+    def notifications(self) -> list[str]:
+        """The notifications that have receipts."""
+        with self._lock:
+            return list(self._counts)
+
+    def counts(self, notification_id: str) -> dict[str, int]:
+        counted = self._counts.get(notification_id, {})
+        return {event: counted.get(event, 0) for event in RECEIPT_EVENTS}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+        with contextlib.suppress(self._sqlite.Error):
+            self._db.close()
+
+    def _submit(self, work: tuple) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closing:
+                raise OSError(errno.EIO, "the receipt database is closed")
+            self._work.append((work, future))
+            self._lock.notify_all()
+        return future.result()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._work and not self._closing:
+                    self._lock.wait()
+                if not self._work:
+                    return
+                batch = list(self._work)
+                self._work.clear()
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple]) -> None:
+        results = []
+        added: collections.Counter[tuple[str, str]] = collections.Counter()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for work, _ in batch:
+                if work[0] == "add":
+                    cursor = self._db.execute(
+                        "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?)", work[1:]
+                    )
+                    results.append(cursor.rowcount == 1)
+                    added[(work[1], work[2])] += cursor.rowcount == 1
+                else:
+                    self._db.executemany(
+                        "DELETE FROM receipts WHERE notification = ?",
+                        [(i,) for i in work[1]],
+                    )
+                    results.append(None)
+            self._db.execute("COMMIT")
+        except self._sqlite.Error as e:
+            with contextlib.suppress(self._sqlite.Error):
+                self._db.execute("ROLLBACK")
+            full = "full" in str(e).lower()
+            error = OSError(errno.ENOSPC if full else errno.EIO, f"receipts: {e}")
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        with self._lock:
+            for (notification_id, event), count in added.items():
+                if count:
+                    counted = self._counts.setdefault(
+                        notification_id, collections.Counter()
+                    )
+                    counted[event] += count
+            for work, _ in batch:
+                if work[0] == "forget":
+                    for notification_id in work[1]:
+                        self._counts.pop(notification_id, None)
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
+
+
+Plan = list[tuple[str, list[str]]]  # batches planned: (origin, ids) each
+
+
+class JobStore(Protocol):
+    """Where notifications, their batches and their counts are kept, for
+    NotificationEngine: the JSON journal (JournalJobStore) or Redis
+    (RedisJobStore). Policy (what is due, what a batch holds, what outcomes
+    mean) is the engine's; a job store keeps state, and makes each step
+    atomic. A notification is a record as ``new_notification`` makes it;
+    ``load`` gives it back with its counts, causes of failure, receipts and
+    plan (``planned``, ``enqueued``, ``vanished``). Methods raise OSError
+    (StoreUnavailable on Redis) when the store refuses."""
+
+    def insert(self, record: dict, key_hash: str | None) -> str | None:
+        """Keep a new notification, unless one made with the same
+        Idempotency-Key hash in the last IDEMPOTENCY_SECONDS is still kept:
+        then that one's id, and nothing is stored."""
+
+    def load(self, notification_id: str) -> dict | None:
+        """A notification as status_document reads it, or None."""
+
+    def newest(self, limit: int) -> list[str]:
+        """The ids of the newest ``limit`` notifications, newest first."""
+
+    def statuses(self) -> collections.Counter[str]:
+        """How many notifications kept have each status."""
+
+    def status_of(self, notification_ids: list[str]) -> list[str | None]:
+        """The status of each (None: not kept)."""
+
+    def change(
+        self, notification_id: str, status: str, before: tuple[str, ...], now: float
+    ) -> bool | None:
+        """Give it ``status`` (a finished one) if it has one of ``before``:
+        whether it did; None if there is no such notification."""
+
+    def claim_due(self, now: float, lease_until: float) -> str | None:
+        """A notification to plan (due, or sending with its plan unfinished
+        and its lease over), leased to the caller until ``lease_until``."""
+
+    def start(
+        self, notification_id: str, now: float, total: int, plan_max: int
+    ) -> tuple[int, str] | None:
+        """Start sending a claimed notification (a scheduled or queued one
+        becomes sending, with this ``plan_max``); its plan_max and plan
+        cursor, or None if there is nothing to plan (it ended)."""
+
+    def enqueue(
+        self, notification_id: str, cursor: str, after: str, until: float, batches: Plan
+    ) -> bool:
+        """Queue batches and move the cursor to ``after`` (lease the plan
+        until ``until``), if the cursor is still ``cursor`` and it is
+        sending; whether it did."""
+
+    def planned(self, notification_id: str, cursor: str, now: float) -> int:
+        """Its plan is complete: 2 if so is the notification (every batch came
+        back), 1 if not, 0 if the cursor moved or it ended."""
+
+    def hand_over(self, notification_id: str, now: float) -> None:
+        """Let another planner take its plan over now (this one stops)."""
+
+    def take(
+        self, consumer: str, room: Callable[[str], int], block: float
+    ) -> list[Batch]:
+        """Queued batches for ``consumer``, at most ``room(origin)`` of each
+        push service, waiting up to ``block`` seconds for one."""
+
+    def reclaim(
+        self, consumer: str, idle: float, room: Callable[[str], int]
+    ) -> list[Batch]:
+        """Batches other consumers took and said nothing of for ``idle``
+        seconds, now the caller's."""
+
+    def keep(self, consumer: str, batches: list[Batch]) -> None:
+        """The consumer still works on these: not to be reclaimed yet."""
+
+    def complete(self, batch: Batch, tally: Tally, now: float) -> int:
+        """A batch came back, in one step: count its outcomes (the tally's
+        counts and causes), queue the tally's ``again`` once more if it is
+        still sending; 0 if it was completed before, 2 if the
+        notification is done with it, else 1."""
+
+    def backlog(self) -> tuple[int, float]:
+        """Batches queued or being sent, and the age of the oldest."""
+
+    def drop_ended(self, now: float, keep_from: float) -> int:
+        """Forget notifications that ended before ``keep_from`` and whose
+        Idempotency-Key has lapsed, with their receipts; how many."""
+
+    def count_receipt(
+        self, notification_id: str, event: str, subscriber: str
+    ) -> bool | None:
+        """Count a subscriber's receipt once: True if new, False if counted
+        before, None if there is no such notification."""
+
+    def announce(self, consumer: str, now: float) -> None:
+        """The consumer delivers (for ``delivering``)."""
+
+    def leave(self, consumer: str) -> None:
+        """The consumer stopped delivering."""
+
+    def delivering(self, since: float) -> int:
+        """How many consumers announced themselves since ``since``."""
+
+    def flush(self) -> None:
+        """Write what could not be written before (a full disk)."""
+
+    def wake(self) -> None:
+        """End a ``take`` that waits now."""
+
+    def close(self) -> None:
+        """Close its files or connection (after the engine stopped)."""
+
+
+@dataclass(eq=False)
+class _Held:
+    """A notification that has not ended, as JournalJobStore holds it."""
+
+    record: dict
+    parts: list[str] = field(default_factory=list)  # its progress records
+    done: set[str] = field(default_factory=set)  # sent before a restart
+    causes: collections.Counter = field(default_factory=collections.Counter)
+    cursor: str | None = None
+    planned: bool = False
+    lease: float = 0.0
+    batches: int = 0
+    batches_done: int = 0
+    enqueued: int = 0
+    vanished: int = 0
+
+
+class JournalJobStore:
+    """The JobStore of one process, over the notification journal (see
+    NotificationJournal) and the receipt database: notifications that have
+    not ended and their batches are held in memory; each notification and
+    each change of its status is a journal record, and each batch's outcomes
+    a progress record (``{"id": "<id>.<n>", "of": "<id>", "done": [...],
+    "counts": ..., "errors": ...}``) that the final record replaces.
+
+    After a crash, a notification that was sending is planned again from
+    its cursor's start, without the subscribers of its progress records.
+    Records the disk refused (full) are kept in order and written when it
+    takes them again: what is in memory stays right meanwhile.
+    """
+
+    def __init__(self, journal: NotificationJournal, receipts: ReceiptDatabase):
+        self.journal = journal
+        self.receipts = receipts
+        self._held: dict[str, _Held] = {}  # not ended, in order of creation
+        self._order: list[tuple[float, str]] = []  # (created, id), oldest first
+        self._keys: dict[str, str] = {}  # Idempotency-Key's hash -> id
+        self._queues: dict[str, collections.deque[Batch]] = {}  # by origin
+        self._taken: dict[str, Batch] = {}  # entry -> batch being sent
+        self._entries = itertools.count(1)
+        self._unwritten: list[tuple[list[dict], list[str]]] = []
+        self._refused = 0.0  # when the disk last refused a write: logged once a minute
+        self._lock = threading.Condition()
+        self._writing = threading.RLock()  # the journal's order is the changes' order
+        self._woken = False
+        self._load()
+
+    # -- notifications ------------------------------------------------------------
+
+    def insert(self, record: dict, key_hash: str | None) -> str | None:
+        with self._writing:
+            if key_hash:
+                earlier = self._keys.get(key_hash)
+                found = earlier and self.load(earlier)
+                if found and found["created"] > time.time() - IDEMPOTENCY_SECONDS:
+                    return earlier
+            self._write([record], [])
+            with self._lock:
+                self._held[record["id"]] = _Held(record)
+                self._order.append((record["created"], record["id"]))
+                if key_hash:
+                    self._keys[key_hash] = record["id"]
+        return None
+
+    def load(self, notification_id: str) -> dict | None:
+        with self._lock:
+            held = self._held.get(notification_id)
+            if held is not None:
+                record = {
+                    **held.record,
+                    "counts": {c: dict(n) for c, n in held.record["counts"].items()},
+                    "errors": _errors_of(held.causes),
+                    "planned": held.planned,
+                    "enqueued": held.enqueued,
+                    "vanished": held.vanished,
+                }
+        if held is None:
+            record = self.journal.get(notification_id)
+            if record is None or "of" in record:
+                return None
+        record["receipts"] = self.receipts.counts(notification_id)
+        return record
+
+    def newest(self, limit: int) -> list[str]:
+        with self._lock:
+            return [i for _, i in self._order[-limit:]][::-1]
+
+    def statuses(self) -> collections.Counter[str]:
+        with self._lock:
+            ids = [i for _, i in self._order]
+        return collections.Counter(s for s in self.status_of(ids) if s)
+
+    def status_of(self, notification_ids: list[str]) -> list[str | None]:
+        statuses = []
+        for notification_id in notification_ids:
+            with self._lock:
+                held = self._held.get(notification_id)
+                status = held and held.record["status"]
+            if held is None:
+                record = self.journal.get(notification_id)
+                status = record and record.get("status")
+            statuses.append(status)
+        return statuses
+
+    def change(
+        self, notification_id: str, status: str, before: tuple[str, ...], now: float
+    ) -> bool | None:
+        with self._writing:
+            with self._lock:
+                held = self._held.get(notification_id)
+                if held is None:
+                    return None if self.load(notification_id) is None else False
+                if held.record["status"] not in before:
+                    return False
+                changed = {**held.record, "status": status, "finished": now}
+            self._write([changed], [])  # refused: nothing changed
+            with self._lock:
+                held.record.update(status=status, finished=now)
+                for queue in self._queues.values():  # its batches not yet taken
+                    mine = [b for b in queue if b.notification == notification_id]
+                    for batch in mine:
+                        queue.remove(batch)
+                    held.batches_done += len(mine)
+                final = self._final(held)
+            if final:
+                self._write_later(*final)
+        return True
+
+    def claim_due(self, now: float, lease_until: float) -> str | None:
+        with self._lock:
+            for notification_id, held in self._held.items():
+                status = held.record["status"]
+                if held.lease > now:
+                    continue
+                due = status in ("scheduled", "queued") and held.record["due"] <= now
+                if due or (status == "sending" and not held.planned):
+                    held.lease = lease_until
+                    return notification_id
+        return None
+
+    def start(
+        self, notification_id: str, now: float, total: int, plan_max: int
+    ) -> tuple[int, str] | None:
+        with self._writing:
+            with self._lock:
+                held = self._held.get(notification_id)
+                status = held and held.record["status"]
+                if status == "sending" and not held.planned:
+                    held.cursor = held.cursor or PLAN_START
+                    return held.record.get("plan_max", EVERYONE), held.cursor
+                if status not in ("scheduled", "queued"):
+                    return None
+                held.record.update(
+                    status="sending", started=now, total=total, plan_max=plan_max
+                )
+                held.cursor = PLAN_START
+                started = dict(held.record)
+            self._write_later([started], [])
+        return plan_max, PLAN_START
+
+    def enqueue(
+        self, notification_id: str, cursor: str, after: str, until: float, batches: Plan
+    ) -> bool:
+        with self._lock:
+            held = self._held.get(notification_id)
+            if held is None or held.cursor != cursor:
+                return False
+            if held.record["status"] != "sending":
+                return False
+            for origin, ids in batches:
+                if held.done:  # sent before the restart
+                    ids = [i for i in ids if i not in held.done]
+                if ids:
+                    self._queue(notification_id, origin, ids)
+                    held.batches += 1
+                    held.enqueued += len(ids)
+            held.cursor = after
+            held.lease = until
+            self._lock.notify_all()
+            return True
+
+    def planned(self, notification_id: str, cursor: str, now: float) -> int:
+        with self._lock:
+            held = self._held.get(notification_id)
+            if held is None or held.cursor != cursor:
+                return 0
+            if held.record["status"] != "sending":
+                return 0
+            held.planned, held.cursor, held.done = True, "planned", set()
+            if held.batches != held.batches_done:
+                return 1
+            held.record.update(status="done", finished=now)
+            final = self._final(held)
+        if final:
+            self._write_later(*final)
+        return 2
+
+    def hand_over(self, notification_id: str, now: float) -> None:
+        with self._lock:
+            held = self._held.get(notification_id)
+            if held is not None:
+                held.lease = now
+
+    # -- batches ------------------------------------------------------------------
+
+    def take(
+        self, consumer: str, room: Callable[[str], int], block: float
+    ) -> list[Batch]:
+        deadline = time.monotonic() + block
+        with self._lock:
+            while True:
+                taken = []
+                for origin, queue in self._queues.items():
+                    for _ in range(min(len(queue), room(origin))):
+                        batch = queue.popleft()
+                        self._taken[batch.entry] = batch
+                        taken.append(batch)
+                left = deadline - time.monotonic()
+                if taken or self._woken or left <= 0:
+                    self._woken = False
+                    return taken
+                self._lock.wait(left)
+
+    def reclaim(
+        self, consumer: str, idle: float, room: Callable[[str], int]
+    ) -> list[Batch]:
+        return []  # one process: a batch it took comes back or it crashed
+
+    def keep(self, consumer: str, batches: list[Batch]) -> None:
+        pass
+
+    def complete(self, batch: Batch, tally: Tally, now: float) -> int:
+        part = final = None
+        with self._lock:
+            if self._taken.pop(batch.entry, None) is None:
+                return 0
+            held = self._held.get(batch.notification)
+            if held is None:
+                return 1
+            record = held.record
+            for name, count in tally.counts.items():
+                channel, _, result = name.partition(".")
+                record["counts"][channel][result] += count
+            _add_causes(held.causes, tally.causes)
+            held.vanished += tally.vanished
+            if tally.again and record["status"] == "sending":
+                self._queue(batch.notification, batch.origin, tally.again)
+                held.batches += 1
+            held.batches_done += 1
+            if tally.done:
+                part = {
+                    "id": f"{batch.notification}.{len(held.parts)}",
+                    "of": batch.notification,
+                    "done": sorted(tally.done),
+                    "counts": _counts_of(tally.counts),
+                    "errors": _errors_of(collections.Counter(tally.causes)),
+                }
+                held.parts.append(part["id"])
+            ended = record["status"] == "sending" and held.planned
+            ended = ended and held.batches == held.batches_done
+            if ended:
+                record.update(status="done", finished=now)
+            final = self._final(held)
+            self._lock.notify_all()
+        if part:
+            self._write_later([part], [])
+        if final:
+            self._write_later(*final)
+        return 2 if ended else 1
+
+    def backlog(self) -> tuple[int, float]:
+        with self._lock:
+            batches = [*self._taken.values()]
+            batches += [b for queue in self._queues.values() for b in queue]
+        now = time.time()
+        return len(batches), now - min((b.added for b in batches), default=now)
+
+    def _queue(self, notification_id: str, origin: str, ids: list[str]) -> None:
+        """Queue a batch (the lock held)."""
+        entry = str(next(self._entries))
+        batch = Batch(entry, origin, notification_id, tuple(ids), time.time())
+        self._queues.setdefault(origin, collections.deque()).append(batch)
+
+    def _final(self, held: _Held) -> tuple[list[dict], list[str]] | None:
+        """A finished notification with no batch out: it leaves memory, and its
+        final record replaces its progress (the lock held)."""
+        record = held.record
+        if record["status"] not in FINISHED or held.batches != held.batches_done:
+            return None
+        del self._held[record["id"]]
+        self._lock.notify_all()
+        final = {
+            **record,
+            "final": True,
+            "errors": _errors_of(held.causes),
+            "planned": held.planned,
+            "enqueued": held.enqueued,
+            "vanished": held.vanished,
+        }
+        return [final], held.parts
+
+    # -- the journal --------------------------------------------------------------
+
+    def _write(self, upserts: list[dict], removals: list[str]) -> None:
+        """Write now, after what waits (``_writing`` held): OSError if refused."""
+        self._flush_unwritten()
+        self.journal.write(upserts, removals)
+
+    def _write_later(self, upserts: list[dict], removals: list[str]) -> None:
+        """Write in order, now if the disk takes it, else when it does."""
+        with self._writing:
+            self._unwritten.append((upserts, removals))
+            try:
+                self._flush_unwritten()
+            except OSError as e:
+                if time.monotonic() - self._refused > 60:
+                    self._refused = time.monotonic()
+                    log.error(
+                        "the notification journal refuses writes (%s): %d kept in "
+                        "memory, written when it takes them",
+                        e,
+                        len(self._unwritten),
+                    )
+
+    def _flush_unwritten(self) -> None:
+        while self._unwritten:
+            upserts, removals = self._unwritten[0]
+            self.journal.write(upserts, removals)
+            self._unwritten.pop(0)
+
+    def flush(self) -> None:
+        if self._unwritten:
+            self._write_later([], [])
+
+    def drop_ended(self, now: float, keep_from: float) -> int:
+        old = []
+        with self._lock:
+            for created, notification_id in self._order:
+                if created >= keep_from:
+                    break
+                if notification_id not in self._held:
+                    old.append(notification_id)
+        drop = []
+        for notification_id in old:
+            record = self.journal.get(notification_id)
+            if record is None:
+                drop.append(notification_id)
+                continue
+            keyed = record.get("idempotency") and (
+                record["created"] > now - IDEMPOTENCY_SECONDS
+            )
+            ended = record["finished"] is not None and record["finished"] < keep_from
+            if ended and not keyed:
+                drop.append(notification_id)
+        if not drop:
+            return 0
+        self.receipts.forget(drop)  # first: what is dropped has none left
+        with self._writing:
+            self._write([], drop)
+        gone = set(drop)
+        with self._lock:
+            self._order = [(c, i) for c, i in self._order if i not in gone]
+            for key, notification_id in list(self._keys.items()):
+                if notification_id in gone:
+                    del self._keys[key]
+        return len(drop)
+
+    def count_receipt(
+        self, notification_id: str, event: str, subscriber: str
+    ) -> bool | None:
+        with self._lock:
+            known = notification_id in self._held
+        if not known and self.load(notification_id) is None:
+            return None
+        return self.receipts.add(notification_id, event, subscriber)
+
+    def announce(self, consumer: str, now: float) -> None:
+        pass
+
+    def leave(self, consumer: str) -> None:
+        pass
+
+    def delivering(self, since: float) -> int:
+        return 1
+
+    def wake(self) -> None:
+        with self._lock:
+            self._woken = True
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._writing:
+            with contextlib.suppress(OSError):  # logged when refused before
+                self._flush_unwritten()
+            if self._unwritten:
+                log.error(
+                    "the notification journal still refuses writes: %d records "
+                    "lost; notifications that were sending resume at the next start",
+                    len(self._unwritten),
+                )
+        self.journal.close()
+        self.receipts.close()
+
+    def _load(self) -> None:
+        """Rebuild what had not ended from the journal: counts and the
+        subscribers done come from the progress records."""
+        progress: dict[str, list[dict]] = collections.defaultdict(list)
+        orphans = []
+        records = []
+        for record_id in self.journal.ids():
+            record = self.journal.get(record_id)
+            if record is None:
+                continue
+            if "of" in record:
+                progress[record["of"]].append(record)
+            else:
+                records.append(record)
+        now = time.time()
+        for record in sorted(records, key=lambda r: r["created"]):
+            self._order.append((record["created"], record["id"]))
+            key = record.get("idempotency")
+            if key and record["created"] > now - IDEMPOTENCY_SECONDS:
+                self._keys[key["key"]] = record["id"]
+            parts = progress.pop(record["id"], [])
+            if record.get("final"):
+                orphans += [p["id"] for p in parts]
+                continue
+            held = _Held(record, parts=[p["id"] for p in parts])
+            record["counts"] = _zero_counts()
+            for part in sorted(parts, key=lambda p: int(p["id"].rpartition(".")[2])):
+                held.done.update(part["done"])
+                for channel, values in part["counts"].items():
+                    for name, value in values.items():
+                        record["counts"][channel][name] += value
+                _add_causes(held.causes, _causes_of(part["errors"]))
+            held.enqueued = len(held.done)
+            self._held[record["id"]] = held
+            if record["status"] == "sending":
+                log.info(
+                    "notification %s resumes: %d subscribers done before the stop",
+                    record["id"],
+                    len(held.done),
+                )
+        orphans += [p["id"] for parts in progress.values() for p in parts]
+        if orphans:
+            with contextlib.suppress(OSError):  # tried again at the next start
+                self.journal.write(removals=orphans)
+        known = {record["id"] for record in records}
+        with contextlib.suppress(OSError):  # of notifications dropped: again later
+            self.receipts.forget(
+                [i for i in self.receipts.notifications() if i not in known]
+            )
+
+
+# The Lua scripts of RedisJobStore. ARGV[1] is REDIS_PREFIX; times are
+# seconds since the epoch. A notification is the hash ``n:<id>``: its fixed
+# part as JSON (``doc``), ``status``, ``started``, ``finished``, ``total``,
+# the plan's state (``plan_max``, ``cursor``, ``batches``, ``batches_done``,
+# ``enqueued``, ``vanished``, ``planned``) and its counts (``webpush.sent``...);
+# the causes of failure are counted in ``ne:<id>``. Batches are entries of
+# one stream per push service, ``batches:<origin>``, each read by the
+# consumer group ``delivery``; the set ``streams`` names them.
+
+# ARGV: prefix, id, idempotency key's hash or '', seconds it is kept, doc,
+# status, total, created, due. The id of an earlier notification made with
+# the same key that is still kept, else false (this one is stored).
+NOTIFICATION_CREATE_LUA = """
+local p, id, key = ARGV[1], ARGV[2], ARGV[3]
+if key ~= '' then
+  local earlier = redis.call('GET', p .. 'idem:' .. key)
+  if earlier and redis.call('EXISTS', p .. 'n:' .. earlier) == 1 then
+    return earlier
+  end
+  redis.call('SET', p .. 'idem:' .. key, id, 'EX', ARGV[4])
+end
+redis.call('HSET', p .. 'n:' .. id, 'doc', ARGV[5], 'status', ARGV[6], 'total', ARGV[7])
+redis.call('ZADD', p .. 'notifications', ARGV[8], id)
+redis.call('ZADD', p .. 'due', ARGV[9], id)
+return false
+"""
+
+# ARGV: prefix, now, lease end. One due notification, leased to the caller:
+# no other process plans it before the lease ends (the planner renews it).
+NOTIFICATION_CLAIM_LUA = """
+local p = ARGV[1]
+while true do
+  local due = redis.call('ZRANGEBYSCORE', p .. 'due', '-inf', ARGV[2], 'LIMIT', 0, 1)
+  if #due == 0 then return false end
+  if redis.call('EXISTS', p .. 'n:' .. due[1]) == 1 then
+    redis.call('ZADD', p .. 'due', ARGV[3], due[1])
+    return due[1]
+  end
+  redis.call('ZREM', p .. 'due', due[1])
+end
+"""
+
+# ARGV: prefix, id, now, total, plan_max, the plan's first cursor. A queued
+# or scheduled notification starts sending. Its plan_max and cursor, or
+# false if there is nothing to plan (it ended, or its plan is complete).
+NOTIFICATION_START_LUA = """
+local p, id = ARGV[1], ARGV[2]
+local n = p .. 'n:' .. id
+local status = redis.call('HGET', n, 'status')
+if status == 'scheduled' or status == 'queued' then
+  redis.call('HSET', n, 'status', 'sending', 'started', ARGV[3], 'total', ARGV[4],
+             'plan_max', ARGV[5], 'cursor', ARGV[6])
+elseif status ~= 'sending' or redis.call('HGET', n, 'planned') == '1' then
+  redis.call('ZREM', p .. 'due', id)
+  return false
+end
+return redis.call('HMGET', n, 'plan_max', 'cursor')
+"""
+
+# ARGV: prefix, id, the cursor the caller read, the cursor after these
+# batches, lease end, then (stream, ids, how many) per batch. The batches
+# go on their streams with the cursor that names them, or not at all (0):
+# another process took over the plan, or the notification ended.
+NOTIFICATION_ENQUEUE_LUA = """
+local p, id = ARGV[1], ARGV[2]
+local n = p .. 'n:' .. id
+if redis.call('HGET', n, 'cursor') ~= ARGV[3] or redis.call('HGET', n, 'status') ~= 'sending' then
+  return 0
+end
+for i = 6, #ARGV, 3 do
+  if redis.call('SADD', p .. 'streams', ARGV[i]) == 1 then
+    pcall(redis.call, 'XGROUP', 'CREATE', ARGV[i], 'delivery', '0', 'MKSTREAM')
+  end
+  redis.call('XADD', ARGV[i], '*', 'n', id, 'ids', ARGV[i + 1])
+  redis.call('HINCRBY', n, 'batches', 1)
+  redis.call('HINCRBY', n, 'enqueued', ARGV[i + 2])
+end
+redis.call('HSET', n, 'cursor', ARGV[4])
+redis.call('ZADD', p .. 'due', 'XX', ARGV[5], id)
+return 1
+"""
+
+# ARGV: prefix, id, the cursor the caller read, now. The plan is complete:
+# 2 if so is the notification (every batch came back already), 1 if not,
+# 0 if another process took over the plan or the notification ended.
+NOTIFICATION_PLANNED_LUA = """
+local p, id = ARGV[1], ARGV[2]
+local n = p .. 'n:' .. id
+if redis.call('HGET', n, 'cursor') ~= ARGV[3] or redis.call('HGET', n, 'status') ~= 'sending' then
+  return 0
+end
+redis.call('HSET', n, 'planned', '1', 'cursor', 'planned')
+redis.call('ZREM', p .. 'due', id)
+if tonumber(redis.call('HGET', n, 'batches') or '0') == tonumber(redis.call('HGET', n, 'batches_done') or '0') then
+  redis.call('HSET', n, 'status', 'done', 'finished', ARGV[4])
+  return 2
+end
+return 1
+"""
+
+# ARGV: prefix, id, new status, now, the statuses it may change from. 1 if
+# it changed, 0 if not, false if there is no such notification.
+NOTIFICATION_CHANGE_LUA = """
+local n = ARGV[1] .. 'n:' .. ARGV[2]
+local status = redis.call('HGET', n, 'status')
+if not status then return false end
+for i = 5, #ARGV do
+  if status == ARGV[i] then
+    redis.call('HSET', n, 'status', ARGV[3], 'finished', ARGV[4])
+    redis.call('ZREM', ARGV[1] .. 'due', ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
+
+# ARGV: prefix, stream, batch (entry id), notification id, now, ids to send
+# again ('' if none), ids that were no longer stored, then (name, increment)
+# pairs: counts, and causes of failure (a JSON array). Acknowledging the
+# batch and counting its outcomes are one step, so a batch delivered twice
+# (its process went silent and another claimed it) is counted once: 0 for
+# the second. 2 when the notification is done with this batch.
+BATCH_COMPLETE_LUA = """
+local p, stream, entry, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('XACK', stream, 'delivery', entry) == 0 then return 0 end
+redis.call('XDEL', stream, entry)
+local n = p .. 'n:' .. id
+if redis.call('EXISTS', n) == 0 then return 1 end
+local errors = p .. 'ne:' .. id
+for i = 8, #ARGV, 2 do
+  local name = ARGV[i]
+  if string.sub(name, 1, 1) ~= '[' then
+    redis.call('HINCRBY', n, name, ARGV[i + 1])
+  elseif redis.call('HEXISTS', errors, name) == 1 or redis.call('HLEN', errors) < 100 then  -- MAX_CAUSES
+    redis.call('HINCRBY', errors, name, ARGV[i + 1])
+  end
+end
+if ARGV[7] ~= '0' then redis.call('HINCRBY', n, 'vanished', ARGV[7]) end
+local status = redis.call('HGET', n, 'status')
+if ARGV[6] ~= '' and status == 'sending' then
+  redis.call('XADD', stream, '*', 'n', id, 'ids', ARGV[6])
+  redis.call('HINCRBY', n, 'batches', 1)
+end
+local done = redis.call('HINCRBY', n, 'batches_done', 1)
+if status == 'sending' and redis.call('HGET', n, 'planned') == '1'
+   and tonumber(redis.call('HGET', n, 'batches')) == done then
+  redis.call('HSET', n, 'status', 'done', 'finished', ARGV[5])
+  return 2
+end
+return 1
+"""
+
+# ARGV: prefix, a consumer's name or '' for all, idle milliseconds. Removes
+# from every stream's consumer group those idle longer that hold no batch
+# (nothing is lost: a consumer comes back by itself when it reads again).
+# Without this, every start of a process would leave its name for good.
+CONSUMERS_PRUNE_LUA = """
+local removed = 0
+for _, stream in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'streams')) do
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, 'delivery')
+  if ok then
+    for _, c in ipairs(consumers) do
+      local f = {}
+      for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+      if (ARGV[2] == '' or f['name'] == ARGV[2]) and f['pending'] == 0
+         and f['idle'] >= tonumber(ARGV[3]) then
+        redis.call('XGROUP', 'DELCONSUMER', stream, 'delivery', f['name'])
+        removed = removed + 1
+      end
+    end
+  end
+end
+return removed
+"""
+
+# ARGV: consumer, then (stream, entry id) pairs. Their idle time starts
+# again, for those the consumer still holds: one another process took over
+# (this one was silent too long) stays with it, not taken back.
+BATCHES_KEEP_LUA = """
+local me = ARGV[1]
+for i = 2, #ARGV, 2 do
+  local held = redis.call('XPENDING', ARGV[i], 'delivery', ARGV[i + 1], ARGV[i + 1], 1)
+  if held[1] and held[1][2] == me then
+    redis.call('XCLAIM', ARGV[i], 'delivery', me, 0, ARGV[i + 1], 'JUSTID')
+  end
+end
+return 0
+"""
+
+# A receipt, counted once per subscriber and event: the set ``rc:<id>:<event>``
+# holds who sent it, the notification's ``r.<event>`` field how many. ARGV:
+# prefix, notification id, event, subscriber. -1: no such notification.
+RECEIPT_COUNT_LUA = """
+local p, id, event, who = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = p .. 'n:' .. id
+if redis.call('HEXISTS', key, 'doc') == 0 then return -1 end
+if redis.call('SADD', p .. 'rc:' .. id .. ':' .. event, who) == 0 then return 0 end
+redis.call('HINCRBY', key, 'r.' .. event, 1)
+return 1
+"""
+CONSUMER_GROUP = "delivery"
+DROP_PAGE = 1000  # notifications looked at a time when dropping old ones
+CONSUMER_KEPT = 86400  # seconds a consumer holding no batch stays in the group
+
+
+def _chunks(items: list, size: int = DROP_PAGE) -> Any:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _number(text: str | None) -> float | None:
+    return float(text) if text else None
+
+
+class RedisJobStore:
+    """The JobStore in Redis, shared by every ``api.py`` and ``api.py
+    --worker`` process (keys in the Lua scripts' comment above). Each step is
+    one script, so any process may plan, take, complete or end any
+    notification; a batch taken by a process that goes silent is taken over
+    by another (XAUTOCLAIM) after WORKER_TIMEOUT."""
+
+    def __init__(self, store: RedisSubscriptionStore):
+        import redis
+
+        self.redis = store.redis
+        self.prefix = store.prefix
+        scripts = {
+            "create": NOTIFICATION_CREATE_LUA,
+            "claim": NOTIFICATION_CLAIM_LUA,
+            "start": NOTIFICATION_START_LUA,
+            "enqueue": NOTIFICATION_ENQUEUE_LUA,
+            "planned": NOTIFICATION_PLANNED_LUA,
+            "change": NOTIFICATION_CHANGE_LUA,
+            "complete": BATCH_COMPLETE_LUA,
+            "prune": CONSUMERS_PRUNE_LUA,
+            "keep": BATCHES_KEEP_LUA,
+            "receipt": RECEIPT_COUNT_LUA,
+        }
+        self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
+        # The blocking read has a connection of its own, so a stop can end
+        # it at once (CLIENT UNBLOCK) rather than wait for its timeout.
+        pool = self.redis.connection_pool
+        self._reader = redis.Redis(
+            connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class,
+                max_connections=1,
+                **pool.connection_kwargs,
+            )
+        )
+        self._reader_id: int | None = None
+        self._woken = False
+        self._wakeup = threading.Event()  # ends a wait with no stream to read
+        self._streams: list[str] = []
+        self._claim_from: dict[str, str] = {}  # where XAUTOCLAIM goes on
+        self._next_prune = 0.0
+        with _redis_errors("opening the batch streams"):
+            legacy = self.prefix + "batches"  # one stream, before one per origin
+            if self.redis.exists(legacy):
+                self.redis.sadd(self.prefix + "streams", legacy)
+            self._make_groups()
+
+    def _stream(self, origin: str) -> str:
+        return f"{self.prefix}batches:{origin}"
+
+    def _origin(self, stream: str) -> str:
+        return stream[len(self.prefix) + len("batches:") :]
+
+    def _make_groups(self) -> None:
+        import redis
+
+        for stream in self.redis.smembers(self.prefix + "streams"):
+            try:
+                self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def _known_streams(self) -> list[str]:
+        """The batch streams (one per push service that was ever sent to)."""
+        with _redis_errors("listing the batch streams"):
+            self._streams = sorted(self.redis.smembers(self.prefix + "streams"))
+        return self._streams
+
+    # -- notifications ------------------------------------------------------------
+
+    def insert(self, record: dict, key_hash: str | None) -> str | None:
+        fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
+        doc = {k: record[k] for k in (*fixed, "idempotency")}
+        with _redis_errors("storing a notification"):
+            return self._scripts["create"](
+                args=[
+                    self.prefix,
+                    record["id"],
+                    key_hash or "",
+                    IDEMPOTENCY_SECONDS,
+                    _record_line(doc),
+                    record["status"],
+                    record["total"],
+                    record["created"],
+                    record["due"],
+                ]
+            )
+
+    def load(self, notification_id: str) -> dict | None:
+        with _redis_errors("reading a notification"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(self.prefix + "n:" + notification_id)
+            pipe.hgetall(self.prefix + "ne:" + notification_id)
+            fields, errors = pipe.execute()
+        if not fields.get("doc"):
+            return None
+        record = json.loads(fields["doc"])
+        record["status"] = fields.get("status", "queued")
+        record["started"] = _number(fields.get("started"))
+        record["finished"] = _number(fields.get("finished"))
+        for name in ("total", "enqueued", "vanished"):
+            record[name] = int(fields.get(name) or 0)
+        record["planned"] = fields.get("planned") == "1"
+        record["counts"] = {
+            channel: {
+                name: int(fields.get(f"{channel}.{name}") or 0) for name in COUNTS
+            }
+            for channel in CHANNELS
+        }
+        record["receipts"] = {
+            event: int(fields.get(f"r.{event}") or 0) for event in RECEIPT_EVENTS
+        }
+        record["errors"] = _errors_of(
+            collections.Counter(
+                {tuple(json.loads(cause)): int(n) for cause, n in errors.items()}
+            )
+        )
+        return record
+
+    def newest(self, limit: int) -> list[str]:
+        with _redis_errors("listing notifications"):
+            return self.redis.zrevrange(self.prefix + "notifications", 0, limit - 1)
+
+    def statuses(self) -> collections.Counter[str]:
+        with _redis_errors("counting notifications"):
+            ids = self.redis.zrange(self.prefix + "notifications", 0, -1)
+        counts: collections.Counter[str] = collections.Counter()
+        for chunk in _chunks(ids):
+            counts.update(s for s in self.status_of(chunk) if s)
+        return counts
+
+    def status_of(self, notification_ids: list[str]) -> list[str | None]:
+        with _redis_errors("reading notifications"):
+            pipe = self.redis.pipeline(transaction=False)
+            for notification_id in notification_ids:
+                pipe.hget(self.prefix + "n:" + notification_id, "status")
+            return pipe.execute()
+
+    def change(
+        self, notification_id: str, status: str, before: tuple[str, ...], now: float
+    ) -> bool | None:
+        with _redis_errors("changing a notification"):
+            changed = self._scripts["change"](
+                args=[self.prefix, notification_id, status, now, *before]
+            )
+        return None if changed is None else bool(changed)
+
+    def claim_due(self, now: float, lease_until: float) -> str | None:
+        with _redis_errors("claiming a due notification"):
+            return self._scripts["claim"](args=[self.prefix, now, lease_until])
+
+    def start(
+        self, notification_id: str, now: float, total: int, plan_max: int
+    ) -> tuple[int, str] | None:
+        with _redis_errors("starting a notification"):
+            started = self._scripts["start"](
+                args=[self.prefix, notification_id, now, total, plan_max, PLAN_START]
+            )
+        if started is None:
+            return None
+        return int(started[0] or EVERYONE), started[1] or PLAN_START
+
+    def enqueue(
+        self, notification_id: str, cursor: str, after: str, until: float, batches: Plan
+    ) -> bool:
+        args: list[Any] = [self.prefix, notification_id, cursor, after, until]
+        for origin, ids in batches:
+            args += [self._stream(origin), ",".join(ids), len(ids)]
+        with _redis_errors("planning a notification"):
+            queued = bool(self._scripts["enqueue"](args=args))
+        if queued and any(self._stream(o) not in self._streams for o, _ in batches):
+            self._unblock()  # this process's read waits on the streams it knew
+        return queued
+
+    def planned(self, notification_id: str, cursor: str, now: float) -> int:
+        with _redis_errors("planning a notification"):
+            return self._scripts["planned"](
+                args=[self.prefix, notification_id, cursor, now]
+            )
+
+    def hand_over(self, notification_id: str, now: float) -> None:
+        with _redis_errors("handing a plan over"):
+            self.redis.zadd(self.prefix + "due", {notification_id: now}, xx=True)
+
+    # -- batches ------------------------------------------------------------------
+
+    def _batches(self, reply: list, consumer: str) -> list[Batch]:
+        batches = []
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if not fields:  # deleted meanwhile (Redis 6.2 still lists it)
+                    with _redis_errors("acknowledging a deleted batch"):
+                        self.redis.xack(stream, CONSUMER_GROUP, entry_id)
+                    continue
+                ids = tuple(i for i in fields.get("ids", "").split(",") if i)
+                added = int(entry_id.split("-")[0]) / 1000
+                batches.append(
+                    Batch(
+                        f"{stream} {entry_id}",
+                        self._origin(stream),
+                        fields.get("n", ""),
+                        ids,
+                        added,
+                    )
+                )
+        return batches
+
+    def take(
+        self, consumer: str, room: Callable[[str], int], block: float
+    ) -> list[Batch]:
+        rooms = {s: room(self._origin(s)) for s in self._known_streams()}
+        rooms = {s: n for s, n in rooms.items() if n > 0}
+        if not rooms:  # nothing to read yet, or every push service is busy
+            self._wakeup.wait(block)
+            self._wakeup.clear()
+            return []
+        try:
+            with _redis_errors("reading batches"):
+                pipe = self.redis.pipeline(transaction=False)
+                for stream, count in rooms.items():
+                    pipe.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"}, count)
+                batches = [
+                    b for r in pipe.execute() for b in self._batches(r, consumer)
+                ]
+                if batches or self._woken:
+                    self._woken = False
+                    return batches
+                if self._reader_id is None:
+                    self._reader_id = self._reader.client_id()
+                reply = self._reader.xreadgroup(
+                    CONSUMER_GROUP,
+                    consumer,
+                    dict.fromkeys(rooms, ">"),
+                    count=1,
+                    block=max(1, int(block * 1000)),
+                )
+                return self._batches(reply, consumer)
+        except StoreUnavailable as e:
+            self._reader_id = None
+            if "NOGROUP" in str(e):
+                # Redis lost its data (a restart without persistence,
+                # FLUSHALL, a failover to an empty replica): without the
+                # groups, no process would take a batch again.
+                log.warning(
+                    "Redis has no batch stream or consumer group any more (did it "
+                    "lose its data?): making them anew"
+                )
+                with _redis_errors("making the batch streams anew"):
+                    self._make_groups()
+            raise
+
+    def reclaim(
+        self, consumer: str, idle: float, room: Callable[[str], int]
+    ) -> list[Batch]:
+        batches = []
+        for stream in self._known_streams():
+            count = room(self._origin(stream))
+            if count <= 0:
+                continue
+            with _redis_errors("claiming abandoned batches"):
+                reply = self.redis.xautoclaim(
+                    stream,
+                    CONSUMER_GROUP,
+                    consumer,
+                    int(idle * 1000),
+                    self._claim_from.get(stream, "0-0"),
+                    count=count,
+                )
+            # It looks at 10 x count entries a call: go on from there next time.
+            self._claim_from[stream] = reply[0] or "0-0"
+            for batch in self._batches([(stream, reply[1])], consumer):
+                log.warning(
+                    "batch %s of notification %s: its process went silent; "
+                    "sending it from here",
+                    batch.entry,
+                    batch.notification,
+                )
+                batches.append(batch)
+        return batches
+
+    def keep(self, consumer: str, batches: list[Batch]) -> None:
+        args = [consumer]
+        for batch in batches:
+            args += batch.entry.split(" ")
+        with _redis_errors("keeping batches"):
+            self._scripts["keep"](args=args)
+
+    def complete(self, batch: Batch, tally: Tally, now: float) -> int:
+        stream, entry_id = batch.entry.split(" ")
+        args: list[Any] = [self.prefix, stream, entry_id, batch.notification, now]
+        args += [",".join(tally.again), tally.vanished]
+        for name, count in tally.counts.items():
+            args += [name, count]
+        for cause, count in tally.causes.items():
+            args += [_record_line(list(cause)), count]
+        with _redis_errors("recording a batch"):
+            return self._scripts["complete"](args=args)
+
+    def backlog(self) -> tuple[int, float]:
+        streams = self._known_streams()
+        with _redis_errors("measuring the queue"):
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xlen(stream)
+                pipe.xrange(stream, count=1)
+            replies = pipe.execute()
+        now = time.time()
+        length, oldest = 0, now
+        for size, first in zip(replies[::2], replies[1::2]):
+            length += size
+            if first:
+                oldest = min(oldest, int(first[0][0].split("-")[0]) / 1000)
+        return length, max(0.0, now - oldest)
+
+    # -- the rest -----------------------------------------------------------------
+
+    def drop_ended(self, now: float, keep_from: float) -> int:
+        every = self.prefix + "notifications"
+        dropped = kept = 0
+        with _redis_errors("dropping old notifications"):
+            while True:  # past the kept ones (not ended yet, keyed), page by page
+                old = self.redis.zrangebyscore(
+                    every, "-inf", keep_from, start=kept, num=DROP_PAGE
+                )
+                pipe = self.redis.pipeline(transaction=False)
+                for notification_id in old:
+                    pipe.hmget(self.prefix + "n:" + notification_id, "doc", "finished")
+                drop = []
+                for notification_id, (doc, finished) in zip(old, pipe.execute()):
+                    if doc is not None:
+                        record = json.loads(doc)
+                        keyed = record.get("idempotency") and (
+                            record["created"] > now - IDEMPOTENCY_SECONDS
+                        )
+                        if keyed or not finished or float(finished) >= keep_from:
+                            kept += 1
+                            continue
+                    drop.append(notification_id)
+                if drop:
+                    pipe = self.redis.pipeline()
+                    for notification_id in drop:
+                        pipe.delete(
+                            self.prefix + "n:" + notification_id,
+                            self.prefix + "ne:" + notification_id,
+                            *(
+                                f"{self.prefix}rc:{notification_id}:{event}"
+                                for event in RECEIPT_EVENTS
+                            ),
+                        )
+                    pipe.zrem(every, *drop)
+                    pipe.execute()
+                    dropped += len(drop)
+                if len(old) < DROP_PAGE:
+                    return dropped
+
+    def count_receipt(
+        self, notification_id: str, event: str, subscriber: str
+    ) -> bool | None:
+        with _redis_errors("counting a receipt"):
+            counted = self._scripts["receipt"](
+                args=[self.prefix, notification_id, event, subscriber]
+            )
+        return None if counted < 0 else bool(counted)
+
+    def announce(self, consumer: str, now: float) -> None:
+        consumers = self.prefix + "consumers"  # who delivers: name -> when last said
+        with _redis_errors("saying this process delivers"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(consumers, {consumer: now})
+            pipe.zremrangebyscore(consumers, "-inf", now - CONSUMER_KEPT)
+            pipe.execute()
+            if now >= self._next_prune:  # any process may; once a minute here
+                self._next_prune = now + 60
+                self._scripts["prune"](args=[self.prefix, "", CONSUMER_KEPT * 1000])
+
+    def leave(self, consumer: str) -> None:
+        with _redis_errors("leaving"):
+            self.redis.zrem(self.prefix + "consumers", consumer)
+            self._scripts["prune"](args=[self.prefix, consumer, 0])
+
+    def delivering(self, since: float) -> int:
+        with _redis_errors("counting the delivering processes"):
+            return self.redis.zcount(self.prefix + "consumers", since, "+inf")
+
+    def flush(self) -> None:
+        pass  # Redis takes a write or refuses it: nothing waits here
+
+    def wake(self) -> None:
+        self._woken = True
+        self._unblock()
+
+    def _unblock(self) -> None:
+        """End the consumer's wait now: a blocking read ends by CLIENT UNBLOCK
+        from another connection."""
+        self._wakeup.set()
+        if self._reader_id is not None:
+            with contextlib.suppress(Exception):  # it ends by its timeout then
+                self.redis.client_unblock(self._reader_id)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 ###############################################################################
 # Delivery ####################################################################
 ###############################################################################
 
-# One 4096-byte aes128gcm record, less its header (86), tag and delimiter (17).
-MAX_PLAINTEXT = 3993
-RECEIPT_LENGTH = 22 + 1 + 22  # see receipt()
-PAYLOAD_FORMATS = ("declarative", "classic")
-DECLARATIVE_WEB_PUSH = 8030  # the "web_push" member of a declarative message
-RECEIPT_EVENTS = ("delivered", "clicked", "closed")
-RECEIPT_RE = re.compile(r"([A-Za-z0-9_\-]{22})\.[A-Za-z0-9_\-]{22}")
 MAX_RESPONSE_BYTES = 65536  # a push service's answer is a status and a short reason
-URGENCIES = ("very-low", "low", "normal", "high")
 RETRY_TRIES = 3
 RETRY_MAX_WAIT = 30.0
 START_BATCH = 64  # messages encrypted and started between two looks at the answers
 FLUSH_EVERY = 0.1  # seconds between runs of every transfer while any is under way
-# The reason of an outcome "unsent": cancelled, or the server stopped first.
-UNSENT = "not sent: cancelled, or the server stopped first"
-
-
-# What a POST /push body may say (the HTTP section's Validator reads them).
-CLASSIC_FIELDS = ("title", "body", "icon", "url", "data")  # always there, null or not
-OPTIONAL_FIELDS = (
-    "tag",
-    "badge",
-    "silent",
-    "lang",
-    "dir",
-    "require_interaction",
-    "actions",
-    "image",
-)
-
-
-PUSH_FIELDS = (
-    "title",
-    "body",
-    "message",
-    "icon",
-    "url",
-    "data",
-    "topic",
-    "ttl",
-    "urgency",
-    "collapse_key",
-    "send_at",
-    "delay",
-    "format",
-    "mutable",
-    *OPTIONAL_FIELDS,
-)
-
-
-def receipt(key: bytes, notification_id: str, record_id: str) -> str:
-    """One subscriber's receipt for one notification: its record id and an
-    HMAC of both, so only the server can make one and each names one
-    subscriber of one notification."""
-    mac = hmac.new(key, f"{notification_id}.{record_id}".encode(), "sha256")
-    return f"{record_id}.{b64url_encode(mac.digest()[:16])}"
-
-
-def receipt_subscriber(key: bytes, notification_id: str, text: Any) -> str | None:
-    """The record id a receipt names, or None if the server did not make it
-    for this notification."""
-    match = RECEIPT_RE.fullmatch(text) if isinstance(text, str) else None
-    if match is None:
-        return None
-    expected = receipt(key, notification_id, match[1])
-    return match[1] if hmac.compare_digest(expected, text) else None
-
-
-def personal_payload(message: Message, record_id: str, key: bytes) -> bytes:
-    """The JSON one subscriber receives: the message's, with this subscriber's
-    receipt where the message left room for it."""
-    if message.receipt_at < 0 or not key or not message.notification_id:
-        return message.payload
-    if len(message.payload) + RECEIPT_LENGTH > MAX_PLAINTEXT:
-        return message.payload  # made before receipts had room: sent without one
-    mark = receipt(key, message.notification_id, record_id).encode()
-    at = message.receipt_at
-    return message.payload[:at] + mark + message.payload[at:]
-
-
-def notification_json(notification: dict) -> bytes:
-    return json.dumps(notification, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def render_payload(
-    notification: dict, payload_format: str, notification_id: str | None = None
-) -> tuple[bytes, int]:
-    """The JSON a browser receives, and where each subscriber's receipt goes
-    in it (-1: nowhere, without a notification id).
-
-    ``classic``: ``{"title", "body", "icon", "url", "data", ...}`` for a
-    service worker to show. ``declarative``: Declarative Web Push (the Push
-    API's declarative push message): ``{"web_push": 8030, "notification":
-    {...}, "app_badge": n}``, which a browser that supports it shows by
-    itself, and hands to the service worker first when ``mutable``; the id
-    and receipt ride in ``notification.data`` so that worker sees them."""
-    given = {
-        k: notification[k] for k in OPTIONAL_FIELDS if notification.get(k) is not None
-    }
-    mark = "" if notification_id is None else secrets.token_hex(16)
-    receipts = (
-        {} if notification_id is None else {"id": notification_id, "receipt": mark}
-    )
-    if payload_format == "classic":
-        document = {k: notification.get(k) for k in CLASSIC_FIELDS}
-        document.update(given, **receipts)
-    else:
-        shown: dict[str, Any] = {
-            "title": notification["title"],
-            "navigate": notification["navigate"],
-        }
-        for name in ("body", "icon", "image", "tag", "lang", "dir", "silent"):
-            if notification.get(name) not in (None, ""):
-                shown[name] = notification[name]
-        if notification.get("require_interaction") is not None:
-            shown["requireInteraction"] = notification["require_interaction"]
-        if notification.get("actions"):
-            shown["actions"] = [
-                {
-                    "action": a["action"],
-                    "title": a["title"],
-                    **({"navigate": a["navigate"]} if a.get("navigate") else {}),
-                    **({"icon": a["icon"]} if a.get("icon") else {}),
-                }
-                for a in notification["actions"]
-            ]
-        data = dict(receipts)
-        if notification.get("data") is not None:
-            data["data"] = notification["data"]
-        if data:
-            shown["data"] = data
-        shown["mutable"] = bool(notification.get("mutable", True))
-        document = {"web_push": DECLARATIVE_WEB_PUSH, "notification": shown}
-        if notification.get("badge") is not None:
-            document["app_badge"] = notification["badge"]
-    payload = notification_json(document)
-    if not mark:
-        return payload, -1
-    at = payload.index(mark.encode())
-    return payload[:at] + payload[at + len(mark) :], at
-
-
-@dataclass
-class Message:
-    """One notification as sent to every subscriber."""
-
-    notification: dict  # title, body, icon, url, data
-    payload: bytes  # the notification as the JSON a browser receives
-    ttl: int
-    urgency: str | None = None
-    topic: str | None = (
-        None  # collapse key: a newer message replaces an undelivered older one
-    )
-    notification_id: str | None = None  # what receipts name; None: no receipts
-    receipt_at: int = -1  # where in ``payload`` each subscriber's receipt goes
-    format: str = "classic"  # or declarative (PAYLOAD_FORMAT)
-
-
-@dataclass
-class PushOutcome:
-    """What happened to one subscriber."""
-
-    record_id: str
-    origin: str
-    status: int | None  # HTTP status from the push service; None: no answer
-    result: str  # sent, failed, removed, or unsent (cancelled or stopped first)
-    reason: str = ""
-    tries: int = 1
-    channel: str = "webpush"  # or fcm
-    seconds: float = 0.0  # the push service's answer time, last try; 0: none
-
-
-@dataclass
-class PushReport:
-    outcomes: list[PushOutcome] = field(default_factory=list)
-
-    def summary(self, detail: bool = False) -> dict:
-        """Counts across both channels, with a breakdown per channel."""
-        channels = {
-            c: {"sent": 0, "failed": 0, "removed": 0, "retried": 0} for c in CHANNELS
-        }
-        for outcome in self.outcomes:
-            channels[outcome.channel][outcome.result] += 1
-            channels[outcome.channel]["retried"] += outcome.tries > 1
-        counts = {k: sum(c[k] for c in channels.values()) for k in channels["webpush"]}
-        counts["channels"] = channels
-        if detail:
-            counts["results"] = [
-                {
-                    "id": o.record_id,
-                    "channel": o.channel,
-                    "origin": o.origin,
-                    "status": o.status,
-                    "result": o.result,
-                    "reason": o.reason,
-                }
-                for o in self.outcomes
-            ]
-        return counts
-
-
-# Where the server may send: the push services, or PUSH_ENDPOINT_PATTERN.
-# printable ASCII but space, '#' and '\\' (parsers disagree on those)
-SENDABLE_URL_RE = re.compile(r"[!\"$-\[\]-~]+")
-MAX_ENDPOINT_LENGTH = 2048
-PUSH_SERVICE_HOSTS = (
-    "fcm.googleapis.com",
-    "updates.push.services.mozilla.com",
-    "web.push.apple.com",
-)
-PUSH_SERVICE_DOMAINS = (
-    "notify.windows.com",
-    "push.services.mozilla.com",
-)  # one label under
-
-
-def canonical_endpoint(endpoint: str) -> str | None:
-    """The endpoint as the server stores it, signs for it and checks it: scheme
-    and host in lower case, the default port dropped. None if the delivery
-    cannot send to it: not http(s) with a host, not printable ASCII (a Unicode
-    host is refused, not guessed at), userinfo, a bad port, or the characters
-    URL parsers disagree on. Every push service's endpoints pass unchanged."""
-    if not SENDABLE_URL_RE.fullmatch(endpoint):
-        return None
-    try:
-        parts = urlsplit(endpoint)
-        port = parts.port
-    except ValueError:
-        return None
-    host = parts.hostname  # lower case, IPv6 without its brackets
-    if parts.scheme not in ("http", "https") or not host:
-        return None
-    if "@" in parts.netloc or "%" in parts.netloc:  # libcurl decodes %2e in hosts
-        return None
-    if port == 0:
-        return None
-    if ":" in host:
-        host = f"[{host}]"
-    if port not in (None, 443 if parts.scheme == "https" else 80):
-        host += f":{port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
-
-
-def endpoint_allowed(endpoint: str, pattern: re.Pattern | None = None) -> bool:
-    """Whether the server may POST to ``endpoint`` (in its canonical form): a
-    known push service, or whatever ``pattern`` (PUSH_ENDPOINT_PATTERN) admits
-    instead."""
-    canonical = canonical_endpoint(endpoint)
-    if canonical is None:
-        return False
-    if pattern is not None:
-        return pattern.match(canonical) is not None
-    parts = urlsplit(canonical)
-    if parts.scheme != "https" or parts.port is not None:
-        return False
-    host = parts.hostname or ""
-    if host in PUSH_SERVICE_HOSTS:
-        return True
-    label, _, domain = host.partition(".")
-    return (
-        domain in PUSH_SERVICE_DOMAINS
-        and re.fullmatch(r"[a-z0-9-]{1,63}", label) is not None
-    )
 
 
 def encrypt_message(record: dict, payload: bytes) -> bytes:
@@ -2941,9 +4540,15 @@ class Delivery:
     what they mean for the store and the notification is the caller's.
     """
 
-    def __init__(self, keys: VapidKeys, settings: Settings, receipt_key: bytes = b""):
+    def __init__(
+        self,
+        keys: VapidKeys,
+        settings: Settings,
+        receipt_key: bytes = b"",
+        observers: tuple[Callable[[list[PushOutcome]], None], ...] = (),
+    ):
         self.processes = max(1, settings.push_processes)
-        self.metrics = Metrics()
+        self.observers = observers  # told every batch's outcomes (metrics)
         # PUSH_CONCURRENCY is per push service, shared by the delivery processes.
         per_origin = max(1, settings.push_concurrency // self.processes)
         self.fcm = (
@@ -3018,7 +4623,8 @@ class Delivery:
 
     def _observe(self, future: concurrent.futures.Future) -> None:
         if not future.cancelled() and future.exception() is None:
-            self.metrics.observe(future.result())
+            for observe in self.observers:
+                observe(future.result())
 
     def cancel(self, key: str) -> None:
         """Send nothing more of what was submitted with ``key``."""
@@ -3055,10 +4661,13 @@ class Delivery:
             worker.join(deadline)
 
 
+###############################################################################
+# Notifications ###############################################################
+###############################################################################
+# The one engine over a JobStore and a subscription store: every policy of a
+# notification's life is written here once, for both stores.
+
 REFUSALS = (400, 403, 413)
-EXPIRED = (
-    "its expirationTime has passed"  # what no retry changes: counted toward pruning
-)
 
 
 def apply_outcomes(
@@ -3115,174 +4724,9 @@ def apply_outcomes(
         )
 
 
-###############################################################################
-# Notifications ###############################################################
-###############################################################################
-
-FINISHED = ("done", "cancelled", "expired")
-COUNTS = ("sent", "failed", "removed", "retried")
 BATCH_SIZE = 250  # subscribers handed to a delivery process at once
 BATCHES_PER_PROCESS = 4  # per push service and notification: one sent, more ready
-MAX_SCHEDULE_AHEAD = 30 * 86400
-IDEMPOTENCY_SECONDS = 86400
 EXPIRY_SLACK = 5.0  # seconds late a TTL 0 notification may still start
-MAX_ERRORS = 10  # causes of failure kept per notification, the commonest
-
-
-class NotificationJournal(JsonLinesStore):
-    """Notifications and their progress (see JsonLinesStore), beside the
-    subscription store. A notification is one record; each batch of
-    subscribers whose outcomes are known adds a progress record
-    (``{"id": "<id>.<n>", "of": "<id>", "done": [...], "counts": ...}``), and
-    the notification's final record replaces them when it ends."""
-
-    WHAT = "notification journal"
-    SETTING = "NOTIFICATIONS_FILE"
-
-
-def receipts_path(journal: Path) -> Path:
-    """The receipt database of a notification journal: beside it, named after it."""
-    return journal.with_name(journal.stem + ".receipts.sqlite")
-
-
-class ReceiptDatabase:
-    """The receipts counted beside the notification journal (the JSON store's
-    side; Redis keeps its own): who sent which event for which notification,
-    in an SQLite file (Python's own sqlite3), so that set lives on disk and
-    not in memory; the counts per notification are kept in memory.
-
-    One thread writes: what arrives together is one transaction (WAL,
-    synchronous=FULL), and each answer waits for the commit that holds its
-    receipt, or for the one that counted it before. A refused write (a full
-    disk) fails every receipt of its transaction and changes nothing.
-    """
-
-    def __init__(self, path: str | Path):
-        # Imported here: the delivery processes, which never count receipts,
-        # stay 2 MB smaller each.
-        import sqlite3
-
-        self._sqlite = sqlite3
-        self.path = Path(path)
-        try:
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS receipts (notification TEXT, event TEXT, "
-                "subscriber TEXT, PRIMARY KEY (notification, event, subscriber)) "
-                "WITHOUT ROWID"
-            )
-            rows = self._db.execute(
-                "SELECT notification, event, count(*) FROM receipts GROUP BY 1, 2"
-            ).fetchall()
-        except sqlite3.Error as e:
-            raise StoreDamaged(
-                f"{self.path}: the receipt database cannot be opened ({e}); move it "
-                "aside to start with no receipts counted"
-            ) from None
-        os.chmod(self.path, 0o600)
-        self._counts: dict[str, collections.Counter[str]] = {}
-        for notification_id, event, count in rows:
-            self._counts.setdefault(notification_id, collections.Counter())[event] = (
-                count
-            )
-        self._work: collections.deque[tuple] = collections.deque()
-        self._lock = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="receipts", daemon=True)
-        self._thread.start()
-
-    def add(self, notification_id: str, event: str, subscriber: str) -> bool:
-        """Count one subscriber's event, durably (OSError if the disk refuses);
-        False if it was counted before."""
-        return self._submit(("add", notification_id, event, subscriber))
-
-    def forget(self, notification_ids: list[str]) -> None:
-        """Drop the receipts of these notifications."""
-        gone = [i for i in notification_ids if i in self._counts]
-        if gone:
-            self._submit(("forget", gone))
-
-    def notifications(self) -> list[str]:
-        """The notifications that have receipts."""
-        with self._lock:
-            return list(self._counts)
-
-    def counts(self, notification_id: str) -> dict[str, int]:
-        counted = self._counts.get(notification_id, {})
-        return {event: counted.get(event, 0) for event in RECEIPT_EVENTS}
-
-    def close(self) -> None:
-        with self._lock:
-            self._closing = True
-            self._lock.notify_all()
-        self._thread.join(timeout=10)
-        with contextlib.suppress(self._sqlite.Error):
-            self._db.close()
-
-    def _submit(self, work: tuple) -> Any:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._closing:
-                raise OSError(errno.EIO, "the receipt database is closed")
-            self._work.append((work, future))
-            self._lock.notify_all()
-        return future.result()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._work and not self._closing:
-                    self._lock.wait()
-                if not self._work:
-                    return
-                batch = list(self._work)
-                self._work.clear()
-            self._commit(batch)
-
-    def _commit(self, batch: list[tuple]) -> None:
-        results = []
-        added: collections.Counter[tuple[str, str]] = collections.Counter()
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            for work, _ in batch:
-                if work[0] == "add":
-                    cursor = self._db.execute(
-                        "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?)", work[1:]
-                    )
-                    results.append(cursor.rowcount == 1)
-                    added[(work[1], work[2])] += cursor.rowcount == 1
-                else:
-                    self._db.executemany(
-                        "DELETE FROM receipts WHERE notification = ?",
-                        [(i,) for i in work[1]],
-                    )
-                    results.append(None)
-            self._db.execute("COMMIT")
-        except self._sqlite.Error as e:
-            with contextlib.suppress(self._sqlite.Error):
-                self._db.execute("ROLLBACK")
-            full = "full" in str(e).lower()
-            error = OSError(errno.ENOSPC if full else errno.EIO, f"receipts: {e}")
-            for _, future in batch:
-                future.set_exception(error)
-            return
-        with self._lock:
-            for (notification_id, event), count in added.items():
-                if count:
-                    counted = self._counts.setdefault(
-                        notification_id, collections.Counter()
-                    )
-                    counted[event] += count
-            for work, _ in batch:
-                if work[0] == "forget":
-                    for notification_id in work[1]:
-                        self._counts.pop(notification_id, None)
-        for (_, future), result in zip(batch, results):
-            future.set_result(result)
 
 
 class AlreadyFinished(Exception):
@@ -3293,1424 +4737,6 @@ class IdempotencyConflict(Exception):
     """An Idempotency-Key already used with another body."""
 
 
-def rfc3339(moment: float | None) -> str | None:
-    """A time as RFC 3339 in UTC, to the millisecond."""
-    if moment is None:
-        return None
-    text = datetime.fromtimestamp(moment, timezone.utc).isoformat("T", "milliseconds")
-    return text.replace("+00:00", "Z")
-
-
-# ASCII digits only: \d would take any script's (Arabic-Indic, fullwidth...).
-RFC3339_RE = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
-    r"(\.[0-9]+)?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
-)
-
-
-def parse_rfc3339(text: str) -> float | None:
-    """Seconds since the epoch of an RFC 3339 date-time with an offset, or None."""
-    match = RFC3339_RE.fullmatch(text)
-    if match is None:
-        return None
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    fraction, zulu, sign, off_hours, off_minutes = match.groups()[6:]
-    if second > 60 or (off_minutes and int(off_minutes) > 59):  # 60: a leap second
-        return None
-    offset = timedelta(0)
-    if not zulu:
-        offset = timedelta(hours=int(off_hours), minutes=int(off_minutes))
-        if sign == "-":
-            offset = -offset
-    try:
-        moment = datetime(
-            year, month, day, hour, minute, min(second, 59), tzinfo=timezone(offset)
-        )
-    except ValueError:  # February 30th, an offset of 24 hours
-        return None
-    return moment.timestamp() + float(fraction or 0) + (second == 60)
-
-
-def _zero_counts() -> dict[str, dict[str, int]]:
-    return {channel: dict.fromkeys(COUNTS, 0) for channel in CHANNELS}
-
-
-def message_of(record: dict, now: float) -> Message:
-    """A notification's message as sent now: its TTL counted from when it was
-    due, so a message sent late expires when it would have on time."""
-    spec = record["message"]
-    late = max(0.0, now - record["due"])
-    payload_format = spec.get("format", "classic")  # journals from before formats
-    payload, receipt_at = render_payload(
-        spec["notification"], payload_format, record["id"]
-    )
-    return Message(
-        spec["notification"],
-        payload,
-        max(0, spec["ttl"] - int(late)),
-        spec["urgency"],
-        spec["collapse_key"],
-        record["id"],
-        receipt_at,
-        payload_format,
-    )
-
-
-def new_notification(
-    message: Message,
-    topic: str | None,
-    now: float,
-    send_at: float | None,
-    key_hash: str | None,
-    body_hash: str,
-    source: str,
-    total: int,
-) -> dict:
-    """A notification as both queues keep it, before anything is sent."""
-    due = now if send_at is None else send_at
-    return {
-        "id": secrets.token_urlsafe(12),
-        "status": "scheduled" if due > now else "queued",
-        "source": source,
-        "created": now,
-        "due": due,
-        "send_at": send_at,
-        "started": None,
-        "finished": None,
-        "topic": topic,
-        "message": {
-            "notification": message.notification,
-            "ttl": message.ttl,
-            "urgency": message.urgency,
-            "collapse_key": message.topic,
-            "format": message.format,
-        },
-        "idempotency": key_hash and {"key": key_hash, "body": body_hash},
-        "total": total,
-        "counts": _zero_counts(),
-        "errors": [],
-    }
-
-
-def status_document(record: dict, receipts: dict[str, int] | None = None) -> dict:
-    """What ``GET /notifications/<id>`` says of a notification, with its
-    receipts counted so far."""
-    channels = record["counts"]
-    counts = {name: sum(c[name] for c in channels.values()) for name in COUNTS}
-    # Once planned, it goes to those queued; either way not to those who
-    # unsubscribed before their batch was sent.
-    planned = record.get("planned", False)
-    total = record["enqueued"] if planned else record["total"]
-    total = max(0, total - record.get("vanished", 0))
-    return {
-        "id": record["id"],
-        "status": record["status"],
-        "title": record["message"]["notification"].get("title"),
-        "topic": record["topic"],
-        "created": rfc3339(record["created"]),
-        "send_at": rfc3339(record["send_at"]),
-        "started": rfc3339(record["started"]),
-        "finished": rfc3339(record["finished"]),
-        "total": total,
-        **counts,
-        "pending": max(
-            0, total - counts["sent"] - counts["failed"] - counts["removed"]
-        ),
-        **{event: (receipts or {}).get(event, 0) for event in RECEIPT_EVENTS},
-        "channels": channels,
-        "errors": record["errors"][:MAX_ERRORS],
-    }
-
-
-def log_end(document: dict) -> None:
-    """One line when a notification ends: its counts."""
-    log.info(
-        "notification %s %s: sent=%d failed=%d removed=%d retried=%d of %d",
-        document["id"],
-        document["status"],
-        document["sent"],
-        document["failed"],
-        document["removed"],
-        document["retried"],
-        document["total"],
-    )
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Subscribers of one notification who share a push service, handed to
-    delivery together."""
-
-    entry: str  # the job store's name for it
-    origin: str  # their push service ("fcm" for FCM tokens)
-    notification: str
-    ids: tuple[str, ...]
-    added: float = 0.0  # when it was queued
-
-
-class JobStore(Protocol):
-    """Where notifications, their batches and their counts are kept, for
-    NotificationEngine: the JSON journal (JournalJobStore) or Redis
-    (RedisJobStore). Policy (what is due, what a batch holds, what outcomes
-    mean) is the engine's; a job store keeps state, and makes each step
-    atomic. A notification is a record as ``new_notification`` makes it;
-    ``load`` gives it back with its counts, causes of failure, receipts and
-    plan (``planned``, ``enqueued``, ``vanished``). Methods raise OSError
-    (StoreUnavailable on Redis) when the store refuses."""
-
-    def insert(self, record: dict, key_hash: str | None) -> str | None:
-        """Keep a new notification, unless one made with the same
-        Idempotency-Key hash in the last IDEMPOTENCY_SECONDS is still kept:
-        then that one's id, and nothing is stored."""
-
-    def load(self, notification_id: str) -> dict | None:
-        """A notification as status_document reads it, or None."""
-
-    def newest(self, limit: int) -> list[str]:
-        """The ids of the newest ``limit`` notifications, newest first."""
-
-    def statuses(self) -> collections.Counter[str]:
-        """How many notifications kept have each status."""
-
-    def status_of(self, notification_ids: list[str]) -> list[str | None]:
-        """The status of each (None: not kept)."""
-
-    def change(
-        self, notification_id: str, status: str, before: tuple[str, ...], now: float
-    ) -> bool | None:
-        """Give it ``status`` (a finished one) if it has one of ``before``:
-        whether it did; None if there is no such notification."""
-
-    def claim_due(self, now: float, lease_until: float) -> str | None:
-        """A notification to plan (due, or sending with its plan unfinished
-        and its lease over), leased to the caller until ``lease_until``."""
-
-    def start(
-        self, notification_id: str, now: float, total: int, plan_max: int
-    ) -> tuple[int, str] | None:
-        """Start sending a claimed notification (a scheduled or queued one
-        becomes sending, with this ``plan_max``); its plan_max and plan
-        cursor, or None if there is nothing to plan (it ended)."""
-
-    def enqueue(
-        self,
-        notification_id: str,
-        cursor: str,
-        after: str,
-        lease_until: float,
-        batches: list[tuple[str, list[str]]],
-    ) -> bool:
-        """Queue (origin, ids) batches and move the cursor to ``after``, if
-        the cursor is still ``cursor`` and it is sending; whether it did."""
-
-    def planned(self, notification_id: str, cursor: str, now: float) -> int:
-        """Its plan is complete: 2 if so is the notification (every batch came
-        back), 1 if not, 0 if the cursor moved or it ended."""
-
-    def hand_over(self, notification_id: str, now: float) -> None:
-        """Let another planner take its plan over now (this one stops)."""
-
-    def take(
-        self, consumer: str, room: Callable[[str], int], block: float
-    ) -> list[Batch]:
-        """Queued batches for ``consumer``, at most ``room(origin)`` of each
-        push service, waiting up to ``block`` seconds for one."""
-
-    def reclaim(
-        self, consumer: str, idle: float, room: Callable[[str], int]
-    ) -> list[Batch]:
-        """Batches other consumers took and said nothing of for ``idle``
-        seconds, now the caller's."""
-
-    def keep(self, consumer: str, batches: list[Batch]) -> None:
-        """The consumer still works on these: not to be reclaimed yet."""
-
-    def complete(
-        self,
-        batch: Batch,
-        done: list[str],
-        counts: dict[str, int],
-        causes: dict[tuple, int],
-        again: list[str],
-        vanished: int,
-        now: float,
-    ) -> int:
-        """A batch came back, in one step: count its outcomes (``counts`` by
-        "<channel>.<result>", ``causes`` of failure), queue ``again`` once
-        more if it is still sending; 0 if it was completed before, 2 if the
-        notification is done with it, else 1."""
-
-    def backlog(self) -> tuple[int, float]:
-        """Batches queued or being sent, and the age of the oldest."""
-
-    def drop_ended(self, now: float, keep_from: float) -> int:
-        """Forget notifications that ended before ``keep_from`` and whose
-        Idempotency-Key has lapsed, with their receipts; how many."""
-
-    def count_receipt(
-        self, notification_id: str, event: str, subscriber: str
-    ) -> bool | None:
-        """Count a subscriber's receipt once: True if new, False if counted
-        before, None if there is no such notification."""
-
-    def announce(self, consumer: str, now: float) -> None:
-        """The consumer delivers (for ``delivering``)."""
-
-    def leave(self, consumer: str) -> None:
-        """The consumer stopped delivering."""
-
-    def delivering(self, since: float) -> int:
-        """How many consumers announced themselves since ``since``."""
-
-    def flush(self) -> None:
-        """Write what could not be written before (a full disk)."""
-
-    def wake(self) -> None:
-        """End a ``take`` that waits now."""
-
-    def close(self) -> None:
-        """Close its files or connection (after the engine stopped)."""
-
-
-@dataclass(eq=False)
-class _Held:
-    """A notification that has not ended, as JournalJobStore holds it."""
-
-    record: dict
-    parts: list[str] = field(default_factory=list)  # its progress records
-    done: set[str] = field(default_factory=set)  # sent before a restart
-    causes: collections.Counter = field(default_factory=collections.Counter)
-    cursor: str | None = None
-    planned: bool = False
-    lease: float = 0.0
-    batches: int = 0
-    batches_done: int = 0
-    enqueued: int = 0
-    vanished: int = 0
-
-
-class JournalJobStore:
-    """The JobStore of one process, over the notification journal (see
-    NotificationJournal) and the receipt database: notifications that have
-    not ended and their batches are held in memory; each notification and
-    each change of its status is a journal record, and each batch's outcomes
-    a progress record (``{"id": "<id>.<n>", "of": "<id>", "done": [...],
-    "counts": ..., "errors": ...}``) that the final record replaces.
-
-    After a crash, a notification that was sending is planned again from
-    its cursor's start, without the subscribers of its progress records.
-    Records the disk refused (full) are kept in order and written when it
-    takes them again: what is in memory stays right meanwhile.
-    """
-
-    def __init__(self, journal: NotificationJournal, receipts: ReceiptDatabase):
-        self.journal = journal
-        self.receipts = receipts
-        self._held: dict[str, _Held] = {}  # not ended, in order of creation
-        self._order: list[tuple[float, str]] = []  # (created, id), oldest first
-        self._keys: dict[str, str] = {}  # Idempotency-Key's hash -> id
-        self._queues: dict[str, collections.deque[Batch]] = {}  # by origin
-        self._taken: dict[str, Batch] = {}  # entry -> batch being sent
-        self._entries = itertools.count(1)
-        self._unwritten: list[tuple[list[dict], list[str]]] = []
-        self._refused = 0.0  # when the disk last refused a write: logged once a minute
-        self._lock = threading.Condition()
-        self._writing = threading.RLock()  # the journal's order is the changes' order
-        self._woken = False
-        self._load()
-
-    # -- notifications ------------------------------------------------------------
-
-    def insert(self, record: dict, key_hash: str | None) -> str | None:
-        with self._writing:
-            if key_hash:
-                earlier = self._keys.get(key_hash)
-                found = earlier and self.load(earlier)
-                if found and found["created"] > time.time() - IDEMPOTENCY_SECONDS:
-                    return earlier
-            self._write([record], [])
-            with self._lock:
-                self._held[record["id"]] = _Held(record)
-                self._order.append((record["created"], record["id"]))
-                if key_hash:
-                    self._keys[key_hash] = record["id"]
-        return None
-
-    def load(self, notification_id: str) -> dict | None:
-        with self._lock:
-            held = self._held.get(notification_id)
-            if held is not None:
-                record = {
-                    **held.record,
-                    "counts": {c: dict(n) for c, n in held.record["counts"].items()},
-                    "errors": _errors_of(held.causes),
-                    "planned": held.planned,
-                    "enqueued": held.enqueued,
-                    "vanished": held.vanished,
-                }
-        if held is None:
-            record = self.journal.get(notification_id)
-            if record is None or "of" in record:
-                return None
-        record["receipts"] = self.receipts.counts(notification_id)
-        return record
-
-    def newest(self, limit: int) -> list[str]:
-        with self._lock:
-            return [i for _, i in self._order[-limit:]][::-1]
-
-    def statuses(self) -> collections.Counter[str]:
-        with self._lock:
-            ids = [i for _, i in self._order]
-        return collections.Counter(s for s in self.status_of(ids) if s)
-
-    def status_of(self, notification_ids: list[str]) -> list[str | None]:
-        statuses = []
-        for notification_id in notification_ids:
-            with self._lock:
-                held = self._held.get(notification_id)
-                status = held and held.record["status"]
-            if held is None:
-                record = self.journal.get(notification_id)
-                status = record and record.get("status")
-            statuses.append(status)
-        return statuses
-
-    def change(
-        self, notification_id: str, status: str, before: tuple[str, ...], now: float
-    ) -> bool | None:
-        with self._writing:
-            with self._lock:
-                held = self._held.get(notification_id)
-                if held is None:
-                    return None if self.load(notification_id) is None else False
-                if held.record["status"] not in before:
-                    return False
-                changed = {**held.record, "status": status, "finished": now}
-            self._write([changed], [])  # refused: nothing changed
-            with self._lock:
-                held.record.update(status=status, finished=now)
-                for queue in self._queues.values():  # its batches not yet taken
-                    mine = [b for b in queue if b.notification == notification_id]
-                    for batch in mine:
-                        queue.remove(batch)
-                    held.batches_done += len(mine)
-                final = self._final(held)
-            if final:
-                self._write_later(*final)
-        return True
-
-    def claim_due(self, now: float, lease_until: float) -> str | None:
-        with self._lock:
-            for notification_id, held in self._held.items():
-                status = held.record["status"]
-                if held.lease > now:
-                    continue
-                due = status in ("scheduled", "queued") and held.record["due"] <= now
-                if due or (status == "sending" and not held.planned):
-                    held.lease = lease_until
-                    return notification_id
-        return None
-
-    def start(
-        self, notification_id: str, now: float, total: int, plan_max: int
-    ) -> tuple[int, str] | None:
-        with self._writing:
-            with self._lock:
-                held = self._held.get(notification_id)
-                status = held and held.record["status"]
-                if status == "sending" and not held.planned:
-                    held.cursor = held.cursor or PLAN_START
-                    return held.record.get("plan_max", EVERYONE), held.cursor
-                if status not in ("scheduled", "queued"):
-                    return None
-                held.record.update(
-                    status="sending", started=now, total=total, plan_max=plan_max
-                )
-                held.cursor = PLAN_START
-                started = dict(held.record)
-            self._write_later([started], [])
-        return plan_max, PLAN_START
-
-    def enqueue(
-        self,
-        notification_id: str,
-        cursor: str,
-        after: str,
-        lease_until: float,
-        batches: list[tuple[str, list[str]]],
-    ) -> bool:
-        with self._lock:
-            held = self._held.get(notification_id)
-            if held is None or held.cursor != cursor:
-                return False
-            if held.record["status"] != "sending":
-                return False
-            for origin, ids in batches:
-                if held.done:  # sent before the restart
-                    ids = [i for i in ids if i not in held.done]
-                if ids:
-                    self._queue(notification_id, origin, ids)
-                    held.batches += 1
-                    held.enqueued += len(ids)
-            held.cursor = after
-            held.lease = lease_until
-            self._lock.notify_all()
-            return True
-
-    def planned(self, notification_id: str, cursor: str, now: float) -> int:
-        with self._lock:
-            held = self._held.get(notification_id)
-            if held is None or held.cursor != cursor:
-                return 0
-            if held.record["status"] != "sending":
-                return 0
-            held.planned, held.cursor, held.done = True, "planned", set()
-            if held.batches != held.batches_done:
-                return 1
-            held.record.update(status="done", finished=now)
-            final = self._final(held)
-        if final:
-            self._write_later(*final)
-        return 2
-
-    def hand_over(self, notification_id: str, now: float) -> None:
-        with self._lock:
-            held = self._held.get(notification_id)
-            if held is not None:
-                held.lease = now
-
-    # -- batches ------------------------------------------------------------------
-
-    def take(
-        self, consumer: str, room: Callable[[str], int], block: float
-    ) -> list[Batch]:
-        deadline = time.monotonic() + block
-        with self._lock:
-            while True:
-                taken = []
-                for origin, queue in self._queues.items():
-                    for _ in range(min(len(queue), room(origin))):
-                        batch = queue.popleft()
-                        self._taken[batch.entry] = batch
-                        taken.append(batch)
-                left = deadline - time.monotonic()
-                if taken or self._woken or left <= 0:
-                    self._woken = False
-                    return taken
-                self._lock.wait(left)
-
-    def reclaim(
-        self, consumer: str, idle: float, room: Callable[[str], int]
-    ) -> list[Batch]:
-        return []  # one process: a batch it took comes back or it crashed
-
-    def keep(self, consumer: str, batches: list[Batch]) -> None:
-        pass
-
-    def complete(
-        self,
-        batch: Batch,
-        done: list[str],
-        counts: dict[str, int],
-        causes: dict[tuple, int],
-        again: list[str],
-        vanished: int,
-        now: float,
-    ) -> int:
-        part = final = None
-        with self._lock:
-            if self._taken.pop(batch.entry, None) is None:
-                return 0
-            held = self._held.get(batch.notification)
-            if held is None:
-                return 1
-            record = held.record
-            for name, count in counts.items():
-                channel, _, result = name.partition(".")
-                record["counts"][channel][result] += count
-            _add_causes(held.causes, causes)
-            held.vanished += vanished
-            if again and record["status"] == "sending":
-                self._queue(batch.notification, batch.origin, again)
-                held.batches += 1
-            held.batches_done += 1
-            if done:
-                part = {
-                    "id": f"{batch.notification}.{len(held.parts)}",
-                    "of": batch.notification,
-                    "done": sorted(done),
-                    "counts": _counts_of(counts),
-                    "errors": _errors_of(collections.Counter(causes)),
-                }
-                held.parts.append(part["id"])
-            ended = record["status"] == "sending" and held.planned
-            ended = ended and held.batches == held.batches_done
-            if ended:
-                record.update(status="done", finished=now)
-            final = self._final(held)
-            self._lock.notify_all()
-        if part:
-            self._write_later([part], [])
-        if final:
-            self._write_later(*final)
-        return 2 if ended else 1
-
-    def backlog(self) -> tuple[int, float]:
-        with self._lock:
-            batches = [*self._taken.values()]
-            batches += [b for queue in self._queues.values() for b in queue]
-        now = time.time()
-        return len(batches), now - min((b.added for b in batches), default=now)
-
-    def _queue(self, notification_id: str, origin: str, ids: list[str]) -> None:
-        """Queue a batch (the lock held)."""
-        entry = str(next(self._entries))
-        batch = Batch(entry, origin, notification_id, tuple(ids), time.time())
-        self._queues.setdefault(origin, collections.deque()).append(batch)
-
-    def _final(self, held: _Held) -> tuple[list[dict], list[str]] | None:
-        """A finished notification with no batch out: it leaves memory, and its
-        final record replaces its progress (the lock held)."""
-        record = held.record
-        if record["status"] not in FINISHED or held.batches != held.batches_done:
-            return None
-        del self._held[record["id"]]
-        self._lock.notify_all()
-        final = {
-            **record,
-            "final": True,
-            "errors": _errors_of(held.causes),
-            "planned": held.planned,
-            "enqueued": held.enqueued,
-            "vanished": held.vanished,
-        }
-        return [final], held.parts
-
-    # -- the journal --------------------------------------------------------------
-
-    def _write(self, upserts: list[dict], removals: list[str]) -> None:
-        """Write now, after what waits (``_writing`` held): OSError if refused."""
-        self._flush_unwritten()
-        self.journal.write(upserts, removals)
-
-    def _write_later(self, upserts: list[dict], removals: list[str]) -> None:
-        """Write in order, now if the disk takes it, else when it does."""
-        with self._writing:
-            self._unwritten.append((upserts, removals))
-            try:
-                self._flush_unwritten()
-            except OSError as e:
-                if time.monotonic() - self._refused > 60:
-                    self._refused = time.monotonic()
-                    log.error(
-                        "the notification journal refuses writes (%s): %d kept in "
-                        "memory, written when it takes them",
-                        e,
-                        len(self._unwritten),
-                    )
-
-    def _flush_unwritten(self) -> None:
-        while self._unwritten:
-            upserts, removals = self._unwritten[0]
-            self.journal.write(upserts, removals)
-            self._unwritten.pop(0)
-
-    def flush(self) -> None:
-        if self._unwritten:
-            self._write_later([], [])
-
-    def drop_ended(self, now: float, keep_from: float) -> int:
-        old = []
-        with self._lock:
-            for created, notification_id in self._order:
-                if created >= keep_from:
-                    break
-                if notification_id not in self._held:
-                    old.append(notification_id)
-        drop = []
-        for notification_id in old:
-            record = self.journal.get(notification_id)
-            if record is None:
-                drop.append(notification_id)
-                continue
-            keyed = record.get("idempotency") and (
-                record["created"] > now - IDEMPOTENCY_SECONDS
-            )
-            ended = record["finished"] is not None and record["finished"] < keep_from
-            if ended and not keyed:
-                drop.append(notification_id)
-        if not drop:
-            return 0
-        self.receipts.forget(drop)  # first: what is dropped has none left
-        with self._writing:
-            self._write([], drop)
-        gone = set(drop)
-        with self._lock:
-            self._order = [(c, i) for c, i in self._order if i not in gone]
-            for key, notification_id in list(self._keys.items()):
-                if notification_id in gone:
-                    del self._keys[key]
-        return len(drop)
-
-    def count_receipt(
-        self, notification_id: str, event: str, subscriber: str
-    ) -> bool | None:
-        with self._lock:
-            known = notification_id in self._held
-        if not known and self.load(notification_id) is None:
-            return None
-        return self.receipts.add(notification_id, event, subscriber)
-
-    def announce(self, consumer: str, now: float) -> None:
-        pass
-
-    def leave(self, consumer: str) -> None:
-        pass
-
-    def delivering(self, since: float) -> int:
-        return 1
-
-    def wake(self) -> None:
-        with self._lock:
-            self._woken = True
-            self._lock.notify_all()
-
-    def close(self) -> None:
-        with self._writing:
-            with contextlib.suppress(OSError):  # logged when refused before
-                self._flush_unwritten()
-            if self._unwritten:
-                log.error(
-                    "the notification journal still refuses writes: %d records "
-                    "lost; notifications that were sending resume at the next start",
-                    len(self._unwritten),
-                )
-        self.journal.close()
-        self.receipts.close()
-
-    def _load(self) -> None:
-        """Rebuild what had not ended from the journal: counts and the
-        subscribers done come from the progress records."""
-        progress: dict[str, list[dict]] = collections.defaultdict(list)
-        orphans = []
-        records = []
-        for record_id in self.journal.ids():
-            record = self.journal.get(record_id)
-            if record is None:
-                continue
-            if "of" in record:
-                progress[record["of"]].append(record)
-            else:
-                records.append(record)
-        now = time.time()
-        for record in sorted(records, key=lambda r: r["created"]):
-            self._order.append((record["created"], record["id"]))
-            key = record.get("idempotency")
-            if key and record["created"] > now - IDEMPOTENCY_SECONDS:
-                self._keys[key["key"]] = record["id"]
-            parts = progress.pop(record["id"], [])
-            if record.get("final"):
-                orphans += [p["id"] for p in parts]
-                continue
-            held = _Held(record, parts=[p["id"] for p in parts])
-            record["counts"] = _zero_counts()
-            for part in sorted(parts, key=lambda p: int(p["id"].rpartition(".")[2])):
-                held.done.update(part["done"])
-                for channel, values in part["counts"].items():
-                    for name, value in values.items():
-                        record["counts"][channel][name] += value
-                _add_causes(held.causes, _causes_of(part["errors"]))
-            held.enqueued = len(held.done)
-            self._held[record["id"]] = held
-            if record["status"] == "sending":
-                log.info(
-                    "notification %s resumes: %d subscribers done before the stop",
-                    record["id"],
-                    len(held.done),
-                )
-        orphans += [p["id"] for parts in progress.values() for p in parts]
-        if orphans:
-            with contextlib.suppress(OSError):  # tried again at the next start
-                self.journal.write(removals=orphans)
-        known = {record["id"] for record in records}
-        with contextlib.suppress(OSError):  # of notifications dropped: again later
-            self.receipts.forget(
-                [i for i in self.receipts.notifications() if i not in known]
-            )
-
-
-PLAN_START = "1 0"  # a plan's cursor: CHANNELS' number (from 1), last seq planned
-EVERYONE = 2**53  # the plan_max of a notification planned before plans had one
-MAX_CAUSES = 100  # causes of failure counted per notification
-
-
-def _counts_of(counts: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Counts by "<channel>.<name>" as counts by channel."""
-    by_channel = _zero_counts()
-    for name, count in counts.items():
-        channel, _, result = name.partition(".")
-        by_channel[channel][result] += count
-    return by_channel
-
-
-def _add_causes(into: collections.Counter, causes: dict[tuple, int]) -> None:
-    """Count causes of failure, at most MAX_CAUSES different ones."""
-    for cause, count in causes.items():
-        if cause in into or len(into) < MAX_CAUSES:
-            into[cause] += count
-
-
-def _errors_of(causes: collections.Counter) -> list[dict]:
-    """Causes of failure as the status document lists them, commonest first."""
-    return [
-        {"channel": c, "origin": o, "status": s, "reason": r, "count": n}
-        for (c, o, s, r), n in causes.most_common()
-    ]
-
-
-def _causes_of(errors: list[dict]) -> collections.Counter:
-    return collections.Counter(
-        {
-            (e["channel"], e["origin"], e["status"], e["reason"]): e["count"]
-            for e in errors
-        }
-    )
-
-
-# The Lua scripts of RedisJobStore. ARGV[1] is REDIS_PREFIX; times are
-# seconds since the epoch. A notification is the hash ``n:<id>``: its fixed
-# part as JSON (``doc``), ``status``, ``started``, ``finished``, ``total``,
-# the plan's state (``plan_max``, ``cursor``, ``batches``, ``batches_done``,
-# ``enqueued``, ``vanished``, ``planned``) and its counts (``webpush.sent``...);
-# the causes of failure are counted in ``ne:<id>``. Batches are entries of
-# one stream per push service, ``batches:<origin>``, each read by the
-# consumer group ``delivery``; the set ``streams`` names them.
-
-# ARGV: prefix, id, idempotency key's hash or '', seconds it is kept, doc,
-# status, total, created, due. The id of an earlier notification made with
-# the same key that is still kept, else false (this one is stored).
-NOTIFICATION_CREATE_LUA = """
-local p, id, key = ARGV[1], ARGV[2], ARGV[3]
-if key ~= '' then
-  local earlier = redis.call('GET', p .. 'idem:' .. key)
-  if earlier and redis.call('EXISTS', p .. 'n:' .. earlier) == 1 then
-    return earlier
-  end
-  redis.call('SET', p .. 'idem:' .. key, id, 'EX', ARGV[4])
-end
-redis.call('HSET', p .. 'n:' .. id, 'doc', ARGV[5], 'status', ARGV[6], 'total', ARGV[7])
-redis.call('ZADD', p .. 'notifications', ARGV[8], id)
-redis.call('ZADD', p .. 'due', ARGV[9], id)
-return false
-"""
-
-# ARGV: prefix, now, lease end. One due notification, leased to the caller:
-# no other process plans it before the lease ends (the planner renews it).
-NOTIFICATION_CLAIM_LUA = """
-local p = ARGV[1]
-while true do
-  local due = redis.call('ZRANGEBYSCORE', p .. 'due', '-inf', ARGV[2], 'LIMIT', 0, 1)
-  if #due == 0 then return false end
-  if redis.call('EXISTS', p .. 'n:' .. due[1]) == 1 then
-    redis.call('ZADD', p .. 'due', ARGV[3], due[1])
-    return due[1]
-  end
-  redis.call('ZREM', p .. 'due', due[1])
-end
-"""
-
-# ARGV: prefix, id, now, total, plan_max, the plan's first cursor. A queued
-# or scheduled notification starts sending. Its plan_max and cursor, or
-# false if there is nothing to plan (it ended, or its plan is complete).
-NOTIFICATION_START_LUA = """
-local p, id = ARGV[1], ARGV[2]
-local n = p .. 'n:' .. id
-local status = redis.call('HGET', n, 'status')
-if status == 'scheduled' or status == 'queued' then
-  redis.call('HSET', n, 'status', 'sending', 'started', ARGV[3], 'total', ARGV[4],
-             'plan_max', ARGV[5], 'cursor', ARGV[6])
-elseif status ~= 'sending' or redis.call('HGET', n, 'planned') == '1' then
-  redis.call('ZREM', p .. 'due', id)
-  return false
-end
-return redis.call('HMGET', n, 'plan_max', 'cursor')
-"""
-
-# ARGV: prefix, id, the cursor the caller read, the cursor after these
-# batches, lease end, then (stream, ids, how many) per batch. The batches
-# go on their streams with the cursor that names them, or not at all (0):
-# another process took over the plan, or the notification ended.
-NOTIFICATION_ENQUEUE_LUA = """
-local p, id = ARGV[1], ARGV[2]
-local n = p .. 'n:' .. id
-if redis.call('HGET', n, 'cursor') ~= ARGV[3] or redis.call('HGET', n, 'status') ~= 'sending' then
-  return 0
-end
-for i = 6, #ARGV, 3 do
-  if redis.call('SADD', p .. 'streams', ARGV[i]) == 1 then
-    pcall(redis.call, 'XGROUP', 'CREATE', ARGV[i], 'delivery', '0', 'MKSTREAM')
-  end
-  redis.call('XADD', ARGV[i], '*', 'n', id, 'ids', ARGV[i + 1])
-  redis.call('HINCRBY', n, 'batches', 1)
-  redis.call('HINCRBY', n, 'enqueued', ARGV[i + 2])
-end
-redis.call('HSET', n, 'cursor', ARGV[4])
-redis.call('ZADD', p .. 'due', 'XX', ARGV[5], id)
-return 1
-"""
-
-# ARGV: prefix, id, the cursor the caller read, now. The plan is complete:
-# 2 if so is the notification (every batch came back already), 1 if not,
-# 0 if another process took over the plan or the notification ended.
-NOTIFICATION_PLANNED_LUA = """
-local p, id = ARGV[1], ARGV[2]
-local n = p .. 'n:' .. id
-if redis.call('HGET', n, 'cursor') ~= ARGV[3] or redis.call('HGET', n, 'status') ~= 'sending' then
-  return 0
-end
-redis.call('HSET', n, 'planned', '1', 'cursor', 'planned')
-redis.call('ZREM', p .. 'due', id)
-if tonumber(redis.call('HGET', n, 'batches') or '0') == tonumber(redis.call('HGET', n, 'batches_done') or '0') then
-  redis.call('HSET', n, 'status', 'done', 'finished', ARGV[4])
-  return 2
-end
-return 1
-"""
-
-# ARGV: prefix, id, new status, now, the statuses it may change from. 1 if
-# it changed, 0 if not, false if there is no such notification.
-NOTIFICATION_CHANGE_LUA = """
-local n = ARGV[1] .. 'n:' .. ARGV[2]
-local status = redis.call('HGET', n, 'status')
-if not status then return false end
-for i = 5, #ARGV do
-  if status == ARGV[i] then
-    redis.call('HSET', n, 'status', ARGV[3], 'finished', ARGV[4])
-    redis.call('ZREM', ARGV[1] .. 'due', ARGV[2])
-    return 1
-  end
-end
-return 0
-"""
-
-# ARGV: prefix, stream, batch (entry id), notification id, now, ids to send
-# again ('' if none), ids that were no longer stored, then (name, increment)
-# pairs: counts, and causes of failure (a JSON array). Acknowledging the
-# batch and counting its outcomes are one step, so a batch delivered twice
-# (its process went silent and another claimed it) is counted once: 0 for
-# the second. 2 when the notification is done with this batch.
-BATCH_COMPLETE_LUA = """
-local p, stream, entry, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('XACK', stream, 'delivery', entry) == 0 then return 0 end
-redis.call('XDEL', stream, entry)
-local n = p .. 'n:' .. id
-if redis.call('EXISTS', n) == 0 then return 1 end
-local errors = p .. 'ne:' .. id
-for i = 8, #ARGV, 2 do
-  local name = ARGV[i]
-  if string.sub(name, 1, 1) ~= '[' then
-    redis.call('HINCRBY', n, name, ARGV[i + 1])
-  elseif redis.call('HEXISTS', errors, name) == 1 or redis.call('HLEN', errors) < 100 then  -- MAX_CAUSES
-    redis.call('HINCRBY', errors, name, ARGV[i + 1])
-  end
-end
-if ARGV[7] ~= '0' then redis.call('HINCRBY', n, 'vanished', ARGV[7]) end
-local status = redis.call('HGET', n, 'status')
-if ARGV[6] ~= '' and status == 'sending' then
-  redis.call('XADD', stream, '*', 'n', id, 'ids', ARGV[6])
-  redis.call('HINCRBY', n, 'batches', 1)
-end
-local done = redis.call('HINCRBY', n, 'batches_done', 1)
-if status == 'sending' and redis.call('HGET', n, 'planned') == '1'
-   and tonumber(redis.call('HGET', n, 'batches')) == done then
-  redis.call('HSET', n, 'status', 'done', 'finished', ARGV[5])
-  return 2
-end
-return 1
-"""
-
-# ARGV: prefix, a consumer's name or '' for all, idle milliseconds. Removes
-# from every stream's consumer group those idle longer that hold no batch
-# (nothing is lost: a consumer comes back by itself when it reads again).
-# Without this, every start of a process would leave its name for good.
-CONSUMERS_PRUNE_LUA = """
-local removed = 0
-for _, stream in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'streams')) do
-  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, 'delivery')
-  if ok then
-    for _, c in ipairs(consumers) do
-      local f = {}
-      for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-      if (ARGV[2] == '' or f['name'] == ARGV[2]) and f['pending'] == 0
-         and f['idle'] >= tonumber(ARGV[3]) then
-        redis.call('XGROUP', 'DELCONSUMER', stream, 'delivery', f['name'])
-        removed = removed + 1
-      end
-    end
-  end
-end
-return removed
-"""
-
-# ARGV: consumer, then (stream, entry id) pairs. Their idle time starts
-# again, for those the consumer still holds: one another process took over
-# (this one was silent too long) stays with it, not taken back.
-BATCHES_KEEP_LUA = """
-local me = ARGV[1]
-for i = 2, #ARGV, 2 do
-  local held = redis.call('XPENDING', ARGV[i], 'delivery', ARGV[i + 1], ARGV[i + 1], 1)
-  if held[1] and held[1][2] == me then
-    redis.call('XCLAIM', ARGV[i], 'delivery', me, 0, ARGV[i + 1], 'JUSTID')
-  end
-end
-return 0
-"""
-
-# A receipt, counted once per subscriber and event: the set ``rc:<id>:<event>``
-# holds who sent it, the notification's ``r.<event>`` field how many. ARGV:
-# prefix, notification id, event, subscriber. -1: no such notification.
-RECEIPT_COUNT_LUA = """
-local p, id, event, who = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local key = p .. 'n:' .. id
-if redis.call('HEXISTS', key, 'doc') == 0 then return -1 end
-if redis.call('SADD', p .. 'rc:' .. id .. ':' .. event, who) == 0 then return 0 end
-redis.call('HINCRBY', key, 'r.' .. event, 1)
-return 1
-"""
-CONSUMER_GROUP = "delivery"
-DROP_PAGE = 1000  # notifications looked at a time when dropping old ones
-CONSUMER_KEPT = 86400  # seconds a consumer holding no batch stays in the group
-
-
-def _chunks(items: list, size: int = DROP_PAGE) -> Any:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _number(text: str | None) -> float | None:
-    return float(text) if text else None
-
-
-class RedisJobStore:
-    """The JobStore in Redis, shared by every ``api.py`` and ``api.py
-    --worker`` process (keys in the Lua scripts' comment above). Each step is
-    one script, so any process may plan, take, complete or end any
-    notification; a batch taken by a process that goes silent is taken over
-    by another (XAUTOCLAIM) after WORKER_TIMEOUT."""
-
-    def __init__(self, store: RedisSubscriptionStore):
-        import redis
-
-        self.redis = store.redis
-        self.prefix = store.prefix
-        scripts = {
-            "create": NOTIFICATION_CREATE_LUA,
-            "claim": NOTIFICATION_CLAIM_LUA,
-            "start": NOTIFICATION_START_LUA,
-            "enqueue": NOTIFICATION_ENQUEUE_LUA,
-            "planned": NOTIFICATION_PLANNED_LUA,
-            "change": NOTIFICATION_CHANGE_LUA,
-            "complete": BATCH_COMPLETE_LUA,
-            "prune": CONSUMERS_PRUNE_LUA,
-            "keep": BATCHES_KEEP_LUA,
-            "receipt": RECEIPT_COUNT_LUA,
-        }
-        self._scripts = {k: self.redis.register_script(v) for k, v in scripts.items()}
-        # The blocking read has a connection of its own, so a stop can end
-        # it at once (CLIENT UNBLOCK) rather than wait for its timeout.
-        pool = self.redis.connection_pool
-        self._reader = redis.Redis(
-            connection_pool=redis.ConnectionPool(
-                connection_class=pool.connection_class,
-                max_connections=1,
-                **pool.connection_kwargs,
-            )
-        )
-        self._reader_id: int | None = None
-        self._woken = False
-        self._wakeup = threading.Event()  # ends a wait with no stream to read
-        self._streams: list[str] = []
-        self._claim_from: dict[str, str] = {}  # where XAUTOCLAIM goes on
-        self._next_prune = 0.0
-        with _redis_errors("opening the batch streams"):
-            legacy = self.prefix + "batches"  # one stream, before one per origin
-            if self.redis.exists(legacy):
-                self.redis.sadd(self.prefix + "streams", legacy)
-            self._make_groups()
-
-    def _stream(self, origin: str) -> str:
-        return f"{self.prefix}batches:{origin}"
-
-    def _origin(self, stream: str) -> str:
-        return stream[len(self.prefix) + len("batches:") :]
-
-    def _make_groups(self) -> None:
-        import redis
-
-        for stream in self.redis.smembers(self.prefix + "streams"):
-            try:
-                self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
-            except redis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
-
-    def _known_streams(self) -> list[str]:
-        """The batch streams (one per push service that was ever sent to)."""
-        with _redis_errors("listing the batch streams"):
-            self._streams = sorted(self.redis.smembers(self.prefix + "streams"))
-        return self._streams
-
-    # -- notifications ------------------------------------------------------------
-
-    def insert(self, record: dict, key_hash: str | None) -> str | None:
-        fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
-        doc = {k: record[k] for k in (*fixed, "idempotency")}
-        with _redis_errors("storing a notification"):
-            return self._scripts["create"](
-                args=[
-                    self.prefix,
-                    record["id"],
-                    key_hash or "",
-                    IDEMPOTENCY_SECONDS,
-                    _record_line(doc),
-                    record["status"],
-                    record["total"],
-                    record["created"],
-                    record["due"],
-                ]
-            )
-
-    def load(self, notification_id: str) -> dict | None:
-        with _redis_errors("reading a notification"):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hgetall(self.prefix + "n:" + notification_id)
-            pipe.hgetall(self.prefix + "ne:" + notification_id)
-            fields, errors = pipe.execute()
-        if not fields.get("doc"):
-            return None
-        record = json.loads(fields["doc"])
-        record["status"] = fields.get("status", "queued")
-        record["started"] = _number(fields.get("started"))
-        record["finished"] = _number(fields.get("finished"))
-        for name in ("total", "enqueued", "vanished"):
-            record[name] = int(fields.get(name) or 0)
-        record["planned"] = fields.get("planned") == "1"
-        record["counts"] = {
-            channel: {
-                name: int(fields.get(f"{channel}.{name}") or 0) for name in COUNTS
-            }
-            for channel in CHANNELS
-        }
-        record["receipts"] = {
-            event: int(fields.get(f"r.{event}") or 0) for event in RECEIPT_EVENTS
-        }
-        record["errors"] = _errors_of(
-            collections.Counter(
-                {tuple(json.loads(cause)): int(n) for cause, n in errors.items()}
-            )
-        )
-        return record
-
-    def newest(self, limit: int) -> list[str]:
-        with _redis_errors("listing notifications"):
-            return self.redis.zrevrange(self.prefix + "notifications", 0, limit - 1)
-
-    def statuses(self) -> collections.Counter[str]:
-        with _redis_errors("counting notifications"):
-            ids = self.redis.zrange(self.prefix + "notifications", 0, -1)
-        counts: collections.Counter[str] = collections.Counter()
-        for chunk in _chunks(ids):
-            counts.update(s for s in self.status_of(chunk) if s)
-        return counts
-
-    def status_of(self, notification_ids: list[str]) -> list[str | None]:
-        with _redis_errors("reading notifications"):
-            pipe = self.redis.pipeline(transaction=False)
-            for notification_id in notification_ids:
-                pipe.hget(self.prefix + "n:" + notification_id, "status")
-            return pipe.execute()
-
-    def change(
-        self, notification_id: str, status: str, before: tuple[str, ...], now: float
-    ) -> bool | None:
-        with _redis_errors("changing a notification"):
-            changed = self._scripts["change"](
-                args=[self.prefix, notification_id, status, now, *before]
-            )
-        return None if changed is None else bool(changed)
-
-    def claim_due(self, now: float, lease_until: float) -> str | None:
-        with _redis_errors("claiming a due notification"):
-            return self._scripts["claim"](args=[self.prefix, now, lease_until])
-
-    def start(
-        self, notification_id: str, now: float, total: int, plan_max: int
-    ) -> tuple[int, str] | None:
-        with _redis_errors("starting a notification"):
-            started = self._scripts["start"](
-                args=[self.prefix, notification_id, now, total, plan_max, PLAN_START]
-            )
-        if started is None:
-            return None
-        return int(started[0] or EVERYONE), started[1] or PLAN_START
-
-    def enqueue(
-        self,
-        notification_id: str,
-        cursor: str,
-        after: str,
-        lease_until: float,
-        batches: list[tuple[str, list[str]]],
-    ) -> bool:
-        args: list[Any] = [self.prefix, notification_id, cursor, after, lease_until]
-        for origin, ids in batches:
-            args += [self._stream(origin), ",".join(ids), len(ids)]
-        with _redis_errors("planning a notification"):
-            queued = bool(self._scripts["enqueue"](args=args))
-        if queued and any(self._stream(o) not in self._streams for o, _ in batches):
-            self._unblock()  # this process's read waits on the streams it knew
-        return queued
-
-    def planned(self, notification_id: str, cursor: str, now: float) -> int:
-        with _redis_errors("planning a notification"):
-            return self._scripts["planned"](
-                args=[self.prefix, notification_id, cursor, now]
-            )
-
-    def hand_over(self, notification_id: str, now: float) -> None:
-        with _redis_errors("handing a plan over"):
-            self.redis.zadd(self.prefix + "due", {notification_id: now}, xx=True)
-
-    # -- batches ------------------------------------------------------------------
-
-    def _batches(self, reply: list, consumer: str) -> list[Batch]:
-        batches = []
-        for stream, entries in reply or []:
-            for entry_id, fields in entries:
-                if not fields:  # deleted meanwhile (Redis 6.2 still lists it)
-                    with _redis_errors("acknowledging a deleted batch"):
-                        self.redis.xack(stream, CONSUMER_GROUP, entry_id)
-                    continue
-                ids = tuple(i for i in fields.get("ids", "").split(",") if i)
-                added = int(entry_id.split("-")[0]) / 1000
-                batches.append(
-                    Batch(
-                        f"{stream} {entry_id}",
-                        self._origin(stream),
-                        fields.get("n", ""),
-                        ids,
-                        added,
-                    )
-                )
-        return batches
-
-    def take(
-        self, consumer: str, room: Callable[[str], int], block: float
-    ) -> list[Batch]:
-        rooms = {s: room(self._origin(s)) for s in self._known_streams()}
-        rooms = {s: n for s, n in rooms.items() if n > 0}
-        if not rooms:  # nothing to read yet, or every push service is busy
-            self._wakeup.wait(block)
-            self._wakeup.clear()
-            return []
-        try:
-            with _redis_errors("reading batches"):
-                pipe = self.redis.pipeline(transaction=False)
-                for stream, count in rooms.items():
-                    pipe.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"}, count)
-                batches = [
-                    b for r in pipe.execute() for b in self._batches(r, consumer)
-                ]
-                if batches or self._woken:
-                    self._woken = False
-                    return batches
-                if self._reader_id is None:
-                    self._reader_id = self._reader.client_id()
-                reply = self._reader.xreadgroup(
-                    CONSUMER_GROUP,
-                    consumer,
-                    dict.fromkeys(rooms, ">"),
-                    count=1,
-                    block=max(1, int(block * 1000)),
-                )
-                return self._batches(reply, consumer)
-        except StoreUnavailable as e:
-            self._reader_id = None
-            if "NOGROUP" in str(e):
-                # Redis lost its data (a restart without persistence,
-                # FLUSHALL, a failover to an empty replica): without the
-                # groups, no process would take a batch again.
-                log.warning(
-                    "Redis has no batch stream or consumer group any more (did it "
-                    "lose its data?): making them anew"
-                )
-                with _redis_errors("making the batch streams anew"):
-                    self._make_groups()
-            raise
-
-    def reclaim(
-        self, consumer: str, idle: float, room: Callable[[str], int]
-    ) -> list[Batch]:
-        batches = []
-        for stream in self._known_streams():
-            count = room(self._origin(stream))
-            if count <= 0:
-                continue
-            with _redis_errors("claiming abandoned batches"):
-                reply = self.redis.xautoclaim(
-                    stream,
-                    CONSUMER_GROUP,
-                    consumer,
-                    int(idle * 1000),
-                    self._claim_from.get(stream, "0-0"),
-                    count=count,
-                )
-            # It looks at 10 x count entries a call: go on from there next time.
-            self._claim_from[stream] = reply[0] or "0-0"
-            for batch in self._batches([(stream, reply[1])], consumer):
-                log.warning(
-                    "batch %s of notification %s: its process went silent; "
-                    "sending it from here",
-                    batch.entry,
-                    batch.notification,
-                )
-                batches.append(batch)
-        return batches
-
-    def keep(self, consumer: str, batches: list[Batch]) -> None:
-        args = [consumer]
-        for batch in batches:
-            args += batch.entry.split(" ")
-        with _redis_errors("keeping batches"):
-            self._scripts["keep"](args=args)
-
-    def complete(
-        self,
-        batch: Batch,
-        done: list[str],
-        counts: dict[str, int],
-        causes: dict[tuple, int],
-        again: list[str],
-        vanished: int,
-        now: float,
-    ) -> int:
-        stream, entry_id = batch.entry.split(" ")
-        args: list[Any] = [self.prefix, stream, entry_id, batch.notification, now]
-        args += [",".join(again), vanished]
-        for name, count in counts.items():
-            args += [name, count]
-        for cause, count in causes.items():
-            args += [_record_line(list(cause)), count]
-        with _redis_errors("recording a batch"):
-            return self._scripts["complete"](args=args)
-
-    def backlog(self) -> tuple[int, float]:
-        streams = self._known_streams()
-        with _redis_errors("measuring the queue"):
-            pipe = self.redis.pipeline(transaction=False)
-            for stream in streams:
-                pipe.xlen(stream)
-                pipe.xrange(stream, count=1)
-            replies = pipe.execute()
-        now = time.time()
-        length, oldest = 0, now
-        for size, first in zip(replies[::2], replies[1::2]):
-            length += size
-            if first:
-                oldest = min(oldest, int(first[0][0].split("-")[0]) / 1000)
-        return length, max(0.0, now - oldest)
-
-    # -- the rest -----------------------------------------------------------------
-
-    def drop_ended(self, now: float, keep_from: float) -> int:
-        every = self.prefix + "notifications"
-        dropped = kept = 0
-        with _redis_errors("dropping old notifications"):
-            while True:  # past the kept ones (not ended yet, keyed), page by page
-                old = self.redis.zrangebyscore(
-                    every, "-inf", keep_from, start=kept, num=DROP_PAGE
-                )
-                pipe = self.redis.pipeline(transaction=False)
-                for notification_id in old:
-                    pipe.hmget(self.prefix + "n:" + notification_id, "doc", "finished")
-                drop = []
-                for notification_id, (doc, finished) in zip(old, pipe.execute()):
-                    if doc is not None:
-                        record = json.loads(doc)
-                        keyed = record.get("idempotency") and (
-                            record["created"] > now - IDEMPOTENCY_SECONDS
-                        )
-                        if keyed or not finished or float(finished) >= keep_from:
-                            kept += 1
-                            continue
-                    drop.append(notification_id)
-                if drop:
-                    pipe = self.redis.pipeline()
-                    for notification_id in drop:
-                        pipe.delete(
-                            self.prefix + "n:" + notification_id,
-                            self.prefix + "ne:" + notification_id,
-                            *(
-                                f"{self.prefix}rc:{notification_id}:{event}"
-                                for event in RECEIPT_EVENTS
-                            ),
-                        )
-                    pipe.zrem(every, *drop)
-                    pipe.execute()
-                    dropped += len(drop)
-                if len(old) < DROP_PAGE:
-                    return dropped
-
-    def count_receipt(
-        self, notification_id: str, event: str, subscriber: str
-    ) -> bool | None:
-        with _redis_errors("counting a receipt"):
-            counted = self._scripts["receipt"](
-                args=[self.prefix, notification_id, event, subscriber]
-            )
-        return None if counted < 0 else bool(counted)
-
-    def announce(self, consumer: str, now: float) -> None:
-        consumers = self.prefix + "consumers"  # who delivers: name -> when last said
-        with _redis_errors("saying this process delivers"):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(consumers, {consumer: now})
-            pipe.zremrangebyscore(consumers, "-inf", now - CONSUMER_KEPT)
-            pipe.execute()
-            if now >= self._next_prune:  # any process may; once a minute here
-                self._next_prune = now + 60
-                self._scripts["prune"](args=[self.prefix, "", CONSUMER_KEPT * 1000])
-
-    def leave(self, consumer: str) -> None:
-        with _redis_errors("leaving"):
-            self.redis.zrem(self.prefix + "consumers", consumer)
-            self._scripts["prune"](args=[self.prefix, consumer, 0])
-
-    def delivering(self, since: float) -> int:
-        with _redis_errors("counting the delivering processes"):
-            return self.redis.zcount(self.prefix + "consumers", since, "+inf")
-
-    def flush(self) -> None:
-        pass  # Redis takes a write or refuses it: nothing waits here
-
-    def wake(self) -> None:
-        self._woken = True
-        self._unblock()
-
-    def _unblock(self) -> None:
-        """End the consumer's wait now: a blocking read ends by CLIENT UNBLOCK
-        from another connection."""
-        self._wakeup.set()
-        if self._reader_id is not None:
-            with contextlib.suppress(Exception):  # it ends by its timeout then
-                self.redis.client_unblock(self._reader_id)
-
-    def close(self) -> None:
-        self._reader.close()
-
-
-UNFINISHED = ("scheduled", "queued", "sending")
 FCM_ELSEWHERE = (
     "FCM is not configured in this process, but in the one that planned it: "
     "give every process the same FCM_SERVICE_ACCOUNT"
@@ -5207,23 +5233,8 @@ class NotificationEngine:
     def _complete(
         self, batch: Batch, reached: list[PushOutcome], again: list[str], vanished: int
     ) -> None:
-        counts: collections.Counter[str] = collections.Counter()
-        causes: collections.Counter[tuple] = collections.Counter()
-        for o in reached:
-            counts[f"{o.channel}.{o.result}"] += 1
-            counts[f"{o.channel}.retried"] += o.tries > 1
-            if o.result == "failed":
-                causes[(o.channel, o.origin, o.status, o.reason)] += 1
-        result = self.jobs.complete(
-            batch,
-            [o.record_id for o in reached],
-            {name: n for name, n in counts.items() if n},
-            causes,
-            again,
-            vanished,
-            time.time(),
-        )
-        if result == 2:
+        tally = Tally.of(reached, again, vanished)
+        if self.jobs.complete(batch, tally, time.time()) == 2:
             self._ended(batch.notification)
 
     # -- the keeper ---------------------------------------------------------------
@@ -5527,6 +5538,11 @@ class Metrics:
         return self._prom.generate_latest(self.registry)
 
 
+###############################################################################
+# HTTP ########################################################################
+###############################################################################
+
+
 def metrics_response(metrics: Metrics, token: str) -> bottle.HTTPResponse:
     """``GET /metrics``: the Prometheus text format, for ``Authorization:
     Bearer <token>`` only (METRICS_TOKEN, or the push token)."""
@@ -5576,10 +5592,6 @@ class MetricsPlugin:
 
         return wrapper
 
-
-###############################################################################
-# HTTP ########################################################################
-###############################################################################
 
 TOPIC_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_:.\-]{1,4096}")
@@ -6503,6 +6515,50 @@ def body_hash(body: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+@dataclass
+class Services:
+    """What a process serves from: the stores, delivery, the engine, metrics."""
+
+    store: SubscriptionStore | RedisSubscriptionStore
+    journal: NotificationJournal | None  # the JSON store's, None on Redis
+    delivery: Delivery
+    engine: NotificationEngine
+    metrics: Metrics
+
+
+def build_services(
+    settings: Settings,
+    keys: VapidKeys,
+    receipt_key: bytes,
+    store: SubscriptionStore | RedisSubscriptionStore,
+    journal: NotificationJournal | None = None,
+    consume: bool | None = None,
+) -> Services:
+    """Delivery, the job store and the engine over ``store``, for ``api.py``,
+    ``api.py --worker`` and the tests alike. Without Redis this process is
+    the only one, so it delivers whatever API_DELIVERS says."""
+    metrics = Metrics()
+    delivery = Delivery(keys, settings, receipt_key, observers=(metrics.observe,))
+    try:
+        jobs: JobStore
+        if isinstance(store, RedisSubscriptionStore):
+            jobs = RedisJobStore(store)
+        else:
+            if journal is None:
+                journal = NotificationJournal(settings.journal_path)
+            receipts = ReceiptDatabase(receipts_path(journal.path))
+            jobs = JournalJobStore(journal, receipts)
+        if consume is None:
+            consume = settings.api_delivers or not isinstance(
+                store, RedisSubscriptionStore
+            )
+        engine = NotificationEngine(jobs, store, delivery, settings, consume=consume)
+    except BaseException:
+        delivery.close()
+        raise
+    return Services(store, journal, delivery, engine, metrics)
+
+
 def create_app(
     settings: Settings | None = None,
     keys: VapidKeys | None = None,
@@ -6520,17 +6576,8 @@ def create_app(
         receipt_key = receipt_key_of(settings, keys)
     if store is None:
         store = open_store(settings)
-    delivery = Delivery(keys, settings, receipt_key)
-    jobs: JobStore
-    if isinstance(store, RedisSubscriptionStore):
-        jobs = RedisJobStore(store)
-    else:
-        if journal is None:
-            journal = NotificationJournal(settings.journal_path)
-        jobs = JournalJobStore(journal, ReceiptDatabase(receipts_path(journal.path)))
-    # Without Redis this process is the only one: it delivers whatever is set.
-    consume = settings.api_delivers or not isinstance(store, RedisSubscriptionStore)
-    queue = NotificationEngine(jobs, store, delivery, settings, consume=consume)
+    services = build_services(settings, keys, receipt_key, store, journal)
+    delivery, queue, metrics = services.delivery, services.engine, services.metrics
     validate = Validator(settings)
     cors = CorsPlugin(settings.cors_origins)
     started = time.time()
@@ -6549,7 +6596,6 @@ def create_app(
         store.close()
         return recorded
 
-    metrics = delivery.metrics
     metrics_token = settings.metrics_token or token
 
     def gauges() -> list:
@@ -6593,7 +6639,7 @@ def create_app(
     app.config.update(
         {
             "webpush.store": store,
-            "webpush.journal": journal,
+            "webpush.journal": services.journal,
             "webpush.queue": queue,
             "webpush.delivery": delivery,
             "webpush.keys": keys,
@@ -7201,18 +7247,12 @@ def run_worker(settings: Settings) -> int:
         receipt_key = receipt_key_of(settings, keys)
         store.claim_identity(keys.public_key, None, receipt_key)  # type: ignore[union-attr]
         _raise_open_file_limit(settings.push_concurrency + 256)
-        delivery = Delivery(keys, settings, receipt_key)
-    except (OSError, SettingError) as e:
+        services = build_services(settings, keys, receipt_key, store, consume=True)
+    except (OSError, SettingError) as e:  # StoreUnavailable is an OSError
         log.error("%s", e)
         store.close()
         return 2
-    try:
-        queue = NotificationEngine(RedisJobStore(store), store, delivery, settings)  # type: ignore[arg-type]
-    except StoreUnavailable as e:
-        log.error("%s", e)
-        delivery.close()
-        store.close()
-        return 2
+    delivery, queue = services.delivery, services.engine
     log.info(
         "worker %s: delivering from %s with %d delivery process%s",
         queue.consumer,
@@ -7223,7 +7263,7 @@ def run_worker(settings: Settings) -> int:
     metrics_server = None
     if settings.metrics_port:
         try:
-            metrics_server = serve_worker_metrics(settings, delivery.metrics)
+            metrics_server = serve_worker_metrics(settings, services.metrics)
         except (OSError, SettingError) as e:
             log.error("METRICS_PORT=%d: %s", settings.metrics_port, e)
             queue.stop(0)
