@@ -1677,7 +1677,63 @@ class JsonLinesStore:
             self._sync.notify_all()
 
 
-class SubscriptionStore(JsonLinesStore):
+class SubscriptionStore(Protocol):
+    """Push subscriptions and FCM tokens by id: JsonSubscriptionStore (the
+    JSON-lines file) or RedisSubscriptionStore. A record is a dict with an
+    ``id``; ``kind`` "fcm" for an FCM token, else a web push subscription
+    (``endpoint``, ``keys``); ``topics``. Each record has a place in line,
+    given when its id is first stored and kept for life, which a fan-out is
+    planned by. Writes raise OSError (StoreUnavailable on Redis) when the
+    store refuses them, and change nothing then."""
+
+    def __len__(self) -> int:
+        """How many records are stored."""
+
+    def get(self, record_id: str) -> dict | None:
+        """The record with that id, or None."""
+
+    def get_many(self, record_ids: list[str]) -> list[dict | None]:
+        """The records of ``record_ids``, in order; None for those not stored."""
+
+    def list(self) -> list[dict]:
+        """Every record."""
+
+    def upsert(self, record: dict, replacing: str | None = None) -> bool:
+        """Store ``record``, and forget ``replacing`` in the same write; True
+        when the id is new."""
+
+    def remove(self, record_id: str) -> bool:
+        """Forget a record; False when it was not stored."""
+
+    def write(self, upserts: list[dict] = (), removals: list[str] = ()) -> None:  # type: ignore[assignment]
+        """Store and forget several records at once."""
+
+    def count(self, kind: str, topic: str | None = None) -> int:
+        """How many records of a kind, all or on ``topic`` (kept, not counted)."""
+
+    def topics(self) -> dict[str, int]:
+        """How many records (of either kind) each topic has."""
+
+    def sequence(self) -> int:
+        """Where the line of records ends now."""
+
+    def page(
+        self, kind: str, topic: str | None, after: int, upto: int, limit: int
+    ) -> list[tuple[int, str, str]]:
+        """The next ``limit`` records of a kind, all or on ``topic``, in line
+        after ``after`` and up to ``upto``: (place, id, push service origin)."""
+
+    def count_failures(
+        self, failed: list[str], succeeded: list[str], limit: int
+    ) -> list[str]:
+        """One more refusal in a row for each of ``failed`` (removed at
+        ``limit``), none for ``succeeded``; the ids removed."""
+
+    def close(self) -> None:
+        """Close the file or connection."""
+
+
+class JsonSubscriptionStore(JsonLinesStore):
     """Push subscriptions and FCM tokens by id (see JsonLinesStore), with an
     index of each one's channel, push service origin, topics and place in
     line, so a fan-out is planned and counted without reading every record.
@@ -1870,7 +1926,7 @@ def repair_store(path: Path) -> tuple[int, int, Path | None]:
         _fsync_dir(path.parent)
     finally:
         lock.close()
-    store = SubscriptionStore(path)  # the replay keeps the last state of each id
+    store = JsonSubscriptionStore(path)  # the replay keeps the last state of each id
     kept = len(store)
     store.close()
     return kept, len(bad), side
@@ -2073,7 +2129,7 @@ return removed
 
 class RedisSubscriptionStore:
     """Push subscriptions and FCM tokens in Redis, shared by every process:
-    the interface and semantics of SubscriptionStore, nothing held in memory.
+    the SubscriptionStore interface, nothing held in memory.
 
     Keys, after REDIS_PREFIX: ``subs`` (hash: id -> the record as a JSON
     line), ``count`` (hash: kind -> how many), and the indexes a fan-out is
@@ -2128,7 +2184,7 @@ class RedisSubscriptionStore:
                 return
 
     def upsert(self, record: dict, replacing: str | None = None) -> bool:
-        """As SubscriptionStore.upsert, in one script."""
+        """As JsonSubscriptionStore.upsert, in one script."""
         return bool(self._run([record], [replacing] if replacing else [])[0])
 
     def remove(self, record_id: str) -> bool:
@@ -2159,7 +2215,7 @@ class RedisSubscriptionStore:
     def count_failures(
         self, failed: list[str], succeeded: list[str], limit: int
     ) -> list[str]:
-        """As SubscriptionStore.count_failures, in one script (the count of
+        """As JsonSubscriptionStore.count_failures, in one script (the count of
         each is the hash ``fails``, forgotten when it is stored again)."""
         if not failed and not succeeded:
             return []
@@ -2191,14 +2247,14 @@ class RedisSubscriptionStore:
         return f"{self.prefix}tx:{kind}:{topic}"
 
     def sequence(self) -> int:
-        """As SubscriptionStore.sequence: the ``seq`` counter."""
+        """As JsonSubscriptionStore.sequence: the ``seq`` counter."""
         with _redis_errors("reading the subscription count"):
             return int(self.redis.get(self.prefix + "seq") or 0)
 
     def page(
         self, kind: str, topic: str | None, after: int, upto: int, limit: int
     ) -> list[tuple[int, str, str]]:
-        """As SubscriptionStore.page: from the index, with each record's
+        """As JsonSubscriptionStore.page: from the index, with each record's
         origin from the hash ``origin`` (read from the record itself for
         records stored before it)."""
         with _redis_errors("planning a notification"):
@@ -2262,12 +2318,12 @@ class RedisSubscriptionStore:
         self.redis.close()
 
 
-def open_store(settings: Settings) -> SubscriptionStore | RedisSubscriptionStore:
+def open_store(settings: Settings) -> SubscriptionStore:
     """The subscription store the settings name: Redis when REDIS_URL is set,
     else the JSON-lines file."""
     if settings.redis_url:
         return RedisSubscriptionStore(connect_redis(settings), settings.redis_prefix)
-    return SubscriptionStore(settings.subscriptions_file)
+    return JsonSubscriptionStore(settings.subscriptions_file)
 
 
 class NotificationJournal(JsonLinesStore):
@@ -4768,7 +4824,7 @@ class NotificationEngine:
     def __init__(
         self,
         jobs: JobStore,
-        store: Any,
+        store: SubscriptionStore,
         delivery: Delivery,
         settings: Settings,
         batch_size: int = BATCH_SIZE,
@@ -4916,6 +4972,27 @@ class NotificationEngine:
         """How many processes said in the last WORKER_TIMEOUT seconds that they
         deliver: the workers, and the api.py processes that deliver."""
         return self.jobs.delivering(time.time() - self.lease)
+
+    def send_now(
+        self, record: dict, message: Message, timeout: float
+    ) -> list[PushOutcome]:
+        """One message to one subscriber ahead of every fan-out's messages to
+        its push service (``POST /subscription/test``): its outcome within
+        ``timeout`` seconds, applied to the store as a fan-out's are."""
+        try:
+            future = self.delivery.submit([record], message, first=True)
+            outcomes = future.result(timeout)
+        except (concurrent.futures.TimeoutError, DeliveryStopped) as e:
+            reason = (
+                f"no answer from the push service within {timeout:g} s"
+                if isinstance(e, concurrent.futures.TimeoutError)
+                else "the server is stopping"
+            )
+            outcomes = [
+                PushOutcome(record["id"], record_origin(record), None, "failed", reason)
+            ]
+        apply_outcomes(self.store, outcomes, self.prune_after)
+        return outcomes
 
     def stop(self, timeout: float) -> bool:
         """Take no more batches; what this process has not sent goes back to
@@ -5354,6 +5431,15 @@ def generic_notification(payload: dict) -> dict:
     return dict(payload)
 
 
+def _github(payload: dict, what: str, body: Any, url: Any) -> dict:
+    """A GitHub event as a notification: "<owner/repo>: <what>"."""
+    return {
+        "title": f"{payload['repository']['full_name']}: {what}",
+        "body": body,
+        "url": url,
+    }
+
+
 @on_webhook("github", "push")
 def github_push(payload: dict) -> dict | None:
     commits = payload.get("commits") or []
@@ -5363,11 +5449,9 @@ def github_push(payload: dict) -> dict | None:
     head = payload.get("head_commit") or commits[-1]
     who = (payload.get("pusher") or {}).get("name", "someone")
     count = f"{len(commits)} commit{'s' if len(commits) != 1 else ''}"
-    return {
-        "title": f"{payload['repository']['full_name']}: {count} pushed to {branch}",
-        "body": f"{who}: {_short(head.get('message'))}",
-        "url": payload.get("compare") or head.get("url"),
-    }
+    body = f"{who}: {_short(head.get('message'))}"
+    url = payload.get("compare") or head.get("url")
+    return _github(payload, f"{count} pushed to {branch}", body, url)
 
 
 @on_webhook("github", "pull_request")
@@ -5377,11 +5461,8 @@ def github_pull_request(payload: dict) -> dict | None:
         action = "merged" if pr.get("merged") else "closed"
     if action not in ("opened", "reopened", "ready_for_review", "merged", "closed"):
         return None
-    return {
-        "title": f"{payload['repository']['full_name']}: pull request #{pr['number']} {action.replace('_', ' ')}",
-        "body": _short(pr.get("title")),
-        "url": pr.get("html_url"),
-    }
+    what = f"pull request #{pr['number']} {action.replace('_', ' ')}"
+    return _github(payload, what, _short(pr.get("title")), pr.get("html_url"))
 
 
 @on_webhook("github", "issues")
@@ -5389,11 +5470,8 @@ def github_issue(payload: dict) -> dict | None:
     issue, action = payload["issue"], payload.get("action")
     if action not in ("opened", "reopened", "closed"):
         return None
-    return {
-        "title": f"{payload['repository']['full_name']}: issue #{issue['number']} {action}",
-        "body": _short(issue.get("title")),
-        "url": issue.get("html_url"),
-    }
+    what = f"issue #{issue['number']} {action}"
+    return _github(payload, what, _short(issue.get("title")), issue.get("html_url"))
 
 
 @on_webhook("github", "release")
@@ -5401,11 +5479,9 @@ def github_release(payload: dict) -> dict | None:
     release = payload["release"]
     if payload.get("action") != "published":
         return None
-    return {
-        "title": f"{payload['repository']['full_name']}: release {release.get('tag_name')}",
-        "body": _short(release.get("name") or release.get("body")),
-        "url": release.get("html_url"),
-    }
+    body = _short(release.get("name") or release.get("body"))
+    what = f"release {release.get('tag_name')}"
+    return _github(payload, what, body, release.get("html_url"))
 
 
 @on_webhook("github", "workflow_run")
@@ -5413,11 +5489,9 @@ def github_failed_workflow(payload: dict) -> dict | None:
     run = payload["workflow_run"]
     if payload.get("action") != "completed" or run.get("conclusion") != "failure":
         return None
-    return {
-        "title": f"{payload['repository']['full_name']}: {run.get('name', 'workflow')} failed",
-        "body": f"on {run.get('head_branch')}: {_short(run.get('display_title'))}",
-        "url": run.get("html_url"),
-    }
+    body = f"on {run.get('head_branch')}: {_short(run.get('display_title'))}"
+    what = f"{run.get('name', 'workflow')} failed"
+    return _github(payload, what, body, run.get("html_url"))
 
 
 ###############################################################################
@@ -5543,17 +5617,9 @@ class Metrics:
 ###############################################################################
 
 
-def metrics_response(metrics: Metrics, token: str) -> bottle.HTTPResponse:
-    """``GET /metrics``: the Prometheus text format, for ``Authorization:
-    Bearer <token>`` only (METRICS_TOKEN, or the push token)."""
-    header = request_header("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
-        raise ApiError(
-            401, "send METRICS_TOKEN (or, without it, the push token) as a bearer token"
-        )
+def metrics_response(metrics: Metrics) -> bottle.HTTPResponse:
+    """``GET /metrics``: the Prometheus text format (its route needs
+    METRICS_TOKEN, or the push token: see AuthPlugin)."""
     return bottle.HTTPResponse(
         metrics.exposition(),
         status=200,
@@ -5609,6 +5675,13 @@ HOST_RE = re.compile(
     r"([A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
 )
 TEST_WAIT = 10.0  # seconds POST /subscription/test waits for its push service
+TEST_NOTIFICATION = {  # what POST /subscription/test sends
+    "title": "Test notification",
+    "body": "Push works for this browser.",
+    "url": "/",
+    "data": {"test": True},
+    "urgency": "high",
+}
 MAX_TTL = 28 * 86400
 STATIC_DIR = HERE / "static"
 # Headers of a static file, by its path under static/, whatever route reaches
@@ -6161,6 +6234,49 @@ class JsonApiPlugin:
         return wrapper
 
 
+class AuthPlugin:
+    """Bottle plugin: a route marked ``auth=True`` needs the push token as a
+    bearer token, one marked ``auth="metrics"`` METRICS_TOKEN (the push token
+    without it); a wrong or missing one is a 401 that says how to send it."""
+
+    name = "auth"
+    api = 2
+    REFUSED: ClassVar[dict[bool | str, str]] = {
+        True: "send the push token as 'Authorization: Bearer <PUSH_TOKEN>'",
+        "metrics": "send METRICS_TOKEN (or, without it, the push token) as a "
+        "bearer token",
+    }
+
+    def __init__(self, token: str, metrics_token: str = ""):
+        self.tokens = {True: token, "metrics": metrics_token or token}
+
+    def allows(self, need: bool | str) -> bool:
+        """Whether this request's bearer token is the one ``need`` names."""
+        scheme, _, given = request_header("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8"), self.tokens[need].encode("utf-8")
+        )
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        need = route.config.get("auth")
+        if not need:
+            return callback
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not self.allows(need):
+                bottle.response.set_header("WWW-Authenticate", 'Bearer realm="push"')
+                log.warning(
+                    "refused %s %s from %s: wrong or missing token",
+                    bottle.request.method,
+                    bottle.request.path,
+                    bottle.request.remote_addr,
+                )
+                raise ApiError(401, self.REFUSED[need])
+            return callback(*args, **kwargs)
+
+        return wrapper
+
+
 def client_address(environ: dict, trusted_proxies: frozenset[str]) -> str:
     """The client's address: the peer's, or, when the peer is a trusted proxy,
     the nearest untrusted address in X-Forwarded-For (clients can forge the rest)."""
@@ -6519,7 +6635,7 @@ def body_hash(body: Any) -> str:
 class Services:
     """What a process serves from: the stores, delivery, the engine, metrics."""
 
-    store: SubscriptionStore | RedisSubscriptionStore
+    store: SubscriptionStore
     journal: NotificationJournal | None  # the JSON store's, None on Redis
     delivery: Delivery
     engine: NotificationEngine
@@ -6530,7 +6646,7 @@ def build_services(
     settings: Settings,
     keys: VapidKeys,
     receipt_key: bytes,
-    store: SubscriptionStore | RedisSubscriptionStore,
+    store: SubscriptionStore,
     journal: NotificationJournal | None = None,
     consume: bool | None = None,
 ) -> Services:
@@ -6559,101 +6675,31 @@ def build_services(
     return Services(store, journal, delivery, engine, metrics)
 
 
-def create_app(
-    settings: Settings | None = None,
-    keys: VapidKeys | None = None,
-    store: SubscriptionStore | RedisSubscriptionStore | None = None,
-    token: str | None = None,
-    journal: NotificationJournal | None = None,
-    receipt_key: bytes | None = None,
-) -> bottle.Bottle:
-    """The WSGI application. Anything not given is made from ``settings``;
-    ``app.config["webpush.close"](timeout)`` stops its delivery and files."""
-    settings = settings or Settings.from_env()
-    keys = keys if keys is not None else VapidKeys.load_or_create(settings)
-    token = token if token is not None else load_or_create_token(settings)[0]
-    if receipt_key is None:
-        receipt_key = receipt_key_of(settings, keys)
-    if store is None:
-        store = open_store(settings)
-    services = build_services(settings, keys, receipt_key, store, journal)
-    delivery, queue, metrics = services.delivery, services.engine, services.metrics
-    validate = Validator(settings)
-    cors = CorsPlugin(settings.cors_origins)
-    started = time.time()
-    test_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
-    wait_slots = threading.BoundedSemaphore(max(1, settings.threads // 4))
+@dataclass(eq=False)
+class Http:
+    """What the routes share: the settings, the services they call, the
+    checks of what comes in, and two small pools of HTTP threads (test
+    notifications, ``Prefer: wait``) so neither can take them all."""
 
-    def close(timeout: float = 0, rest: float = 1.0) -> bool:
-        """Stop: batches in flight get ``timeout`` seconds to be recorded, and
-        the rest of the stop takes ``rest`` seconds at most."""
-        recorded = queue.stop(timeout)
-        closed_by = time.monotonic() + rest
-        delivery.close(rest)  # what it still had comes back unsent...
-        # ...and the dispatcher ends once it has seen it
-        queue.stop(max(0.0, closed_by - time.monotonic()))
-        queue.close()
-        store.close()
-        return recorded
+    settings: Settings
+    services: Services
+    keys: VapidKeys
+    receipt_key: bytes
+    auth: AuthPlugin
+    validate: Validator
+    started: float = field(default_factory=time.time)
+    test_slots: threading.BoundedSemaphore = field(init=False)
+    wait_slots: threading.BoundedSemaphore = field(init=False)
 
-    metrics_token = settings.metrics_token or token
+    def __post_init__(self) -> None:
+        self.test_slots = threading.BoundedSemaphore(max(1, self.settings.threads // 4))
+        self.wait_slots = threading.BoundedSemaphore(max(1, self.settings.threads // 4))
 
-    def gauges() -> list:
-        subscriptions = metrics.gauge(
-            "webpush_subscriptions", "Subscriptions stored, by channel", "channel"
-        )
-        for kind in CHANNELS:
-            subscriptions.add_metric([kind], store.count(kind))
-        notifications = metrics.gauge(
-            "webpush_notifications", "Notifications kept, by status", "status"
-        )
-        counts = queue.status_counts()
-        for status in ("scheduled", "queued", "sending", *FINISHED):
-            notifications.add_metric([status], counts.get(status, 0))
-        batches, age = queue.backlog()
-        depth = metrics.gauge(
-            "webpush_queue_batches", "Fan-out batches due and not yet delivered"
-        )
-        depth.add_metric([], batches)
-        oldest = metrics.gauge(
-            "webpush_queue_oldest_seconds", "How long the oldest of them has waited"
-        )
-        oldest.add_metric([], age)
-        return [subscriptions, notifications, depth, oldest]
-
-    metrics.add_source(gauges)
-
-    app = bottle.Bottle()
-    app.install(MetricsPlugin(metrics))  # outermost: it sees every answer
-    app.install(cors)  # then CORS, so it wraps the JSON errors too
-    app.install(JsonApiPlugin())
-    app.install(
-        RateLimitPlugin(
-            settings.rate_limit,
-            settings.trusted_proxies,
-            store.redis if isinstance(store, RedisSubscriptionStore) else None,
-            settings.redis_prefix,
-            settings.receipt_rate_limit,
-        )
-    )
-    app.config.update(
-        {
-            "webpush.store": store,
-            "webpush.journal": services.journal,
-            "webpush.queue": queue,
-            "webpush.delivery": delivery,
-            "webpush.keys": keys,
-            "webpush.receipt_key": receipt_key,
-            "webpush.close": close,
-        }
-    )
-    bottle.BaseRequest.MEMFILE_MAX = settings.max_body_bytes
-
-    def public_base() -> str:
+    def public_base(self) -> str:
         """What a relative ``url`` is relative to: PUBLIC_URL, else this
         request's origin (behind a proxy, the Host it forwarded)."""
-        if settings.public_url:
-            return settings.public_url.rstrip("/") + "/"
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/") + "/"
         parts = bottle.request.urlparts
         base = f"{parts.scheme}://{parts.netloc}/"
         try:
@@ -6671,29 +6717,97 @@ def create_app(
             )
         return base
 
-    def bearer_ok() -> bool:
-        header = request_header("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode("utf-8"), token.encode("utf-8")
+    def accept(
+        self, fields: dict, key: str | None, body: str, source: str = "api"
+    ) -> tuple[Message, dict, bool]:
+        """The one way a notification comes in (``POST /push`` and webhooks):
+        its fields checked, kept by the engine; its message, status document,
+        and whether it was made before with the same key
+        (IdempotencyConflict if with another body)."""
+        message, topic = self.validate.push(fields, self.public_base())
+        send_at = self.validate.send_at(fields)
+        document, replayed = self.services.engine.create(
+            message, topic, send_at, key, body, source
         )
+        if not replayed:
+            log.info(
+                "notification %s (%s) %s for %d subscribers%s",
+                document["id"],
+                source,
+                document["status"],
+                document["total"],
+                f" (topic {topic})" if topic else "",
+            )
+        return message, document, replayed
 
-    def require_token() -> None:
-        if not bearer_ok():
-            bottle.response.set_header("WWW-Authenticate", 'Bearer realm="push"')
-            log.warning(
-                "refused %s %s from %s: wrong or missing token",
-                bottle.request.method,
-                bottle.request.path,
-                bottle.request.remote_addr,
-            )
-            raise ApiError(
-                401, "send the push token as 'Authorization: Bearer <PUSH_TOKEN>'"
-            )
+    def answer(self, document: dict, wait: int | None, replayed: bool) -> dict:
+        """A new notification's answer: 202 naming it, or 200 with its final
+        status document if it ended within ``Prefer: wait``."""
+        # Waiting holds an HTTP thread: a few at most, the rest answer at once.
+        if (
+            wait
+            and document["status"] not in FINISHED
+            and self.wait_slots.acquire(False)
+        ):
+            try:
+                document = self.services.engine.wait(document["id"], wait) or document
+            finally:
+                self.wait_slots.release()
+        if wait is not None:
+            bottle.response.set_header("Preference-Applied", f"wait={wait}")
+        if replayed:
+            bottle.response.set_header("Idempotent-Replayed", "true")
+        if wait and document["status"] in FINISHED:
+            return document
+        bottle.response.status = 202
+        bottle.response.set_header("Location", f"/notifications/{document['id']}")
+        return {
+            "id": document["id"],
+            "status": document["status"],
+            "subscriptions": document["total"],
+        }
+
+
+def _gauges(services: Services) -> Callable[[], list]:
+    """The store's and the engine's figures, read at each scrape."""
+    metrics, store, engine = services.metrics, services.store, services.engine
+
+    def gauges() -> list:
+        subscriptions = metrics.gauge(
+            "webpush_subscriptions", "Subscriptions stored, by channel", "channel"
+        )
+        for kind in CHANNELS:
+            subscriptions.add_metric([kind], store.count(kind))
+        notifications = metrics.gauge(
+            "webpush_notifications", "Notifications kept, by status", "status"
+        )
+        counts = engine.status_counts()
+        for status in ("scheduled", "queued", "sending", *FINISHED):
+            notifications.add_metric([status], counts.get(status, 0))
+        batches, age = engine.backlog()
+        depth = metrics.gauge(
+            "webpush_queue_batches", "Fan-out batches due and not yet delivered"
+        )
+        depth.add_metric([], batches)
+        oldest = metrics.gauge(
+            "webpush_queue_oldest_seconds", "How long the oldest of them has waited"
+        )
+        oldest.add_metric([], age)
+        return [subscriptions, notifications, depth, oldest]
+
+    return gauges
+
+
+# -- routes, by resource ----------------------------------------------------------
+
+
+def subscription_routes(app: bottle.Bottle, http: Http) -> None:
+    """``/subscription``: the public key, subscribe, unsubscribe, a test."""
+    settings, validate, store = http.settings, http.validate, http.services.store
 
     @app.get("/subscription", api=True)
     def get_public_key() -> dict:
-        return {"public_key": keys.public_key}
+        return {"public_key": http.keys.public_key}
 
     @app.post("/subscription", api=True, rate_limited=True)
     def subscribe() -> dict:
@@ -6755,79 +6869,33 @@ def create_app(
             raise ApiError(
                 403, "the 'auth' secret does not match the stored subscription"
             )
-        message, _ = validate.push(
-            {
-                "title": "Test notification",
-                "body": "Push works for this browser.",
-                "url": "/",
-                "data": {"test": True},
-                "urgency": "high",
-            },
-            public_base(),
-        )
-        # Ahead of any fan-out's messages to the same push service, on a few
-        # HTTP threads at most, and never longer than TEST_WAIT.
-        if not test_slots.acquire(blocking=False):
+        message, _ = validate.push(TEST_NOTIFICATION, http.public_base())
+        # On a few HTTP threads at most, and never longer than TEST_WAIT.
+        if not http.test_slots.acquire(blocking=False):
             bottle.response.set_header("Retry-After", "5")
             raise ApiError(
                 429, "too many test notifications under way; try again in a few seconds"
             )
         try:
-            outcomes = delivery.submit([stored], message, first=True).result(TEST_WAIT)
-        except (concurrent.futures.TimeoutError, DeliveryStopped) as e:
-            reason = (
-                f"no answer from the push service within {TEST_WAIT:g} s"
-                if isinstance(e, concurrent.futures.TimeoutError)
-                else "the server is stopping"
-            )
-            outcomes = [
-                PushOutcome(
-                    stored["id"],
-                    endpoint_origin(stored["endpoint"]),
-                    None,
-                    "failed",
-                    reason,
-                )
-            ]
+            outcomes = http.services.engine.send_now(stored, message, TEST_WAIT)
         finally:
-            test_slots.release()
-        apply_outcomes(store, outcomes, settings.prune_after_failures)
+            http.test_slots.release()
         return PushReport(outcomes).summary(detail=True)
 
-    def answer(document: dict, wait: int | None, replayed: bool = False) -> dict:
-        """A new notification's answer: 202 naming it, or 200 with its final
-        status document if it ended within ``Prefer: wait``."""
-        # Waiting holds an HTTP thread: a few at most, the rest answer at once.
-        if wait and document["status"] not in FINISHED and wait_slots.acquire(False):
-            try:
-                document = queue.wait(document["id"], wait) or document
-            finally:
-                wait_slots.release()
-        if wait is not None:
-            bottle.response.set_header("Preference-Applied", f"wait={wait}")
-        if replayed:
-            bottle.response.set_header("Idempotent-Replayed", "true")
-        if wait and document["status"] in FINISHED:
-            return document
-        bottle.response.status = 202
-        bottle.response.set_header("Location", f"/notifications/{document['id']}")
-        return {
-            "id": document["id"],
-            "status": document["status"],
-            "subscriptions": document["total"],
-        }
 
-    @app.post("/push", api=True)
+def notification_routes(app: bottle.Bottle, http: Http) -> None:
+    """``/push`` and ``/notifications``: send, list, look at, cancel, and the
+    receipts service workers report."""
+    settings, validate, engine = http.settings, http.validate, http.services.engine
+
+    @app.post("/push", api=True, auth=True)
     def push() -> dict:
-        require_token()
         body = read_json(settings.max_body_bytes)
-        message, topic = validate.push(body, public_base())
-        send_at = validate.send_at(body)
         key = validate.idempotency_key(request_header("Idempotency-Key"))
         wait = prefer_wait(request_header("Prefer"))
         try:  # "push:", apart from webhook deliveries' ids: none swallows another
-            document, replayed = queue.create(
-                message, topic, send_at, key and f"push:{key}", body_hash(body)
+            _, document, replayed = http.accept(
+                body, key and f"push:{key}", body_hash(body)
             )
         except IdempotencyConflict as e:
             raise ApiError(
@@ -6835,46 +6903,30 @@ def create_app(
                 f"this Idempotency-Key was used for notification {e} with another "
                 "body in the last 24 hours; use a new key for a new notification",
             ) from None
-        if not replayed:
-            log.info(
-                "notification %s %s for %d subscribers%s",
-                document["id"],
-                document["status"],
-                document["total"],
-                f" (topic {topic})" if topic else "",
-            )
-        return answer(document, wait, replayed)
+        return http.answer(document, wait, replayed)
 
-    @app.get("/notifications", api=True)
+    @app.get("/notifications", api=True, auth=True)
     def list_notifications() -> dict:
-        require_token()
         raw = bottle.request.query.get("limit", "20")
         if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= 1000:
             raise ApiError(400, "'limit' must be a whole number from 1 to 1000")
-        return {"notifications": queue.list(int(raw))}
+        return {"notifications": engine.list(int(raw))}
 
-    def notification_id(value: str) -> str:
-        if not NOTIFICATION_ID_RE.fullmatch(value):
-            raise ApiError(404, "no such notification (ids are 16 characters)")
-        return value
-
-    @app.get("/notifications/<id>", api=True)
+    @app.get("/notifications/<id>", api=True, auth=True)
     def get_notification(id: str) -> dict:
-        require_token()
-        document = queue.get(notification_id(id))
+        document = engine.get(id_in_path(id))
         if document is None:
             raise ApiError(404, "no such notification; it may be past its retention")
         return document
 
-    @app.delete("/notifications/<id>", api=True)
+    @app.delete("/notifications/<id>", api=True, auth=True)
     def cancel_notification(id: str) -> dict:
-        require_token()
         try:
-            return queue.cancel(notification_id(id))
+            return engine.cancel(id_in_path(id))
         except KeyError:
             raise ApiError(404, "no such notification") from None
         except AlreadyFinished:
-            status = (queue.get(id) or {}).get("status", "ended")
+            status = (engine.get(id) or {}).get("status", "ended")
             raise ApiError(
                 409,
                 f"the notification has ended ({status}); there is nothing to cancel",
@@ -6882,24 +6934,22 @@ def create_app(
 
     @app.post("/notifications/<id>/events", api=True, rate_limited="receipts")
     def receipt_event(id: str) -> dict:
-        notification_id(id)
+        id_in_path(id)
         event, given = validate.receipt(read_json(settings.max_body_bytes))
-        subscriber = receipt_subscriber(receipt_key, id, given)
+        subscriber = receipt_subscriber(http.receipt_key, id, given)
         if subscriber is None:
             raise ApiError(403, "this receipt was not made for this notification")
-        counted = queue.count_receipt(id, event, subscriber)
+        counted = engine.count_receipt(id, event, subscriber)
         if counted is None:
             raise ApiError(404, "no such notification; it may be past its retention")
         if counted:
-            metrics.receipts.labels(event).inc()
+            http.services.metrics.receipts.labels(event).inc()
         return {"event": event, "counted": counted}
 
-    @app.get("/metrics", api=True)
-    def get_metrics() -> bottle.HTTPResponse:
-        return metrics_response(metrics, metrics_token)
 
-    in_flight = InFlight(app)  # what a shutdown waits for
-    app.config["webpush.in_flight"] = in_flight
+def webhook_routes(app: bottle.Bottle, http: Http) -> None:
+    """``/webhooks/<source>``: signed events that become notifications."""
+    settings = http.settings
 
     @app.post("/webhooks/<source>", api=True)
     def webhook(source: str) -> dict:
@@ -6917,7 +6967,7 @@ def create_app(
         raw = read_body(settings.max_webhook_bytes, "MAX_WEBHOOK_BYTES")
         signature = request_header(kind.signature_header)
         if not signature_valid(settings.webhook_secret, raw, signature) and not (
-            kind.token_allowed and bearer_ok()
+            kind.token_allowed and http.auth.allows(True)
         ):
             log.warning(
                 "refused webhook %s from %s: bad signature",
@@ -6946,15 +6996,11 @@ def create_app(
         if fields is None:
             bottle.response.status = 202
             return {"ignored": f"{source} {event!r} of this kind sends no notification"}
-        message, topic = validate.push(fields, public_base())
-        send_at = validate.send_at(fields)
         delivery_id = request_header(kind.delivery_header)
         key = f"webhook:{source}:{delivery_id}" if delivery_id else None
         try:  # a redelivery has the same id: it makes no second notification
-            document, replayed = queue.create(
-                message,
-                topic,
-                send_at,
+            message, document, replayed = http.accept(
+                fields,
                 key,
                 hashlib.sha256(raw).hexdigest(),
                 f"webhook {source}/{event}",
@@ -6963,13 +7009,6 @@ def create_app(
             return {"duplicate": delivery_id, "id": str(e)}
         if replayed:
             return {"duplicate": delivery_id, "id": document["id"]}
-        log.info(
-            "webhook %s/%s: notification %s for %d subscribers",
-            source,
-            event,
-            document["id"],
-            document["total"],
-        )
         bottle.response.status = 202
         bottle.response.set_header("Location", f"/notifications/{document['id']}")
         return {
@@ -6980,6 +7019,11 @@ def create_app(
             "subscriptions": document["total"],
         }
 
+
+def operation_routes(app: bottle.Bottle, http: Http) -> None:
+    """What operators look at: ``/health``, ``/topics``, ``/metrics``."""
+    store, engine = http.services.store, http.services.engine
+
     @app.get("/health", api=True)
     def health() -> dict:
         answer = {
@@ -6987,21 +7031,28 @@ def create_app(
             "subscriptions": store.count("webpush"),
             "fcm_tokens": store.count("fcm"),
             "version": __version__,
-            "uptime_seconds": int(time.time() - started),
+            "uptime_seconds": int(time.time() - http.started),
         }
         if isinstance(store, RedisSubscriptionStore):
-            answer["workers"] = queue.delivering()
+            answer["workers"] = engine.delivering()
         return answer
 
-    @app.get("/topics", api=True)
+    @app.get("/topics", api=True, auth=True)
     def list_topics() -> str:
-        require_token()
         counts = store.topics()
         bottle.response.content_type = "application/json"
         # A list: Bottle turns only dicts into JSON itself.
         return json.dumps(
             [{"topic": t, "subscriptions": counts[t]} for t in sorted(counts)]
         )
+
+    @app.get("/metrics", api=True, auth="metrics")
+    def get_metrics() -> bottle.HTTPResponse:
+        return metrics_response(http.services.metrics)
+
+
+def page_routes(app: bottle.Bottle) -> None:
+    """What people open: the demo page, the console, their files."""
 
     @app.get("/")
     def index() -> bottle.HTTPResponse:
@@ -7019,6 +7070,82 @@ def create_app(
     def static(name: str) -> bottle.HTTPResponse:
         return serve_static(name)
 
+
+def id_in_path(value: str) -> str:
+    """A notification id from a path, or 404 when it cannot be one."""
+    if not NOTIFICATION_ID_RE.fullmatch(value):
+        raise ApiError(404, "no such notification (ids are 16 characters)")
+    return value
+
+
+def create_app(
+    settings: Settings | None = None,
+    keys: VapidKeys | None = None,
+    store: SubscriptionStore | None = None,
+    token: str | None = None,
+    journal: NotificationJournal | None = None,
+    receipt_key: bytes | None = None,
+) -> bottle.Bottle:
+    """The WSGI application. Anything not given is made from ``settings``;
+    ``app.config["webpush.close"](timeout)`` stops its delivery and files."""
+    settings = settings or Settings.from_env()
+    keys = keys if keys is not None else VapidKeys.load_or_create(settings)
+    token = token if token is not None else load_or_create_token(settings)[0]
+    if receipt_key is None:
+        receipt_key = receipt_key_of(settings, keys)
+    if store is None:
+        store = open_store(settings)
+    services = build_services(settings, keys, receipt_key, store, journal)
+    auth = AuthPlugin(token, settings.metrics_token or token)
+    http = Http(settings, services, keys, receipt_key, auth, Validator(settings))
+    delivery, engine = services.delivery, services.engine
+
+    def close(timeout: float = 0, rest: float = 1.0) -> bool:
+        """Stop: batches in flight get ``timeout`` seconds to be recorded, and
+        the rest of the stop takes ``rest`` seconds at most."""
+        recorded = engine.stop(timeout)
+        closed_by = time.monotonic() + rest
+        delivery.close(rest)  # what it still had comes back unsent...
+        # ...and the engine ends once it has seen it
+        engine.stop(max(0.0, closed_by - time.monotonic()))
+        engine.close()
+        store.close()
+        return recorded
+
+    services.metrics.add_source(_gauges(services))
+    cors = CorsPlugin(settings.cors_origins)
+    app = bottle.Bottle()
+    app.install(MetricsPlugin(services.metrics))  # outermost: it sees every answer
+    app.install(cors)  # then CORS, so it wraps the JSON errors too
+    app.install(JsonApiPlugin())
+    app.install(
+        RateLimitPlugin(
+            settings.rate_limit,
+            settings.trusted_proxies,
+            store.redis if isinstance(store, RedisSubscriptionStore) else None,
+            settings.redis_prefix,
+            settings.receipt_rate_limit,
+        )
+    )
+    app.install(auth)
+    app.config.update(
+        {
+            "webpush.store": store,
+            "webpush.journal": services.journal,
+            "webpush.queue": engine,
+            "webpush.delivery": delivery,
+            "webpush.keys": keys,
+            "webpush.receipt_key": receipt_key,
+            "webpush.close": close,
+        }
+    )
+    bottle.BaseRequest.MEMFILE_MAX = settings.max_body_bytes
+    subscription_routes(app, http)
+    notification_routes(app, http)
+    webhook_routes(app, http)
+    operation_routes(app, http)
+    page_routes(app)
+    app.config["webpush.in_flight"] = InFlight(app)  # what a shutdown waits for
     for rule in {route.rule for route in app.routes if route.config.get("api")}:
         app.route(rule, "OPTIONS", cors.preflight, api=True)
 
@@ -7184,7 +7311,7 @@ def migrate_store(settings: Settings, target: str) -> int:
         public_key = existing_vapid_key(settings) if to_redis else None
         if public_key is not None:
             redis_store.claim_identity(public_key, None)
-        json_store = SubscriptionStore(json_path)
+        json_store = JsonSubscriptionStore(json_path)
     except (StoreLocked, StoreDamaged, SettingError, OSError) as e:
         log.error("%s", e)
         redis_store.close()
@@ -7308,10 +7435,11 @@ def serve_worker_metrics(settings: Settings, metrics: Metrics) -> Any:
         )
     app = bottle.Bottle()
     app.install(JsonApiPlugin())
+    app.install(AuthPlugin(token))
 
-    @app.get("/metrics", api=True)
+    @app.get("/metrics", api=True, auth="metrics")
     def get_metrics() -> bottle.HTTPResponse:
-        return metrics_response(metrics, token)
+        return metrics_response(metrics)
 
     @app.error(404)
     def not_found(error: bottle.HTTPError) -> str:

@@ -336,7 +336,7 @@ def test_everything_is_kept_in_the_json_files_or_with_redis_url_in_redis_alone(
             key.startswith(settings.redis_prefix.encode()) for key in keys
         )
     else:
-        assert isinstance(store, api.SubscriptionStore)
+        assert isinstance(store, api.JsonSubscriptionStore)
         assert all(path.stat().st_size for path in files)
 
 
@@ -784,14 +784,14 @@ def _record(n: int) -> dict:
 
 def test_store_survives_reopen_and_compacts_when_mostly_dead(tmp_path):
     path = tmp_path / "subs.json"
-    store = api.SubscriptionStore(path)
+    store = api.JsonSubscriptionStore(path)
     for n in range(1200):
         store.upsert(_record(n % 100))
     store.remove(_record(0)["id"])
     store.close()
     lines = path.read_text().splitlines()
-    assert len(lines) <= 2 * 99 + api.SubscriptionStore.COMPACT_MIN_LINES
-    reopened = api.SubscriptionStore(path)
+    assert len(lines) <= 2 * 99 + api.JsonSubscriptionStore.COMPACT_MIN_LINES
+    reopened = api.JsonSubscriptionStore(path)
     assert len(reopened) == 99 and reopened.get(_record(5)["id"])["endpoint"].endswith(
         "fake-5"
     )
@@ -801,23 +801,23 @@ def test_store_survives_reopen_and_compacts_when_mostly_dead(tmp_path):
 
 def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path, caplog):
     path = tmp_path / "subs.json"
-    store = api.SubscriptionStore(path)
+    store = api.JsonSubscriptionStore(path)
     store.upsert(_record(1))
     store.close()
     with open(path, "ab") as f:
         f.write(b'{"id":"torn","endpoint":"http://127.0.0.1:9/x","ke')
-    store = api.SubscriptionStore(path)
+    store = api.JsonSubscriptionStore(path)
     assert len(store) == 1 and "torn last line" in caplog.text
     store.upsert(_record(2))
     store.close()
-    store = api.SubscriptionStore(path)
+    store = api.JsonSubscriptionStore(path)
     assert len(store) == 2
     store.close()
 
 
 def damaged_store(path: Path, records: int, second_line: bytes) -> None:
     """A store of ``records`` records whose second line is ``second_line``."""
-    store = api.SubscriptionStore(path)
+    store = api.JsonSubscriptionStore(path)
     for n in range(records):
         store.upsert(_record(n))
     store.close()
@@ -830,20 +830,20 @@ def test_damage_in_the_middle_stops_the_start_with_the_line_number(tmp_path):
     path = tmp_path / "subs.json"
     damaged_store(path, 3, b"garbage")
     with pytest.raises(api.StoreDamaged, match="line 2"):
-        api.SubscriptionStore(path)
+        api.JsonSubscriptionStore(path)
 
 
 def test_a_second_store_on_the_same_file_is_refused(tmp_path):
-    store = api.SubscriptionStore(tmp_path / "subs.json")
+    store = api.JsonSubscriptionStore(tmp_path / "subs.json")
     with pytest.raises(api.StoreLocked, match="another api.py"):
-        api.SubscriptionStore(tmp_path / "subs.json")
+        api.JsonSubscriptionStore(tmp_path / "subs.json")
     store.close()
 
 
 @pytest.mark.parametrize("link", ["symlink", "hard link"])
 def test_a_second_store_through_another_name_of_the_file_is_refused(tmp_path, link):
     path = tmp_path / "subscriptions.json"
-    store = api.SubscriptionStore(path)
+    store = api.JsonSubscriptionStore(path)
     store.upsert(_record(1))
     other = tmp_path / "elsewhere" / "subs.json"
     other.parent.mkdir()
@@ -852,9 +852,9 @@ def test_a_second_store_through_another_name_of_the_file_is_refused(tmp_path, li
     else:
         os.link(path, other)
     with pytest.raises(api.StoreLocked):
-        api.SubscriptionStore(other)
+        api.JsonSubscriptionStore(other)
     store.close()
-    api.SubscriptionStore(other).close()  # free once the first one closed
+    api.JsonSubscriptionStore(other).close()  # free once the first one closed
 
 
 def _store_lines(path: Path) -> list[dict]:
@@ -896,7 +896,7 @@ def test_a_refused_write_changes_nothing_and_the_next_one_works(
     tmp_path, failing, call, error
 ):
     path = tmp_path / "subs.json"
-    store = api.SubscriptionStore(path)
+    store = api.JsonSubscriptionStore(path)
     store.upsert(_record(1))
     store.upsert(_record(2))
     before = path.read_bytes()
@@ -908,7 +908,7 @@ def test_a_refused_write_changes_nothing_and_the_next_one_works(
     store.remove(_record(2)["id"])  # the next write works
     store.upsert(_record(3))
     store.close()
-    reopened = api.SubscriptionStore(path)
+    reopened = api.JsonSubscriptionStore(path)
     assert sorted(r["id"] for r in reopened.list()) == sorted(
         [_record(1)["id"], _record(3)["id"]]
     )
@@ -920,8 +920,8 @@ def test_a_refused_write_changes_nothing_and_the_next_one_works(
 @pytest.mark.parametrize("call", ["write", "fsync", "replace"])
 def test_a_failed_compaction_keeps_the_journal_and_the_write(tmp_path, failing, call):
     path = tmp_path / "subs.json"
-    store = api.SubscriptionStore(path)
-    for n in range(api.SubscriptionStore.COMPACT_MIN_LINES):
+    store = api.JsonSubscriptionStore(path)
+    for n in range(api.JsonSubscriptionStore.COMPACT_MIN_LINES):
         store.upsert(_record(n % 10))
     failing(call, errno.ENOSPC, after=1 if call == "write" else 0)
     store.remove(_record(0)["id"])  # its append works; the compaction it starts fails
@@ -929,7 +929,7 @@ def test_a_failed_compaction_keeps_the_journal_and_the_write(tmp_path, failing, 
     assert not (tmp_path / "subs.json.tmp").exists()
     store.upsert(_record(11))  # the store still works: no 503 until a restart
     store.close()
-    reopened = api.SubscriptionStore(path)
+    reopened = api.JsonSubscriptionStore(path)
     assert len(reopened) == 10 and reopened.get(_record(0)["id"]) is None
     reopened.close()
 
@@ -1174,7 +1174,7 @@ def test_kill_9_loses_no_acknowledged_subscription(server_factory):
         for t in threads:
             t.join()
     assert len(acknowledged) > 100
-    store = api.SubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
+    store = api.JsonSubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
     stored = {r["endpoint"] for r in store.list()}
     store.close()
     assert acknowledged <= stored
@@ -2331,7 +2331,7 @@ def test_sigterm_lets_messages_in_flight_finish_keeps_the_store_whole_and_resume
         assert result["http_status"] == 202 and result["status"] == "sending"
         assert server.proc.wait(30) == 0
         assert "stopped" in server.output()
-        store = api.SubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
+        store = api.JsonSubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
         assert len(store) == 8
         store.close()
         server.start()

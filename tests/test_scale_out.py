@@ -440,7 +440,7 @@ def test_a_full_redis_refuses_writes_with_507_changes_nothing_and_recovers(tmp_p
 
 
 def _json_store_with(path: Path, count: int) -> list[dict]:
-    store = api.SubscriptionStore(path)
+    store = api.JsonSubscriptionStore(path)
     records = []
     for n in range(count):
         record = api.Validator(
@@ -484,7 +484,7 @@ def test_migrate_store_copies_json_into_redis_and_back_idempotently(
     result = _migrate(str(back), **env, REDIS_URL=redis_server.url)
     assert "copied 0 subscriptions (2499 already there" in result.stderr
     assert back.stat().st_size == size
-    copy = api.SubscriptionStore(back)
+    copy = api.JsonSubscriptionStore(back)
     assert len(copy) == 2_499
     assert copy.get(records[1]["id"]) == records[1]
     copy.close()
