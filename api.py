@@ -1740,7 +1740,8 @@ class JsonSubscriptionStore(JsonLinesStore):
 
     A record's place in line (``seq``) is given when its id is first stored
     and kept for life, in the record itself: a fan-out goes to the records
-    in line up to where the line ended when it started, as on Redis.
+    in line up to where the line ended when it started, as on Redis (where
+    it is a counter, ``seq``, that Redis keeps).
     """
 
     WHAT = "subscription file"
@@ -1856,12 +1857,15 @@ class JsonSubscriptionStore(JsonLinesStore):
         self, lines: list[tuple[str, bytes, dict]], removals: list[str]
     ) -> _Write | None:
         # A new id takes the next place in line; a stored one keeps its own.
+        # Places are microseconds since the epoch (or one more than the last),
+        # so one is never given twice, even once the record that held the
+        # last was removed and the file compacted before a restart.
         placed = []
         for record_id, line, record in lines:
             if "seq" not in record:
                 known = self._index.get(record_id)
                 if known is None:
-                    self._seq += 1
+                    self._seq = max(self._seq + 1, time.time_ns() // 1000)
                 record = {**record, "seq": known[2] if known else self._seq}
                 line = _record_line(record).encode("utf-8")
             placed.append((record_id, line, record))
