@@ -4044,14 +4044,24 @@ class WebPushDelivery:
         return allowed
 
     def _start_waiting(self) -> bool:
-        """Start what the limits allow, a batch at a time; True if more could start."""
+        """Start what the limits allow, at most START_BATCH a turn, one from
+        each push service in turn, so that none waits behind another's
+        backlog; True if more could start."""
+        ready = [
+            waiting
+            for origin, waiting in self._waiting.items()
+            if waiting and self._in_flight[origin] < self.per_origin
+        ]
         started = 0
-        for origin, waiting in self._waiting.items():
-            while waiting and self._in_flight[origin] < self.per_origin:
+        while ready:
+            for waiting in list(ready):
                 if started == START_BATCH:
                     return True
-                self._start(waiting.popleft())
+                job = waiting.popleft()
+                self._start(job)
                 started += 1
+                if not waiting or self._in_flight[job.origin] >= self.per_origin:
+                    ready.remove(waiting)
         return False
 
     def _start(self, job: _PushJob) -> None:
