@@ -1,0 +1,146 @@
+"""One notification product on either store: the promises of README's
+"Notifications" (isolation, resumption, counting causes of failure, a full
+disk) held by the one ``NotificationEngine`` over ``JournalJobStore`` (JSON)
+and ``RedisJobStore`` (Redis) alike. Each test runs on both stores unless its
+docstring says why it cannot; a real ``python api.py`` process where a
+restart, kill -9 or a real disk is the point, the in-process app elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+import api
+from conftest import AUTH, WAIT, pushed, status_document, wait_status
+from tests.push_service import PushService
+from tests.test_notifications import DOCUMENT_FIELDS, hung_push_service, store_file
+from tests.test_scale_out import cluster  # noqa: F401 - a fixture, used by name
+
+ERROR_FIELDS = {"channel", "origin", "status", "reason", "count"}
+RECEIPT_FIELDS = ("delivered", "clicked", "closed")
+# Refusals a push service may answer, each counted as ``failed`` with the
+# subscription kept (README "Delivery"): no retry, no removal.
+REFUSALS = (400, 401, 402, 403, 405, 406, 409, 411, 412, 413, 415, 422)
+
+
+def records(subscriptions: list[dict], topics=()) -> list[dict]:
+    """Subscriptions as the store keeps them (as ``store_file`` writes them)."""
+    return [
+        {"id": api.subscription_id(sub["endpoint"]), **sub, "topics": list(topics)}
+        for sub in subscriptions
+    ]
+
+
+def preload(tmp_path: Path, env: dict, subscriptions: list[dict], topics=()) -> None:
+    """Subscriptions written straight into the store ``env`` names, before its
+    server starts (or while it is down): the JSON store's file in
+    ``tmp_path``, or Redis under REDIS_PREFIX."""
+    if "REDIS_URL" not in env:
+        store_file(tmp_path / "subscriptions.json", subscriptions, topics)
+        return
+    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    try:
+        store = api.RedisSubscriptionStore(client, env["REDIS_PREFIX"])
+        rows = records(subscriptions, topics)
+        for start in range(0, len(rows), 1000):
+            store.write(rows[start : start + 1000])
+    finally:
+        client.close()
+
+
+def _isolation_scenario(hung: str, push_service: PushService) -> dict[str, list]:
+    """2,000 subscribers on ``hung`` and 10 healthy ones on topic ``all``, 10
+    other healthy ones on topic ``other``: what to store before the scenario."""
+    on_hung = [
+        {**push_service.subscriber().subscription, "endpoint": f"{hung}/push/{n}"}
+        for n in range(2000)
+    ]
+    return {
+        "hung": on_hung,
+        "healthy": [push_service.subscriber() for _ in range(10)],
+        "other": [push_service.subscriber() for _ in range(10)],
+    }
+
+
+def _check_isolation(url: str, push_service: PushService, subs: dict) -> None:
+    """The fan-out to ``all`` reaches its 10 healthy subscribers within 2 s,
+    and a notification to ``other`` is done within 2 s while it still sends."""
+    first = requests.post(
+        url + "/push", json={"title": "everyone", "topic": "all"}, headers=AUTH
+    ).json()
+    assert first["subscriptions"] == 2010
+    started = time.monotonic()
+    push_service.wait_for(10, timeout=2)
+    took_first = time.monotonic() - started
+    reached = {d.subscriber for d in push_service.received()}
+    assert reached == {s.id for s in subs["healthy"]}, took_first
+
+    started = time.monotonic()
+    second = requests.post(
+        url + "/push",
+        json={"title": "others", "topic": "other"},
+        headers={**AUTH, "Prefer": "wait=10"},
+        timeout=15,
+    )
+    took = time.monotonic() - started
+    assert second.status_code == 200, second.text
+    assert (second.json()["status"], second.json()["sent"]) == ("done", 10)
+    assert took < 2, f"the second notification took {took:.1f} s"
+    others = [d for d in push_service.received() if d.message["title"] == "others"]
+    assert {d.subscriber for d in others} == {s.id for s in subs["other"]}
+    path = f"{url}/notifications/{first['id']}"
+    still = requests.get(path, headers=AUTH, timeout=10).json()
+    assert still["status"] == "sending", still  # the hung batches are out
+    assert still["sent"] == 10
+
+
+# -- isolation ------------------------------------------------------------------------
+
+
+def test_a_hung_push_service_delays_neither_its_fan_outs_healthy_subscribers_nor_another_notification(  # noqa: E501
+    server_factory, backend_env, tmp_path, push_service
+):
+    """README "Isolation", on either store: 2,000 subscribers on a push
+    service that never answers (PUSH_TIMEOUT=5) and 10 healthy ones in one
+    fan-out; the healthy get it within 2 s, and another notification to 10
+    other healthy subscribers is done within 2 s while the first still sends."""
+    with hung_push_service() as hung:
+        subs = _isolation_scenario(hung, push_service)
+        preload(tmp_path, backend_env, subs["hung"], ["all"])
+        preload(
+            tmp_path, backend_env, [s.subscription for s in subs["healthy"]], ["all"]
+        )
+        preload(
+            tmp_path, backend_env, [s.subscription for s in subs["other"]], ["other"]
+        )
+        server = server_factory(**backend_env, PUSH_TIMEOUT="5").start()
+        _check_isolation(server.url, push_service, subs)
+
+
+def test_a_hung_push_service_delays_nothing_else_across_workers_on_redis(
+    cluster,  # noqa: F811 - the fixture imported above
+    push_service,
+):
+    """The same scenario and figures with the API apart from the delivery (an
+    HTTP process with API_DELIVERS=false and two ``--worker`` processes): Redis
+    only, as only Redis shares notifications between processes."""
+    with hung_push_service() as hung:
+        subs = _isolation_scenario(hung, push_service)
+        store = cluster.store
+        store.write(records(subs["hung"][:1000], ["all"]))
+        store.write(records(subs["hung"][1000:], ["all"]))
+        store.write(records([s.subscription for s in subs["healthy"]], ["all"]))
+        store.write(records([s.subscription for s in subs["other"]], ["other"]))
+        server = cluster.http(API_DELIVERS="false")
+        cluster.worker("one")
+        cluster.worker("two")
+        _check_isolation(server.url, push_service, subs)
