@@ -8,19 +8,14 @@ restart, kill -9 or a real disk is the point, the in-process app elsewhere.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import redis
 import requests
 
 import api
-from conftest import AUTH, WAIT, pushed, status_document, wait_status
+from conftest import AUTH, WAIT, pushed, status_document
 from tests.push_service import PushService
 from tests.test_notifications import DOCUMENT_FIELDS, hung_push_service, store_file
 from tests.test_scale_out import cluster  # noqa: F401 - a fixture, used by name
@@ -106,7 +101,7 @@ def _check_isolation(url: str, push_service: PushService, subs: dict) -> None:
 # -- isolation ------------------------------------------------------------------------
 
 
-def test_a_hung_push_service_delays_neither_its_fan_outs_healthy_subscribers_nor_another_notification(  # noqa: E501
+def test_a_hung_push_service_delays_neither_its_fan_outs_healthy_subscribers_nor_another_notification(
     server_factory, backend_env, tmp_path, push_service
 ):
     """README "Isolation", on either store: 2,000 subscribers on a push
@@ -144,3 +139,93 @@ def test_a_hung_push_service_delays_nothing_else_across_workers_on_redis(
         cluster.worker("one")
         cluster.worker("two")
         _check_isolation(server.url, push_service, subs)
+
+
+# -- the same answers on both stores ---------------------------------------------------
+
+
+def _subscribe(app, push_service: PushService, topic: str, scripts: list) -> list:
+    """One subscriber of ``topic`` per script (its answers, then 201)."""
+    subs = [push_service.subscriber(script=script) for script in scripts]
+    for sub in subs:
+        app.post_json("/subscription", {**sub.subscription, "topics": [topic]})
+    return subs
+
+
+def test_failures_are_counted_whole_and_the_ten_commonest_causes_listed(
+    app, push_service
+):
+    """Twelve causes of failure (refusals with different statuses, each on a
+    different number of subscribers) and successes in one fan-out: ``failed``
+    counts every failure, ``errors`` the ten commonest, commonest first."""
+    scripts = [[status] for n, status in enumerate(REFUSALS) for _ in range(n + 1)]
+    _subscribe(app, push_service, "many", scripts + [[]] * 5)
+    document = pushed(app, {"title": "t", "topic": "many"}, WAIT)
+    assert set(document) == DOCUMENT_FIELDS
+    assert (document["status"], document["total"]) == ("done", 78 + 5)
+    assert (document["sent"], document["failed"], document["pending"]) == (5, 78, 0)
+    assert document["channels"]["webpush"]["failed"] == 78
+    errors = document["errors"]
+    assert [set(e) for e in errors] == [ERROR_FIELDS] * 10
+    assert [(e["status"], e["count"]) for e in errors] == [
+        (status, n + 1) for n, status in reversed(list(enumerate(REFUSALS)))
+    ][:10]
+    assert {(e["channel"], e["origin"]) for e in errors} == {
+        ("webpush", push_service.origin)
+    }
+    assert sum(e["count"] for e in errors) == 78 - 1 - 2  # the two rarest left out
+    assert status_document(app, document["id"]) == document
+
+
+def test_with_ten_causes_or_fewer_failed_is_the_sum_of_their_counts(app, push_service):
+    scripts = [[400], [403], [403], [413], [413], [413], [500] * 3, [], []]
+    _subscribe(app, push_service, "few", scripts)
+    document = pushed(app, {"title": "t", "topic": "few"}, WAIT)
+    errors = {e["status"]: e["count"] for e in document["errors"]}
+    assert errors == {413: 3, 403: 2, 400: 1, 500: 1}
+    assert document["failed"] == sum(errors.values()) == 7
+    assert (document["sent"], document["retried"]) == (2, 1)  # the 500, 3 tries
+    assert [e["count"] for e in document["errors"]] == [3, 2, 1, 1]
+
+
+def test_a_cancel_answers_the_status_document_on_either_store(app, push_service):
+    _subscribe(app, push_service, "later", [[], [], []])
+    answer = app.post_json(
+        "/push", {"title": "t", "topic": "later", "delay": 60}, headers=AUTH
+    ).json
+    cancelled = app.delete(f"/notifications/{answer['id']}", headers=AUTH).json
+    assert set(cancelled) == DOCUMENT_FIELDS
+    assert (cancelled["id"], cancelled["status"]) == (answer["id"], "cancelled")
+    assert (cancelled["total"], cancelled["pending"], cancelled["sent"]) == (3, 3, 0)
+    assert cancelled["errors"] == [] and cancelled["finished"] is not None
+    assert status_document(app, answer["id"]) == cancelled
+
+
+def test_an_idempotent_replay_answers_the_same_document_with_its_receipts(
+    app, push_service
+):
+    _subscribe(app, push_service, "once", [[], [], [400]])
+    headers = {**WAIT, "Idempotency-Key": "replay-1"}
+    body = {"title": "t", "topic": "once"}
+    original = app.post_json("/push", body, headers=headers)
+    assert original.status_int == 200 and "Idempotent-Replayed" not in original.headers
+    assert set(original.json) == DOCUMENT_FIELDS
+    replay = app.post_json("/push", body, headers=headers)
+    assert replay.status_int == 200
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json == original.json
+    receipt = push_service.received()[0].message["receipt"]
+    event = {"event": "delivered", "receipt": receipt}
+    app.post_json(f"/notifications/{original.json['id']}/events", event)
+    again = app.post_json("/push", body, headers=headers).json
+    assert again == status_document(app, original.json["id"])
+    assert {k: again[k] for k in RECEIPT_FIELDS} == {
+        "delivered": 1,
+        "clicked": 0,
+        "closed": 0,
+    }
+    unchanged = {k: v for k, v in again.items() if k not in RECEIPT_FIELDS}
+    assert unchanged == {
+        k: v for k, v in original.json.items() if k not in RECEIPT_FIELDS
+    }
+    assert len(push_service.received()) == 3  # sent once
