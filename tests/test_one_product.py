@@ -8,6 +8,7 @@ restart, kill -9 or a real disk is the point, the in-process app elsewhere.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import redis
 import requests
 
 import api
-from conftest import AUTH, WAIT, pushed, status_document
+from conftest import AUTH, WAIT, pushed, status_document, wait_status
 from tests.push_service import PushService
 from tests.test_notifications import DOCUMENT_FIELDS, hung_push_service, store_file
 from tests.test_scale_out import cluster  # noqa: F401 - a fixture, used by name
@@ -229,3 +230,45 @@ def test_an_idempotent_replay_answers_the_same_document_with_its_receipts(
         k: v for k, v in original.json.items() if k not in RECEIPT_FIELDS
     }
     assert len(push_service.received()) == 3  # sent once
+
+
+# -- resuming ---------------------------------------------------------------------------
+
+
+def test_a_resumed_notification_goes_to_those_subscribed_when_it_started(
+    server_factory, backend_env, tmp_path
+):
+    """kill -9 in the middle of a fan-out to 2,000; one subscriber is stored
+    while the server is down and one posted right after the restart, while
+    the rest is being sent: every one of the 2,000 gets it, the two new ones
+    do not, and ``total`` stays 2,000."""
+    with PushService(latency=0.1) as service:
+        subs = [service.subscriber() for _ in range(2000)]
+        preload(tmp_path, backend_env, [s.subscription for s in subs])
+        server = server_factory(
+            **backend_env,
+            PUSH_PROCESSES="1",
+            PUSH_CONCURRENCY="20",  # 200 a second: 10 s for all
+            WORKER_TIMEOUT="2",  # Redis: the dead process's batches taken back
+        ).start()
+        answer = requests.post(
+            server.url + "/push", json={"title": "t"}, headers=AUTH
+        ).json()
+        assert answer["subscriptions"] == 2000
+        service.wait_for(500, timeout=60)
+        server.stop(signal.SIGKILL)
+        assert len(service.received()) < 2000, "ended before the kill: make it slower"
+        while_down = service.subscriber()
+        preload(tmp_path, backend_env, [while_down.subscription])
+        server.start()
+        after = service.subscriber()
+        response = requests.post(server.url + "/subscription", json=after.subscription)
+        assert response.status_code == 201, response.text
+        assert status_document(server, answer["id"])["status"] == "sending"
+        document = wait_status(server, answer["id"], timeout=120)
+        received = service.received()
+    assert {d.subscriber for d in received} == {s.id for s in subs}
+    assert all(d.error is None for d in received)
+    assert len(received) - 2000 <= api.BATCH_SIZE * api.BATCHES_PER_PROCESS
+    assert (document["status"], document["total"]) == ("done", 2000)
+    assert (document["sent"], document["pending"]) == (2000, 0)
