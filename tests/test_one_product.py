@@ -8,10 +8,14 @@ restart, kill -9 or a real disk is the point, the in-process app elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import redis
 import requests
 
@@ -272,3 +276,88 @@ def test_a_resumed_notification_goes_to_those_subscribed_when_it_started(
     assert len(received) - 2000 <= api.BATCH_SIZE * api.BATCHES_PER_PROCESS
     assert (document["status"], document["total"]) == ("done", 2000)
     assert (document["sent"], document["pending"]) == (2000, 0)
+
+
+# -- a full disk ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 4 MB tmpfs, mounted for the test (root only: CI is)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root and must mount a tmpfs: {done.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here (not root?): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes every byte left on ``directory``'s disk."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"x" * 4096)
+    return filler
+
+
+def test_a_fan_out_the_full_disk_meets_is_recorded_when_space_returns(
+    tmpfs, server_factory, tmp_path
+):
+    """JSON only: the journal keeps in memory the progress a full disk
+    refuses and writes it when there is space again. Redis refuses a write
+    whole instead (507, nothing recorded), tested in test_scale_out.py.
+
+    3,000 subscribers, a notification due in 2 s, the disk filled before it
+    is due: all 3,000 get it; once the filler is deleted the notification is
+    done with sent 3000; after a restart it is still done, and nobody gets it
+    again."""
+    store = tmpfs / "subscriptions.json"
+    with PushService() as service:
+        subs = [service.subscriber() for _ in range(3000)]
+        store_file(store, [s.subscription for s in subs], ["all"])
+        server = server_factory(SUBSCRIPTIONS_FILE=str(store)).start()
+        answer = requests.post(
+            server.url + "/push",
+            json={"title": "t", "topic": "all", "delay": 2},
+            headers=AUTH,
+        ).json()
+        assert answer["status"] == "scheduled"
+        journal = store.with_name("subscriptions.notifications.json")
+        assert journal.exists()  # on the small disk too
+        filler = fill(tmpfs)
+        assert status_document(server, answer["id"])["status"] == "scheduled"
+        service.wait_for(3000, timeout=60)
+        deadline = time.monotonic() + 10
+        while "journal refuses writes" not in server.output():  # it met the disk
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+        filler.unlink()
+        document = wait_status(server, answer["id"], "done", timeout=10)
+        assert (document["sent"], document["total"]) == (3000, 3000)
+
+        server.stop()  # SIGTERM
+        server.start()
+        assert status_document(server, answer["id"]) == document
+        canary = service.subscriber()
+        body = {**canary.subscription, "topics": ["canary"]}
+        requests.post(server.url + "/subscription", json=body)
+        after = requests.post(
+            server.url + "/push", json={"title": "c", "topic": "canary"}, headers=WAIT
+        ).json()
+        assert (after["status"], after["sent"]) == ("done", 1)  # the engine ran
+        received = service.received()
+    assert status_document(server, answer["id"]) == document
+    titles = [d.message["title"] for d in received]
+    assert titles.count("t") == 3000, "sent again after the restart"
+    assert {d.subscriber for d in received if d.message["title"] == "t"} == {
+        s.id for s in subs
+    }
