@@ -361,3 +361,25 @@ def test_a_fan_out_the_full_disk_meets_is_recorded_when_space_returns(
     assert {d.subscriber for d in received if d.message["title"] == "t"} == {
         s.id for s in subs
     }
+
+
+def test_causes_are_counted_whole_across_batches_and_push_services(
+    app, store, push_service
+):
+    """A cause of failure met in several batches is one entry with every
+    failure counted; causes at different push services stay apart."""
+    with PushService() as other:
+        subs = [push_service.subscriber(script=[403]) for _ in range(300)]
+        subs += [push_service.subscriber() for _ in range(20)]
+        subs += [other.subscriber(script=[400]) for _ in range(7)]
+        subs += [other.subscriber(script=[413]) for _ in range(3)]
+        store.write(records([s.subscription for s in subs], ["mixed"]))
+        assert 300 > api.BATCH_SIZE  # the 403s fill more than one batch
+        document = pushed(app, {"title": "t", "topic": "mixed"}, WAIT)
+    causes = [(e["origin"], e["status"], e["count"]) for e in document["errors"]]
+    assert causes == [
+        (push_service.origin, 403, 300),
+        (other.origin, 400, 7),
+        (other.origin, 413, 3),
+    ]
+    assert (document["total"], document["sent"], document["failed"]) == (330, 20, 310)
