@@ -282,6 +282,52 @@ def test_a_resumed_notification_goes_to_those_subscribed_when_it_started(
     assert (document["sent"], document["pending"]) == (2000, 0)
 
 
+def test_a_resumed_notification_goes_to_those_subscribed_when_it_started_after_a_compaction(
+    server_factory, backend_env, tmp_path
+):
+    """The last subscriber in line unsubscribes during a fan-out, enough
+    writes follow for the JSON store to be compacted, then kill -9; one
+    subscriber is stored while the server is down, one posted after the
+    restart: neither is one of those the notification goes to (a place in
+    line is never given twice), on either store."""
+    with PushService(latency=0.1) as service:
+        server = server_factory(
+            **backend_env,
+            PUSH_PROCESSES="1",
+            PUSH_CONCURRENCY="1",  # 10 a second, in line order
+            WORKER_TIMEOUT="2",
+        ).start()
+        http = requests.Session()
+        subs = [service.subscriber() for _ in range(100)]
+        for sub in subs:
+            http.post(server.url + "/subscription", json=sub.subscription)
+        answer = http.post(server.url + "/push", json={"title": "t"}, headers=AUTH)
+        assert answer.json()["subscriptions"] == 100
+        service.wait_for(5, timeout=30)
+        last = subs.pop()
+        gone = http.delete(
+            server.url + "/subscription", json={"endpoint": last.endpoint}
+        )
+        assert gone.status_code == 204
+        for _ in range(api.JsonLinesStore.COMPACT_MIN_LINES):  # lines to compact
+            http.post(server.url + "/subscription", json=subs[0].subscription)
+        server.stop(signal.SIGKILL)
+        assert len(service.received()) < 99, "ended before the kill: make it slower"
+        while_down = service.subscriber()
+        preload(tmp_path, backend_env, [while_down.subscription])
+        server.start()
+        new = service.subscriber()
+        response = requests.post(server.url + "/subscription", json=new.subscription)
+        assert response.status_code == 201, response.text
+        notification_id = answer.json()["id"]
+        document = wait_status(server, notification_id, timeout=60)
+        received = {d.subscriber for d in service.received()}
+    assert while_down.id not in received, "one stored after the start got it"
+    assert new.id not in received, "one subscribed after the start got it"
+    assert received == {s.id for s in subs}
+    assert (document["status"], document["total"], document["sent"]) == ("done", 99, 99)
+
+
 # -- a full disk ------------------------------------------------------------------------
 
 
