@@ -328,6 +328,47 @@ def test_a_resumed_notification_goes_to_those_subscribed_when_it_started_after_a
     assert (document["status"], document["total"], document["sent"]) == ("done", 99, 99)
 
 
+def test_failures_and_their_causes_are_counted_once_across_a_kill_9(
+    server_factory, backend_env, tmp_path
+):
+    """A fan-out to 1,000, a quarter refused (403), killed with -9 midway
+    and resumed: the batches sent twice are counted once, so ``failed`` and
+    the cause's count are exactly 250, on either store."""
+    with PushService(latency=0.05) as service:
+        subs = [
+            service.subscriber(script=[403] * 5 if n % 4 == 0 else [])
+            for n in range(1000)
+        ]
+        preload(tmp_path, backend_env, [s.subscription for s in subs])
+        server = server_factory(
+            **backend_env,
+            PUSH_PROCESSES="1",
+            PUSH_CONCURRENCY="20",
+            WORKER_TIMEOUT="2",
+        ).start()
+        answer = requests.post(
+            server.url + "/push", json={"title": "t"}, headers=AUTH
+        ).json()
+        service.wait_for(400, timeout=60)
+        server.stop(signal.SIGKILL)
+        assert len(service.received()) < 1000, "ended before the kill: make it slower"
+        server.start()
+        document = wait_status(server, answer["id"], timeout=60)
+        received = {d.subscriber for d in service.received()}
+    assert received == {s.id for s in subs}
+    assert (document["status"], document["total"]) == ("done", 1000)
+    assert (document["sent"], document["failed"], document["retried"]) == (750, 250, 0)
+    assert document["errors"] == [
+        {
+            "channel": "webpush",
+            "origin": service.origin,
+            "status": 403,
+            "reason": "",
+            "count": 250,
+        }
+    ]
+
+
 # -- a full disk ------------------------------------------------------------------------
 
 
