@@ -372,6 +372,46 @@ def test_failures_and_their_causes_are_counted_once_across_a_kill_9(
     ]
 
 
+def test_a_cancel_answered_survives_kill_9_and_the_notification_is_not_resumed(
+    server_factory, backend_env, tmp_path
+):
+    """Cancelled in the middle of a fan-out, then kill -9 at once: after the
+    restart it is still cancelled, with the same document, and a later
+    notification goes out while nothing more of the cancelled one does."""
+    with PushService(latency=0.1) as service:
+        subs = [service.subscriber() for _ in range(1000)]
+        preload(tmp_path, backend_env, [s.subscription for s in subs], ["all"])
+        server = server_factory(
+            **backend_env,
+            PUSH_PROCESSES="1",
+            PUSH_CONCURRENCY="10",  # 100 a second
+            WORKER_TIMEOUT="2",
+        ).start()
+        answer = requests.post(
+            server.url + "/push", json={"title": "t", "topic": "all"}, headers=AUTH
+        ).json()
+        service.wait_for(50, timeout=30)
+        path = f"{server.url}/notifications/{answer['id']}"
+        cancelled = requests.delete(path, headers=AUTH)
+        assert cancelled.json()["status"] == "cancelled", cancelled.text
+        server.stop(signal.SIGKILL)
+        sent_before = len(service.received())
+        server.start()
+        after = status_document(server, answer["id"])
+        assert after["status"] == "cancelled"
+        assert after["finished"] == cancelled.json()["finished"]
+        canary = service.subscriber()
+        body = {**canary.subscription, "topics": ["canary"]}
+        requests.post(server.url + "/subscription", json=body)
+        later = requests.post(
+            server.url + "/push", json={"title": "c", "topic": "canary"}, headers=WAIT
+        ).json()
+        assert (later["status"], later["sent"]) == ("done", 1)
+        received = [d.message["title"] for d in service.received()]
+    assert received.count("t") == sent_before < 1000
+    assert status_document(server, answer["id"])["status"] == "cancelled"
+
+
 # -- a full disk ------------------------------------------------------------------------
 
 
