@@ -20,7 +20,7 @@ import redis
 import requests
 
 import api
-from conftest import AUTH, WAIT, pushed, status_document, wait_status
+from conftest import AUTH, LOCAL_PUSH, WAIT, pushed, status_document, wait_status
 from tests.push_service import PushService
 from tests.test_notifications import DOCUMENT_FIELDS, hung_push_service, store_file
 from tests.test_scale_out import cluster  # noqa: F401 - a fixture, used by name
@@ -151,6 +151,45 @@ def test_a_hung_push_service_delays_nothing_else_across_workers_on_redis(
         cluster.worker("one")
         cluster.worker("two")
         _check_isolation(server.url, push_service, subs)
+
+
+def test_a_push_services_backlog_does_not_hold_back_another_push_services_messages(
+    json_settings, push_service, monkeypatch
+):
+    """README "Delivery": a push service that hangs fills only its own slots,
+    and every other push service's messages go out at once. Delivery knows
+    no store, so this runs once: 1,000 messages for a hung push service are
+    handed over first, then one for a healthy one; the healthy one's is
+    among the first messages started (encrypted), not behind the backlog."""
+    started: list[str] = []
+    encrypt = api.encrypt_message
+
+    def recording(record: dict, payload: bytes) -> bytes:
+        started.append(record["id"])
+        return encrypt(record, payload)
+
+    monkeypatch.setattr(api, "encrypt_message", recording)
+    keys = api.VapidKeys.load_or_create(json_settings)
+    delivery = api.WebPushDelivery(keys, 1000, 5.0, LOCAL_PUSH)
+    message = api.Message({"title": "t"}, b'{"title": "t"}', 60)
+    try:
+        with hung_push_service() as hung:
+            backlog = [
+                {**push_service.subscriber().subscription, "id": f"hung-{n}"}
+                for n in range(1000)
+            ]
+            for n, record in enumerate(backlog):
+                record["endpoint"] = f"{hung}/push/{n}"
+            healthy = push_service.subscriber()
+            delivery.submit(backlog, message)
+            delivery.submit([{**healthy.subscription, "id": "healthy"}], message)
+            handed = len(started)  # of the backlog, started before it came
+            push_service.wait_for(1, timeout=10)
+            position = started.index("healthy")
+    finally:
+        delivery.close(1)
+    behind = position - handed
+    assert behind <= 2 * api.START_BATCH, f"started after {behind} more of the backlog"
 
 
 # -- the same answers on both stores ---------------------------------------------------
