@@ -41,20 +41,21 @@ def records(subscriptions: list[dict], topics=()) -> list[dict]:
 
 
 def preload(tmp_path: Path, env: dict, subscriptions: list[dict], topics=()) -> None:
-    """Subscriptions written straight into the store ``env`` names, before its
-    server starts (or while it is down): the JSON store's file in
-    ``tmp_path``, or Redis under REDIS_PREFIX."""
+    """Subscriptions written straight into the store ``env`` names, through
+    the store itself (so each takes its place in line), before its server
+    starts or while it is down: the JSON store's file in ``tmp_path``, or
+    Redis under REDIS_PREFIX."""
+    rows = records(subscriptions, topics)
     if "REDIS_URL" not in env:
-        store_file(tmp_path / "subscriptions.json", subscriptions, topics)
-        return
-    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
-    try:
+        store = api.JsonSubscriptionStore(tmp_path / "subscriptions.json")
+    else:
+        client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
         store = api.RedisSubscriptionStore(client, env["REDIS_PREFIX"])
-        rows = records(subscriptions, topics)
+    try:
         for start in range(0, len(rows), 1000):
             store.write(rows[start : start + 1000])
     finally:
-        client.close()
+        store.close()
 
 
 def _isolation_scenario(hung: str, push_service: PushService) -> dict[str, list]:
