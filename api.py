@@ -4795,7 +4795,7 @@ def apply_outcomes(
 
 
 BATCH_SIZE = 250  # subscribers handed to a delivery process at once
-BATCHES_PER_PROCESS = 4  # per push service and notification: one sent, more ready
+BATCHES_PER_PROCESS = 4  # per push service in each process: one sent, more ready
 EXPIRY_SLACK = 5.0  # seconds late a TTL 0 notification may still start
 
 
