@@ -1777,24 +1777,27 @@ class JsonSubscriptionStore(JsonLinesStore):
         plan = self._plans.get(key)
         if plan is None:  # taken once per fan-out: later records are past upto
             fcm = kind == "fcm"
+            seqs, ids, origins = [], [], []
             with self._mutex:
-                found = [
-                    (seq, record_id, origin)
-                    for record_id, (origin, topics, seq) in self._index.items()
-                    if seq <= upto
-                    and (origin == "fcm") == fcm
-                    and (topic is None or topic in topics)
-                ]
-            found.sort()  # a record stored again moved to the dict's end
-            seqs = [seq for seq, _, _ in found]
-            ids = [record_id for _, record_id, _ in found]
-            origins = [origin for _, _, origin in found]
+                for record_id, (origin, topics, seq) in self._index.items():
+                    wanted = topic is None or topic in topics
+                    if wanted and seq <= upto and (origin == "fcm") == fcm:
+                        seqs.append(seq)
+                        ids.append(record_id)
+                        origins.append(origin)
+            if any(a > b for a, b in itertools.pairwise(seqs)):  # one stored again
+                order = sorted(range(len(seqs)), key=seqs.__getitem__)
+                seqs = [seqs[i] for i in order]
+                ids = [ids[i] for i in order]
+                origins = [origins[i] for i in order]
             plan = self._plans[key] = (seqs, ids, origins)
             while len(self._plans) > 4:
                 del self._plans[next(iter(self._plans))]
         seqs, ids, origins = plan
         start = bisect.bisect_right(seqs, after)
         end = start + limit
+        if end >= len(seqs):  # the plan's last page: its memory goes back
+            self._plans.pop(key, None)
         return list(zip(seqs[start:end], ids[start:end], origins[start:end]))
 
     def count_failures(
@@ -4812,6 +4815,12 @@ FCM_ELSEWHERE = (
     "give every process the same FCM_SERVICE_ACCOUNT"
 )
 TAKE_BLOCK = 0.5  # seconds a consumer waits for a batch before looking again
+# A notification to at most PRIORITY_MAX subscribers ("your order shipped")
+# has batches of its own lane, PRIORITY_LANE before the origin: slots of their
+# own, and sent ahead of what waits, so a large fan-out to the same push
+# service does not hold it back.
+PRIORITY_MAX = 1000
+PRIORITY_LANE = "!"
 
 
 class NotificationEngine:
@@ -5076,14 +5085,12 @@ class NotificationEngine:
             return
         topic = record["topic"]
         plan_max = self.store.sequence()
-        started = self.jobs.start(
-            notification_id, now, self.subscribers(topic), plan_max
-        )
+        total = self.subscribers(topic)
+        started = self.jobs.start(notification_id, now, total, plan_max)
         if started is None:
             return
         plan_max, cursor = started
         if record["status"] != "sending":
-            total = self.subscribers(topic)
             log.info(
                 "notification %s: sending to %d subscribers%s",
                 notification_id,
@@ -5099,6 +5106,7 @@ class NotificationEngine:
                     self.lease,
                 )
         page_size = self.batch_size * 4
+        lane = PRIORITY_LANE if total <= PRIORITY_MAX else ""
         while True:
             if self._stopping:  # another process takes the plan over now
                 self.jobs.hand_over(notification_id, time.time())
@@ -5113,7 +5121,7 @@ class NotificationEngine:
                 last = 0 if after == "-inf" else int(float(after))
                 page = self.store.page(kind, topic, last, plan_max, page_size)
             later = f"{index} {page[-1][0]}" if page else f"{index + 1} 0"
-            batches = self._batches(page)
+            batches = self._batches(page, lane)
             if not self.jobs.enqueue(
                 notification_id, cursor, later, time.time() + self.lease, batches
             ):
@@ -5122,12 +5130,12 @@ class NotificationEngine:
         if self.jobs.planned(notification_id, cursor, time.time()) == 2:
             self._ended(notification_id)
 
-    def _batches(self, page: list[tuple[int, str, str]]) -> list[tuple[str, list[str]]]:
-        """A page of subscribers as batches that each share a push service; a
-        small list is shared among the delivery processes too."""
+    def _batches(self, page: list[tuple[int, str, str]], lane: str) -> Plan:
+        """A page of subscribers as batches that each share a push service (in
+        ``lane``); a small list is shared among the delivery processes too."""
         by_origin: dict[str, list[str]] = {}
         for _, record_id, origin in page:
-            by_origin.setdefault(origin, []).append(record_id)
+            by_origin.setdefault(lane + origin, []).append(record_id)
         batches = []
         for origin, ids in by_origin.items():
             size = min(self.batch_size, -(-len(ids) // self.delivery.processes))
@@ -5220,7 +5228,10 @@ class NotificationEngine:
             self._complete(batch, [], ids, 0)
             return
         try:
-            future = self.delivery.submit(sendable, message, batch.notification)
+            first = batch.origin.startswith(PRIORITY_LANE)
+            future = self.delivery.submit(
+                sendable, message, batch.notification, first=first
+            )
         except Exception:  # no delivery process could start: it goes back
             self._landed(batch)
             self._complete(batch, [], ids, 0)

@@ -154,6 +154,32 @@ def test_a_hung_push_service_delays_nothing_else_across_workers_on_redis(
         _check_isolation(server.url, push_service, subs)
 
 
+def test_a_small_notification_goes_ahead_of_a_large_fan_out_to_the_same_push_service(
+    app_with,
+):
+    """README "Notifications": a notification to at most 1,000 subscribers
+    has slots of its own and goes ahead of what waits, so a 3,000-subscriber
+    fan-out to the same slow push service does not hold it back."""
+    with PushService(latency=0.05) as service:
+        client = app_with(push_concurrency=8, push_processes=1)
+        store = client.app.config["webpush.store"]
+        crowd = [service.subscriber().subscription for _ in range(3000)]
+        store.write(records(crowd, ["all"]))
+        few = [service.subscriber() for _ in range(5)]
+        store.write(records([s.subscription for s in few], ["few"]))
+        large = client.post_json(
+            "/push", {"title": "everyone", "topic": "all"}, headers=AUTH
+        ).json
+        service.wait_for(50, timeout=30)  # the fan-out is under way: 160 a second
+        started = time.monotonic()
+        small = pushed(client, {"title": "just you", "topic": "few"})
+        took = time.monotonic() - started
+        backlog = status_document(client, large["id"])
+    assert (small["status"], small["sent"]) == ("done", 5), small
+    assert took < 2, f"{took:.1f} s behind the fan-out ({backlog['sent']} sent)"
+    assert backlog["status"] == "sending", "the fan-out ended first: make it larger"
+
+
 def test_a_push_services_backlog_does_not_hold_back_another_push_services_messages(
     json_settings, push_service, monkeypatch
 ):
