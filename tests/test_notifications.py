@@ -196,25 +196,55 @@ def test_the_same_idempotency_key_with_another_body_answers_422(app, push_servic
     assert len(app.get("/notifications", headers=AUTH).json["notifications"]) == 1
 
 
-def test_idempotency_keys_are_kept_24_hours(json_settings, push_service):
-    application = api.create_app(json_settings)
-    client = webtest.TestApp(application)
+class _Later:
+    """The ``time`` module as api.py sees it once ``by`` seconds have passed."""
+
+    def __init__(self, by: float):
+        self.by = by
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return time.time() + self.by
+
+
+def time_passes(settings: api.Settings, monkeypatch, seconds: float) -> None:
+    """``seconds`` pass for the next app on ``settings``: api.py's clock moves
+    on, and on Redis, whose own clock cannot be moved, every key under the
+    prefix comes that much nearer its end (those due by then are gone)."""
+    already = getattr(api.time, "by", 0)
+    monkeypatch.setattr(api, "time", _Later(already + seconds))
+    if not settings.redis_url:
+        return
+    with redis.Redis.from_url(settings.redis_url) as client:
+        for key in client.scan_iter(match=settings.redis_prefix + "*"):
+            left = client.pttl(key)
+            if left > seconds * 1000:
+                client.pexpire(key, left - int(seconds * 1000))
+            elif left >= 0:
+                client.delete(key)
+
+
+def test_idempotency_keys_are_kept_24_hours(settings, monkeypatch):
     headers = {**AUTH, "Idempotency-Key": "daily"}
-    first = client.post_json("/push", {"title": "t"}, headers=headers).json
-    wait_status(client, first["id"], "done")
-    application.config["webpush.close"]()
-    journal = json_settings.journal_path
-    records = [json.loads(line) for line in journal.read_text().splitlines()]
-    for record in records:  # a day and a second ago
-        record["created"] -= 86401
-    journal.write_text("".join(json.dumps(r) + "\n" for r in records))
-    application = api.create_app(json_settings)
-    client = webtest.TestApp(application)
-    try:
-        second = client.post_json("/push", {"title": "t"}, headers=headers).json
-        assert second["id"] != first["id"]
-    finally:
-        application.config["webpush.close"]()
+
+    def push_once_more() -> str:
+        """The notification's id for the key, from a new app: a restart."""
+        application = api.create_app(settings)
+        try:
+            client = webtest.TestApp(application)
+            answer = client.post_json("/push", {"title": "t"}, headers=headers).json
+            wait_status(client, answer["id"], "done")
+            return answer["id"]
+        finally:
+            application.config["webpush.close"]()
+
+    first = push_once_more()
+    time_passes(settings, monkeypatch, 86400 - 60)
+    assert push_once_more() == first  # a minute before the day is out
+    time_passes(settings, monkeypatch, 61)
+    assert push_once_more() != first  # a day and a second after
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "a\tb"])
