@@ -957,6 +957,9 @@ def small_disk(tmp_path):
 def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
     server_factory, small_disk
 ):
+    """JSON only: the disk is a 256 KB tmpfs holding the store's files, whose
+    lines and names are checked; a full Redis is
+    tests/test_scale_out.py's test_a_full_redis_refuses_writes_...."""
     store_file = small_disk / "subscriptions.json"
     server = server_factory(SUBSCRIPTIONS_FILE=str(store_file)).start()
     filler = small_disk / "filler"
@@ -1008,6 +1011,8 @@ def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
 def test_a_receipt_on_a_full_disk_gets_507_and_counts_once_space_is_back(
     server_factory, small_disk
 ):
+    """JSON only: receipts go to the SQLite file beside the journal, on a
+    256 KB tmpfs; on Redis there is no disk of the server's to fill."""
     server = server_factory(SUBSCRIPTIONS_FILE=str(small_disk / "s.json")).start()
     answer = requests.post(server.url + "/push", json={"title": "t"}, headers=AUTH)
     notification_id = answer.json()["id"]
@@ -1102,6 +1107,8 @@ def test_server_process_keeps_subscriptions_across_restarts(
 
 
 def test_a_second_server_on_the_same_file_fails_fast(server_factory, tmp_path):
+    """JSON only: the promise is the store file's lock; on Redis several
+    servers share one store on purpose (tests/test_scale_out.py)."""
     server_factory().start()
     second = server_factory().start(wait=False)
     assert second.proc.wait(15) != 0
@@ -2264,6 +2271,8 @@ def test_faulty_push_services_fail_each_message_within_the_time_bound(
 def test_repair_store_keeps_the_valid_records_and_sets_the_damage_aside(
     tmp_path, server_factory
 ):
+    """JSON only: --repair-store mends a damaged store file; a Redis store has
+    no lines to damage."""
     damaged_store(tmp_path / "subscriptions.json", 4, b'{"id": "cut sh')
     server = server_factory().start(wait=False)
     assert server.proc.wait(15) != 0 and "--repair-store" in server.output()
