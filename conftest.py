@@ -206,15 +206,20 @@ def server_factory(tmp_path):
         server.stop(signal.SIGKILL)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend_env(request) -> dict[str, str]:
-    """What a real ``python api.py`` needs in its environment to run on each
-    backend in turn: nothing for the JSON files, REDIS_URL and a REDIS_PREFIX
-    of the test's own for Redis."""
-    if request.param == "json":
+def env_of(backend: str, request) -> dict[str, str]:
+    """What a real ``python api.py`` needs in its environment to run on
+    ``backend`` (one of BACKENDS): nothing for the JSON files, REDIS_URL and
+    a REDIS_PREFIX of the test's own for Redis."""
+    if backend == "json":
         return {}
     redis_server = request.getfixturevalue("redis_server")
     return {"REDIS_URL": redis_server.url, "REDIS_PREFIX": fresh_prefix()}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_env(request) -> dict[str, str]:
+    """:func:`env_of` each backend in turn."""
+    return env_of(request.param, request)
 
 
 @contextlib.contextmanager
