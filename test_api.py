@@ -776,6 +776,10 @@ def test_static_files_cannot_reach_outside_static(app, path):
 
 
 # -- the store ---------------------------------------------------------------------------
+# Most tests here are of the JSON store's file, and so JSON only: its
+# compaction, torn and damaged lines, lock and refused writes, which Redis
+# does not have (a Redis that refuses writes, is full or lost its data:
+# tests/test_scale_out.py). What any store promises runs on both.
 
 
 def _record(n: int) -> dict:
@@ -784,6 +788,9 @@ def _record(n: int) -> dict:
 
 
 def test_store_survives_reopen_and_compacts_when_mostly_dead(tmp_path):
+    """JSON only: compaction rewrites the store file; that subscriptions
+    survive a restart is tested on both by
+    test_server_process_keeps_subscriptions_across_restarts."""
     path = tmp_path / "subs.json"
     store = api.JsonSubscriptionStore(path)
     for n in range(1200):
@@ -896,6 +903,8 @@ def failing(monkeypatch):
 def test_a_refused_write_changes_nothing_and_the_next_one_works(
     tmp_path, failing, call, error
 ):
+    """JSON only: the file's write or fsync fails; Redis refusing a write is
+    tests/test_scale_out.py's (read-only, full)."""
     path = tmp_path / "subs.json"
     store = api.JsonSubscriptionStore(path)
     store.upsert(_record(1))
