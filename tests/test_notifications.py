@@ -652,6 +652,9 @@ def test_receipts_are_dropped_with_their_notification(settings, monkeypatch):
 
 
 # -- the journal ----------------------------------------------------------------------
+# JSON only: the journal is the JSON store's file of notifications (its mode,
+# format, torn line, a disk that refuses it). On Redis, notifications are keys
+# (tests/test_scale_out.py covers a Redis that is full or refuses writes).
 
 
 def test_the_journal_is_a_private_json_lines_file_beside_the_store(
