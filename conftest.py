@@ -9,6 +9,7 @@ them (``Server``, ``pushed``, ``wait_status``...) are imported from here."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -205,15 +206,50 @@ def server_factory(tmp_path):
         server.stop(signal.SIGKILL)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend_env(request) -> dict[str, str]:
-    """What a real ``python api.py`` needs in its environment to run on each
-    backend in turn: nothing for the JSON files, REDIS_URL and a REDIS_PREFIX
-    of the test's own for Redis."""
-    if request.param == "json":
+def env_of(backend: str, request) -> dict[str, str]:
+    """What a real ``python api.py`` needs in its environment to run on
+    ``backend`` (one of BACKENDS): nothing for the JSON files, REDIS_URL and
+    a REDIS_PREFIX of the test's own for Redis."""
+    if backend == "json":
         return {}
     redis_server = request.getfixturevalue("redis_server")
     return {"REDIS_URL": redis_server.url, "REDIS_PREFIX": fresh_prefix()}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_env(request) -> dict[str, str]:
+    """:func:`env_of` each backend in turn."""
+    return env_of(request.param, request)
+
+
+@contextlib.contextmanager
+def subscription_store(env: dict[str, str], tmp_path: Path):
+    """The subscription store a real server on ``env`` (a ``backend_env``)
+    keeps, opened by the test while no server runs: the JSON store file in
+    ``tmp_path`` (as Server names it), or the store under REDIS_PREFIX."""
+    if env.get("REDIS_URL"):
+        client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+        store = api.RedisSubscriptionStore(client, env["REDIS_PREFIX"])
+    else:
+        store = api.JsonSubscriptionStore(tmp_path / "subscriptions.json")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def preload(
+    env: dict[str, str], tmp_path: Path, subscriptions: list[dict], topics=()
+) -> None:
+    """Stores ``subscriptions`` (as browsers send them), on ``topics``, before
+    a real server on ``env`` starts: far faster than thousands of POSTs, and
+    through the store itself, so on either backend."""
+    records = [
+        {"id": api.subscription_id(sub["endpoint"]), **sub, "topics": list(topics)}
+        for sub in subscriptions
+    ]
+    with subscription_store(env, tmp_path) as store:
+        store.write(records)
 
 
 def fake_subscription(n: int, port: int = 9) -> dict:

@@ -48,6 +48,7 @@ from conftest import (
     pushed,
     server_pushed,
     stored_state,
+    subscription_store,
     wait_status,
 )
 from tests.connect_proxy import ConnectProxy
@@ -775,6 +776,10 @@ def test_static_files_cannot_reach_outside_static(app, path):
 
 
 # -- the store ---------------------------------------------------------------------------
+# Most tests here are of the JSON store's file, and so JSON only: its
+# compaction, torn and damaged lines, lock and refused writes, which Redis
+# does not have (a Redis that refuses writes, is full or lost its data:
+# tests/test_scale_out.py). What any store promises runs on both.
 
 
 def _record(n: int) -> dict:
@@ -783,6 +788,9 @@ def _record(n: int) -> dict:
 
 
 def test_store_survives_reopen_and_compacts_when_mostly_dead(tmp_path):
+    """JSON only: compaction rewrites the store file; that subscriptions
+    survive a restart is tested on both by
+    test_server_process_keeps_subscriptions_across_restarts."""
     path = tmp_path / "subs.json"
     store = api.JsonSubscriptionStore(path)
     for n in range(1200):
@@ -895,6 +903,8 @@ def failing(monkeypatch):
 def test_a_refused_write_changes_nothing_and_the_next_one_works(
     tmp_path, failing, call, error
 ):
+    """JSON only: the file's write or fsync fails; Redis refusing a write is
+    tests/test_scale_out.py's (read-only, full)."""
     path = tmp_path / "subs.json"
     store = api.JsonSubscriptionStore(path)
     store.upsert(_record(1))
@@ -956,6 +966,9 @@ def small_disk(tmp_path):
 def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
     server_factory, small_disk
 ):
+    """JSON only: the disk is a 256 KB tmpfs holding the store's files, whose
+    lines and names are checked; a full Redis is
+    tests/test_scale_out.py's test_a_full_redis_refuses_writes_...."""
     store_file = small_disk / "subscriptions.json"
     server = server_factory(SUBSCRIPTIONS_FILE=str(store_file)).start()
     filler = small_disk / "filler"
@@ -1007,6 +1020,8 @@ def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(
 def test_a_receipt_on_a_full_disk_gets_507_and_counts_once_space_is_back(
     server_factory, small_disk
 ):
+    """JSON only: receipts go to the SQLite file beside the journal, on a
+    256 KB tmpfs; on Redis there is no disk of the server's to fill."""
     server = server_factory(SUBSCRIPTIONS_FILE=str(small_disk / "s.json")).start()
     answer = requests.post(server.url + "/push", json={"title": "t"}, headers=AUTH)
     notification_id = answer.json()["id"]
@@ -1101,6 +1116,8 @@ def test_server_process_keeps_subscriptions_across_restarts(
 
 
 def test_a_second_server_on_the_same_file_fails_fast(server_factory, tmp_path):
+    """JSON only: the promise is the store file's lock; on Redis several
+    servers share one store on purpose (tests/test_scale_out.py)."""
     server_factory().start()
     second = server_factory().start(wait=False)
     assert second.proc.wait(15) != 0
@@ -1149,8 +1166,10 @@ def _subscribe_until(
                 acknowledged.add(sub["endpoint"])  # set.add is atomic
 
 
-def test_kill_9_loses_no_acknowledged_subscription(server_factory):
-    server = server_factory(THREADS="8")
+def test_kill_9_loses_no_acknowledged_subscription(
+    server_factory, backend_env, tmp_path
+):
+    server = server_factory(THREADS="8", **backend_env)
     acknowledged: set[str] = set()
     for round_ in range(3):
         server.start()
@@ -1174,9 +1193,8 @@ def test_kill_9_loses_no_acknowledged_subscription(server_factory):
         for t in threads:
             t.join()
     assert len(acknowledged) > 100
-    store = api.JsonSubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
-    stored = {r["endpoint"] for r in store.list()}
-    store.close()
+    with subscription_store(backend_env, tmp_path) as store:
+        stored = {r["endpoint"] for r in store.list()}
     assert acknowledged <= stored
 
 
@@ -1756,10 +1774,12 @@ def test_a_service_account_with_the_wrong_key_fails_without_removing(
     assert failure["channel"] == "fcm" and "access token" in failure["reason"]
 
 
-def test_the_server_process_sends_to_fcm_when_configured(server_factory, fcm, tmp_path):
+def test_the_server_process_sends_to_fcm_when_configured(
+    server_factory, backend_env, fcm, tmp_path
+):
     account = fcm.service_account(tmp_path / "service-account.json")
     server = server_factory(
-        FCM_SERVICE_ACCOUNT=str(account), FCM_API_URL=fcm.url
+        FCM_SERVICE_ACCOUNT=str(account), FCM_API_URL=fcm.url, **backend_env
     ).start()
     token = device_token(1)
     assert (
@@ -2260,6 +2280,8 @@ def test_faulty_push_services_fail_each_message_within_the_time_bound(
 def test_repair_store_keeps_the_valid_records_and_sets_the_damage_aside(
     tmp_path, server_factory
 ):
+    """JSON only: --repair-store mends a damaged store file; a Redis store has
+    no lines to damage."""
     damaged_store(tmp_path / "subscriptions.json", 4, b'{"id": "cut sh')
     server = server_factory().start(wait=False)
     assert server.proc.wait(15) != 0 and "--repair-store" in server.output()
@@ -2296,9 +2318,9 @@ def test_static_files_never_follow_a_symlink_out_of_static(app, tmp_path, monkey
         assert b"PRIVATE KEY" not in app.get(path, status=404).body
 
 
-def test_secrets_never_reach_the_log(server_factory, push_service):
+def test_secrets_never_reach_the_log(server_factory, backend_env, push_service):
     token = "Zq9Xw7" + "v" * 26  # no part of it may be logged, not even a prefix
-    server = server_factory(LOG_LEVEL="DEBUG", PUSH_TOKEN=token).start()
+    server = server_factory(LOG_LEVEL="DEBUG", PUSH_TOKEN=token, **backend_env).start()
     sub = push_service.subscriber()
     requests.post(server.url + "/subscription", json=sub.subscription)
     server_pushed(
@@ -2320,10 +2342,10 @@ def test_secrets_never_reach_the_log(server_factory, push_service):
 
 
 def test_sigterm_lets_messages_in_flight_finish_keeps_the_store_whole_and_resumes_later(
-    server_factory,
+    server_factory, backend_env, tmp_path
 ):
     with PushService(latency=1.0) as slow:
-        server = server_factory(PUSH_CONCURRENCY="4").start()
+        server = server_factory(PUSH_CONCURRENCY="4", **backend_env).start()
         pushing, result = push_under_way(server, slow, 8)
         server.proc.send_signal(signal.SIGTERM)
         pushing.join(30)
@@ -2331,9 +2353,8 @@ def test_sigterm_lets_messages_in_flight_finish_keeps_the_store_whole_and_resume
         assert result["http_status"] == 202 and result["status"] == "sending"
         assert server.proc.wait(30) == 0
         assert "stopped" in server.output()
-        store = api.JsonSubscriptionStore(server.env["SUBSCRIPTIONS_FILE"])
-        assert len(store) == 8
-        store.close()
+        with subscription_store(backend_env, tmp_path) as store:
+            assert len(store) == 8
         server.start()
         finished = wait_status(server, result["id"])
         assert (finished["status"], finished["sent"], finished["failed"]) == (
@@ -2357,9 +2378,9 @@ def _wait_until_serving(url: str, proc: subprocess.Popen | None = None) -> None:
     raise TimeoutError("the server did not start")
 
 
-def test_while_draining_new_requests_get_the_json_503(server_factory):
+def test_while_draining_new_requests_get_the_json_503(server_factory, backend_env):
     with PushService(latency=1.0) as slow:
-        server = server_factory(PUSH_CONCURRENCY="4").start()
+        server = server_factory(PUSH_CONCURRENCY="4", **backend_env).start()
         pushing, result = push_under_way(server, slow, 4)
         server.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -2474,9 +2495,9 @@ def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
 
 
 def test_a_delivery_process_killed_while_idle_is_replaced_without_a_500(
-    server_factory, push_service
+    server_factory, backend_env, push_service
 ):
-    server = server_factory(PUSH_PROCESSES="2").start()
+    server = server_factory(PUSH_PROCESSES="2", **backend_env).start()
     sub = push_service.subscriber()
     requests.post(server.url + "/subscription", json=sub.subscription)
     workers = _delivery_processes(server.proc.pid, 2)
@@ -2505,13 +2526,13 @@ def test_work_submitted_after_the_delivery_loop_stopped_comes_back_unsent_at_onc
 
 
 def test_sigterm_stops_within_shutdown_timeout_whatever_is_being_delivered(
-    server_factory,
+    server_factory, backend_env
 ):
     from tests.push_service import HANG
 
     with PushService() as hung:
         server = server_factory(
-            SHUTDOWN_TIMEOUT="2", PUSH_TIMEOUT="60", PUSH_PROCESSES="2"
+            SHUTDOWN_TIMEOUT="2", PUSH_TIMEOUT="60", PUSH_PROCESSES="2", **backend_env
         ).start()
         for _ in range(4):
             sub = hung.subscriber(script=[HANG] * 3)

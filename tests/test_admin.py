@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import AUTH, TOKEN, Server
+from conftest import AUTH, BACKENDS, TOKEN, Server, env_of
 from tests.chromium import CHROMIUM, FLAGS, require_chromium
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -50,10 +50,18 @@ def browser():
 
 
 @pytest.fixture
-def server(tmp_path):
-    server = Server(tmp_path, PUSH_PROCESSES="1").start()
+def server(request, tmp_path):
+    """A real server on the JSON store, or on each store in turn for the tests
+    marked ON_BOTH_STORES: those of the data the console shows (sends,
+    progress, cancels, audiences). The others are about the page itself,
+    which reads the same API whatever the store."""
+    env = env_of(getattr(request, "param", "json"), request)
+    server = Server(tmp_path, PUSH_PROCESSES="1", **env).start()
     yield server
     server.stop()
+
+
+ON_BOTH_STORES = pytest.mark.parametrize("server", BACKENDS, indirect=True)
 
 
 class Console:
@@ -223,6 +231,7 @@ def test_compose_draws_a_live_preview(console, server):
     expect(page.locator("#send")).to_have_text("Schedule")
 
 
+@ON_BOTH_STORES
 def test_a_scheduled_notification_is_cancelled_from_the_history(
     console, server, push_service
 ):
@@ -250,6 +259,7 @@ def test_a_scheduled_notification_is_cancelled_from_the_history(
     assert push_service.received() == []
 
 
+@ON_BOTH_STORES
 def test_a_send_reaches_every_subscriber_and_its_progress_fills_to_done(
     console, server, push_service
 ):
@@ -296,6 +306,7 @@ def test_a_send_reaches_every_subscriber_and_its_progress_fills_to_done(
     assert console.cell(answer["id"], "Click rate") == "50%"
 
 
+@ON_BOTH_STORES
 def test_a_send_to_nobody_is_done_at_once_saying_there_are_no_subscribers(console):
     console.sign_in()
     console.compose(title="Anyone there?")
@@ -304,6 +315,7 @@ def test_a_send_to_nobody_is_done_at_once_saying_there_are_no_subscribers(consol
     assert console.page.eval_on_selector("#progress-bar", "bar => bar.value") == 1
 
 
+@ON_BOTH_STORES
 def test_the_audience_shows_subscribers_per_topic_and_a_topic_send_reaches_only_them(
     console, server, push_service
 ):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import AUTH, TOKEN, Server, server_pushed
+from conftest import AUTH, BACKENDS, TOKEN, Server, env_of, server_pushed
 from tests.chromium import CHROMIUM, FLAGS, require_chromium
 from tests.push_service import PushService
 
@@ -68,10 +68,19 @@ def push_service():
 
 
 @pytest.fixture
-def server(tmp_path):
-    server = Server(tmp_path, PUSH_PROCESSES="1").start()
+def server(request, tmp_path):
+    """A real server on the JSON store, or on each store in turn for the tests
+    marked ON_BOTH_STORES: those where what the page does is kept (a
+    subscription stored and deleted, receipts counted). The others are about
+    the page and the service worker, which talk to the same API whatever the
+    store."""
+    env = env_of(getattr(request, "param", "json"), request)
+    server = Server(tmp_path, PUSH_PROCESSES="1", **env).start()
     yield server
     server.stop()
+
+
+ON_BOTH_STORES = pytest.mark.parametrize("server", BACKENDS, indirect=True)
 
 
 @pytest.fixture
@@ -170,6 +179,7 @@ def stored(server: Server) -> int:
     return requests.get(server.url + "/health").json()["subscriptions"]
 
 
+@ON_BOTH_STORES
 def test_enabling_push_subscribes_with_the_servers_key_and_stores_the_subscription(
     demo, server
 ):
@@ -184,9 +194,11 @@ def test_enabling_push_subscribes_with_the_servers_key_and_stores_the_subscripti
     assert options["visible"] is True
     assert options["key"].rstrip("=").replace("+", "-").replace("/", "_") == public_key
     assert stored(server) == 1
-    [line] = Path(server.env["SUBSCRIPTIONS_FILE"]).read_text().splitlines()
-    record = json.loads(line)
-    assert record["topics"] == ["alerts", "news"]
+    topics = requests.get(server.url + "/topics", headers=AUTH).json()
+    assert topics == [
+        {"topic": "alerts", "subscriptions": 1},
+        {"topic": "news", "subscriptions": 1},
+    ]
     shown = json.loads(demo.page.inner_text("#subscription"))
     assert shown["endpoint"] == demo.subscriber.endpoint
     assert demo.errors == []
@@ -229,6 +241,7 @@ def test_the_test_button_sends_a_notification_to_this_browser_only(demo, push_se
     assert notification["title"] == "Test notification"
 
 
+@ON_BOTH_STORES
 def test_disabling_push_unsubscribes_and_deletes_the_subscription_on_the_server(
     demo, server
 ):
@@ -337,6 +350,7 @@ DISPATCH = """async (type) => {
 }"""
 
 
+@ON_BOTH_STORES
 def test_the_service_worker_reports_delivered_clicked_and_closed_once_each_and_the_console_shows_them(
     demo, server, push_service
 ):

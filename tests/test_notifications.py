@@ -21,7 +21,7 @@ import requests
 import webtest
 
 import api
-from conftest import AUTH, Server, status_document, stored_state, wait_status
+from conftest import AUTH, preload, status_document, stored_state, wait_status
 from tests.push_service import PushService
 
 WAIT = {**AUTH, "Prefer": "wait=30"}
@@ -64,15 +64,6 @@ def wait_dropped(client, notification_id: str, timeout: float = 10) -> None:
     while client.get(path, headers=AUTH, expect_errors=True).status_int != 404:
         assert time.monotonic() < deadline, "not dropped"
         time.sleep(0.05)
-
-
-def store_file(path: Path, subscriptions: list[dict], topics=()) -> None:
-    """Subscriptions written straight into a store file (faster than POSTs)."""
-    with open(path, "a") as f:
-        for sub in subscriptions:
-            record_id = api.subscription_id(sub["endpoint"])
-            record = {"id": record_id, **sub, "topics": list(topics)}
-            f.write(json.dumps(record) + "\n")
 
 
 @contextlib.contextmanager
@@ -196,25 +187,55 @@ def test_the_same_idempotency_key_with_another_body_answers_422(app, push_servic
     assert len(app.get("/notifications", headers=AUTH).json["notifications"]) == 1
 
 
-def test_idempotency_keys_are_kept_24_hours(json_settings, push_service):
-    application = api.create_app(json_settings)
-    client = webtest.TestApp(application)
+class _Later:
+    """The ``time`` module as api.py sees it once ``by`` seconds have passed."""
+
+    def __init__(self, by: float):
+        self.by = by
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return time.time() + self.by
+
+
+def time_passes(settings: api.Settings, monkeypatch, seconds: float) -> None:
+    """``seconds`` pass for the next app on ``settings``: api.py's clock moves
+    on, and on Redis, whose own clock cannot be moved, every key under the
+    prefix comes that much nearer its end (those due by then are gone)."""
+    already = getattr(api.time, "by", 0)
+    monkeypatch.setattr(api, "time", _Later(already + seconds))
+    if not settings.redis_url:
+        return
+    with redis.Redis.from_url(settings.redis_url) as client:
+        for key in client.scan_iter(match=settings.redis_prefix + "*"):
+            left = client.pttl(key)
+            if left > seconds * 1000:
+                client.pexpire(key, left - int(seconds * 1000))
+            elif left >= 0:
+                client.delete(key)
+
+
+def test_idempotency_keys_are_kept_24_hours(settings, monkeypatch):
     headers = {**AUTH, "Idempotency-Key": "daily"}
-    first = client.post_json("/push", {"title": "t"}, headers=headers).json
-    wait_status(client, first["id"], "done")
-    application.config["webpush.close"]()
-    journal = json_settings.journal_path
-    records = [json.loads(line) for line in journal.read_text().splitlines()]
-    for record in records:  # a day and a second ago
-        record["created"] -= 86401
-    journal.write_text("".join(json.dumps(r) + "\n" for r in records))
-    application = api.create_app(json_settings)
-    client = webtest.TestApp(application)
-    try:
-        second = client.post_json("/push", {"title": "t"}, headers=headers).json
-        assert second["id"] != first["id"]
-    finally:
-        application.config["webpush.close"]()
+
+    def push_once_more() -> str:
+        """The notification's id for the key, from a new app: a restart."""
+        application = api.create_app(settings)
+        try:
+            client = webtest.TestApp(application)
+            answer = client.post_json("/push", {"title": "t"}, headers=headers).json
+            wait_status(client, answer["id"], "done")
+            return answer["id"]
+        finally:
+            application.config["webpush.close"]()
+
+    first = push_once_more()
+    time_passes(settings, monkeypatch, 86400 - 60)
+    assert push_once_more() == first  # a minute before the day is out
+    time_passes(settings, monkeypatch, 61)
+    assert push_once_more() != first  # a day and a second after
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "a\tb"])
@@ -631,6 +652,9 @@ def test_receipts_are_dropped_with_their_notification(settings, monkeypatch):
 
 
 # -- the journal ----------------------------------------------------------------------
+# JSON only: the journal is the JSON store's file of notifications (its mode,
+# format, torn line, a disk that refuses it). On Redis, notifications are keys
+# (tests/test_scale_out.py covers a Redis that is full or refuses writes).
 
 
 def test_the_journal_is_a_private_json_lines_file_beside_the_store(
@@ -713,16 +737,12 @@ def test_a_webhook_makes_a_notification_named_in_its_202(settings, push_service)
 # -- the real server: restarts, kill -9, SIGTERM, isolation ------------------------------
 
 
-def _server_with(server_factory, tmp_path, subscriptions, topics=(), **env) -> Server:
-    store_file(tmp_path / "subscriptions.json", subscriptions, topics)
-    return server_factory(**env).start()
-
-
 def test_a_scheduled_notification_fires_after_a_restart(
-    server_factory, tmp_path, push_service
+    server_factory, backend_env, tmp_path, push_service
 ):
     subs = [push_service.subscriber() for _ in range(3)]
-    server = _server_with(server_factory, tmp_path, [s.subscription for s in subs])
+    preload(backend_env, tmp_path, [s.subscription for s in subs])
+    server = server_factory(**backend_env).start()
     answer = requests.post(
         server.url + "/push", json={"title": "later", "delay": 2}, headers=AUTH
     ).json()
@@ -737,26 +757,30 @@ def test_a_scheduled_notification_fires_after_a_restart(
 
 
 def test_kill_9_in_the_middle_of_a_fan_out_resumes_it_and_everyone_gets_it(
-    server_factory, tmp_path
+    server_factory, backend_env, tmp_path
 ):
-    """5,000 subscribers; the server is killed when about a third have it."""
+    """2,000 subscribers on one delivery process, whose batches in flight
+    (the duplicates' bound) are half of them; the server is killed when about
+    a third have it. On Redis, a killed process's batches go to another
+    once it has been silent WORKER_TIMEOUT seconds: 2 here, not 30."""
+    total, processes = 2000, 1
     with PushService(latency=0.02) as service:
-        subs = [service.subscriber() for _ in range(5000)]
-        server = _server_with(
-            server_factory,
-            tmp_path,
-            [s.subscription for s in subs],
-            PUSH_PROCESSES="2",
+        subs = [service.subscriber() for _ in range(total)]
+        preload(backend_env, tmp_path, [s.subscription for s in subs])
+        server = server_factory(
+            PUSH_PROCESSES=str(processes),
             PUSH_CONCURRENCY="100",
-        )
+            WORKER_TIMEOUT="2",
+            **backend_env,
+        ).start()
         answer = requests.post(
             server.url + "/push", json={"title": "t"}, headers=AUTH
         ).json()
-        assert answer["subscriptions"] == 5000
-        service.wait_for(1700, timeout=60)
+        assert answer["subscriptions"] == total
+        service.wait_for(total // 3, timeout=60)
         server.stop(signal.SIGKILL)
         before = len(service.received())
-        assert before < 5000, "the fan-out ended before the kill: make it slower"
+        assert before < total, "the fan-out ended before the kill: make it slower"
         server.start()
         document = wait_status(server, answer["id"], timeout=120)
         received = service.received()
@@ -765,27 +789,25 @@ def test_kill_9_in_the_middle_of_a_fan_out_resumes_it_and_everyone_gets_it(
         assert delivery.error is None
         counts[delivery.subscriber] = counts.get(delivery.subscriber, 0) + 1
     assert set(counts) == {s.id for s in subs}  # everyone got it
-    duplicates = len(received) - 5000
-    bound = api.BATCH_SIZE * api.BATCHES_PER_PROCESS * 2  # in flight, 1 service
-    assert 0 <= duplicates <= bound
-    assert (document["status"], document["total"]) == ("done", 5000)
-    assert document["sent"] == 5000 and document["pending"] == 0
-    assert "resumes" in server.output()
+    duplicates = len(received) - total
+    bound = api.BATCH_SIZE * api.BATCHES_PER_PROCESS * processes  # 1 push service
+    assert bound < total and 0 <= duplicates <= bound
+    assert (document["status"], document["total"]) == ("done", total)
+    assert document["sent"] == total and document["pending"] == 0
 
 
 def test_sigterm_stops_within_shutdown_timeout_and_the_rest_resumes(
-    server_factory, tmp_path
+    server_factory, backend_env, tmp_path
 ):
     with PushService(latency=0.5) as service:
-        subs = [service.subscriber() for _ in range(400)]
-        server = _server_with(
-            server_factory,
-            tmp_path,
-            [s.subscription for s in subs],
+        subs = [service.subscriber() for _ in range(100)]
+        preload(backend_env, tmp_path, [s.subscription for s in subs])
+        server = server_factory(
             PUSH_PROCESSES="1",
-            PUSH_CONCURRENCY="4",  # 8 a second: 50 s for all
+            PUSH_CONCURRENCY="4",  # 8 a second: 12 s for all
             SHUTDOWN_TIMEOUT="2",
-        )
+            **backend_env,
+        ).start()
         answer = requests.post(
             server.url + "/push", json={"title": "t"}, headers=AUTH
         ).json()
@@ -795,33 +817,32 @@ def test_sigterm_stops_within_shutdown_timeout_and_the_rest_resumes(
         server.proc.wait(15)
         assert time.monotonic() - started < 2 + 1.5
         stopped_with = len(service.received())
-        assert stopped_with < 400
+        assert stopped_with < 100
         service.latency = 0
         server.start()
         document = wait_status(server, answer["id"], timeout=60)
         received = service.received()
     assert {d.subscriber for d in received} == {s.id for s in subs}
-    assert document["sent"] == 400
-    assert len(received) - 400 <= 8  # at most what was in flight
+    assert document["sent"] == 100
+    assert len(received) - 100 <= 8  # at most what was in flight
 
 
 def test_a_hung_push_service_delays_no_other_notification_nor_the_api(
-    server_factory, tmp_path, push_service
+    server_factory, backend_env, tmp_path, push_service
 ):
+    """2,000 subscribers on a push service that never answers: eight batches,
+    more than the delivery process takes of one push service at a time."""
     with hung_push_service() as hung:
         hung_subs = []
-        for n in range(5000):
+        for n in range(2000):
             sub = push_service.subscriber().subscription
             hung_subs.append({**sub, "endpoint": f"{hung}/push/{n}"})
         healthy = [push_service.subscriber() for _ in range(10)]
-        store_file(tmp_path / "subscriptions.json", hung_subs, ["all"])
-        server = _server_with(
-            server_factory,
-            tmp_path,
-            [s.subscription for s in healthy],
-            ["all", "healthy"],
-            PUSH_TIMEOUT="5",
+        preload(backend_env, tmp_path, hung_subs, ["all"])
+        preload(
+            backend_env, tmp_path, [s.subscription for s in healthy], ["all", "healthy"]
         )
+        server = server_factory(PUSH_TIMEOUT="5", **backend_env).start()
         tester = push_service.subscriber()
         requests.post(server.url + "/subscription", json=tester.subscription)
         first = requests.post(
@@ -829,12 +850,19 @@ def test_a_hung_push_service_delays_no_other_notification_nor_the_api(
             json={"title": "everyone", "topic": "all"},
             headers=AUTH,
         ).json()
-        assert first["subscriptions"] == 5010
-        time.sleep(1)  # the hung service has its batches
+        assert first["subscriptions"] == 2010
+        # The healthy subscribers of the same fan-out get it: by then the
+        # hung push service has its batches.
+        deadline = time.monotonic() + 10
+        while status_document(server, first["id"])["sent"] < 10:
+            assert time.monotonic() < deadline, status_document(server, first["id"])
+            time.sleep(0.05)
         slow: list[tuple[str, float]] = []
+        rounds = 0
         stop = threading.Event()
 
         def watch() -> None:
+            nonlocal rounds
             while not stop.is_set():
                 for path, kwargs in (
                     ("/health", {}),
@@ -846,7 +874,8 @@ def test_a_hung_push_service_delays_no_other_notification_nor_the_api(
                     took = time.monotonic() - started
                     if took > 1 or not answer.ok:
                         slow.append((path, took))
-                time.sleep(0.1)
+                rounds += 1
+                stop.wait(0.1)
 
         watcher = threading.Thread(target=watch)
         watcher.start()
@@ -858,7 +887,11 @@ def test_a_hung_push_service_delays_no_other_notification_nor_the_api(
                 headers={**AUTH, "Prefer": "wait=10"},
             )
             took = time.monotonic() - started
-            time.sleep(2)
+            watched_until = rounds + 10  # and ten rounds more of the API's answers
+            deadline = time.monotonic() + 30
+            while rounds < watched_until and watcher.is_alive():
+                assert time.monotonic() < deadline, f"{rounds} rounds watched"
+                time.sleep(0.05)
         finally:
             stop.set()
             watcher.join()
@@ -866,11 +899,7 @@ def test_a_hung_push_service_delays_no_other_notification_nor_the_api(
         assert took < 2, f"the second notification took {took:.1f} s"
         assert not slow, slow
         titles = [d.message["title"] for d in push_service.received()]
+        assert titles.count("everyone") == 10
         assert titles.count("healthy only") == 10
         assert titles.count("Test notification") >= 3
-        assert (
-            requests.get(
-                f"{server.url}/notifications/{first['id']}", headers=AUTH
-            ).json()["status"]
-            == "sending"
-        )
+        assert status_document(server, first["id"])["status"] == "sending"
