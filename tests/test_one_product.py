@@ -16,13 +16,20 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 
 import api
-from conftest import AUTH, LOCAL_PUSH, WAIT, pushed, status_document, wait_status
+from conftest import (
+    AUTH,
+    LOCAL_PUSH,
+    WAIT,
+    preload,
+    pushed,
+    status_document,
+    wait_status,
+)
 from tests.push_service import PushService
-from tests.test_notifications import DOCUMENT_FIELDS, hung_push_service, store_file
+from tests.test_notifications import DOCUMENT_FIELDS, hung_push_service
 from tests.test_scale_out import cluster  # noqa: F401 - a fixture, used by name
 
 ERROR_FIELDS = {"channel", "origin", "status", "reason", "count"}
@@ -33,29 +40,11 @@ REFUSALS = (400, 401, 402, 403, 405, 406, 409, 411, 412, 413, 415, 422)
 
 
 def records(subscriptions: list[dict], topics=()) -> list[dict]:
-    """Subscriptions as the store keeps them (as ``store_file`` writes them)."""
+    """Subscriptions (as browsers send them) as the store keeps them."""
     return [
         {"id": api.subscription_id(sub["endpoint"]), **sub, "topics": list(topics)}
         for sub in subscriptions
     ]
-
-
-def preload(tmp_path: Path, env: dict, subscriptions: list[dict], topics=()) -> None:
-    """Subscriptions written straight into the store ``env`` names, through
-    the store itself (so each takes its place in line), before its server
-    starts or while it is down: the JSON store's file in ``tmp_path``, or
-    Redis under REDIS_PREFIX."""
-    rows = records(subscriptions, topics)
-    if "REDIS_URL" not in env:
-        store = api.JsonSubscriptionStore(tmp_path / "subscriptions.json")
-    else:
-        client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
-        store = api.RedisSubscriptionStore(client, env["REDIS_PREFIX"])
-    try:
-        for start in range(0, len(rows), 1000):
-            store.write(rows[start : start + 1000])
-    finally:
-        store.close()
 
 
 def _isolation_scenario(hung: str, push_service: PushService) -> dict[str, list]:
@@ -123,12 +112,12 @@ def test_a_hung_push_service_delays_neither_its_fan_outs_healthy_subscribers_nor
     other healthy subscribers is done within 2 s while the first still sends."""
     with hung_push_service() as hung:
         subs = _isolation_scenario(hung, push_service)
-        preload(tmp_path, backend_env, subs["hung"], ["all"])
+        preload(backend_env, tmp_path, subs["hung"], ["all"])
         preload(
-            tmp_path, backend_env, [s.subscription for s in subs["healthy"]], ["all"]
+            backend_env, tmp_path, [s.subscription for s in subs["healthy"]], ["all"]
         )
         preload(
-            tmp_path, backend_env, [s.subscription for s in subs["other"]], ["other"]
+            backend_env, tmp_path, [s.subscription for s in subs["other"]], ["other"]
         )
         server = server_factory(**backend_env, PUSH_TIMEOUT="5").start()
         _check_isolation(server.url, push_service, subs)
@@ -321,7 +310,7 @@ def test_a_resumed_notification_goes_to_those_subscribed_when_it_started(
     do not, and ``total`` stays 2,000."""
     with PushService(latency=0.1) as service:
         subs = [service.subscriber() for _ in range(2000)]
-        preload(tmp_path, backend_env, [s.subscription for s in subs])
+        preload(backend_env, tmp_path, [s.subscription for s in subs])
         server = server_factory(
             **backend_env,
             PUSH_PROCESSES="1",
@@ -336,7 +325,7 @@ def test_a_resumed_notification_goes_to_those_subscribed_when_it_started(
         server.stop(signal.SIGKILL)
         assert len(service.received()) < 2000, "ended before the kill: make it slower"
         while_down = service.subscriber()
-        preload(tmp_path, backend_env, [while_down.subscription])
+        preload(backend_env, tmp_path, [while_down.subscription])
         server.start()
         after = service.subscriber()
         response = requests.post(server.url + "/subscription", json=after.subscription)
@@ -383,7 +372,7 @@ def test_a_resumed_notification_goes_to_those_subscribed_when_it_started_after_a
         server.stop(signal.SIGKILL)
         assert len(service.received()) < 99, "ended before the kill: make it slower"
         while_down = service.subscriber()
-        preload(tmp_path, backend_env, [while_down.subscription])
+        preload(backend_env, tmp_path, [while_down.subscription])
         server.start()
         new = service.subscriber()
         response = requests.post(server.url + "/subscription", json=new.subscription)
@@ -408,7 +397,7 @@ def test_failures_and_their_causes_are_counted_once_across_a_kill_9(
             service.subscriber(script=[403] * 5 if n % 4 == 0 else [])
             for n in range(1000)
         ]
-        preload(tmp_path, backend_env, [s.subscription for s in subs])
+        preload(backend_env, tmp_path, [s.subscription for s in subs])
         server = server_factory(
             **backend_env,
             PUSH_PROCESSES="1",
@@ -446,7 +435,7 @@ def test_a_cancel_answered_survives_kill_9_and_the_notification_is_not_resumed(
     notification goes out while nothing more of the cancelled one does."""
     with PushService(latency=0.1) as service:
         subs = [service.subscriber() for _ in range(1000)]
-        preload(tmp_path, backend_env, [s.subscription for s in subs], ["all"])
+        preload(backend_env, tmp_path, [s.subscription for s in subs], ["all"])
         server = server_factory(
             **backend_env,
             PUSH_PROCESSES="1",
@@ -523,7 +512,9 @@ def test_a_fan_out_the_full_disk_meets_is_recorded_when_space_returns(
     store = tmpfs / "subscriptions.json"
     with PushService() as service:
         subs = [service.subscriber() for _ in range(3000)]
-        store_file(store, [s.subscription for s in subs], ["all"])
+        json_store = api.JsonSubscriptionStore(store)
+        json_store.write(records([s.subscription for s in subs], ["all"]))
+        json_store.close()
         server = server_factory(SUBSCRIPTIONS_FILE=str(store)).start()
         answer = requests.post(
             server.url + "/push",
