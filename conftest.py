@@ -372,3 +372,25 @@ def unchanged(app, settings):
         return stored_state(settings) == before and len(store) == 1
 
     return unchanged
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(tmp_path: Path, size: str):
+    """A real tmpfs of ``size`` (``256k``, ``4m``), mounted in ``tmp_path`` for
+    a full-disk test (root only: CI is), unmounted after."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root and must mount a tmpfs: {done.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here (not root?): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

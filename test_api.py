@@ -45,6 +45,7 @@ from conftest import (
     device_token,
     fake_subscription,
     free_port,
+    mounted_tmpfs,
     pushed,
     server_pushed,
     stored_state,
@@ -947,20 +948,8 @@ def test_a_failed_compaction_keeps_the_journal_and_the_write(tmp_path, failing, 
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 256 KB tmpfs, mounted for the test (root only: CI is)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI runs as root and must mount a tmpfs: {done.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here (not root?): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with mounted_tmpfs(tmp_path, "256k") as mount:
+        yield mount
 
 
 def test_a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers(

@@ -9,9 +9,7 @@ restart, kill -9 or a real disk is the point, the in-process app elsewhere.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from conftest import (
     AUTH,
     LOCAL_PUSH,
     WAIT,
+    mounted_tmpfs,
     preload,
     pushed,
     status_document,
@@ -301,6 +300,21 @@ def test_an_idempotent_replay_answers_the_same_document_with_its_receipts(
 # -- resuming ---------------------------------------------------------------------------
 
 
+def _newcomers_across_a_kill(server, service, env, tmp_path, total: int) -> list:
+    """kill -9 the server before its fan-out to ``total`` ends, store one
+    subscriber while it is down, start it again and post another: the two
+    who subscribed after the notification started."""
+    server.stop(signal.SIGKILL)
+    assert len(service.received()) < total, "ended before the kill: make it slower"
+    while_down = service.subscriber()
+    preload(env, tmp_path, [while_down.subscription])
+    server.start()
+    after = service.subscriber()
+    response = requests.post(server.url + "/subscription", json=after.subscription)
+    assert response.status_code == 201, response.text
+    return [while_down, after]
+
+
 def test_a_resumed_notification_goes_to_those_subscribed_when_it_started(
     server_factory, backend_env, tmp_path
 ):
@@ -322,14 +336,7 @@ def test_a_resumed_notification_goes_to_those_subscribed_when_it_started(
         ).json()
         assert answer["subscriptions"] == 2000
         service.wait_for(500, timeout=60)
-        server.stop(signal.SIGKILL)
-        assert len(service.received()) < 2000, "ended before the kill: make it slower"
-        while_down = service.subscriber()
-        preload(backend_env, tmp_path, [while_down.subscription])
-        server.start()
-        after = service.subscriber()
-        response = requests.post(server.url + "/subscription", json=after.subscription)
-        assert response.status_code == 201, response.text
+        _newcomers_across_a_kill(server, service, backend_env, tmp_path, 2000)
         assert status_document(server, answer["id"])["status"] == "sending"
         document = wait_status(server, answer["id"], timeout=120)
         received = service.received()
@@ -369,14 +376,9 @@ def test_a_resumed_notification_goes_to_those_subscribed_when_it_started_after_a
         assert gone.status_code == 204
         for _ in range(api.JsonLinesStore.COMPACT_MIN_LINES):  # lines to compact
             http.post(server.url + "/subscription", json=subs[0].subscription)
-        server.stop(signal.SIGKILL)
-        assert len(service.received()) < 99, "ended before the kill: make it slower"
-        while_down = service.subscriber()
-        preload(backend_env, tmp_path, [while_down.subscription])
-        server.start()
-        new = service.subscriber()
-        response = requests.post(server.url + "/subscription", json=new.subscription)
-        assert response.status_code == 201, response.text
+        while_down, new = _newcomers_across_a_kill(
+            server, service, backend_env, tmp_path, 99
+        )
         notification_id = answer.json()["id"]
         document = wait_status(server, notification_id, timeout=60)
         received = {d.subscriber for d in service.received()}
@@ -455,16 +457,22 @@ def test_a_cancel_answered_survives_kill_9_and_the_notification_is_not_resumed(
         after = status_document(server, answer["id"])
         assert after["status"] == "cancelled"
         assert after["finished"] == cancelled.json()["finished"]
-        canary = service.subscriber()
-        body = {**canary.subscription, "topics": ["canary"]}
-        requests.post(server.url + "/subscription", json=body)
-        later = requests.post(
-            server.url + "/push", json={"title": "c", "topic": "canary"}, headers=WAIT
-        ).json()
-        assert (later["status"], later["sent"]) == ("done", 1)
+        _a_canary_gets_a_later_notification(server, service)
         received = [d.message["title"] for d in service.received()]
     assert received.count("t") == sent_before < 1000
     assert status_document(server, answer["id"])["status"] == "cancelled"
+
+
+def _a_canary_gets_a_later_notification(server, service) -> None:
+    """A new subscriber on its own topic gets a new notification (title "c"):
+    the engine works after the restart."""
+    canary = service.subscriber()
+    body = {**canary.subscription, "topics": ["canary"]}
+    requests.post(server.url + "/subscription", json=body)
+    later = requests.post(
+        server.url + "/push", json={"title": "c", "topic": "canary"}, headers=WAIT
+    ).json()
+    assert (later["status"], later["sent"]) == ("done", 1)
 
 
 # -- a full disk ------------------------------------------------------------------------
@@ -473,20 +481,8 @@ def test_a_cancel_answered_survives_kill_9_and_the_notification_is_not_resumed(
 @pytest.fixture
 def tmpfs(tmp_path):
     """A real 4 MB tmpfs, mounted for the test (root only: CI is)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI runs as root and must mount a tmpfs: {done.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here (not root?): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with mounted_tmpfs(tmp_path, "4m") as mount:
+        yield mount
 
 
 def fill(directory: Path) -> Path:
@@ -538,13 +534,7 @@ def test_a_fan_out_the_full_disk_meets_is_recorded_when_space_returns(
         server.stop()  # SIGTERM
         server.start()
         assert status_document(server, answer["id"]) == document
-        canary = service.subscriber()
-        body = {**canary.subscription, "topics": ["canary"]}
-        requests.post(server.url + "/subscription", json=body)
-        after = requests.post(
-            server.url + "/push", json={"title": "c", "topic": "canary"}, headers=WAIT
-        ).json()
-        assert (after["status"], after["sent"]) == ("done", 1)  # the engine ran
+        _a_canary_gets_a_later_notification(server, service)  # the engine ran
         received = service.received()
     assert status_document(server, answer["id"]) == document
     titles = [d.message["title"] for d in received]
