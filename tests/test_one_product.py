@@ -306,6 +306,7 @@ def _newcomers_across_a_kill(server, service, env, tmp_path, total: int) -> list
     who subscribed after the notification started."""
     server.stop(signal.SIGKILL)
     assert len(service.received()) < total, "ended before the kill: make it slower"
+    service.latency = 0.01  # the rest goes out in about a second
     while_down = service.subscriber()
     preload(env, tmp_path, [while_down.subscription])
     server.start()
