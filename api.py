@@ -1775,7 +1775,7 @@ class JsonSubscriptionStore(JsonLinesStore):
         after ``after`` and up to ``upto``: (seq, id, push service origin)."""
         key = (kind, topic, upto)
         plan = self._plans.get(key)
-        if plan is None:  # taken once per fan-out: later records are past upto
+        if plan is None or not after:  # taken once per plan: later ones are past upto
             fcm = kind == "fcm"
             seqs, ids, origins = [], [], []
             with self._mutex:
@@ -2644,6 +2644,7 @@ class JournalJobStore:
         self._taken: dict[str, Batch] = {}  # entry -> batch being sent
         self._entries = itertools.count(1)
         self._unwritten: list[tuple[list[dict], list[str]]] = []
+        self._ending: dict[str, dict] = {}  # ended, its final record not written
         self._refused = 0.0  # when the disk last refused a write: logged once a minute
         self._lock = threading.Condition()
         self._writing = threading.RLock()  # the journal's order is the changes' order
@@ -2670,6 +2671,9 @@ class JournalJobStore:
     def load(self, notification_id: str) -> dict | None:
         with self._lock:
             held = self._held.get(notification_id)
+            ending = self._ending.get(notification_id)
+            if ending is not None:
+                record = dict(ending)
             if held is not None:
                 record = {
                     **held.record,
@@ -2679,7 +2683,7 @@ class JournalJobStore:
                     "enqueued": held.enqueued,
                     "vanished": held.vanished,
                 }
-        if held is None:
+        if held is None and ending is None:
             record = self.journal.get(notification_id)
             if record is None or "of" in record:
                 return None
@@ -2700,8 +2704,9 @@ class JournalJobStore:
         for notification_id in notification_ids:
             with self._lock:
                 held = self._held.get(notification_id)
-                status = held and held.record["status"]
-            if held is None:
+                record = held.record if held else self._ending.get(notification_id)
+            status = record and record["status"]
+            if record is None:
                 record = self.journal.get(notification_id)
                 status = record and record.get("status")
             statuses.append(status)
@@ -2715,12 +2720,19 @@ class JournalJobStore:
                 held = self._held.get(notification_id)
                 if held is None:
                     return None if self.load(notification_id) is None else False
-                if held.record["status"] not in before:
+                old = held.record["status"], held.record["finished"]
+                if old[0] not in before:
                     return False
-                changed = {**held.record, "status": status, "finished": now}
-            self._write([changed], [])  # refused: nothing changed
-            with self._lock:
+                # In memory first: a batch that completes meanwhile sees it.
                 held.record.update(status=status, finished=now)
+                changed = dict(held.record)
+            try:
+                self._write([changed], [])
+            except OSError:  # refused: nothing changed
+                with self._lock:
+                    held.record.update(status=old[0], finished=old[1])
+                raise
+            with self._lock:
                 for queue in self._queues.values():  # its batches not yet taken
                     mine = [b for b in queue if b.notification == notification_id]
                     for batch in mine:
@@ -2892,8 +2904,8 @@ class JournalJobStore:
         record = held.record
         if record["status"] not in FINISHED or held.batches != held.batches_done:
             return None
-        del self._held[record["id"]]
-        self._lock.notify_all()
+        if self._held.get(record["id"]) is not held:  # made final already
+            return None
         final = {
             **record,
             "final": True,
@@ -2902,6 +2914,9 @@ class JournalJobStore:
             "enqueued": held.enqueued,
             "vanished": held.vanished,
         }
+        del self._held[record["id"]]
+        self._ending[record["id"]] = final  # what load shows until it is written
+        self._lock.notify_all()
         return [final], held.parts
 
     # -- the journal --------------------------------------------------------------
@@ -2932,10 +2947,20 @@ class JournalJobStore:
             upserts, removals = self._unwritten[0]
             self.journal.write(upserts, removals)
             self._unwritten.pop(0)
+            with self._lock:
+                for record in upserts:
+                    if record.get("final"):
+                        self._ending.pop(record["id"], None)
 
     def flush(self) -> None:
-        if self._unwritten:
-            self._write_later([], [])
+        with self._writing:
+            if not self._unwritten:
+                return
+            try:
+                self._flush_unwritten()
+            except OSError:  # logged when it was first refused
+                return
+            log.info("the notification journal takes writes again")
 
     def drop_ended(self, now: float, keep_from: float) -> int:
         old = []
@@ -3040,7 +3065,11 @@ class JournalJobStore:
                 _add_causes(held.causes, _causes_of(part["errors"]))
             held.enqueued = len(held.done)
             self._held[record["id"]] = held
-            if record["status"] == "sending":
+            with self._lock:  # ended, but its final record was not written
+                final = self._final(held)
+            if final:
+                self._unwritten.append(final)
+            elif record["status"] == "sending":
                 log.info(
                     "notification %s resumes: %d subscribers done before the stop",
                     record["id"],
@@ -3678,6 +3707,7 @@ class RedisJobStore:
 
     def close(self) -> None:
         self._reader.close()
+        self._reader.connection_pool.disconnect()
 
 
 ###############################################################################
@@ -4863,7 +4893,9 @@ class NotificationEngine:
         self._in_flight: dict[str, Batch] = {}  # entry -> batch
         self._out: collections.Counter[str] = collections.Counter()  # by origin
         self._completed: collections.deque[tuple] = collections.deque()
-        self._cancelled: set[str] = set()  # told to the delivery already
+        # Ended while this process had or may take its batches: told to the
+        # delivery already; forgotten after a minute.
+        self._cancelled: dict[str, float] = {}
         self._messages: dict[str, tuple[float, str | None, Message | None]] = {}
         self._created = threading.Event()  # made here: plan it without waiting
         self._stopping = False
@@ -5173,10 +5205,16 @@ class NotificationEngine:
                     batches = self.jobs.reclaim(self.consumer, self.lease, self._room)
                 if not batches:
                     batches = self.jobs.take(self.consumer, self._room, TAKE_BLOCK)
-                for batch in batches:
-                    self._start_batch(batch)
             except Exception as e:  # noqa: BLE001 - _complain logs it
                 self._complain("batch consumer", e)
+                continue
+            for batch in batches:  # each on its own: one failing strands none
+                try:
+                    self._start_batch(batch)
+                except Exception as e:  # noqa: BLE001 - _complain logs it
+                    self._complain(f"starting batch {batch.entry}", e, pause=0)
+                    with contextlib.suppress(Exception):  # else reclaimed later
+                        self._complete(batch, [], list(batch.ids), 0)
 
     def _start_batch(self, batch: Batch) -> None:
         ids = list(batch.ids)
@@ -5231,8 +5269,9 @@ class NotificationEngine:
             )
         except Exception:  # no delivery process could start: it goes back
             self._landed(batch)
-            self._complete(batch, [], ids, 0)
             raise
+        if batch.notification in self._cancelled:  # cancelled while it started
+            self.delivery.cancel(batch.notification)
         sent_to = [r["id"] for r in sendable] + [o.record_id for o in failed]
         future.add_done_callback(
             functools.partial(self._batch_done, batch, sent_to, vanished, failed)
@@ -5241,6 +5280,8 @@ class NotificationEngine:
     def _message(self, notification_id: str) -> tuple[str | None, Message | None]:
         """A notification's status (read at most once a second) and message
         (made once)."""
+        if notification_id in self._cancelled:
+            return "cancelled", None
         now = time.monotonic()
         cached = self._messages.get(notification_id)
         if cached and cached[0] > now:
@@ -5251,13 +5292,14 @@ class NotificationEngine:
         if message is None and status == "sending":
             message = message_of(record, time.time())
         if len(self._messages) > 1000:
-            self._messages = {k: v for k, v in self._messages.items() if v[0] > now}
+            for key in [k for k, v in list(self._messages.items()) if v[0] <= now]:
+                self._messages.pop(key, None)
         self._messages[notification_id] = (now + 1, status, message)
         return status, message
 
     def _stop_sending(self, notification_id: str, status: str) -> None:
         """Send nothing more of a notification that ended (here or elsewhere)."""
-        self._cancelled.add(notification_id)
+        self._cancelled[notification_id] = time.monotonic()
         # Its next batches must not start from a cached "sending".
         self._messages[notification_id] = (time.monotonic() + 1, status, None)
         self.delivery.cancel(notification_id)
@@ -5292,9 +5334,11 @@ class NotificationEngine:
             for item in completed:
                 batch = item[0]
                 try:
-                    self._record_batch(*item)
+                    if len(item) == 5:  # back from delivery: its outcomes, once
+                        item = self._applied(*item)
+                    self._complete(*item)
                 except StoreUnavailable as e:
-                    # Redis blinked: record it again, still in flight (the
+                    # Redis blinked: count it again, still in flight (the
                     # keeper keeps it ours), rather than have it sent twice.
                     self._complain(f"recording batch {batch.entry}", e)
                     with self._lock:
@@ -5305,17 +5349,17 @@ class NotificationEngine:
                     self._complain(f"recording batch {batch.entry}", e)
                 self._landed(batch)
 
-    def _record_batch(
+    def _applied(
         self,
         batch: Batch,
         ids: list[str],
         vanished: int,
         failed: list[PushOutcome],
         future: Any,
-    ) -> None:
+    ) -> tuple[Batch, list[PushOutcome], list[str], int]:
         """Apply a batch's outcomes (and ``failed``, those it could not send)
-        to the store and count them; the subscribers it did not reach go
-        back to be sent again."""
+        to the store: what to count, and the subscribers it did not reach,
+        who go back to be sent again."""
         try:
             outcomes: list[PushOutcome] = future.result()
         except DeliveryStopped:
@@ -5326,8 +5370,7 @@ class NotificationEngine:
         reached = failed + [o for o in outcomes if o.result != "unsent"]
         done = {o.record_id for o in reached}
         apply_outcomes(self.store, reached, self.prune_after)
-        again = [i for i in ids if i not in done]
-        self._complete(batch, reached, again, vanished)
+        return batch, reached, [i for i in ids if i not in done], vanished
 
     def _complete(
         self, batch: Batch, reached: list[PushOutcome], again: list[str], vanished: int
@@ -5370,7 +5413,10 @@ class NotificationEngine:
                             and notification_id not in self._cancelled
                         ):
                             self._stop_sending(notification_id, status)
-                    self._cancelled &= set(notifications)
+                old = time.monotonic() - 60
+                for notification_id, when in list(self._cancelled.items()):
+                    if when < old:
+                        self._cancelled.pop(notification_id, None)
             except Exception as e:  # noqa: BLE001 - _complain logs it
                 # No pause: its turns are paced, and a late one lets batches
                 # go to others (WORKER_TIMEOUT may be as short as a second).
@@ -6723,11 +6769,14 @@ class Http:
         if self.settings.public_url:
             return self.settings.public_url.rstrip("/") + "/"
         parts = bottle.request.urlparts
-        base = f"{parts.scheme}://{parts.netloc}/"
+        # A chain of proxies may list hosts (X-Forwarded-Host): the first is
+        # the one the client asked for.
+        netloc = parts.netloc.split(",")[0].strip()
+        base = f"{parts.scheme}://{netloc}/"
         try:
             urlsplit(base).port  # noqa: B018 - raises on "[fff]", port 99999
             valid = parts.scheme.lower() in ("http", "https") and HOST_RE.fullmatch(
-                parts.netloc
+                netloc
             )
         except ValueError:
             valid = False

@@ -9,6 +9,7 @@ restart, kill -9 or a real disk is the point, the in-process app elsewhere.
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from conftest import (
     AUTH,
     LOCAL_PUSH,
     WAIT,
+    fake_subscription,
     mounted_tmpfs,
     preload,
     pushed,
@@ -565,3 +567,123 @@ def test_causes_are_counted_whole_across_batches_and_push_services(
         (other.origin, 413, 3),
     ]
     assert (document["total"], document["sent"], document["failed"]) == (330, 20, 310)
+
+
+# -- the job stores' own steps ----------------------------------------------------------
+
+
+def _journal_jobs(tmp_path: Path) -> api.JournalJobStore:
+    journal = api.NotificationJournal(tmp_path / "n.json")
+    return api.JournalJobStore(
+        journal, api.ReceiptDatabase(api.receipts_path(journal.path))
+    )
+
+
+def _queued(total: int) -> dict:
+    message = api.Message({"title": "t"}, b"{}", 60, "normal")
+    return api.new_notification(
+        message, None, time.time(), None, None, "", "api", total
+    )
+
+
+def test_an_ended_notification_shows_its_end_while_the_disk_refuses_its_final_record(
+    tmp_path, monkeypatch
+):
+    """JSON only (Redis takes a write whole or refuses it): the status
+    document says done, with its counts, while the journal cannot take the
+    final record, and the record is written once it can."""
+    jobs = _journal_jobs(tmp_path)
+    record = _queued(2)
+    jobs.insert(record, None)
+    nid = record["id"]
+    full = [False]
+    write = jobs.journal.write
+
+    def refusing(upserts=(), removals=()) -> None:
+        if full[0] and (upserts or removals):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(upserts, removals)
+
+    monkeypatch.setattr(jobs.journal, "write", refusing)
+    jobs.claim_due(time.time(), time.time() + 10)
+    _, cursor = jobs.start(nid, time.time(), 2, 10)
+    full[0] = True
+    jobs.enqueue(nid, cursor, "3 0", time.time() + 10, [("https://x", ["a", "b"])])
+    [batch] = jobs.take("me", lambda origin: 4, 0.1)
+    assert jobs.planned(nid, "3 0", time.time()) == 1
+    sent = [api.PushOutcome(i, "https://x", 201, "sent") for i in ("a", "b")]
+    assert jobs.complete(batch, api.Tally.of(sent), time.time()) == 2
+    for _ in range(3):
+        jobs.flush()  # the keeper's turns while the disk is full
+    shown = api.status_document(jobs.load(nid))
+    assert (shown["status"], shown["sent"], shown["pending"]) == ("done", 2, 0)
+    assert jobs.status_of([nid]) == ["done"]
+    full[0] = False
+    jobs.flush()
+    written = jobs.journal.get(nid)
+    assert (written["status"], written["final"]) == ("done", True)
+    jobs.close()
+
+
+def test_a_notification_cancelled_before_its_final_record_ends_at_the_next_start(
+    tmp_path,
+):
+    """JSON only (its journal): a cancelled notification whose final record
+    was never written (a crash with batches out) is ended at the next start,
+    not held in memory for ever, and so the retention drops it."""
+    jobs = _journal_jobs(tmp_path)
+    record = _queued(1)
+    jobs.insert(record, None)
+    jobs.journal.upsert({**record, "status": "cancelled", "finished": time.time()})
+    jobs.close()
+    again = _journal_jobs(tmp_path)
+    assert api.status_document(again.load(record["id"]))["status"] == "cancelled"
+    again.flush()
+    assert again.journal.get(record["id"])["final"] is True
+    assert again.drop_ended(time.time(), time.time() + 1) == 1
+    assert again.load(record["id"]) is None
+    again.close()
+
+
+def test_a_plan_sees_the_topic_as_it_is_when_it_starts_even_after_one_was_cut_short(
+    app,
+):
+    """A fan-out cut short after its first page (cancelled) leaves nothing
+    that the next notification to the topic is planned from, on either
+    store: one who left the topic since does not get it."""
+    store = app.app.config["webpush.store"]
+    subs = [{**api_record(n), "topics": ["x"]} for n in range(5)]
+    store.write(subs)
+    upto = store.sequence()
+    assert len(store.page("webpush", "x", 0, upto, 2)) == 2  # then cut short
+    left = store.get(subs[4]["id"])
+    store.upsert({**left, "topics": []})
+    planned = [i for _, i, _ in store.page("webpush", "x", 0, store.sequence(), 100)]
+    assert planned == [s["id"] for s in subs[:4]]
+
+
+def api_record(n: int) -> dict:
+    sub = fake_subscription(n)
+    return {"id": api.subscription_id(sub["endpoint"]), **sub}
+
+
+def test_a_batch_that_cannot_be_handed_to_delivery_goes_back_and_is_sent(
+    app_with, push_service, monkeypatch
+):
+    """A delivery that refuses one batch (no delivery process could start)
+    strands neither it nor the batches taken with it, on either store."""
+    client = app_with(push_processes=2)  # two batches, taken together
+    delivery = client.app.config["webpush.delivery"]
+    for _ in range(4):
+        client.post_json("/subscription", push_service.subscriber().subscription)
+    submit, refused = delivery.submit, []
+
+    def refusing_once(*args, **kwargs):
+        if not refused:
+            refused.append(True)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(delivery, "submit", refusing_once)
+    document = pushed(client, {"title": "t"})
+    assert refused and (document["status"], document["sent"]) == ("done", 4)
