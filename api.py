@@ -5983,9 +5983,14 @@ class Validator:
         )
 
     def replaces(self, body: dict) -> str:
-        """The record id of the old endpoint a rotated subscription replaces
-        (pushsubscriptionchange)."""
+        """The record id of what a rotated subscription replaces: the old
+        endpoint of a web push one (pushsubscriptionchange), the old token of
+        an FCM one (a refreshed token). Never a record of the other kind."""
         old = body["replaces"]
+        if "fcm_token" in body:
+            if not isinstance(old, str) or not FCM_TOKEN_RE.fullmatch(old):
+                raise ApiError(400, "'replaces' must be the device's old FCM token")
+            return subscription_id("fcm:" + old)
         if not isinstance(old, str) or not 0 < len(old) <= MAX_ENDPOINT_LENGTH:
             raise ApiError(
                 400, "'replaces' must be the endpoint of the old subscription"
@@ -6890,7 +6895,10 @@ def subscription_routes(app: bottle.Bottle, http: Http) -> None:
             record = validate.subscription(body, also=("replaces", "fcm_token"))
         previous = store.get(record["id"]) or {}
         replaced = store.get(validate.replaces(body)) if "replaces" in body else None
-        if replaced and replaced["id"] == record["id"]:
+        if replaced and (
+            replaced["id"] == record["id"]
+            or replaced.get("kind", "webpush") != record.get("kind", "webpush")
+        ):
             replaced = None
         if (
             not previous

@@ -1636,6 +1636,31 @@ def test_fcm_tokens_register_once_and_delete(fcm_app):
     assert fcm_app.get("/health").json["fcm_tokens"] == 0
 
 
+def test_a_refreshed_fcm_token_replaces_the_old_one_and_keeps_its_topics(
+    fcm_app, push_service
+):
+    old, new = device_token(1), device_token(2)
+    fcm_app.post_json("/subscription", {"fcm_token": old, "topics": ["news"]})
+    fcm_app.post_json("/subscription", {"fcm_token": new, "replaces": old})
+    topics = json.loads(fcm_app.get("/topics", headers=AUTH).text)
+    assert topics == [{"topic": "news", "subscriptions": 1}]
+    assert fcm_app.get("/health").json["fcm_tokens"] == 1
+    fcm_app.delete_json("/subscription", {"fcm_token": old}, status=404)
+
+
+def test_an_fcm_token_never_replaces_a_web_push_subscription(fcm_app, push_service):
+    browser = push_service.subscriber().subscription
+    fcm_app.post_json("/subscription", {**browser, "topics": ["news"]})
+    fcm_app.post_json(
+        "/subscription",
+        {"fcm_token": device_token(3), "replaces": browser["endpoint"]},
+        status=400,
+    )
+    fcm_app.post_json("/subscription", {"fcm_token": device_token(4)})
+    health = fcm_app.get("/health").json
+    assert (health["subscriptions"], health["fcm_tokens"]) == (1, 1)
+
+
 @pytest.mark.parametrize(
     "token", ["", "has space", "x" * 4097, 12], ids=["empty", "space", "long", "number"]
 )
