@@ -1270,9 +1270,10 @@ UNFINISHED = ("scheduled", "queued", "sending")
 ###############################################################################
 # Store #######################################################################
 ###############################################################################
-# Subscriptions (SubscriptionStore, RedisSubscriptionStore) and notifications
-# with their batches (the JobStore protocol: JournalJobStore, RedisJobStore).
-# Nothing outside a store touches its files or keys.
+# Subscriptions (the SubscriptionStore protocol: JsonSubscriptionStore,
+# RedisSubscriptionStore) and notifications with their batches (the JobStore
+# protocol: JournalJobStore, RedisJobStore). Nothing outside a store touches
+# its files or keys.
 
 
 class StoreLocked(Exception):
