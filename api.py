@@ -2619,6 +2619,7 @@ class _Held:
     batches_done: int = 0
     enqueued: int = 0
     vanished: int = 0
+    ended: bool = False  # its final record made, to be written
 
 
 class JournalJobStore:
@@ -2645,7 +2646,6 @@ class JournalJobStore:
         self._taken: dict[str, Batch] = {}  # entry -> batch being sent
         self._entries = itertools.count(1)
         self._unwritten: list[tuple[list[dict], list[str]]] = []
-        self._ending: dict[str, dict] = {}  # ended, its final record not written
         self._refused = 0.0  # when the disk last refused a write: logged once a minute
         self._lock = threading.Condition()
         self._writing = threading.RLock()  # the journal's order is the changes' order
@@ -2672,9 +2672,11 @@ class JournalJobStore:
     def load(self, notification_id: str) -> dict | None:
         with self._lock:
             held = self._held.get(notification_id)
-            ending = self._ending.get(notification_id)
-            if ending is not None:
-                record = dict(ending)
+        if held is not None and held.ended:
+            with self._writing:  # its end is shown once its final record's
+                pass  # write was tried: written, or kept for a full disk
+        with self._lock:
+            held = self._held.get(notification_id)
             if held is not None:
                 record = {
                     **held.record,
@@ -2684,7 +2686,7 @@ class JournalJobStore:
                     "enqueued": held.enqueued,
                     "vanished": held.vanished,
                 }
-        if held is None and ending is None:
+        if held is None:
             record = self.journal.get(notification_id)
             if record is None or "of" in record:
                 return None
@@ -2705,9 +2707,8 @@ class JournalJobStore:
         for notification_id in notification_ids:
             with self._lock:
                 held = self._held.get(notification_id)
-                record = held.record if held else self._ending.get(notification_id)
-            status = record and record["status"]
-            if record is None:
+                status = held and held.record["status"]
+            if held is None:
                 record = self.journal.get(notification_id)
                 status = record and record.get("status")
             statuses.append(status)
@@ -2798,7 +2799,7 @@ class JournalJobStore:
             return True
 
     def planned(self, notification_id: str, cursor: str, now: float) -> int:
-        with self._lock:
+        with self._writing, self._lock:  # an end and its write: see load
             held = self._held.get(notification_id)
             if held is None or held.cursor != cursor:
                 return 0
@@ -2809,9 +2810,9 @@ class JournalJobStore:
                 return 1
             held.record.update(status="done", finished=now)
             final = self._final(held)
-        if final:
-            self._write_later(*final)
-        return 2
+            if final:
+                self._write_later(*final)
+            return 2
 
     def hand_over(self, notification_id: str, now: float) -> None:
         with self._lock:
@@ -2848,6 +2849,10 @@ class JournalJobStore:
         pass
 
     def complete(self, batch: Batch, tally: Tally, now: float) -> int:
+        with self._writing:  # an end and its write: see load
+            return self._complete(batch, tally, now)
+
+    def _complete(self, batch: Batch, tally: Tally, now: float) -> int:
         part = final = None
         with self._lock:
             if self._taken.pop(batch.entry, None) is None:
@@ -2900,13 +2905,15 @@ class JournalJobStore:
         self._queues.setdefault(origin, collections.deque()).append(batch)
 
     def _final(self, held: _Held) -> tuple[list[dict], list[str]] | None:
-        """A finished notification with no batch out: it leaves memory, and its
-        final record replaces its progress (the lock held)."""
+        """A finished notification with no batch out: its final record, to
+        replace its progress; it leaves memory once that is written (the lock
+        held)."""
         record = held.record
         if record["status"] not in FINISHED or held.batches != held.batches_done:
             return None
-        if self._held.get(record["id"]) is not held:  # made final already
+        if held.ended:  # made final already
             return None
+        held.ended = True
         final = {
             **record,
             "final": True,
@@ -2915,9 +2922,6 @@ class JournalJobStore:
             "enqueued": held.enqueued,
             "vanished": held.vanished,
         }
-        del self._held[record["id"]]
-        self._ending[record["id"]] = final  # what load shows until it is written
-        self._lock.notify_all()
         return [final], held.parts
 
     # -- the journal --------------------------------------------------------------
@@ -2950,8 +2954,10 @@ class JournalJobStore:
             self._unwritten.pop(0)
             with self._lock:
                 for record in upserts:
-                    if record.get("final"):
-                        self._ending.pop(record["id"], None)
+                    held = self._held.get(record["id"])
+                    if record.get("final") and held is not None and held.ended:
+                        del self._held[record["id"]]
+                        self._lock.notify_all()
 
     def flush(self) -> None:
         with self._writing:
