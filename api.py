@@ -659,7 +659,7 @@ def _keep_private(directory: Path) -> None:
                 "%s is mode 0%o and cannot be made 0700: %s", directory, mode, e
             )
         else:
-            log.warning("%s was mode 0%o; made it 0700", directory, mode)
+            log.info("%s was mode 0%o; made it 0700", directory, mode)
 
 
 def _load_key_file(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -1206,6 +1206,13 @@ def _counts_of(counts: dict[str, int]) -> dict[str, dict[str, int]]:
         channel, _, result = name.partition(".")
         by_channel[channel][result] += count
     return by_channel
+
+
+def _add_counts(into: dict, counts: dict) -> None:
+    """Add counts by channel to others."""
+    for channel, values in counts.items():
+        for name, value in values.items():
+            into[channel][name] += value
 
 
 def _add_causes(into: collections.Counter, causes: dict[tuple, int]) -> None:
@@ -2850,46 +2857,42 @@ class JournalJobStore:
 
     def complete(self, batch: Batch, tally: Tally, now: float) -> int:
         with self._writing:  # an end and its write: see load
-            return self._complete(batch, tally, now)
-
-    def _complete(self, batch: Batch, tally: Tally, now: float) -> int:
-        part = final = None
-        with self._lock:
-            if self._taken.pop(batch.entry, None) is None:
-                return 0
-            held = self._held.get(batch.notification)
-            if held is None:
-                return 1
-            record = held.record
-            for name, count in tally.counts.items():
-                channel, _, result = name.partition(".")
-                record["counts"][channel][result] += count
-            _add_causes(held.causes, tally.causes)
-            held.vanished += tally.vanished
-            if tally.again and record["status"] == "sending":
-                self._queue(batch.notification, batch.origin, tally.again)
-                held.batches += 1
-            held.batches_done += 1
-            if tally.done:
-                part = {
-                    "id": f"{batch.notification}.{len(held.parts)}",
-                    "of": batch.notification,
-                    "done": sorted(tally.done),
-                    "counts": _counts_of(tally.counts),
-                    "errors": _errors_of(collections.Counter(tally.causes)),
-                }
-                held.parts.append(part["id"])
-            ended = record["status"] == "sending" and held.planned
-            ended = ended and held.batches == held.batches_done
-            if ended:
-                record.update(status="done", finished=now)
-            final = self._final(held)
-            self._lock.notify_all()
-        if part:
-            self._write_later([part], [])
-        if final:
-            self._write_later(*final)
-        return 2 if ended else 1
+            part = None
+            with self._lock:
+                if self._taken.pop(batch.entry, None) is None:
+                    return 0
+                held = self._held.get(batch.notification)
+                if held is None:
+                    return 1
+                record = held.record
+                counts = _counts_of(tally.counts)
+                _add_counts(record["counts"], counts)
+                _add_causes(held.causes, tally.causes)
+                held.vanished += tally.vanished
+                if tally.again and record["status"] == "sending":
+                    self._queue(batch.notification, batch.origin, tally.again)
+                    held.batches += 1
+                held.batches_done += 1
+                if tally.done:
+                    part = {
+                        "id": f"{batch.notification}.{len(held.parts)}",
+                        "of": batch.notification,
+                        "done": sorted(tally.done),
+                        "counts": counts,
+                        "errors": _errors_of(collections.Counter(tally.causes)),
+                    }
+                    held.parts.append(part["id"])
+                ended = record["status"] == "sending" and held.planned
+                ended = ended and held.batches == held.batches_done
+                if ended:
+                    record.update(status="done", finished=now)
+                final = self._final(held)
+                self._lock.notify_all()
+            if part:
+                self._write_later([part], [])
+            if final:
+                self._write_later(*final)
+            return 2 if ended else 1
 
     def backlog(self) -> tuple[int, float]:
         with self._lock:
@@ -3064,11 +3067,9 @@ class JournalJobStore:
                 continue
             held = _Held(record, parts=[p["id"] for p in parts])
             record["counts"] = _zero_counts()
-            for part in sorted(parts, key=lambda p: int(p["id"].rpartition(".")[2])):
+            for part in parts:  # in the order they were written
                 held.done.update(part["done"])
-                for channel, values in part["counts"].items():
-                    for name, value in values.items():
-                        record["counts"][channel][name] += value
+                _add_counts(record["counts"], part["counts"])
                 _add_causes(held.causes, _causes_of(part["errors"]))
             held.enqueued = len(held.done)
             self._held[record["id"]] = held
@@ -3499,7 +3500,8 @@ class RedisJobStore:
 
     # -- batches ------------------------------------------------------------------
 
-    def _batches(self, reply: list, consumer: str) -> list[Batch]:
+    def _as_batches(self, reply: list) -> list[Batch]:
+        """Stream entries read or claimed, as batches."""
         batches = []
         for stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -3534,9 +3536,7 @@ class RedisJobStore:
                 pipe = self.redis.pipeline(transaction=False)
                 for stream, count in rooms.items():
                     pipe.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"}, count)
-                batches = [
-                    b for r in pipe.execute() for b in self._batches(r, consumer)
-                ]
+                batches = [b for r in pipe.execute() for b in self._as_batches(r)]
                 if batches or self._woken:
                     self._woken = False
                     return batches
@@ -3549,7 +3549,7 @@ class RedisJobStore:
                     count=1,
                     block=max(1, int(block * 1000)),
                 )
-                return self._batches(reply, consumer)
+                return self._as_batches(reply)
         except StoreUnavailable as e:
             self._reader_id = None
             if "NOGROUP" in str(e):
@@ -3583,7 +3583,7 @@ class RedisJobStore:
                 )
             # It looks at 10 x count entries a call: go on from there next time.
             self._claim_from[stream] = reply[0] or "0-0"
-            for batch in self._batches([(stream, reply[1])], consumer):
+            for batch in self._as_batches([(stream, reply[1])]):
                 log.warning(
                     "batch %s of notification %s: its process went silent; "
                     "sending it from here",
@@ -4884,7 +4884,6 @@ class NotificationEngine:
         store: SubscriptionStore,
         delivery: Delivery,
         settings: Settings,
-        batch_size: int = BATCH_SIZE,
         consume: bool = True,
     ):
         self.jobs = jobs
@@ -4893,7 +4892,7 @@ class NotificationEngine:
         self.retention = settings.notification_retention
         self.prune_after = settings.prune_after_failures
         self.lease = settings.worker_timeout
-        self.batch_size = batch_size
+        self.batch_size = BATCH_SIZE
         self.per_origin = BATCHES_PER_PROCESS * delivery.processes
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._lock = threading.Condition()
@@ -5229,8 +5228,6 @@ class NotificationEngine:
             self._complete(batch, [], ids, 0)
             return
         status, message = self._message(batch.notification)
-        if batch.notification in self._cancelled:  # seen by the keeper
-            status, message = "cancelled", None
         if status != "sending" or message is None:  # cancelled, ended, dropped
             self._complete(batch, [], [], 0)
             return
