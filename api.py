@@ -1429,11 +1429,16 @@ class JsonLinesStore:
     def write(self, upserts: list[dict] = (), removals: list[str] = ()) -> None:  # type: ignore[assignment]
         """Store and forget several records with one fsync. Lines reach the
         file in order; a crash may keep the first of them without the rest."""
-        lines = [(r["id"], _record_line(r).encode("utf-8"), r) for r in upserts]
-        with self._mutex:
+        with self._mutex:  # what _stored adds may depend on what is stored
+            records = [self._stored(r) for r in upserts]
+            lines = [(r["id"], _record_line(r).encode("utf-8"), r) for r in records]
             write = self._write_locked(lines, list(removals))
         if write is not None:
             self._wait_synced(write)
+
+    def _stored(self, record: dict) -> dict:
+        """A record as it is stored (the mutex held): as given, here."""
+        return record
 
     def _write_locked(
         self, lines: list[tuple[str, bytes, dict]], removals: list[str]
@@ -1864,23 +1869,17 @@ class JsonSubscriptionStore(JsonLinesStore):
         """The records of ``record_ids``, in order; None for those not stored."""
         return [self.get(record_id) for record_id in record_ids]
 
-    def _write_locked(
-        self, lines: list[tuple[str, bytes, dict]], removals: list[str]
-    ) -> _Write | None:
-        # A new id takes the next place in line; a stored one keeps its own.
-        # Places are microseconds since the epoch (or one more than the last),
-        # so one is never given twice, even once the record that held the
-        # last was removed and the file compacted before a restart.
-        placed = []
-        for record_id, line, record in lines:
-            if "seq" not in record:
-                known = self._index.get(record_id)
-                if known is None:
-                    self._seq = max(self._seq + 1, time.time_ns() // 1000)
-                record = {**record, "seq": known[2] if known else self._seq}
-                line = _record_line(record).encode("utf-8")
-            placed.append((record_id, line, record))
-        return super()._write_locked(placed, removals)
+    def _stored(self, record: dict) -> dict:
+        """A new id takes the next place in line; a stored one keeps its own.
+        Places are microseconds since the epoch (or one more than the last),
+        so one is never given twice, even once the record that held the last
+        was removed and the file compacted before a restart."""
+        if "seq" in record:
+            return record
+        known = self._index.get(record["id"])
+        if known is None:
+            self._seq = max(self._seq + 1, time.time_ns() // 1000)
+        return {**record, "seq": known[2] if known else self._seq}
 
     def _put(self, record_id: str, line: bytes, record: dict) -> None:
         known = self._index.get(record_id)
