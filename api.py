@@ -10,6 +10,7 @@
 #     "pycurl>=7.48",
 #     "pyfcm>=2.0,<3",
 #     "redis>=5.0",
+#     "PyJWT>=2.8,<3",
 #     "prometheus_client>=0.20",
 # ]
 # ///
@@ -23,7 +24,7 @@ durable job in a journal beside it, fans notifications out to them
 FCM HTTP v1 with pyfcm), and turns signed webhooks into notifications.
 
 Sections, top to bottom, each using only those above it (a test checks):
-Configuration (settings), Keys (VAPID, tokens), Messages (pure values and
+Configuration (settings), Keys (VAPID, tokens, user tokens), Messages (pure values and
 rules: a message, its outcomes, a notification's record and status document,
 endpoint rules), Store (the subscription stores and the job stores, JSON and
 Redis, behind one interface each), Delivery (web push and FCM: outcomes
@@ -278,6 +279,12 @@ class Settings:
     max_body_bytes: int = _setting(
         32768, "MAX_BODY_BYTES", "largest request body accepted", check=_at_least(1024)
     )
+    max_push_bytes: int = _setting(
+        1024 * 1024,
+        "MAX_PUSH_BYTES",
+        "largest POST /push body accepted (10,000 user or subscription ids fit)",
+        check=_at_least(1024),
+    )
     max_webhook_bytes: int = _setting(
         4 * 1024 * 1024,
         "MAX_WEBHOOK_BYTES",
@@ -380,6 +387,21 @@ class Settings:
         "when unset, one derived from the VAPID private key",
         cli=False,
         check=lambda v: "must be at least 16 characters" if 0 < len(v) < 16 else None,
+    )
+    user_token_secret: str = _setting(
+        "",
+        "USER_TOKEN_SECRET",
+        "secret (at least 32 characters) with which the site's backend signs the "
+        "tokens (JWT, HS256) that bind a subscription to a signed-in user; when "
+        "unset, subscriptions cannot name a user",
+        cli=False,
+        check=lambda v: "must be at least 32 characters" if 0 < len(v) < 32 else None,
+    )
+    demo_users: bool = _setting(
+        False,
+        "DEMO_USERS",
+        "the demo page's made-up sign-in: POST /demo/user-token signs a user token "
+        "for any name (needs USER_TOKEN_SECRET); never in production",
     )
     metrics_token: str = _setting(
         "",
@@ -741,6 +763,57 @@ def receipt_key_of(settings: Settings, keys: VapidKeys) -> bytes:
     return keys.derived_key(b"webpush receipt key")
 
 
+# User tokens: a site's backend says "this browser is signed in as <user>" by
+# signing a JWT (HS256) with USER_TOKEN_SECRET; PyJWT checks it, never our code.
+USER_TOKEN_MAX_TTL = 30 * 86400  # the furthest ahead a token's exp may be
+USER_TOKEN_LEEWAY = 30  # seconds of clock difference between the site and here
+MAX_USER_TOKEN = 4096  # characters
+
+
+def sign_user_token(secret: str, user: str, ttl: int) -> str:
+    """A token that binds a subscription to ``user`` for ``ttl`` seconds."""
+    import jwt  # PyJWT; imported here, so delivery processes stay smaller
+
+    now = int(time.time())
+    return jwt.encode(
+        {"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm="HS256"
+    )
+
+
+def user_token_problem(secret: str, token: Any, user: str) -> str | None:
+    """Why ``token`` does not prove that the browser is ``user``'s, or None:
+    it must be a JWT signed with ``secret`` by HS256 (no other algorithm, not
+    "none"), whose ``sub`` is ``user`` and whose ``exp`` is set, not passed,
+    and at most 30 days ahead."""
+    import jwt
+
+    if not isinstance(token, str) or not token:
+        return "'user_token' is missing: the site's backend signs one for its user"
+    if len(token) > MAX_USER_TOKEN:
+        return f"'user_token' is longer than {MAX_USER_TOKEN} characters"
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=["HS256"],
+            options={"require": ["exp", "sub"]},
+            leeway=USER_TOKEN_LEEWAY,
+        )
+    except jwt.ExpiredSignatureError:
+        return "'user_token' has expired: the site's backend signs a new one"
+    except jwt.MissingRequiredClaimError as e:
+        return f"'user_token' has no '{e.claim}' claim"
+    except jwt.InvalidTokenError:
+        return "'user_token' is not a token signed with this server's USER_TOKEN_SECRET"
+    if claims["sub"] != user:
+        return "'user_token' was signed for another user than 'user'"
+    if claims["exp"] > time.time() + USER_TOKEN_MAX_TTL + USER_TOKEN_LEEWAY:
+        return (
+            "'user_token' expires more than 30 days ahead; sign one that expires sooner"
+        )
+    return None
+
+
 ###############################################################################
 # Messages ####################################################################
 ###############################################################################
@@ -765,6 +838,56 @@ def record_origin(record: dict) -> str:
 
 
 CHANNELS = ("webpush", "fcm")  # a record's ``kind``: the ways messages go
+
+
+def origin_channel(origin: str) -> str:
+    """The channel of a record that sends to ``origin`` (see record_origin)."""
+    return "fcm" if origin == "fcm" else "webpush"
+
+
+MAX_USER_LENGTH = 128  # characters of a user id
+MAX_NAMED = 10_000  # users or subscription ids one notification may name
+
+
+@dataclass(frozen=True)
+class Audience:
+    """Who a notification goes to: everyone, a topic's subscribers, every
+    subscription of some users, or some subscriptions by id (at most one of
+    the three is given)."""
+
+    topic: str | None = None
+    users: tuple[str, ...] | None = None
+    subscriptions: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, record: dict) -> Audience:
+        """The audience a notification record keeps."""
+        users, ids = record.get("users"), record.get("subscriptions")
+        return cls(
+            record.get("topic"),
+            None if users is None else tuple(users),
+            None if ids is None else tuple(ids),
+        )
+
+    @property
+    def kind(self) -> str:
+        """ "everyone", "topic", "users" or "subscriptions"."""
+        if self.users is not None:
+            return "users"
+        if self.subscriptions is not None:
+            return "subscriptions"
+        return "everyone" if self.topic is None else "topic"
+
+    @property
+    def named(self) -> tuple[str, ...] | None:
+        """The users or subscription ids named, or None for a broadcast."""
+        return self.subscriptions if self.users is None else self.users
+
+    def __str__(self) -> str:
+        """For a log line: never a user's id."""
+        if self.named is not None:
+            return f"{len(self.named)} {self.kind}"
+        return "everyone" if self.topic is None else f"topic {self.topic}"
 
 
 # One 4096-byte aes128gcm record, less its header (86), tag and delimiter (17).
@@ -808,6 +931,8 @@ PUSH_FIELDS = (
     "delay",
     "format",
     "mutable",
+    "users",
+    "subscriptions",
     *OPTIONAL_FIELDS,
 )
 
@@ -1104,7 +1229,7 @@ def message_of(record: dict, now: float) -> Message:
 
 def new_notification(
     message: Message,
-    topic: str | None,
+    audience: Audience,
     now: float,
     send_at: float | None,
     key_hash: str | None,
@@ -1123,7 +1248,9 @@ def new_notification(
         "send_at": send_at,
         "started": None,
         "finished": None,
-        "topic": topic,
+        "topic": audience.topic,
+        "users": audience.users and list(audience.users),
+        "subscriptions": audience.subscriptions and list(audience.subscriptions),
         "message": {
             "notification": message.notification,
             "ttl": message.ttl,
@@ -1148,11 +1275,14 @@ def status_document(record: dict, receipts: dict[str, int] | None = None) -> dic
     planned = record.get("planned", False)
     total = record["enqueued"] if planned else record["total"]
     total = max(0, total - record.get("vanished", 0))
+    audience = Audience.of(record)
     return {
         "id": record["id"],
         "status": record["status"],
         "title": record["message"]["notification"].get("title"),
         "topic": record["topic"],
+        "audience": audience.kind,
+        "named": None if audience.named is None else len(audience.named),
         "created": rfc3339(record["created"]),
         "send_at": rfc3339(record["send_at"]),
         "started": rfc3339(record["started"]),
@@ -1180,6 +1310,18 @@ def log_end(document: dict) -> None:
         document["retried"],
         document["total"],
     )
+
+
+def subscription_document(record: dict) -> dict:
+    """What ``GET /users/<id>`` says of one of a user's subscriptions."""
+    return {
+        "id": record["id"],
+        "channel": record.get("kind", "webpush"),
+        "origin": record_origin(record),
+        "created": rfc3339(record.get("created")),
+        "last_success": rfc3339(record.get("last_success")),
+        "topics": record.get("topics") or [],
+    }
 
 
 @dataclass(frozen=True)
@@ -1281,6 +1423,10 @@ UNFINISHED = ("scheduled", "queued", "sending")
 # RedisSubscriptionStore) and notifications with their batches (the JobStore
 # protocol: JournalJobStore, RedisJobStore). Nothing outside a store touches
 # its files or keys.
+
+# A record's last successful delivery is rewritten at most this often (seconds).
+LAST_SUCCESS_STEP = 3600
+LAST_SUCCESS_RE = re.compile(rb'"last_success":([0-9]+)')
 
 
 class StoreLocked(Exception):
@@ -1736,11 +1882,19 @@ class SubscriptionStore(Protocol):
         """The next ``limit`` records of a kind, all or on ``topic``, in line
         after ``after`` and up to ``upto``: (place, id, push service origin)."""
 
-    def count_failures(
-        self, failed: list[str], succeeded: list[str], limit: int
+    def of_users(self, users: list[str]) -> list[tuple[int, str, str]]:
+        """Every record bound to one of ``users`` (a record's ``user``), from
+        an index: (place, id, push service origin)."""
+
+    def placed(self, record_ids: list[str]) -> list[tuple[int, str, str]]:
+        """Those of ``record_ids`` stored: (place, id, push service origin)."""
+
+    def note_deliveries(
+        self, failed: list[str], succeeded: list[str], limit: int, now: float
     ) -> list[str]:
         """One more refusal in a row for each of ``failed`` (removed at
-        ``limit``), none for ``succeeded``; the ids removed."""
+        ``limit``); for each of ``succeeded`` none, and its ``last_success``
+        ``now`` (to within LAST_SUCCESS_STEP); the ids removed."""
 
     def close(self) -> None:
         """Close the file or connection."""
@@ -1768,6 +1922,8 @@ class JsonSubscriptionStore(JsonLinesStore):
         self._origins: dict[str, str] = {}  # one string per origin, shared
         self._seq = 0
         self._plans: dict[tuple, tuple[list[int], list[str], list[str]]] = {}
+        self._users: dict[str, list[str]] = {}  # user -> ids of their records
+        self._user_of: dict[str, str] = {}  # id -> user, for records bound to one
         super().__init__(path)
 
     def count(self, kind: str, topic: str | None = None) -> int:
@@ -1813,12 +1969,26 @@ class JsonSubscriptionStore(JsonLinesStore):
             self._plans.pop(key, None)
         return list(zip(seqs[start:end], ids[start:end], origins[start:end]))
 
-    def count_failures(
-        self, failed: list[str], succeeded: list[str], limit: int
+    def of_users(self, users: list[str]) -> list[tuple[int, str, str]]:
+        """Every record bound to one of ``users``: (seq, id, origin)."""
+        with self._mutex:
+            ids = [i for user in users for i in self._users.get(user, ())]
+            return [(self._index[i][2], i, self._index[i][0]) for i in ids]
+
+    def placed(self, record_ids: list[str]) -> list[tuple[int, str, str]]:
+        """Those of ``record_ids`` stored: (seq, id, origin)."""
+        with self._mutex:
+            found = [(i, self._index.get(i)) for i in record_ids]
+            return [(entry[2], i, entry[0]) for i, entry in found if entry]
+
+    def note_deliveries(
+        self, failed: list[str], succeeded: list[str], limit: int, now: float
     ) -> list[str]:
         """One more refusal in a row for each of ``failed`` (removed at
-        ``limit``), none for ``succeeded``; the ids removed. Read and written
-        under the mutex, so a subscribe in between is never undone."""
+        ``limit``); for each of ``succeeded`` none, and its last success
+        ``now`` (rewritten at most every LAST_SUCCESS_STEP); the ids removed.
+        Read and written under the mutex, so a subscribe in between is never
+        undone."""
         with self._mutex:
             upserts, removals = [], []
             for record_id in failed:
@@ -1833,10 +2003,15 @@ class JsonSubscriptionStore(JsonLinesStore):
                     upserts.append(record)
             for record_id in succeeded:
                 line = self._records.get(record_id)
-                if line is not None and b'"failures":' in line:
+                if line is None:
+                    continue
+                last = LAST_SUCCESS_RE.search(line)
+                stale = last is None or now - int(last[1]) >= LAST_SUCCESS_STEP
+                if stale or b'"failures":' in line:
                     record = json.loads(line)
-                    if record.pop("failures", None) is not None:
-                        upserts.append(record)
+                    record.pop("failures", None)
+                    record["last_success"] = int(now)
+                    upserts.append(record)
             lines = [(r["id"], _record_line(r).encode("utf-8"), r) for r in upserts]
             write = self._write_locked(lines, removals)
         if write is not None:
@@ -1884,6 +2059,10 @@ class JsonSubscriptionStore(JsonLinesStore):
     def _put(self, record_id: str, line: bytes, record: dict) -> None:
         known = self._index.get(record_id)
         super()._put(record_id, line, record)
+        user = record.get("user")
+        if user is not None:
+            self._user_of[record_id] = user
+            self._users.setdefault(user, []).append(record_id)
         kind = record.get("kind", "webpush")
         origin = record_origin(record)
         origin = self._origins.setdefault(origin, origin)
@@ -1898,9 +2077,14 @@ class JsonSubscriptionStore(JsonLinesStore):
 
     def _drop(self, record_id: str) -> None:
         super()._drop(record_id)
+        user = self._user_of.pop(record_id, None)
+        if user is not None:
+            self._users[user].remove(record_id)
+            if not self._users[user]:
+                del self._users[user]
         entry = self._index.pop(record_id, None)
         if entry is not None:
-            kind = "fcm" if entry[0] == "fcm" else "webpush"
+            kind = origin_channel(entry[0])
             self._counts[(kind, None)] -= 1
             for topic in entry[1]:
                 self._counts[(kind, topic)] -= 1
@@ -2064,9 +2248,10 @@ def _redis_errors(what: str) -> Any:
 
 
 # One write of records and their indexes, atomic. ARGV: prefix, the number of
-# upserts, each as (id, line, kind, origin, number of topics, topics...), then the ids
-# to remove. A record keeps its place in the indexes (its score, from the
-# ``seq`` counter) for life, so a fan-out being planned meets each record once.
+# upserts, each as (id, line, kind, origin, user or "", last success or "",
+# number of topics, topics...), then the ids to remove. A record keeps its place in the indexes
+# (its score, from the ``seq`` counter) for life, so a fan-out being planned
+# meets each record once.
 SUBSCRIPTION_UNINDEX_LUA = """
 local p = ARGV[1]
 local subs, counts = p .. 'subs', p .. 'count'
@@ -2082,9 +2267,13 @@ local function unindex(id)
       redis.call('ZREM', p .. 'tx:' .. kind .. ':' .. topic, id)
     end
   end
+  if type(record['user']) == 'string' then
+    redis.call('ZREM', p .. 'ux:' .. record['user'], id)
+  end
   redis.call('HINCRBY', counts, kind, -1)
   redis.call('HDEL', p .. 'fails', id)
   redis.call('HDEL', p .. 'origin', id)
+  redis.call('HDEL', p .. 'last', id)
   return true, score
 end
 """
@@ -2093,18 +2282,22 @@ SUBSCRIPTION_WRITE_LUA = (
     + """
 local results, i = {}, 3
 for n = 1, tonumber(ARGV[2]) do
-  local id, line, kind, topics = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 4])
+  local id, line, kind, user = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 4]
+  local last, topics = ARGV[i + 5], tonumber(ARGV[i + 6])
+  if last == '' then last = redis.call('HGET', p .. 'last', id) end
   local existed, score = unindex(id)
   results[n] = existed and 0 or 1
   if not score then score = redis.call('INCR', p .. 'seq') end
   redis.call('HSET', subs, id, line)
   redis.call('HSET', p .. 'origin', id, ARGV[i + 3])
   redis.call('ZADD', p .. 'ix:' .. kind, score, id)
+  if user ~= '' then redis.call('ZADD', p .. 'ux:' .. user, score, id) end
+  if last then redis.call('HSET', p .. 'last', id, last) end
   for t = 1, topics do
-    redis.call('ZADD', p .. 'tx:' .. kind .. ':' .. ARGV[i + 4 + t], score, id)
+    redis.call('ZADD', p .. 'tx:' .. kind .. ':' .. ARGV[i + 6 + t], score, id)
   end
   redis.call('HINCRBY', counts, kind, 1)
-  i = i + 5 + topics
+  i = i + 7 + topics
 end
 for j = i, #ARGV do
   if unindex(ARGV[j]) then
@@ -2117,13 +2310,14 @@ end
 return results
 """
 )
-# Refusals in a row (PRUNE_AFTER_FAILURES). ARGV: prefix, limit, the number of
-# failed ids, those ids, then the ids that succeeded. Returns the ids removed.
-SUBSCRIPTION_FAILURES_LUA = (
+# Refusals in a row (PRUNE_AFTER_FAILURES) and last successes. ARGV: prefix,
+# limit, now, the number of failed ids, those ids, then the ids that
+# succeeded. Returns the ids removed.
+SUBSCRIPTION_DELIVERIES_LUA = (
     SUBSCRIPTION_UNINDEX_LUA
     + """
-local limit, failed, removed = tonumber(ARGV[2]), tonumber(ARGV[3]), {}
-for j = 4, 3 + failed do
+local limit, now, failed, removed = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), {}
+for j = 5, 4 + failed do
   local id = ARGV[j]
   if redis.call('HEXISTS', subs, id) == 1 then
     if redis.call('HINCRBY', p .. 'fails', id, 1) >= limit then
@@ -2133,8 +2327,13 @@ for j = 4, 3 + failed do
     end
   end
 end
-if #ARGV > 3 + failed then
-  redis.call('HDEL', p .. 'fails', unpack(ARGV, 4 + failed))
+if #ARGV > 4 + failed then
+  redis.call('HDEL', p .. 'fails', unpack(ARGV, 5 + failed))
+  for j = 5 + failed, #ARGV do
+    if redis.call('HEXISTS', subs, ARGV[j]) == 1 then
+      redis.call('HSET', p .. 'last', ARGV[j], now)
+    end
+  end
 end
 return removed
 """
@@ -2146,18 +2345,20 @@ class RedisSubscriptionStore:
     the SubscriptionStore interface, nothing held in memory.
 
     Keys, after REDIS_PREFIX: ``subs`` (hash: id -> the record as a JSON
-    line), ``count`` (hash: kind -> how many), and the indexes a fan-out is
-    planned from, page by page: ``ix:<kind>`` and ``tx:<kind>:<topic>``
-    (sorted sets of ids, scored in the order they first subscribed, from the
-    ``seq`` counter). A write is one Lua script: a record and its indexes
-    change together or not at all.
+    line), ``count`` (hash: kind -> how many), ``last`` (hash: id -> its
+    last successful delivery, apart so a delivery does not rewrite the
+    record), and the indexes a fan-out is planned from, page by page:
+    ``ix:<kind>``, ``tx:<kind>:<topic>`` and ``ux:<user>`` (sorted sets of
+    ids, scored in the order they first subscribed, from the ``seq``
+    counter). A write is one Lua script: a record and its indexes change
+    together or not at all.
     """
 
     def __init__(self, client: Any, prefix: str = "webpush:"):
         self.redis = client
         self.prefix = prefix
         self._write = client.register_script(SUBSCRIPTION_WRITE_LUA)
-        self._failures = client.register_script(SUBSCRIPTION_FAILURES_LUA)
+        self._deliveries = client.register_script(SUBSCRIPTION_DELIVERIES_LUA)
 
     def __len__(self) -> int:
         with _redis_errors("counting subscriptions"):
@@ -2168,17 +2369,22 @@ class RedisSubscriptionStore:
             return bool(self.redis.hexists(self.prefix + "subs", record_id))
 
     def get(self, record_id: str) -> dict | None:
-        with _redis_errors("reading a subscription"):
-            line = self.redis.hget(self.prefix + "subs", record_id)
-        return None if line is None else json.loads(line)
+        return self.get_many([record_id])[0]
 
     def get_many(self, record_ids: list[str]) -> list[dict | None]:
         """The records of ``record_ids``, in order; None for those not stored."""
         if not record_ids:
             return []
         with _redis_errors("reading subscriptions"):
-            lines = self.redis.hmget(self.prefix + "subs", record_ids)
-        return [None if line is None else json.loads(line) for line in lines]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(self.prefix + "subs", record_ids)
+            pipe.hmget(self.prefix + "last", record_ids)
+            lines, lasts = pipe.execute()
+        records = [None if line is None else json.loads(line) for line in lines]
+        for record, last in zip(records, lasts):
+            if record is not None and last is not None:
+                record["last_success"] = int(last)
+        return records
 
     def ids(self) -> list[str]:
         with _redis_errors("listing subscriptions"):
@@ -2214,8 +2420,13 @@ class RedisSubscriptionStore:
         args: list[Any] = [self.prefix, len(upserts)]
         for record in upserts:
             topics = record.get("topics") or []
-            args += [record["id"], _record_line(record), record.get("kind", "webpush")]
-            args += [record_origin(record), len(topics), *topics]
+            last = record.get("last_success")  # kept in ``last``, not the line
+            line = _record_line(
+                {k: v for k, v in record.items() if k != "last_success"}
+            )
+            args += [record["id"], line, record.get("kind", "webpush")]
+            args += [record_origin(record), record.get("user") or ""]
+            args += ["" if last is None else int(last), len(topics), *topics]
         with _redis_errors("storing subscriptions"):
             return self._write(args=args + removals)
 
@@ -2226,17 +2437,62 @@ class RedisSubscriptionStore:
                 return int(self.redis.hget(self.prefix + "count", kind) or 0)
             return self.redis.zcard(self.index_key(kind, topic))
 
-    def count_failures(
-        self, failed: list[str], succeeded: list[str], limit: int
+    def note_deliveries(
+        self, failed: list[str], succeeded: list[str], limit: int, now: float
     ) -> list[str]:
-        """As JsonSubscriptionStore.count_failures, in one script (the count of
-        each is the hash ``fails``, forgotten when it is stored again)."""
+        """As JsonSubscriptionStore.note_deliveries, in one script (the count
+        of each is the hash ``fails``, forgotten when it is stored again; the
+        last success is the hash ``last``)."""
         if not failed and not succeeded:
             return []
         with _redis_errors("counting refusals"):
-            return self._failures(
-                args=[self.prefix, limit, len(failed), *failed, *succeeded]
+            return self._deliveries(
+                args=[self.prefix, limit, int(now), len(failed), *failed, *succeeded]
             )
+
+    def of_users(self, users: list[str]) -> list[tuple[int, str, str]]:
+        """As JsonSubscriptionStore.of_users: from the ``ux:<user>`` indexes."""
+        with _redis_errors("finding a user's subscriptions"):
+            pipe = self.redis.pipeline(transaction=False)
+            for user in users:
+                pipe.zrange(self.prefix + "ux:" + user, 0, -1, withscores=True)
+            found = [pair for pairs in pipe.execute() for pair in pairs]
+        return self._with_origins(found)
+
+    def placed(self, record_ids: list[str]) -> list[tuple[int, str, str]]:
+        """As JsonSubscriptionStore.placed: scores from the kinds' indexes."""
+        if not record_ids:
+            return []
+        with _redis_errors("finding subscriptions"):
+            pipe = self.redis.pipeline(transaction=False)
+            for kind in CHANNELS:
+                pipe.zmscore(self.index_key(kind, None), record_ids)
+            scores = pipe.execute()
+        found = []
+        for i, record_id in enumerate(record_ids):
+            score = next((s[i] for s in scores if s[i] is not None), None)
+            if score is not None:
+                found.append((record_id, score))
+        return self._with_origins(found)
+
+    def _with_origins(
+        self, found: list[tuple[str, float]]
+    ) -> list[tuple[int, str, str]]:
+        """(id, score) pairs as (place, id, origin): the hash ``origin``, or,
+        for records stored before it, the record itself."""
+        ids = [record_id for record_id, _ in found]
+        if not ids:
+            return []
+        with _redis_errors("reading subscriptions"):
+            origins = self.redis.hmget(self.prefix + "origin", ids)
+        unknown = [i for i, origin in zip(ids, origins) if origin is None]
+        if unknown:
+            known = {r["id"]: record_origin(r) for r in self.get_many(unknown) if r}
+            origins = [o or known.get(i, "") for i, o in zip(ids, origins)]
+        return [
+            (int(score), record_id, origin)
+            for (record_id, score), origin in zip(found, origins)
+        ]
 
     def topics(self) -> dict[str, int]:
         """How many records (of either kind) each topic has: the sizes of the
@@ -2280,16 +2536,7 @@ class RedisSubscriptionStore:
                 num=limit,
                 withscores=True,
             )
-            ids = [record_id for record_id, _ in found]
-            origins = self.redis.hmget(self.prefix + "origin", ids) if ids else []
-        unknown = [i for i, origin in zip(ids, origins) if origin is None]
-        if unknown:
-            known = {r["id"]: record_origin(r) for r in self.get_many(unknown) if r}
-            origins = [o or known.get(i, "") for i, o in zip(ids, origins)]
-        return [
-            (int(score), record_id, origin)
-            for (record_id, score), origin in zip(found, origins)
-        ]
+        return self._with_origins(found)
 
     def list(self) -> list[dict]:
         """Every record."""
@@ -2417,6 +2664,11 @@ class ReceiptDatabase:
         if gone:
             self._submit(("forget", gone))
 
+    def erase(self, subscribers: list[str]) -> int:
+        """Drop every receipt these subscribers sent (the counts stay, as
+        numbers no longer linked to anyone); how many were dropped."""
+        return self._submit(("erase", subscribers)) if subscribers else 0
+
     def notifications(self) -> list[str]:
         """The notifications that have receipts."""
         with self._lock:
@@ -2466,6 +2718,12 @@ class ReceiptDatabase:
                     )
                     results.append(cursor.rowcount == 1)
                     added[(work[1], work[2])] += cursor.rowcount == 1
+                elif work[0] == "erase":
+                    cursor = self._db.executemany(
+                        "DELETE FROM receipts WHERE subscriber = ?",
+                        [(i,) for i in work[1]],
+                    )
+                    results.append(cursor.rowcount)
                 else:
                     self._db.executemany(
                         "DELETE FROM receipts WHERE notification = ?",
@@ -2590,6 +2848,10 @@ class JobStore(Protocol):
     ) -> bool | None:
         """Count a subscriber's receipt once: True if new, False if counted
         before, None if there is no such notification."""
+
+    def erase_receipts(self, subscribers: list[str]) -> int:
+        """Drop every receipt these subscribers sent, for every notification
+        (the counts stay); how many were dropped."""
 
     def announce(self, consumer: str, now: float) -> None:
         """The consumer delivers (for ``delivering``)."""
@@ -3013,6 +3275,9 @@ class JournalJobStore:
             return None
         return self.receipts.add(notification_id, event, subscriber)
 
+    def erase_receipts(self, subscribers: list[str]) -> int:
+        return self.receipts.erase(subscribers)
+
     def announce(self, consumer: str, now: float) -> None:
         pass
 
@@ -3385,6 +3650,7 @@ class RedisJobStore:
 
     def insert(self, record: dict, key_hash: str | None) -> str | None:
         fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
+        fixed += ("users", "subscriptions")
         doc = {k: record[k] for k in (*fixed, "idempotency")}
         with _redis_errors("storing a notification"):
             return self._scripts["create"](
@@ -3675,6 +3941,22 @@ class RedisJobStore:
                 args=[self.prefix, notification_id, event, subscriber]
             )
         return None if counted < 0 else bool(counted)
+
+    def erase_receipts(self, subscribers: list[str]) -> int:
+        """From the receipt sets of every notification kept (``rc:<id>:<event>``)."""
+        if not subscribers:
+            return 0
+        dropped = 0
+        with _redis_errors("erasing receipts"):
+            ids = self.redis.zrange(self.prefix + "notifications", 0, -1)
+            for chunk in _chunks(ids):
+                pipe = self.redis.pipeline(transaction=False)
+                for notification_id in chunk:
+                    for event in RECEIPT_EVENTS:
+                        key = f"{self.prefix}rc:{notification_id}:{event}"
+                        pipe.srem(key, *subscribers)
+                dropped += sum(pipe.execute())
+        return dropped
 
     def announce(self, consumer: str, now: float) -> None:
         consumers = self.prefix + "consumers"  # who delivers: name -> when last said
@@ -4782,13 +5064,18 @@ def apply_outcomes(
     """What outcomes mean for the store: a subscription its push service says
     is gone (404, 410), or whose expirationTime passed, is removed; one
     refused (400, 403, 413) on ``prune_after`` fan-outs in a row is removed
-    too; failures are logged, one line per cause."""
-    if prune_after:
-        refused = [o for o in outcomes if o.status in REFUSALS and o.result == "failed"]
-        sent = [o.record_id for o in outcomes if o.result == "sent"]
+    too; one sent to has its last success now; failures are logged, one line
+    per cause."""
+    refused = [
+        o
+        for o in outcomes
+        if prune_after and o.status in REFUSALS and o.result == "failed"
+    ]
+    sent = [o.record_id for o in outcomes if o.result == "sent"]
+    if refused or sent:
         try:
-            pruned = store.count_failures(
-                [o.record_id for o in refused], sent, prune_after
+            pruned = store.note_deliveries(
+                [o.record_id for o in refused], sent, prune_after, time.time()
             )
         except OSError as e:  # counted at the next fan-out instead
             log.warning("cannot count refused subscriptions yet: %s", e)
@@ -4926,7 +5213,7 @@ class NotificationEngine:
     def create(
         self,
         message: Message,
-        topic: str | None,
+        audience: Audience,
         send_at: float | None = None,
         key: str | None = None,
         body_hash: str = "",
@@ -4939,13 +5226,13 @@ class NotificationEngine:
         while True:
             record = new_notification(
                 message,
-                topic,
+                audience,
                 time.time(),
                 send_at,
                 key_hash,
                 body_hash,
                 source,
-                self.subscribers(topic),
+                self.subscribers(audience),
             )
             earlier = self.jobs.insert(record, key_hash)
             if earlier is None:
@@ -4958,10 +5245,23 @@ class NotificationEngine:
                 raise IdempotencyConflict(earlier)
             return status_document(found, found["receipts"]), True
 
-    def subscribers(self, topic: str | None) -> int:
-        """How many subscribers a notification to ``topic`` goes to now."""
+    def subscribers(self, audience: Audience) -> int:
+        """How many subscribers a notification to ``audience`` goes to now."""
+        if audience.named is not None:
+            return len(self._named(audience))
         kinds = [k for k in CHANNELS if self.delivery.sends_to(k)]
-        return sum(self.store.count(kind, topic) for kind in kinds)
+        return sum(self.store.count(kind, audience.topic) for kind in kinds)
+
+    def erase(self, user: str) -> tuple[int, int]:
+        """Forget every subscription of ``user`` and the receipts they sent
+        (OSError if a store refuses): how many of each."""
+        removed = receipts = 0
+        while found := self.store.of_users([user]):  # and any bound meanwhile
+            ids = [record_id for _, record_id, _ in found]
+            receipts += self.jobs.erase_receipts(ids)
+            self.store.write(removals=ids)
+            removed += len(ids)
+        return removed, receipts
 
     def get(self, notification_id: str) -> dict | None:
         record = self.jobs.load(notification_id)
@@ -5117,19 +5417,20 @@ class NotificationEngine:
                 )
                 self._ended(notification_id)
             return
-        topic = record["topic"]
+        audience = Audience.of(record)
         plan_max = self.store.sequence()
-        total = self.subscribers(topic)
+        named = None if audience.named is None else self._named(audience)
+        total = self.subscribers(audience) if named is None else len(named)
         started = self.jobs.start(notification_id, now, total, plan_max)
         if started is None:
             return
         plan_max, cursor = started
         if record["status"] != "sending":
             log.info(
-                "notification %s: sending to %d subscribers%s",
+                "notification %s: sending to %d subscribers (%s)",
                 notification_id,
                 total,
-                f" (topic {topic})" if topic else "",
+                audience,
             )
             if total and not self.delivering():
                 log.warning(
@@ -5153,7 +5454,16 @@ class NotificationEngine:
             page = []
             if self.delivery.sends_to(kind):
                 last = 0 if after == "-inf" else int(float(after))
-                page = self.store.page(kind, topic, last, plan_max, page_size)
+                if named is None:
+                    page = self.store.page(
+                        kind, audience.topic, last, plan_max, page_size
+                    )
+                else:  # as the store pages a topic: in line, after last, to plan_max
+                    page = [
+                        p
+                        for p in named
+                        if origin_channel(p[2]) == kind and last < p[0] <= plan_max
+                    ][:page_size]
             later = f"{index} {page[-1][0]}" if page else f"{index + 1} 0"
             batches = self._batches(page, lane)
             if not self.jobs.enqueue(
@@ -5163,6 +5473,17 @@ class NotificationEngine:
             cursor = later
         if self.jobs.planned(notification_id, cursor, time.time()) == 2:
             self._ended(notification_id)
+
+    def _named(self, audience: Audience) -> list[tuple[int, str, str]]:
+        """The subscribers a notification to users or subscription ids goes
+        to now, from the store's indexes, in line: (place, id, origin)."""
+        named = list(audience.named or ())
+        if audience.users is not None:
+            found = self.store.of_users(named)
+        else:
+            found = self.store.placed(named)
+        sends = [p for p in found if self.delivery.sends_to(origin_channel(p[2]))]
+        return sorted(set(sends))
 
     def _batches(self, page: list[tuple[int, str, str]], lane: str) -> Plan:
         """A page of subscribers as batches that each share a push service (in
@@ -5740,12 +6061,14 @@ MAX_ACTIONS = 2
 MAX_BADGE = 2**63 - 1  # the Push API's app badge range
 IDEMPOTENCY_KEY_RE = re.compile(r"[!-~][ -~]{0,253}[!-~]|[!-~]")
 NOTIFICATION_ID_RE = re.compile(r"[A-Za-z0-9_\-]{16}")
+SUBSCRIPTION_ID_RE = re.compile(r"[A-Za-z0-9_\-]{22}")  # see subscription_id()
 MAX_PREFER_WAIT = 60
 # A Host (or X-Forwarded-Host): a name or an IPv6 literal in brackets, and a port.
 HOST_RE = re.compile(
     r"([A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
 )
 TEST_WAIT = 10.0  # seconds POST /subscription/test waits for its push service
+DEMO_TOKEN_TTL = 86400  # seconds a demo sign-in's user token lasts
 TEST_NOTIFICATION = {  # what POST /subscription/test sends
     "title": "Test notification",
     "body": "Push works for this browser.",
@@ -5772,7 +6095,8 @@ STATIC_HEADERS = {
 PUSH_SUBSCRIPTION_FIELDS = ("endpoint", "expirationTime", "keys")  # its toJSON()
 SUBSCRIPTION_KEYS = ("p256dh", "auth")
 SUBSCRIPTION_TOKEN_FIELDS = ("subscription_token", "topics")  # the blog's wrapper
-FCM_TOKEN_FIELDS = ("fcm_token", "topics", "replaces")
+USER_FIELDS = ("user", "user_token")  # a subscription's binding to a user
+FCM_TOKEN_FIELDS = ("fcm_token", "topics", "replaces", *USER_FIELDS)
 # An endpoint or a token; the rest of a PushSubscription may come with it.
 UNSUBSCRIBE_FIELDS = ("endpoint", "fcm_token", "expirationTime", "keys")
 ACTION_FIELDS = ("action", "title", "url", "icon")
@@ -5985,20 +6309,34 @@ class Validator:
             'or {"fcm_token": "..."} of the device',
         )
 
-    def replaces(self, body: dict) -> str:
-        """The record id of what a rotated subscription replaces: the old
-        endpoint of a web push one (pushsubscriptionchange), the old token of
-        an FCM one (a refreshed token). Never a record of the other kind."""
+    def replaces(self, body: dict) -> tuple[str, str | None]:
+        """The record id of what a rotated subscription replaces, and the
+        ``auth`` secret the post gives of it, if any: the old endpoint (or
+        the old subscription's toJSON()) of a web push one
+        (pushsubscriptionchange), the old token of an FCM one (a refreshed
+        token, which proves itself). Never a record of the other kind."""
         old = body["replaces"]
         if "fcm_token" in body:
             if not isinstance(old, str) or not FCM_TOKEN_RE.fullmatch(old):
                 raise ApiError(400, "'replaces' must be the device's old FCM token")
-            return subscription_id("fcm:" + old)
+            return subscription_id("fcm:" + old), old
+        auth = None
+        if isinstance(old, dict):
+            _only_known(old, PUSH_SUBSCRIPTION_FIELDS, "replaces")
+            keys = old.get("keys")
+            if isinstance(keys, dict):
+                _only_known(keys, SUBSCRIPTION_KEYS, "replaces.keys")
+                auth = keys.get("auth")
+            old = old.get("endpoint")
         if not isinstance(old, str) or not 0 < len(old) <= MAX_ENDPOINT_LENGTH:
             raise ApiError(
-                400, "'replaces' must be the endpoint of the old subscription"
+                400,
+                "'replaces' must be the endpoint of the old subscription (or its "
+                "toJSON())",
             )
-        return endpoint_id(old)
+        if auth is not None and not isinstance(auth, str):
+            raise ApiError(400, "'replaces.keys.auth' must be a base64url string")
+        return endpoint_id(old), auth
 
     def _key(self, keys: dict, name: str, size: int) -> bytes:
         value = keys.get(name)
@@ -6042,8 +6380,8 @@ class Validator:
             )
         return value
 
-    def push(self, body: dict, base: str = "") -> tuple[Message, str | None]:
-        """The message and topic of a POST /push body; ``base`` is what a
+    def push(self, body: dict, base: str = "") -> tuple[Message, Audience]:
+        """The message and audience of a POST /push body; ``base`` is what a
         relative ``url`` is made absolute against (PUBLIC_URL, or the
         request's origin) for a declarative message's ``navigate``."""
         _only_known(body, PUSH_FIELDS)
@@ -6097,13 +6435,66 @@ class Validator:
                 400,
                 "'collapse_key' must be 1-32 base64url characters (A-Z a-z 0-9 - _)",
             )
-        topic = body.get("topic")
-        if topic is not None:
-            self.topic(topic)
         message = Message(
             notification, payload, ttl, urgency, collapse_key, format=payload_format
         )
-        return message, topic
+        return message, self.audience(body)
+
+    def audience(self, body: dict) -> Audience:
+        """Who a push goes to: at most one of ``topic``, ``users`` (user ids)
+        and ``subscriptions`` (ids POST /subscription gave); none (or null)
+        is everyone."""
+        given = [
+            n for n in ("topic", "users", "subscriptions") if body.get(n) is not None
+        ]
+        if len(given) > 1:
+            raise ApiError(
+                400,
+                f"give one of 'topic', 'users' and 'subscriptions', not "
+                f"{' and '.join(repr(n) for n in given)}; none sends to everyone",
+            )
+        if given == ["topic"]:
+            return Audience(topic=self.topic(body["topic"]))
+        if given == ["users"]:
+            return Audience(users=self._named(body["users"], "users", self.user))
+        if given == ["subscriptions"]:
+            return Audience(
+                subscriptions=self._named(
+                    body["subscriptions"], "subscriptions", self.subscription_ref
+                )
+            )
+        return Audience()
+
+    def _named(self, value: Any, name: str, check: Callable) -> tuple[str, ...]:
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_NAMED:
+            raise ApiError(400, f"'{name}' must be a list of 1 to {MAX_NAMED:,} ids")
+        for item in value:
+            check(item, name)
+        return tuple(dict.fromkeys(value))
+
+    def user(self, value: Any, where: str = "user") -> str:
+        """A user id: 1-128 printable characters."""
+        if (
+            not isinstance(value, str)
+            or not 1 <= len(value) <= MAX_USER_LENGTH
+            or not value.isprintable()
+        ):
+            raise ApiError(
+                400,
+                f"'{where}' ids must be 1-{MAX_USER_LENGTH} printable characters "
+                "(the site's own id of the user)",
+            )
+        return value
+
+    def subscription_ref(self, value: Any, where: str = "subscriptions") -> str:
+        """A subscription id, as POST /subscription returned it."""
+        if not isinstance(value, str) or not SUBSCRIPTION_ID_RE.fullmatch(value):
+            raise ApiError(
+                400,
+                f"'{where}' ids must be the 22-character ids POST /subscription "
+                "returned",
+            )
+        return value
 
     def _display(self, body: dict, text: dict, base: str) -> dict:
         """The optional display fields of a push, checked; only those given."""
@@ -6276,7 +6667,7 @@ class JsonApiPlugin:
                 log.error(
                     "storage error in %s %s: %s",
                     bottle.request.method,
-                    bottle.request.path,
+                    logged_path(bottle.request.path),
                     e,
                 )
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -6302,7 +6693,9 @@ class JsonApiPlugin:
                 }
             except Exception:
                 log.exception(
-                    "error in %s %s", bottle.request.method, bottle.request.path
+                    "error in %s %s",
+                    bottle.request.method,
+                    logged_path(bottle.request.path),
                 )
                 bottle.response.status = 500
                 return {"error": "internal error; see the server log"}
@@ -6344,7 +6737,7 @@ class AuthPlugin:
                 log.warning(
                     "refused %s %s from %s: wrong or missing token",
                     bottle.request.method,
-                    bottle.request.path,
+                    logged_path(bottle.request.path),
                     bottle.request.remote_addr,
                 )
                 raise ApiError(401, self.REFUSED[need])
@@ -6455,7 +6848,7 @@ class RateLimitPlugin:
                 log.warning(
                     "rate limit: %s %s from %s",
                     bottle.request.method,
-                    bottle.request.path,
+                    logged_path(bottle.request.path),
                     client,
                 )
                 raise ApiError(
@@ -6512,6 +6905,12 @@ class InFlight:
             return self._idle.wait_for(lambda: self._count == 0, timeout)
 
 
+def logged_path(path: str) -> str:
+    """A request path as logs show it: a user's id is personal data, so
+    ``/users/<id>`` never names it."""
+    return "/users/<id>" if path.startswith("/users/") else path
+
+
 class AccessLog:
     """WSGI wrapper that logs one line per request once its answer is sent:
     client, method, path (never the query, which may carry secrets), status,
@@ -6546,7 +6945,9 @@ class AccessLog:
                 client_address(environ, self.trusted),
                 environ.get("REQUEST_METHOD", "-")[:16],
                 # escaped: a %0a in a path must not forge a line of its own
-                environ.get("PATH_INFO", "-")[:200].encode("unicode_escape").decode(),
+                logged_path(environ.get("PATH_INFO", "-"))[:200]
+                .encode("unicode_escape")
+                .decode(),
                 status[0],
                 sent,
                 (time.monotonic() - started) * 1000,
@@ -6668,9 +7069,9 @@ def request_header(name: str, default: str | None = None) -> str | None:
     return bottle.request.environ.get(key, default)
 
 
-def read_json(max_bytes: int) -> dict:
+def read_json(max_bytes: int, setting: str = "MAX_BODY_BYTES") -> dict:
     """The request body as a JSON object, or ApiError (400, 413)."""
-    return parse_json(read_body(max_bytes))
+    return parse_json(read_body(max_bytes, setting))
 
 
 def read_body(max_bytes: int, setting: str = "MAX_BODY_BYTES") -> bytes:
@@ -6803,21 +7204,67 @@ class Http:
         its fields checked, kept by the engine; its message, status document,
         and whether it was made before with the same key
         (IdempotencyConflict if with another body)."""
-        message, topic = self.validate.push(fields, self.public_base())
+        message, audience = self.validate.push(fields, self.public_base())
         send_at = self.validate.send_at(fields)
         document, replayed = self.services.engine.create(
-            message, topic, send_at, key, body, source
+            message, audience, send_at, key, body, source
         )
         if not replayed:
             log.info(
-                "notification %s (%s) %s for %d subscribers%s",
+                "notification %s (%s) %s for %d subscribers (%s)",
                 document["id"],
                 source,
                 document["status"],
                 document["total"],
-                f" (topic {topic})" if topic else "",
+                audience,
             )
         return message, document, replayed
+
+    def bound_user(
+        self,
+        body: dict,
+        record: dict,
+        previous: dict,
+        replaced: dict | None,
+        old_auth: str | None,
+    ) -> str | None:
+        """The user a posted subscription is bound to: the ``user`` a valid
+        ``user_token`` names (sign-in, as anyone the site signs for), none
+        for ``"user": null`` (sign-out), else the one it had, if the post
+        proves it is the same subscription (its ``auth`` secret; an FCM
+        token proves itself), or the one of what it ``replaces``, if the post
+        proves that one. ApiError 400 or 403 otherwise."""
+        if "user" not in body:
+            if "user_token" in body:
+                raise ApiError(
+                    400, "'user_token' goes with the 'user' it was signed for"
+                )
+            if previous and _same_secret(previous, record.get("keys", {}).get("auth")):
+                return previous.get("user")
+            if replaced and _same_secret(replaced, old_auth):
+                return replaced.get("user")
+            return None
+        if body["user"] is None:
+            if body.get("user_token") is not None:
+                raise ApiError(400, "'user_token' goes with a 'user', not with null")
+            return None
+        secret = self.settings.user_token_secret
+        if not secret:
+            raise ApiError(
+                400,
+                "this server binds no subscription to a user: USER_TOKEN_SECRET is "
+                "not set (see the README, Notify one person)",
+            )
+        user = self.validate.user(body["user"])
+        problem = user_token_problem(secret, body.get("user_token"), user)
+        if problem:
+            log.warning(
+                "refused to bind a subscription to a user from %s: %s",
+                bottle.request.remote_addr,
+                problem,
+            )
+            raise ApiError(403, problem)
+        return user
 
     def answer(self, document: dict, wait: int | None, replayed: bool) -> dict:
         """A new notification's answer: 202 naming it, or 200 with its final
@@ -6845,6 +7292,15 @@ class Http:
             "status": document["status"],
             "subscriptions": document["total"],
         }
+
+
+def _same_secret(stored: dict, auth: str | None) -> bool:
+    """Whether a post proves it holds the stored subscription: its ``auth``
+    secret (web push); an FCM record's id is its token's, which proves itself."""
+    if stored.get("kind") == "fcm":
+        return True
+    known = stored.get("keys", {}).get("auth", "")
+    return isinstance(auth, str) and hmac.compare_digest(known.encode(), auth.encode())
 
 
 def _gauges(services: Services) -> Callable[[], list]:
@@ -6886,7 +7342,10 @@ def subscription_routes(app: bottle.Bottle, http: Http) -> None:
 
     @app.get("/subscription", api=True)
     def get_public_key() -> dict:
-        return {"public_key": http.keys.public_key}
+        return {
+            "public_key": http.keys.public_key,
+            "users": bool(settings.user_token_secret),  # user_token is checked
+        }
 
     @app.post("/subscription", api=True, rate_limited=True)
     def subscribe() -> dict:
@@ -6895,14 +7354,20 @@ def subscription_routes(app: bottle.Bottle, http: Http) -> None:
             record = validate.fcm_token(body)
         else:
             # fcm_token is never in this body: named for the misspelled one
-            record = validate.subscription(body, also=("replaces", "fcm_token"))
+            record = validate.subscription(
+                body, also=("replaces", "fcm_token", *USER_FIELDS)
+            )
         previous = store.get(record["id"]) or {}
-        replaced = store.get(validate.replaces(body)) if "replaces" in body else None
+        replaced, old_auth = None, None
+        if "replaces" in body:
+            old_id, old_auth = validate.replaces(body)
+            replaced = store.get(old_id)
         if replaced and (
             replaced["id"] == record["id"]
             or replaced.get("kind", "webpush") != record.get("kind", "webpush")
         ):
             replaced = None
+        user = http.bound_user(body, record, previous, replaced, old_auth)
         if (
             not previous
             and not replaced
@@ -6918,18 +7383,23 @@ def subscription_routes(app: bottle.Bottle, http: Http) -> None:
                 "try again later",
             )
         record["created"] = previous.get("created", int(time.time()))
+        if previous.get("last_success"):
+            record["last_success"] = previous["last_success"]
         if record["topics"] is None:  # re-posted, or rotated by its push service
             record["topics"] = (previous or replaced or {}).get("topics", [])
+        if user is not None:
+            record["user"] = user
         created = store.upsert(record, replaced and replaced["id"])
         bottle.response.status = 201 if created else 200
         log.info(
-            "%s subscription %s (%s) topics=%s",
+            "%s subscription %s (%s) topics=%s%s",
             "new" if created else "updated",
             record["id"],
-            endpoint_origin(record["endpoint"]) if "endpoint" in record else "fcm",
+            record_origin(record),
             ",".join(record["topics"]) or "-",
+            " of a signed-in user" if user is not None else "",
         )
-        return {"id": record["id"]}
+        return {"id": record["id"], "user": user}
 
     @app.delete("/subscription", api=True, rate_limited=True)
     def unsubscribe() -> None:
@@ -6972,7 +7442,7 @@ def notification_routes(app: bottle.Bottle, http: Http) -> None:
 
     @app.post("/push", api=True, auth=True)
     def push() -> dict:
-        body = read_json(settings.max_body_bytes)
+        body = read_json(settings.max_push_bytes, "MAX_PUSH_BYTES")
         key = validate.idempotency_key(request_header("Idempotency-Key"))
         wait = prefer_wait(request_header("Prefer"))
         try:  # "push:", apart from webhook deliveries' ids: none swallows another
@@ -7027,6 +7497,51 @@ def notification_routes(app: bottle.Bottle, http: Http) -> None:
         if counted:
             http.services.metrics.receipts.labels(event).inc()
         return {"event": event, "counted": counted}
+
+
+def user_routes(app: bottle.Bottle, http: Http) -> None:
+    """``/users/<id>``: a person's devices, and erasing them. The id is the
+    site's own (a subscription's ``user``), never logged."""
+    validate, store, engine = http.validate, http.services.store, http.services.engine
+
+    @app.get("/users/<user:path>", api=True, auth=True)
+    def get_user(user: str) -> dict:
+        validate.user(user, "the user")
+        found = sorted(store.of_users([user]))
+        records = store.get_many([record_id for _, record_id, _ in found])
+        devices = [subscription_document(r) for r in records if r is not None]
+        if not devices:
+            raise ApiError(404, "no subscription is bound to this user")
+        return {"user": user, "subscriptions": devices}
+
+    @app.delete("/users/<user:path>", api=True, auth=True)
+    def erase_user(user: str) -> None:
+        validate.user(user, "the user")
+        removed, receipts = engine.erase(user)
+        if not removed:
+            raise ApiError(
+                404, "no subscription is bound to this user; nothing to erase"
+            )
+        log.info(
+            "erased a user (id not logged): %d subscriptions, %d receipts",
+            removed,
+            receipts,
+        )
+        bottle.response.status = 204
+
+
+def demo_routes(app: bottle.Bottle, http: Http) -> None:
+    """The demo page's made-up sign-in (DEMO_USERS=true with
+    USER_TOKEN_SECRET): a user token for whatever name is typed. It lets
+    anyone be anyone, so it exists only when asked for."""
+
+    @app.post("/demo/user-token", api=True, rate_limited=True)
+    def demo_user_token() -> dict:
+        body = read_json(http.settings.max_body_bytes)
+        _only_known(body, ("user",))
+        user = http.validate.user(body.get("user"))
+        token = sign_user_token(http.settings.user_token_secret, user, DEMO_TOKEN_TTL)
+        return {"user": user, "user_token": token}
 
 
 def webhook_routes(app: bottle.Bottle, http: Http) -> None:
@@ -7224,8 +7739,11 @@ def create_app(
     bottle.BaseRequest.MEMFILE_MAX = settings.max_body_bytes
     subscription_routes(app, http)
     notification_routes(app, http)
+    user_routes(app, http)
     webhook_routes(app, http)
     operation_routes(app, http)
+    if settings.demo_users and settings.user_token_secret:
+        demo_routes(app, http)
     page_routes(app)
     app.config["webpush.in_flight"] = InFlight(app)  # what a shutdown waits for
     for rule in {route.rule for route in app.routes if route.config.get("api")}:
@@ -7536,6 +8054,50 @@ def serve_worker_metrics(settings: Settings, metrics: Metrics) -> Any:
     return server
 
 
+CLIENT_COMMANDS = ("user-token",)
+
+
+def run_command(argv: list[str]) -> int:
+    """``python3 api.py user-token USER``: the commands that do not serve;
+    a problem is one line on stderr and exit status 2."""
+    parser = argparse.ArgumentParser(prog="api.py")
+    commands = parser.add_subparsers(dest="command", required=True)
+    token = commands.add_parser(
+        "user-token",
+        help="print a user token signed with USER_TOKEN_SECRET (for scripts and tests)",
+        description="Print a token that binds a subscription to USER: what a "
+        "site's backend makes for its signed-in user (JWT, HS256, signed with "
+        "USER_TOKEN_SECRET from the environment).",
+    )
+    token.add_argument("user", help="the site's own id of the user")
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=86400,
+        metavar="SECONDS",
+        help="how long it lasts, at most 30 days (default: 86400, a day)",
+    )
+    args = parser.parse_args(argv)
+    secret = os.environ.get("USER_TOKEN_SECRET", "")
+    problem = None
+    if len(secret) < 32:
+        problem = (
+            "USER_TOKEN_SECRET is not set: set it (at least 32 characters) to the "
+            "server's secret"
+            if not secret
+            else "USER_TOKEN_SECRET must be at least 32 characters"
+        )
+    elif not 1 <= args.ttl <= USER_TOKEN_MAX_TTL:
+        problem = f"--ttl must be from 1 to {USER_TOKEN_MAX_TTL} seconds (30 days)"
+    elif not 1 <= len(args.user) <= MAX_USER_LENGTH or not args.user.isprintable():
+        problem = f"the user id must be 1-{MAX_USER_LENGTH} printable characters"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    print(sign_user_token(secret, args.user, args.ttl))
+    return 0
+
+
 def _few_malloc_arenas() -> None:
     """glibc gives each thread that allocates its own malloc arena, which
     keeps what it once held: with the engine's threads, 9 MB more at the peak
@@ -7553,6 +8115,8 @@ def main(argv: list[str] | None = None) -> int:
         _few_malloc_arenas()
     if argv[:1] == ["--delivery-process"]:  # started by the server, not by people
         return delivery_process(int(argv[1]))
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:
+        return run_command(argv)
     try:
         settings, modes = parse_args(argv)
         settings.check()
@@ -7570,6 +8134,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     # waitress warns at every queued request once its threads are busy: noise under load.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    if settings.demo_users:
+        log.warning(
+            "DEMO_USERS=true: %s",
+            "POST /demo/user-token lets anyone sign in as anyone; never in production"
+            if settings.user_token_secret
+            else "ignored, as USER_TOKEN_SECRET is not set",
+        )
     if modes["migrate_store"]:
         return migrate_store(settings, modes["migrate_store"])
     if modes["worker"]:

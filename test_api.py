@@ -2867,8 +2867,10 @@ def test_the_generic_webhook_carries_every_push_field(hook_app, push_service):
         "actions": [{"action": "open", "title": "Open", "url": "/b/1"}],
         "image": "/big.png",
     }
-    # "body" is "message", "send_at" is "delay" another way; topic is tested above
-    assert set(fields) | {"body", "topic", "send_at"} == set(api.PUSH_FIELDS)
+    # "body" is "message", "send_at" is "delay" another way; topic is tested
+    # above, users and subscriptions in tests/test_users.py
+    audiences = {"topic", "users", "subscriptions"}
+    assert set(fields) | {"body", "send_at"} | audiences == set(api.PUSH_FIELDS)
     started = time.monotonic()
     answer = hook_app.post_json("/webhooks/generic", fields, headers=AUTH, status=202)
     assert answer.json["status"] == "scheduled"

@@ -34,6 +34,8 @@ DOCUMENT_FIELDS = {
     "status",
     "title",
     "topic",
+    "audience",
+    "named",
     "created",
     "send_at",
     "started",

@@ -582,7 +582,7 @@ def _journal_jobs(tmp_path: Path) -> api.JournalJobStore:
 def _queued(total: int) -> dict:
     message = api.Message({"title": "t"}, b"{}", 60, "normal")
     return api.new_notification(
-        message, None, time.time(), None, None, "", "api", total
+        message, api.Audience(), time.time(), None, None, "", "api", total
     )
 
 
