@@ -7504,9 +7504,9 @@ def user_routes(app: bottle.Bottle, http: Http) -> None:
     site's own (a subscription's ``user``), never logged."""
     validate, store, engine = http.validate, http.services.store, http.services.engine
 
-    @app.get("/users/<user:path>", api=True, auth=True)
-    def get_user(user: str) -> dict:
-        validate.user(user, "the user")
+    @app.get("/users/<id:path>", api=True, auth=True)
+    def get_user(id: str) -> dict:
+        user = validate.user(id, "the user")
         found = sorted(store.of_users([user]))
         records = store.get_many([record_id for _, record_id, _ in found])
         devices = [subscription_document(r) for r in records if r is not None]
@@ -7514,9 +7514,9 @@ def user_routes(app: bottle.Bottle, http: Http) -> None:
             raise ApiError(404, "no subscription is bound to this user")
         return {"user": user, "subscriptions": devices}
 
-    @app.delete("/users/<user:path>", api=True, auth=True)
-    def erase_user(user: str) -> None:
-        validate.user(user, "the user")
+    @app.delete("/users/<id:path>", api=True, auth=True)
+    def erase_user(id: str) -> None:
+        user = validate.user(id, "the user")
         removed, receipts = engine.erase(user)
         if not removed:
             raise ApiError(
