@@ -1,6 +1,7 @@
 // The push console's story: sign in with the push token, compose a
 // notification while its preview draws itself, send it and watch it go out,
-// and keep the history and the subscribers in view. The API is this page's
+// keep the history and the subscribers in view, and look a person up to
+// write to them or erase them. The API is this page's
 // own origin; the token lives in this tab's sessionStorage and nowhere else.
 
 const TOKEN_KEY = "webpush-admin-token";
@@ -148,6 +149,7 @@ function enter() {
   $("console").hidden = false;
   $("sign-out").hidden = false;
   refresh();
+  loadPeopleSetting();
   clearInterval(timers.refresh);
   timers.refresh = setInterval(() => document.hidden || refresh(), REFRESH_MS);
   $("title").focus();
@@ -163,7 +165,9 @@ function signOut(reason = "") {
   $("history-table").tBodies[0].replaceChildren();
   $("topics").replaceChildren();
   $("topic-list").replaceChildren();
-  for (const id of ["compose-error", "history-error", "topics-error", "progress-error", "totals"]) say(id, "");
+  for (const id of ["compose-error", "history-error", "topics-error", "progress-error", "totals", "people-error", "people-done"]) say(id, "");
+  $("people-form").reset();
+  showPerson(null);
   lastHistory = lastTopics = "";
   $("progress").hidden = true;
   $("console").hidden = true;
@@ -228,6 +232,9 @@ function composed() {
     const value = $(name).value.trim();
     if (value) body[name] = value;
   }
+  const user = $("user").value.trim();
+  if (user && body.topic) throw new InputError("Write to a topic or to a person, not both: clear one of the two.");
+  if (user) body.users = [user];
   const ttl = $("ttl");
   if (ttl.validity.badInput) throw new InputError("“Time to live” must be a whole number of seconds.");
   if (ttl.value !== "") body.ttl = Number(ttl.value);
@@ -317,7 +324,7 @@ function drawProgress(doc) {
   $("progress").classList.toggle("done", doc.status === "done");
   const sent = count(doc, "sent");
   const others = `${count(doc, "failed")} failed, ${count(doc, "removed")} removed as gone`;
-  const audience = doc.topic ? `subscribers of “${doc.topic}”` : "subscribers";
+  const audience = doc.audience === "users" ? "devices of this person" : doc.topic ? `subscribers of “${doc.topic}”` : "subscribers";
   let text;
   if (doc.status === "scheduled") {
     text = `Scheduled for ${full.format(new Date(doc.send_at))}, to ${plural(total, "subscriber")} as of now. Cancel it in the history below.`;
@@ -337,6 +344,14 @@ function drawProgress(doc) {
   const cause = doc.errors?.[0];
   if (cause) text += ` Commonest failure: ${describeError(cause)}.`;
   say("progress-text", text);
+}
+
+/** Who a notification goes to, in words: a status document's audience. */
+function audienceWords(doc) {
+  const named = count(doc, "named");
+  if (doc.audience === "users") return named === 1 ? "one person" : plural(named, "person", "people");
+  if (doc.audience === "subscriptions") return plural(named, "device");
+  return doc.topic ? doc.topic : null;
 }
 
 function describeError(cause) {
@@ -391,7 +406,7 @@ function historyRow(doc) {
     { role: "row", dataset: { id: doc.id, status: doc.status } },
     cell({ className: "status-cell", dataset: { label: "Status" } }, el("span", { className: `status ${doc.status}` }, STATUS_WORDS[doc.status] || doc.status)),
     cell({ className: "title", dataset: { label: "Title" } }, doc.title || "(no title)", cause),
-    cell({ className: "topic", dataset: { label: "Topic" } }, doc.topic ? doc.topic : el("span", { className: "topic-none" }, "everyone")),
+    cell({ className: "topic", dataset: { label: "Topic" } }, audienceWords(doc) || el("span", { className: "topic-none" }, "everyone")),
     cell({ className: "when", dataset: { label: "Time" } }, ...when),
     number("Sent", count(doc, "sent")),
     number("Failed", count(doc, "failed")),
@@ -458,6 +473,118 @@ function drawTopics(topics, health) {
   $("topic-list").replaceChildren(...topics.map((t) => el("option", { value: t.topic }, plural(count(t, "subscriptions"), "subscriber"))));
 }
 
+// -- people -----------------------------------------------------------------------
+
+let person = null; // the person looked up: {user, subscriptions}
+
+/** Whether the server knows signed-in people (USER_TOKEN_SECRET is set). */
+async function loadPeopleSetting() {
+  try {
+    const { users } = await api("GET", "/subscription", { token: null });
+    $("people-off").hidden = users !== false;
+  } catch {
+    $("people-off").hidden = true; // unknown: the look-up says what is wrong
+  }
+}
+
+const PUSH_SERVICES = [
+  [/(^|\.)fcm\.googleapis\.com$/, "Chrome, Edge or another Chromium browser"],
+  [/(^|\.)push\.services\.mozilla\.com$/, "Firefox"],
+  [/(^|\.)push\.apple\.com$/, "Safari"],
+  [/(^|\.)notify\.windows\.com$/, "Edge (Windows)"],
+];
+
+/** What a person would call a device: their app, or the browser its push service serves. */
+function deviceName(device) {
+  if (device.channel === "fcm") return "The app";
+  let host = "";
+  try {
+    host = new URL(device.origin).hostname;
+  } catch {
+    // no origin: said below as "a browser"
+  }
+  const known = PUSH_SERVICES.find(([pattern]) => pattern.test(host));
+  return known ? known[1] : host ? `A browser (push service ${host})` : "A browser";
+}
+
+function deviceItem(device) {
+  const detail = [`added ${shortTime(device.created)}`];
+  detail.push(device.last_success ? `last reached ${shortTime(device.last_success)}` : "not reached yet");
+  if (device.topics?.length) detail.push(`topics: ${device.topics.join(", ")}`);
+  return el(
+    "li",
+    { dataset: { id: device.id } },
+    el("span", { className: "device-name" }, deviceName(device)),
+    el("span", { className: "device-detail" }, detail.join(" · ")),
+  );
+}
+
+function showPerson(found) {
+  person = found;
+  $("person-card").hidden = !found;
+  $("erase-confirm").hidden = true;
+  if (!found) return $("devices").replaceChildren();
+  const n = found.subscriptions.length;
+  say("person-summary", `“${found.user}” has ${n === 1 ? "one device" : plural(n, "device")} that can be reached:`);
+  $("devices").replaceChildren(...found.subscriptions.map(deviceItem));
+}
+
+async function lookUp(event) {
+  event?.preventDefault();
+  say("people-error", "");
+  say("people-done", "");
+  const user = $("person").value.trim();
+  if (!user) {
+    showPerson(null);
+    say("people-error", "Type the person's id, as your site knows them, then look them up.");
+    return $("person").focus();
+  }
+  $("look-up").disabled = true;
+  try {
+    showPerson(await api("GET", `/users/${encodeURIComponent(user)}`));
+  } catch (error) {
+    showPerson(null);
+    if (error.status === 404) {
+      say("people-error", `No device of “${user}” can be reached: they have not allowed notifications while signed in to your site, or they were erased.`);
+    } else {
+      say("people-error", `Could not look them up: ${error.message}`);
+    }
+  } finally {
+    $("look-up").disabled = false;
+  }
+}
+
+function writeToPerson() {
+  $("compose-form").reset();
+  $("user").value = person.user;
+  drawPreview();
+  say("compose-error", "");
+  $("title").focus();
+}
+
+function askToErase() {
+  const n = person.subscriptions.length;
+  say("erase-question", `Erase “${person.user}”? Their ${n === 1 ? "device" : plural(n, "device")} will no longer get notifications, and what they reported (delivered, clicked) is deleted. This cannot be undone.`);
+  $("erase-confirm").hidden = false;
+  $("erase-no").focus();
+}
+
+async function erasePerson() {
+  const { user } = person;
+  $("erase-yes").disabled = true;
+  try {
+    await api("DELETE", `/users/${encodeURIComponent(user)}`);
+    showPerson(null);
+    $("people-form").reset();
+    say("people-done", `“${user}” is erased: their devices and what they reported are gone from this server.`);
+    refresh();
+  } catch (error) {
+    say("people-error", `Could not erase them: ${error.message}`);
+  } finally {
+    $("erase-yes").disabled = false;
+  }
+}
+
 // -- wiring -----------------------------------------------------------------------
 
 function main() {
@@ -467,6 +594,14 @@ function main() {
   $("compose-form").addEventListener("input", drawPreview);
   $("preview-icon").addEventListener("error", previewIconFailed);
   $("refresh").addEventListener("click", refresh);
+  $("people-form").addEventListener("submit", lookUp);
+  $("write-to-person").addEventListener("click", writeToPerson);
+  $("erase-person").addEventListener("click", askToErase);
+  $("erase-yes").addEventListener("click", erasePerson);
+  $("erase-no").addEventListener("click", () => {
+    $("erase-confirm").hidden = true;
+    $("erase-person").focus();
+  });
   $("history-table").addEventListener("click", (event) => {
     const button = event.target.closest("button[data-cancel]");
     if (button) cancel(button);

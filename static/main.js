@@ -1,6 +1,9 @@
 // The demo's story: detect support, register the worker, read the state,
-// subscribe or unsubscribe, and tell the server.
+// subscribe or unsubscribe, and tell the server; and, with a made-up
+// sign-in, bind this browser to a person the server can write to.
 "use strict";
+
+const SIGN_IN_KEY = "webpush-demo-user";
 
 const API = apiBase();
 const $ = (id) => document.getElementById(id);
@@ -25,8 +28,74 @@ async function api(method, path, body) {
   });
   const text = await response.text();
   const data = text ? JSON.parse(text) : {};
-  if (!response.ok) throw new Error(data.error || `${method} ${path}: HTTP ${response.status}`);
+  if (!response.ok) {
+    const error = new Error(data.error || `${method} ${path}: HTTP ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
   return data;
+}
+
+// -- the made-up sign-in -------------------------------------------------------------
+
+/** Who is signed in on this demo: {user, user_token}, or null. */
+function signedIn() {
+  try {
+    return JSON.parse(localStorage.getItem(SIGN_IN_KEY)) || null;
+  } catch {
+    return null;
+  }
+}
+
+/** What the page adds to its subscription: the signed-in person, if any. */
+function person() {
+  const who = signedIn();
+  return who ? { user: who.user, user_token: who.user_token } : {};
+}
+
+function showPerson(usersKnown, subscribed) {
+  const who = signedIn();
+  $("demo-user").disabled = !usersKnown || Boolean(who);
+  $("sign-in").disabled = !usersKnown || Boolean(who);
+  $("sign-out").disabled = !who;
+  if (who) $("demo-user").value = who.user;
+  let text = "";
+  if (!usersKnown) {
+    text = "This server does not know signed-in people yet. Start it with USER_TOKEN_SECRET set, and DEMO_USERS=true for this made-up sign-in.";
+  } else if (who && subscribed) {
+    text = `Signed in as ${who.user}. This browser gets ${who.user}'s notifications: write to them from the console's People, or with the command above.`;
+  } else if (who) {
+    text = `Signed in as ${who.user}. Enable push above, and this browser will get ${who.user}'s notifications.`;
+  }
+  $("people-status").textContent = text;
+  showCurl();
+}
+
+async function signIn(registration) {
+  const user = $("demo-user").value.trim();
+  if (!user) throw new Error("Type a name to sign in as.");
+  let token;
+  try {
+    token = await api("POST", "/demo/user-token", { user });
+  } catch (error) {
+    if (error.status === 404) {
+      throw new Error("This server does not offer the made-up sign-in. Start it with DEMO_USERS=true to try it; never on a real site, where it would let anyone be anyone.");
+    }
+    throw error;
+  }
+  localStorage.setItem(SIGN_IN_KEY, JSON.stringify(token));
+  const subscription = await registration.pushManager.getSubscription();
+  if (subscription) await api("POST", "/subscription", { ...subscription.toJSON(), ...person() });
+  return token.user;
+}
+
+async function signOut(registration) {
+  const { user } = signedIn() || {};
+  localStorage.removeItem(SIGN_IN_KEY);
+  const subscription = await registration.pushManager.getSubscription();
+  // Its own keys prove it is this browser's subscription: the server unbinds it.
+  if (subscription) await api("POST", "/subscription", { ...subscription.toJSON(), user: null });
+  return user;
 }
 
 function unsupportedReason() {
@@ -78,7 +147,13 @@ async function subscribe(registration) {
     subscription = null;
   }
   subscription ||= await registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: serverKey });
-  await api("POST", "/subscription", { ...subscription.toJSON(), topics: topics() });
+  try {
+    await api("POST", "/subscription", { ...subscription.toJSON(), topics: topics(), ...person() });
+  } catch (error) {
+    if (error.status !== 403) throw error;
+    localStorage.removeItem(SIGN_IN_KEY); // the made-up sign-in expired
+    await api("POST", "/subscription", { ...subscription.toJSON(), topics: topics() });
+  }
   localStorage.setItem("webpush-topics", $("topics").value);
   return subscription;
 }
@@ -95,9 +170,15 @@ async function unsubscribe(registration) {
   }
 }
 
-async function main() {
+function showCurl() {
+  const who = signedIn();
+  const to = who ? `, "users": [${JSON.stringify(who.user)}]` : "";
   $("curl").textContent =
-    `curl -X POST ${API}/push \\\n  -H "Authorization: Bearer <PUSH_TOKEN>" \\\n  -H "Content-Type: application/json" \\\n  -H "Prefer: wait=10" \\\n  -d '{"title": "Hello", "body": "Sent with curl", "url": "/"}'`;
+    `curl -X POST ${API}/push \\\n  -H "Authorization: Bearer <PUSH_TOKEN>" \\\n  -H "Content-Type: application/json" \\\n  -H "Prefer: wait=10" \\\n  -d '{"title": "Hello", "body": "Sent with curl", "url": "/"${to}}'`;
+}
+
+async function main() {
+  showCurl();
   $("topics").value = localStorage.getItem("webpush-topics") || "";
 
   const reason = unsupportedReason();
@@ -107,6 +188,9 @@ async function main() {
   await navigator.serviceWorker.ready;
   const current = await registration.pushManager.getSubscription();
   show(current);
+  const { users: usersKnown } = await api("GET", "/subscription");
+  if (!usersKnown) localStorage.removeItem(SIGN_IN_KEY);
+  showPerson(usersKnown, Boolean(current));
 
   if (Notification.permission === "denied") {
     say("Notifications are blocked for this site. Allow them in the browser's site settings to subscribe.", "error");
@@ -122,7 +206,9 @@ async function main() {
       } catch (error) {
         say(error.message, "error");
       } finally {
-        show(await registration.pushManager.getSubscription());
+        const subscription = await registration.pushManager.getSubscription();
+        show(subscription);
+        showPerson(usersKnown, Boolean(subscription));
       }
     });
 
@@ -134,6 +220,14 @@ async function main() {
   act("disable", async () => {
     await unsubscribe(registration);
     say("Push is disabled: this browser is unsubscribed and the server forgot it.", "ok");
+  });
+  act("sign-in", async () => {
+    const user = await signIn(registration);
+    say(`Signed in as ${user}.`, "ok");
+  });
+  act("sign-out", async () => {
+    const user = await signOut(registration);
+    say(`Signed out: this browser no longer gets ${user}'s notifications.`, "ok");
   });
   act("test", async () => {
     const subscription = await registration.pushManager.getSubscription();

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import jwt
 import pytest
 import requests
 
@@ -337,6 +339,109 @@ def test_the_audience_shows_subscribers_per_topic_and_a_topic_send_reaches_only_
     expect(console.page.locator("#progress-text")).to_contain_text("Done: 1 of 1 sent")
     assert [d.subscriber for d in push_service.wait_for(1)] == [both.id]
     assert console.cell(answer["id"], "Topic") == "alerts"
+
+
+# -- people (README "Notify one person") ---------------------------------------------
+
+SECRET = "a-site-backend-secret-0123456789abcdef"
+
+
+@pytest.fixture(params=BACKENDS)
+def people_server(request, tmp_path):
+    """A server that knows signed-in people (USER_TOKEN_SECRET), on each store."""
+    env = env_of(request.param, request)
+    server = Server(tmp_path, PUSH_PROCESSES="1", USER_TOKEN_SECRET=SECRET, **env)
+    yield server.start()
+    server.stop()
+
+
+def bind(server: Server, subscriber, user: str) -> None:
+    """What a site's page posts for its signed-in user."""
+    claims = {"sub": user, "exp": int(time.time()) + 600}
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    body = {**subscriber.subscription, "user": user, "user_token": token}
+    response = requests.post(server.url + "/subscription", json=body)
+    assert response.status_code == 201, response.text
+
+
+def devices_of(server: Server, user: str) -> int:
+    response = requests.get(f"{server.url}/users/{user}", headers=AUTH)
+    return len(response.json()["subscriptions"]) if response.status_code == 200 else 0
+
+
+def test_the_console_looks_a_person_up_writes_to_their_devices_and_erases_them_after_asking(
+    browser, people_server, push_service
+):
+    server = people_server
+    ana = [push_service.subscriber(), push_service.subscriber()]
+    for subscriber in ana:
+        bind(server, subscriber, "ana")
+    bind(server, push_service.subscriber(), "bob")
+    console = Console(browser, server)
+    page = console.page
+    console.sign_in()
+    expect(page.locator("#people-off")).to_be_hidden()
+    page.fill("#person", "ana")
+    page.click("#look-up")
+    expect(page.locator("#devices li")).to_have_count(2)
+    expect(page.locator("#person-summary")).to_have_text(
+        "“ana” has 2 devices that can be reached:"
+    )
+    assert "not reached yet" in page.locator("#devices li").first.inner_text()
+
+    page.click("#write-to-person")
+    expect(page.locator("#user")).to_have_value("ana")
+    page.fill("#title", "Your order shipped")
+    answer = console.send()
+    assert (answer["code"], answer["subscriptions"]) == (202, 2)
+    expect(page.locator("#progress-text")).to_contain_text("Done: 2 of 2 sent")
+    delivered = push_service.wait_for(2)
+    assert sorted(d.subscriber for d in delivered) == sorted(s.id for s in ana)
+    assert console.cell(answer["id"], "Topic") == "one person"
+    page.click("#look-up")
+    expect(page.locator("#devices li").first).to_contain_text("last reached")
+
+    page.click("#erase-person")
+    question = page.locator("#erase-question")
+    expect(question).to_contain_text("Erase “ana”? Their 2 devices")
+    expect(question).to_contain_text("cannot be undone")
+    page.click("#erase-no")
+    expect(page.locator("#erase-confirm")).to_be_hidden()
+    assert devices_of(server, "ana") == 2
+    page.click("#erase-person")
+    page.click("#erase-yes")
+    expect(page.locator("#people-done")).to_have_text(
+        "“ana” is erased: their devices and what they reported are gone from this server."
+    )
+    assert (devices_of(server, "ana"), devices_of(server, "bob")) == (0, 1)
+    page.fill("#person", "ana")
+    page.click("#look-up")
+    expect(page.locator("#people-error")).to_contain_text(
+        "No device of “ana” can be reached"
+    )
+    console.close()
+    assert console.errors == []
+
+
+def test_a_topic_and_a_person_at_once_are_refused_in_words_before_sending(console):
+    console.sign_in()
+    console.compose(title="Hello", topic="news", user="ana")
+    console.page.click("#send")
+    expect(console.page.locator("#compose-error")).to_have_text(
+        "Write to a topic or to a person, not both: clear one of the two."
+    )
+    assert not any(url.endswith("/push") for url in console.urls)
+
+
+def test_a_server_that_knows_no_people_says_how_to_turn_them_on(console):
+    console.sign_in()
+    expect(console.page.locator("#people-off")).to_be_visible()
+    expect(console.page.locator("#people-off")).to_contain_text("USER_TOKEN_SECRET")
+    console.page.fill("#person", "ana")
+    console.page.click("#look-up")
+    expect(console.page.locator("#people-error")).to_contain_text(
+        "No device of “ana” can be reached"
+    )
 
 
 def test_the_history_refreshes_itself_every_few_seconds(console, server):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import api
 from conftest import AUTH, BACKENDS, TOKEN, Server, env_of, server_pushed
 from tests.chromium import CHROMIUM, FLAGS, require_chromium
 from tests.push_service import PushService
@@ -251,6 +252,101 @@ def test_disabling_push_unsubscribes_and_deletes_the_subscription_on_the_server(
     assert stored(server) == 0
     assert demo.page.is_enabled("#enable") and not demo.page.is_enabled("#test")
     assert demo.errors == []
+
+
+# -- the made-up sign-in (README "Notify one person": the demo) -------------------------
+
+DEMO_SECRET = "a-site-backend-secret-0123456789abcdef"
+
+
+@pytest.fixture(params=BACKENDS)
+def demo_people(request, tmp_path, browser, push_service):
+    """The demo page on a server with the made-up sign-in on, on each store."""
+    env = env_of(request.param, request)
+    server = Server(
+        tmp_path,
+        PUSH_PROCESSES="1",
+        USER_TOKEN_SECRET=DEMO_SECRET,
+        DEMO_USERS="true",
+        **env,
+    ).start()
+    subscriber = push_service.subscriber()
+    demo = Demo(browser, server, subscriber)
+    demo.subscriber = subscriber
+    yield demo
+    demo.close()
+    server.stop()
+
+
+def devices_of(server: Server, user: str) -> list[str]:
+    response = requests.get(f"{server.url}/users/{user}", headers=AUTH)
+    if response.status_code == 404:
+        return []
+    return [device["id"] for device in response.json()["subscriptions"]]
+
+
+def test_the_demo_signs_a_subscribed_browser_in_and_out_and_a_push_to_that_person_reaches_it(
+    demo_people, push_service
+):
+    demo, server = demo_people, demo_people.server
+    demo.click("#enable", "Push is enabled")
+    stored_id = api.endpoint_id(demo.subscriber.endpoint)
+    assert devices_of(server, "ana") == []
+    demo.page.fill("#demo-user", "ana")
+    demo.click("#sign-in", "Signed in as ana")
+    assert demo.page.inner_text("#people-status").startswith(
+        "Signed in as ana. This browser gets ana's notifications"
+    )
+    assert devices_of(server, "ana") == [stored_id]
+    assert '"users": ["ana"]' in demo.page.inner_text("#curl")
+    body = {"title": "Your order shipped", "users": ["ana"]}
+    assert server_pushed(server, body)["sent"] == 1
+    assert [d.subscriber for d in push_service.wait_for(1)] == [demo.subscriber.id]
+
+    demo.click(
+        "#sign-out", "Signed out: this browser no longer gets ana's notifications"
+    )
+    assert devices_of(server, "ana") == []
+    assert stored(server) == 1  # still subscribed, to everyone's notifications
+    assert demo.page.is_enabled("#sign-in") and not demo.page.is_enabled("#sign-out")
+    assert demo.errors == []
+
+
+def test_signing_in_before_enabling_push_binds_the_new_subscription(demo_people):
+    demo, server = demo_people, demo_people.server
+    demo.page.fill("#demo-user", "bob")
+    demo.click("#sign-in", "Signed in as bob")
+    assert "Enable push above" in demo.page.inner_text("#people-status")
+    demo.click("#enable", "Push is enabled")
+    assert devices_of(server, "bob") == [api.endpoint_id(demo.subscriber.endpoint)]
+    demo.page.reload()
+    demo.page.wait_for_function(
+        "document.querySelector('#people-status').textContent.includes('Signed in as bob')"
+    )
+    assert demo.errors == []
+
+
+def test_the_demo_says_when_the_server_knows_no_people_or_offers_no_made_up_sign_in(
+    browser, tmp_path, push_service
+):
+    plain = Server(tmp_path, PUSH_PROCESSES="1").start()
+    demo = Demo(browser, plain, push_service.subscriber())
+    assert demo.page.inner_text("#people-status").startswith(
+        "This server does not know signed-in people yet."
+    )
+    assert not demo.page.is_enabled("#sign-in")
+    demo.close()
+    plain.stop()
+    secret_only = Server(
+        tmp_path, PUSH_PROCESSES="1", USER_TOKEN_SECRET=DEMO_SECRET
+    ).start()
+    demo = Demo(browser, secret_only, push_service.subscriber())
+    demo.page.fill("#demo-user", "ana")
+    demo.click("#sign-in", "does not offer the made-up sign-in")
+    assert "DEMO_USERS=true" in demo.status()
+    assert demo.page.is_enabled("#sign-in")
+    demo.close()
+    secret_only.stop()
 
 
 def test_the_page_shows_the_curl_command_and_reads_well_on_a_phone(

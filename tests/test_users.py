@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -530,3 +531,64 @@ def test_a_server_process_sends_to_a_user_and_erases_them(
     assert "erased a user" in output and "GET /users/<id>" in output
     for secret in (user, token, SECRET, TOKEN):
         assert secret not in output
+
+
+# -- README's snippets, as a site's backend runs them -------------------------------
+
+
+def _readme_block(language: str, after: str) -> str:
+    """The first ```language block of README's "Notify one person" after ``after``."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Notify one person", 1)[1].split("\n## ", 1)[0]
+    return section.split(after, 1)[1].split(f"```{language}\n", 1)[1].split("```")[0]
+
+
+def test_the_readme_python_token_snippet_makes_a_token_that_binds(
+    app, push_service, monkeypatch
+):
+    monkeypatch.setenv("USER_TOKEN_SECRET", SECRET)
+    scope: dict = {}
+    exec(_readme_block("python", "In Python"), scope)  # noqa: S102 - README's own code
+    body = {**push_service.subscriber().subscription, "user": "ana"}
+    body["user_token"] = scope["push_user_token"]("ana")
+    assert app.post_json("/subscription", body, status=201).json["user"] == "ana"
+
+
+@pytest.fixture(scope="session")
+def jsonwebtoken(tmp_path_factory) -> str:
+    """A directory with npm's jsonwebtoken installed, as README tells a Node site."""
+    npm = shutil.which("npm")
+    if not (npm and shutil.which("node")):
+        if os.environ.get("CI"):
+            pytest.fail("node and npm are missing: CI machines have them")
+        pytest.skip("node and npm are not installed")
+    where = tmp_path_factory.mktemp("node-site")
+    done = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--silent", "jsonwebtoken@9"],
+        cwd=where,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return str(where)
+
+
+def test_the_readme_node_token_snippet_makes_a_token_that_binds(
+    app, push_service, jsonwebtoken
+):
+    script = _readme_block("js", "In Node") + '\nconsole.log(pushUserToken("ana"));\n'
+    done = subprocess.run(
+        ["node", "-e", script],
+        cwd=jsonwebtoken,
+        check=False,
+        env={**os.environ, "USER_TOKEN_SECRET": SECRET},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    body = {**push_service.subscriber().subscription, "user": "ana"}
+    body["user_token"] = done.stdout.strip()
+    assert app.post_json("/subscription", body, status=201).json["user"] == "ana"
