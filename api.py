@@ -814,6 +814,66 @@ def user_token_problem(secret: str, token: Any, user: str) -> str | None:
     return None
 
 
+# API keys: the push token is the admin key; others are made with POST /keys,
+# each with a scope, and kept only as their SHA-256.
+API_KEY_PREFIX = "wpk_"  # so a leaked key is recognised (secret scanners, logs)
+ADMIN = "admin"  # the push token's name, in created_by and the access log
+KEY_SCOPES = ("send", "read", "admin")
+# What each scope may do, by the need a route names (``auth=`` in its config):
+# "send" POST /push; "own" GET /notifications/<id> (a send key: its own only);
+# "read" the lists and people; "metrics" GET /metrics; "any" GET /key.
+SCOPE_GRANTS = {
+    "send": frozenset({"send", "own", "any"}),
+    "read": frozenset({"read", "own", "metrics", "any"}),
+    "admin": frozenset({"send", "own", "read", "metrics", "any", "admin"}),
+    "metrics": frozenset({"metrics"}),  # METRICS_TOKEN's: no key has it
+}
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_API_KEYS = 1000
+MAX_KEY_LIFETIME = 10 * 365 * 86400  # seconds: expires_in at most ten years
+KEY_TOUCH_STEP = 60  # seconds: a key's last_used is kept to the minute
+MAX_API_KEY = 100  # characters: a longer bearer token is no key of ours
+
+
+def new_api_key() -> str:
+    """A fresh API key: 256 random bits after a recognisable prefix."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def api_key_hash(key: str) -> str:
+    """What is kept of an API key. A key is 256 random bits, so its SHA-256
+    cannot be reversed or guessed: no salt or slow hash is needed, and a
+    lookup by it costs the same whichever key is tried."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request: an API key's name, scope and, for a send key, the
+    topics it may send to (None: any). The push token is the admin key
+    named "admin"."""
+
+    name: str
+    scope: str
+    topics: tuple[str, ...] | None = None
+
+    def may(self, need: str) -> bool:
+        return need in SCOPE_GRANTS[self.scope]
+
+    def may_send_to(self, topic: str | None, named: bool) -> str | None:
+        """Why this caller may not send to ``topic`` (None: everyone; named:
+        users or subscriptions), or None if it may."""
+        if self.topics is None:
+            return None
+        allowed = ", ".join(self.topics)
+        if named or topic is None or topic not in self.topics:
+            return (
+                f"the key {self.name!r} may send only to the topics {allowed}, "
+                "not to everyone, to users or to other topics"
+            )
+        return None
+
+
 ###############################################################################
 # Messages ####################################################################
 ###############################################################################
@@ -1236,6 +1296,7 @@ def new_notification(
     body_hash: str,
     source: str,
     total: int,
+    created_by: str | None = None,
 ) -> dict:
     """A notification as both queues keep it, before anything is sent."""
     due = now if send_at is None else send_at
@@ -1243,6 +1304,7 @@ def new_notification(
         "id": secrets.token_urlsafe(12),
         "status": "scheduled" if due > now else "queued",
         "source": source,
+        "created_by": created_by,
         "created": now,
         "due": due,
         "send_at": send_at,
@@ -1283,6 +1345,7 @@ def status_document(record: dict, receipts: dict[str, int] | None = None) -> dic
         "topic": record["topic"],
         "audience": audience.kind,
         "named": None if audience.named is None else len(audience.named),
+        "created_by": record.get("created_by"),
         "created": rfc3339(record["created"]),
         "send_at": rfc3339(record["send_at"]),
         "started": rfc3339(record["started"]),
@@ -2587,6 +2650,190 @@ def open_store(settings: Settings) -> SubscriptionStore:
     return JsonSubscriptionStore(settings.subscriptions_file)
 
 
+class KeyStore(Protocol):
+    """Where API keys are kept, each as a record: ``name``, ``hash`` (the
+    key's SHA-256, never the key), ``scope``, ``topics``, ``created``,
+    ``expires`` and ``last_used``. The JSON store keeps them in a file of
+    their own (mode 0600), Redis in hashes every process shares."""
+
+    def add(self, record: dict) -> bool:
+        """Keep a new key; False if its name is taken (or there are
+        MAX_API_KEYS already, then ValueError)."""
+        ...
+
+    def find(self, key_hash: str) -> dict | None: ...
+
+    def all(self) -> list[dict]: ...
+
+    def revoke(self, name: str) -> bool:
+        """Forget a key at once; False if there was none of that name."""
+        ...
+
+    def touch(self, name: str, when: float) -> None:
+        """Note when a key was last used (never bringing a revoked one back)."""
+        ...
+
+
+class JsonKeyStore:
+    """API keys in a JSON file (mode 0600), rewritten whole, atomically, on
+    each change: they are few and change rarely (a key's use is noted at
+    most once a minute). This process is the only one that reads them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._by_name: dict[str, dict] = {}
+        self._by_hash: dict[str, dict] = {}
+        if path.is_file():
+            try:
+                records = json.loads(path.read_text())["keys"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise SettingError(
+                    f"{path} is not the API keys file this server writes ({e}); "
+                    "restore it from a backup, or delete it to revoke every key"
+                ) from None
+            for record in records:
+                self._by_name[record["name"]] = record
+                self._by_hash[record["hash"]] = record
+
+    def _write(self, records: dict[str, dict]) -> None:
+        """Replace the file with ``records`` (OSError, the file unchanged, if
+        the disk refuses)."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = self.path.with_name(self.path.name + ".new")
+        temporary.unlink(missing_ok=True)
+        data = json.dumps({"keys": list(records.values())}, indent=1).encode()
+        try:
+            _write_secret(temporary, data)
+            os.replace(temporary, self.path)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path.parent)
+
+    def _changed(self, records: dict[str, dict]) -> None:
+        self._write(records)
+        self._by_name = records
+        self._by_hash = {r["hash"]: r for r in records.values()}
+
+    def add(self, record: dict) -> bool:
+        with self._lock:
+            if record["name"] in self._by_name:
+                return False
+            if len(self._by_name) >= MAX_API_KEYS:
+                raise ValueError(MAX_API_KEYS)
+            self._changed({**self._by_name, record["name"]: record})
+            return True
+
+    def find(self, key_hash: str) -> dict | None:
+        return self._by_hash.get(key_hash)
+
+    def all(self) -> list[dict]:
+        return list(self._by_name.values())
+
+    def revoke(self, name: str) -> bool:
+        with self._lock:
+            if name not in self._by_name:
+                return False
+            self._changed({n: r for n, r in self._by_name.items() if n != name})
+            return True
+
+    def touch(self, name: str, when: float) -> None:
+        with self._lock:
+            if name in self._by_name:
+                record = {**self._by_name[name], "last_used": when}
+                self._changed({**self._by_name, name: record})
+
+
+# KEYS: names, hashes, used. ARGV: name, hash, record, most.
+ADD_KEY_LUA = """
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return -1 end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+# KEYS: names, hashes, used. ARGV: name.
+REVOKE_KEY_LUA = """
+local hash = redis.call('HGET', KEYS[1], ARGV[1])
+if not hash then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], hash)
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+# KEYS: names, used. ARGV: name, when.
+TOUCH_KEY_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
+"""
+
+
+class RedisKeyStore:
+    """API keys on Redis, shared by every process: ``keys`` (hash: key hash
+    → record), ``keynames`` (name → key hash) and ``keyused`` (name → last
+    use). Each request looks its key up there, so a revocation holds on
+    every process at once."""
+
+    def __init__(self, client: Any, prefix: str):
+        self.redis = client
+        self.names, self.hashes = prefix + "keynames", prefix + "keys"
+        self.used = prefix + "keyused"
+        self._add = client.register_script(ADD_KEY_LUA)
+        self._revoke = client.register_script(REVOKE_KEY_LUA)
+        self._touch = client.register_script(TOUCH_KEY_LUA)
+
+    def add(self, record: dict) -> bool:
+        with _redis_errors("storing an API key"):
+            done = self._add(
+                keys=[self.names, self.hashes, self.used],
+                args=[record["name"], record["hash"], json.dumps(record), MAX_API_KEYS],
+            )
+        if done == -1:
+            raise ValueError(MAX_API_KEYS)
+        return done == 1
+
+    def find(self, key_hash: str) -> dict | None:
+        with _redis_errors("checking an API key"):
+            found = self.redis.hget(self.hashes, key_hash)
+        return None if found is None else json.loads(found)
+
+    def all(self) -> list[dict]:
+        with _redis_errors("listing the API keys"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hvals(self.hashes)
+            pipe.hgetall(self.used)
+            records, used = pipe.execute()
+        records = [json.loads(r) for r in records]
+        for record in records:
+            when = _number(used.get(record["name"]))
+            record["last_used"] = when if when is not None else record.get("last_used")
+        return records
+
+    def revoke(self, name: str) -> bool:
+        with _redis_errors("revoking an API key"):
+            return (
+                self._revoke(keys=[self.names, self.hashes, self.used], args=[name])
+                == 1
+            )
+
+    def touch(self, name: str, when: float) -> None:
+        with _redis_errors("noting an API key's use"):
+            self._touch(keys=[self.names, self.used], args=[name, repr(when)])
+
+
+API_KEYS_FILE = "api_keys.json"
+
+
+def open_key_store(settings: Settings, store: SubscriptionStore) -> KeyStore:
+    """Where API keys live: on Redis beside the subscriptions, else in
+    VAPID_DIR/api_keys.json beside the push token."""
+    if isinstance(store, RedisSubscriptionStore):
+        return RedisKeyStore(store.redis, store.prefix)
+    return JsonKeyStore(Path(settings.vapid_dir) / API_KEYS_FILE)
+
+
 class NotificationJournal(JsonLinesStore):
     """Notifications and their progress (see JsonLinesStore), beside the
     subscription store. A notification is one record; each batch of
@@ -3650,7 +3897,7 @@ class RedisJobStore:
 
     def insert(self, record: dict, key_hash: str | None) -> str | None:
         fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
-        fixed += ("users", "subscriptions")
+        fixed += ("users", "subscriptions", "created_by")
         doc = {k: record[k] for k in (*fixed, "idempotency")}
         with _redis_errors("storing a notification"):
             return self._scripts["create"](
@@ -5218,6 +5465,7 @@ class NotificationEngine:
         key: str | None = None,
         body_hash: str = "",
         source: str = "api",
+        created_by: str | None = None,
     ) -> tuple[dict, bool]:
         """Keep a notification (OSError if the store refuses); its status
         document, and whether it is an earlier one with the same
@@ -5233,6 +5481,7 @@ class NotificationEngine:
                 body_hash,
                 source,
                 self.subscribers(audience),
+                created_by,
             )
             earlier = self.jobs.insert(record, key_hash)
             if earlier is None:
@@ -6472,6 +6721,40 @@ class Validator:
             check(item, name)
         return tuple(dict.fromkeys(value))
 
+    def api_key(self, body: dict) -> tuple[str, str, list[str] | None, int | None]:
+        """The name, scope, topics and lifetime (seconds; None: for good) of
+        a ``POST /keys`` body."""
+        _only_known(body, ("name", "scope", "topics", "expires_in"))
+        name, scope = body.get("name"), body.get("scope")
+        if not isinstance(name, str) or not KEY_NAME_RE.fullmatch(name):
+            raise ApiError(
+                400,
+                "'name' is needed: 1-64 letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit",
+            )
+        if name == ADMIN:
+            raise ApiError(409, "'admin' is the push token's name; choose another")
+        if scope not in KEY_SCOPES:
+            raise ApiError(400, f"'scope' must be one of: {', '.join(KEY_SCOPES)}")
+        topics = self.topics(body.get("topics"))
+        if topics is not None and scope != "send":
+            raise ApiError(400, "'topics' narrows a key of the scope 'send' only")
+        if topics == []:
+            raise ApiError(400, "'topics' names at least one topic, or is left out")
+        expires_in = body.get("expires_in")
+        if expires_in is not None and (
+            not isinstance(expires_in, int)
+            or isinstance(expires_in, bool)
+            or not 1 <= expires_in <= MAX_KEY_LIFETIME
+        ):
+            raise ApiError(
+                400,
+                f"'expires_in' must be a whole number of seconds from 1 to "
+                f"{MAX_KEY_LIFETIME} (ten years), or left out for a key that "
+                "does not expire",
+            )
+        return name, scope, topics, expires_in
+
     def user(self, value: Any, where: str = "user") -> str:
         """A user id: 1-128 printable characters."""
         if (
@@ -6703,28 +6986,158 @@ class JsonApiPlugin:
         return wrapper
 
 
+def key_document(record: dict, now: float) -> dict:
+    """What ``GET /keys`` says of a key: never the key, nor its hash."""
+    expires = record.get("expires")
+    return {
+        "name": record["name"],
+        "scope": record["scope"],
+        "topics": record.get("topics"),
+        "created": rfc3339(record["created"]),
+        "last_used": rfc3339(record.get("last_used")),
+        "expires": rfc3339(expires),
+        "expired": expires is not None and expires <= now,
+    }
+
+
+class KeyRing:
+    """Who a bearer token is: the push token (the admin key), METRICS_TOKEN
+    (``GET /metrics`` only), or an API key found by its hash; and the keys'
+    life, made, listed and revoked. A key's use is noted at most once a
+    minute per process."""
+
+    def __init__(
+        self, push_token: str, metrics_token: str = "", store: KeyStore | None = None
+    ):
+        self.push_token = push_token
+        self.metrics_token = metrics_token
+        self.store = store
+        self.clock = time.time  # what expiry is judged by
+        self._touched: dict[str, float] = {}
+
+    def identify(self, given: str) -> Caller | None:
+        """The caller ``given`` (a bearer token) is, or None."""
+        if not given:
+            return None
+        if self.push_token and _same_text(given, self.push_token):
+            return Caller(ADMIN, "admin")
+        if self.metrics_token and _same_text(given, self.metrics_token):
+            return Caller("METRICS_TOKEN", "metrics")
+        if (
+            self.store is None
+            or not given.startswith(API_KEY_PREFIX)
+            or len(given) > MAX_API_KEY
+        ):
+            return None
+        record = self.store.find(api_key_hash(given))
+        now = self.clock()
+        if record is None or (record["expires"] or now + 1) <= now:
+            return None
+        name = record["name"]
+        if now - self._touched.get(name, 0.0) >= KEY_TOUCH_STEP:
+            self._touched[name] = now
+            try:
+                self.store.touch(name, now)
+            except OSError as e:  # the key still works; its last use is older
+                log.warning("could not note the use of API key %r: %s", name, e)
+        topics = record.get("topics")
+        return Caller(name, record["scope"], topics and tuple(topics))
+
+    def create(
+        self, name: str, scope: str, topics: list[str] | None, expires_in: int | None
+    ) -> tuple[str, dict]:
+        """A new key and its record (ApiError 409 if the name is taken)."""
+        key, now = new_api_key(), self.clock()
+        record = {
+            "name": name,
+            "hash": api_key_hash(key),
+            "scope": scope,
+            "topics": topics,
+            "created": now,
+            "expires": None if expires_in is None else now + expires_in,
+            "last_used": None,
+        }
+        try:
+            added = self.store.add(record)
+        except ValueError:
+            raise ApiError(
+                409, f"there are {MAX_API_KEYS} keys already: revoke one first"
+            ) from None
+        if not added:
+            raise ApiError(
+                409,
+                f"a key named {name!r} exists: revoke it first, or choose another name",
+            )
+        log.info("made API key %r (scope %s)", name, scope)
+        return key, record
+
+
+def _rule() -> str:
+    """This request's route as README names it: ``/users/<id>``."""
+    return re.sub(r"<(\w+):\w+>", r"<\1>", bottle.request.route.rule)
+
+
+def _same_text(given: str, secret: str) -> bool:
+    """Whether ``given`` is ``secret``, in constant time."""
+    return hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8"))
+
+
 class AuthPlugin:
-    """Bottle plugin: a route marked ``auth=True`` needs the push token as a
-    bearer token, one marked ``auth="metrics"`` METRICS_TOKEN (the push token
-    without it); a wrong or missing one is a 401 that says how to send it."""
+    """Bottle plugin: a route marked ``auth=<need>`` needs a bearer token
+    whose scope grants that need (SCOPE_GRANTS): none, or an unknown,
+    revoked or expired one, is a 401 that says how to send one; a known key
+    outside its scope is a 403 that names its scope."""
 
     name = "auth"
     api = 2
-    REFUSED: ClassVar[dict[bool | str, str]] = {
-        True: "send the push token as 'Authorization: Bearer <PUSH_TOKEN>'",
-        "metrics": "send METRICS_TOKEN (or, without it, the push token) as a "
-        "bearer token",
-    }
 
-    def __init__(self, token: str, metrics_token: str = ""):
-        self.tokens = {True: token, "metrics": metrics_token or token}
+    def __init__(self, ring: KeyRing):
+        self.ring = ring
 
-    def allows(self, need: bool | str) -> bool:
-        """Whether this request's bearer token is the one ``need`` names."""
-        scheme, _, given = request_header("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode("utf-8"), self.tokens[need].encode("utf-8")
-        )
+    def caller(self) -> Caller | None:
+        """Who made this request, by its bearer token (None: nobody known)."""
+        environ = bottle.request.environ
+        if "webpush.caller" not in environ:
+            scheme, _, given = request_header("Authorization", "").partition(" ")
+            bearer = scheme.lower() == "bearer"
+            environ["webpush.caller"] = (
+                self.ring.identify(given.strip()) if bearer else None
+            )
+        return environ["webpush.caller"]
+
+    def check(self, need: str) -> Caller:
+        """This request's caller, if it may do what ``need`` names; else
+        ApiError 401 or 403."""
+        caller = self.caller()
+        method, path = bottle.request.method, logged_path(bottle.request.path)
+        if caller is None:
+            bottle.response.set_header("WWW-Authenticate", 'Bearer realm="push"')
+            log.warning(
+                "refused %s %s from %s: wrong or missing token",
+                method,
+                path,
+                bottle.request.remote_addr,
+            )
+            which = "the push token or an API key"
+            if need == "metrics":
+                which = "METRICS_TOKEN, the push token or a read key"
+            raise ApiError(
+                401,
+                f"send {which} as 'Authorization: Bearer <key>'; "
+                "this one is missing, unknown, revoked or expired",
+            )
+        if not caller.may(need):
+            log.warning(
+                "refused %s %s to key %r: outside its scope", method, path, caller.name
+            )
+            able = [scope for scope in KEY_SCOPES if need in SCOPE_GRANTS[scope]]
+            raise ApiError(
+                403,
+                f"the key {caller.name!r} has the scope {caller.scope!r}, which may "
+                f"not {method} {_rule()}: that needs "
+                f"the scope {' or '.join(repr(s) for s in able)}",
+            )
+        return caller
 
     def apply(self, callback: Callable, route: bottle.Route) -> Callable:
         need = route.config.get("auth")
@@ -6732,15 +7145,7 @@ class AuthPlugin:
             return callback
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if not self.allows(need):
-                bottle.response.set_header("WWW-Authenticate", 'Bearer realm="push"')
-                log.warning(
-                    "refused %s %s from %s: wrong or missing token",
-                    bottle.request.method,
-                    logged_path(bottle.request.path),
-                    bottle.request.remote_addr,
-                )
-                raise ApiError(401, self.REFUSED[need])
+            self.check(need)
             return callback(*args, **kwargs)
 
         return wrapper
@@ -6914,7 +7319,7 @@ def logged_path(path: str) -> str:
 class AccessLog:
     """WSGI wrapper that logs one line per request once its answer is sent:
     client, method, path (never the query, which may carry secrets), status,
-    bytes and milliseconds."""
+    bytes, milliseconds, and the API key's name (never the key)."""
 
     def __init__(self, app: Callable, trusted_proxies: str):
         self.app = app
@@ -6940,8 +7345,9 @@ class AccessLog:
         finally:
             if hasattr(body, "close"):
                 body.close()
+            caller = environ.get("webpush.caller")
             self.log.info(
-                '%s "%s %s" %s %d %.0fms',
+                '%s "%s %s" %s %d %.0fms%s',
                 client_address(environ, self.trusted),
                 environ.get("REQUEST_METHOD", "-")[:16],
                 # escaped: a %0a in a path must not forge a line of its own
@@ -6951,6 +7357,7 @@ class AccessLog:
                 status[0],
                 sent,
                 (time.monotonic() - started) * 1000,
+                f" key={caller.name}" if caller else "",
             )
 
 
@@ -7198,16 +7605,26 @@ class Http:
         return base
 
     def accept(
-        self, fields: dict, key: str | None, body: str, source: str = "api"
+        self,
+        fields: dict,
+        key: str | None,
+        body: str,
+        source: str = "api",
+        caller: Caller | None = None,
     ) -> tuple[Message, dict, bool]:
         """The one way a notification comes in (``POST /push`` and webhooks):
-        its fields checked, kept by the engine; its message, status document,
-        and whether it was made before with the same key
-        (IdempotencyConflict if with another body)."""
+        its fields checked, and the caller's right to send to its audience
+        (None: a signed webhook's sender may send anything); kept by the
+        engine; its message, status document, and whether it was made before
+        with the same key (IdempotencyConflict if with another body)."""
         message, audience = self.validate.push(fields, self.public_base())
         send_at = self.validate.send_at(fields)
+        if caller is not None:
+            refused = caller.may_send_to(audience.topic, audience.named is not None)
+            if refused:
+                raise ApiError(403, refused)
         document, replayed = self.services.engine.create(
-            message, audience, send_at, key, body, source
+            message, audience, send_at, key, body, source, caller and caller.name
         )
         if not replayed:
             log.info(
@@ -7440,14 +7857,19 @@ def notification_routes(app: bottle.Bottle, http: Http) -> None:
     receipts service workers report."""
     settings, validate, engine = http.settings, http.validate, http.services.engine
 
-    @app.post("/push", api=True, auth=True)
+    @app.post("/push", api=True, auth="send")
     def push() -> dict:
         body = read_json(settings.max_push_bytes, "MAX_PUSH_BYTES")
         key = validate.idempotency_key(request_header("Idempotency-Key"))
         wait = prefer_wait(request_header("Prefer"))
-        try:  # "push:", apart from webhook deliveries' ids: none swallows another
+        caller = http.auth.caller()
+        # "push:", apart from webhook deliveries' ids, and each key's apart
+        # from another's: none swallows, or shows, another's notification.
+        if key:
+            key = f"push:{key}" if caller.name == ADMIN else f"push:{caller.name}:{key}"
+        try:
             _, document, replayed = http.accept(
-                body, key and f"push:{key}", body_hash(body)
+                body, key, body_hash(body), caller=caller
             )
         except IdempotencyConflict as e:
             raise ApiError(
@@ -7457,21 +7879,28 @@ def notification_routes(app: bottle.Bottle, http: Http) -> None:
             ) from None
         return http.answer(document, wait, replayed)
 
-    @app.get("/notifications", api=True, auth=True)
+    @app.get("/notifications", api=True, auth="read")
     def list_notifications() -> dict:
         raw = bottle.request.query.get("limit", "20")
         if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= 1000:
             raise ApiError(400, "'limit' must be a whole number from 1 to 1000")
         return {"notifications": engine.list(int(raw))}
 
-    @app.get("/notifications/<id>", api=True, auth=True)
+    @app.get("/notifications/<id>", api=True, auth="own")
     def get_notification(id: str) -> dict:
         document = engine.get(id_in_path(id))
         if document is None:
             raise ApiError(404, "no such notification; it may be past its retention")
+        caller = http.auth.caller()
+        if not caller.may("read") and document["created_by"] != caller.name:
+            raise ApiError(
+                403,
+                f"the key {caller.name!r} has the scope 'send', which may not GET "
+                "a notification that another key sent",
+            )
         return document
 
-    @app.delete("/notifications/<id>", api=True, auth=True)
+    @app.delete("/notifications/<id>", api=True, auth="admin")
     def cancel_notification(id: str) -> dict:
         try:
             return engine.cancel(id_in_path(id))
@@ -7504,7 +7933,7 @@ def user_routes(app: bottle.Bottle, http: Http) -> None:
     site's own (a subscription's ``user``), never logged."""
     validate, store, engine = http.validate, http.services.store, http.services.engine
 
-    @app.get("/users/<id:path>", api=True, auth=True)
+    @app.get("/users/<id:path>", api=True, auth="read")
     def get_user(id: str) -> dict:
         user = validate.user(id, "the user")
         found = sorted(store.of_users([user]))
@@ -7514,7 +7943,7 @@ def user_routes(app: bottle.Bottle, http: Http) -> None:
             raise ApiError(404, "no subscription is bound to this user")
         return {"user": user, "subscriptions": devices}
 
-    @app.delete("/users/<id:path>", api=True, auth=True)
+    @app.delete("/users/<id:path>", api=True, auth="admin")
     def erase_user(id: str) -> None:
         user = validate.user(id, "the user")
         removed, receipts = engine.erase(user)
@@ -7528,6 +7957,41 @@ def user_routes(app: bottle.Bottle, http: Http) -> None:
             receipts,
         )
         bottle.response.status = 204
+
+
+def key_routes(app: bottle.Bottle, http: Http) -> None:
+    """``/keys``: API keys with scopes, made, listed and revoked by an admin;
+    ``/key``: what the calling key may do."""
+    ring = http.auth.ring
+
+    @app.post("/keys", api=True, auth="admin")
+    def create_key() -> dict:
+        name, scope, topics, expires_in = http.validate.api_key(
+            read_json(http.settings.max_body_bytes)
+        )
+        key, record = ring.create(name, scope, topics, expires_in)
+        bottle.response.status = 201
+        bottle.response.set_header("Location", f"/keys/{name}")
+        bottle.response.set_header("Cache-Control", "no-store")
+        return {**key_document(record, ring.clock()), "key": key}
+
+    @app.get("/keys", api=True, auth="admin")
+    def list_keys() -> dict:
+        now = ring.clock()
+        records = sorted(ring.store.all(), key=lambda r: r["name"])
+        return {"keys": [key_document(r, now) for r in records]}
+
+    @app.delete("/keys/<name>", api=True, auth="admin")
+    def revoke_key(name: str) -> None:
+        if not ring.store.revoke(name):
+            raise ApiError(404, f"no key is named {name!r}")
+        log.info("revoked API key %r", name)
+        bottle.response.status = 204
+
+    @app.get("/key", api=True, auth="any")
+    def own_key() -> dict:
+        caller = http.auth.caller()
+        return {"name": caller.name, "scope": caller.scope, "topics": caller.topics}
 
 
 def demo_routes(app: bottle.Bottle, http: Http) -> None:
@@ -7563,9 +8027,11 @@ def webhook_routes(app: bottle.Bottle, http: Http) -> None:
             )
         raw = read_body(settings.max_webhook_bytes, "MAX_WEBHOOK_BYTES")
         signature = request_header(kind.signature_header)
-        if not signature_valid(settings.webhook_secret, raw, signature) and not (
-            kind.token_allowed and http.auth.allows(True)
-        ):
+        # A valid signature: the sender may send anything (no caller). Where
+        # allowed, a key that may send stands in for it, within its topics.
+        signed = signature_valid(settings.webhook_secret, raw, signature)
+        caller = None if signed or not kind.token_allowed else http.auth.caller()
+        if not signed and not (caller and caller.may("send")):
             log.warning(
                 "refused webhook %s from %s: bad signature",
                 source,
@@ -7573,7 +8039,7 @@ def webhook_routes(app: bottle.Bottle, http: Http) -> None:
             )
             how = f"{kind.signature_header}: sha256=<HMAC-SHA256 of the body with WEBHOOK_SECRET>"
             if kind.token_allowed:
-                how += ", or Authorization: Bearer <PUSH_TOKEN>"
+                how += ", or Authorization: Bearer <a send or admin key>"
             raise ApiError(401, f"missing or wrong signature: send {how}")
         payload = parse_json(raw)
         event = request_header(kind.event_header, "") if kind.event_header else "notify"
@@ -7601,6 +8067,7 @@ def webhook_routes(app: bottle.Bottle, http: Http) -> None:
                 key,
                 hashlib.sha256(raw).hexdigest(),
                 f"webhook {source}/{event}",
+                caller,
             )
         except IdempotencyConflict as e:
             return {"duplicate": delivery_id, "id": str(e)}
@@ -7634,7 +8101,7 @@ def operation_routes(app: bottle.Bottle, http: Http) -> None:
             answer["workers"] = engine.delivering()
         return answer
 
-    @app.get("/topics", api=True, auth=True)
+    @app.get("/topics", api=True, auth="read")
     def list_topics() -> str:
         counts = store.topics()
         bottle.response.content_type = "application/json"
@@ -7693,7 +8160,8 @@ def create_app(
     if store is None:
         store = open_store(settings)
     services = build_services(settings, keys, receipt_key, store, journal)
-    auth = AuthPlugin(token, settings.metrics_token or token)
+    ring = KeyRing(token, settings.metrics_token, open_key_store(settings, store))
+    auth = AuthPlugin(ring)
     http = Http(settings, services, keys, receipt_key, auth, Validator(settings))
     delivery, engine = services.delivery, services.engine
 
@@ -7732,6 +8200,7 @@ def create_app(
             "webpush.queue": engine,
             "webpush.delivery": delivery,
             "webpush.keys": keys,
+            "webpush.keyring": ring,
             "webpush.receipt_key": receipt_key,
             "webpush.close": close,
         }
@@ -7740,6 +8209,7 @@ def create_app(
     subscription_routes(app, http)
     notification_routes(app, http)
     user_routes(app, http)
+    key_routes(app, http)
     webhook_routes(app, http)
     operation_routes(app, http)
     if settings.demo_users and settings.user_token_secret:
@@ -8025,17 +8495,16 @@ def run_worker(settings: Settings) -> int:
 def serve_worker_metrics(settings: Settings, metrics: Metrics) -> Any:
     """A --worker's ``GET /metrics`` on HOST:METRICS_PORT, in a thread: its
     own counters (the gauges of the store and queue are the API's)."""
-    token = settings.metrics_token or settings.push_token
-    token_file = Path(settings.vapid_dir) / PUSH_TOKEN_FILE
-    if not token and token_file.is_file():
+    token = settings.push_token
+    if not token and (Path(settings.vapid_dir) / PUSH_TOKEN_FILE).is_file():
         token = load_or_create_token(settings)[0]
-    if not token:
+    if not (token or settings.metrics_token):
         raise SettingError(
             "give the worker METRICS_TOKEN (or PUSH_TOKEN) to guard its metrics"
         )
     app = bottle.Bottle()
     app.install(JsonApiPlugin())
-    app.install(AuthPlugin(token))
+    app.install(AuthPlugin(KeyRing(token, settings.metrics_token)))
 
     @app.get("/metrics", api=True, auth="metrics")
     def get_metrics() -> bottle.HTTPResponse:
@@ -8054,12 +8523,151 @@ def serve_worker_metrics(settings: Settings, metrics: Metrics) -> Any:
     return server
 
 
-CLIENT_COMMANDS = ("user-token",)
+CLIENT_COMMANDS = ("user-token", "keys")
+DURATION_RE = re.compile(r"([0-9]{1,10})([smhdw]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+CLIENT_TIMEOUT = 30  # seconds a command waits for the server's answer
 
 
-def run_command(argv: list[str]) -> int:
-    """``python3 api.py user-token USER``: the commands that do not serve;
-    a problem is one line on stderr and exit status 2."""
+class ClientError(Exception):
+    """What a client command says went wrong: one line for a person."""
+
+
+class ApiClient:
+    """The commands' way to the HTTP API: WEBPUSH_URL (default: this machine's
+    server, on PORT) with WEBPUSH_TOKEN (default, for this machine's server
+    only: the push token in VAPID_DIR). Every failure is a ClientError."""
+
+    def __init__(self, environ: dict[str, str]):
+        self.url = environ.get("WEBPUSH_URL", "").rstrip("/")
+        self.token = environ.get("WEBPUSH_TOKEN", "")
+        if not self.url:
+            port = environ.get("PORT", "8080")
+            self.url = f"http://127.0.0.1:{port}"
+            token_file = Path(environ.get("VAPID_DIR", "vapid")) / PUSH_TOKEN_FILE
+            if not self.token and token_file.is_file():
+                with contextlib.suppress(OSError):
+                    self.token = token_file.read_text().strip()
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ClientError(
+                f"WEBPUSH_URL must be the server's http or https address, such as "
+                f"https://push.example.org, not {self.url!r}"
+            )
+        if not self.token:
+            raise ClientError(
+                f"set WEBPUSH_TOKEN to an API key (or the push token) for {self.url}"
+            )
+
+    def call(self, method: str, path: str, body: dict | None = None) -> Any:
+        """The JSON answer of one request, or ClientError in words."""
+        import requests
+
+        try:
+            response = requests.request(
+                method,
+                self.url + path,
+                json=body,
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=CLIENT_TIMEOUT,
+            )
+        except requests.RequestException as e:
+            cause = type(e).__name__
+            raise ClientError(
+                f"cannot reach the push server at {self.url} ({cause}): is it "
+                "running, and is WEBPUSH_URL its address?"
+            ) from None
+        try:
+            answer = response.json() if response.content else None
+        except ValueError:
+            answer = None
+        said = answer.get("error") if isinstance(answer, dict) else None
+        if response.status_code == 401:
+            raise ClientError(
+                f"the server at {self.url} does not accept WEBPUSH_TOKEN: it is "
+                "unknown, revoked or expired"
+            )
+        if response.status_code >= 400:
+            raise ClientError(
+                said or f"the server answered HTTP {response.status_code}"
+            )
+        return answer
+
+
+def _duration(text: str) -> int:
+    """Seconds in ``90d``, ``12h``, ``30m``, ``2w`` or ``3600``."""
+    match = DURATION_RE.fullmatch(text.strip())
+    if not match:
+        raise ClientError(
+            f"--expires-in {text!r} is not a duration: give a number with s, m, h, "
+            "d or w after it, such as 90d"
+        )
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def _keys_command(args: argparse.Namespace, client: ApiClient) -> None:
+    """``keys create|list|revoke``: what they print."""
+    if args.action == "create":
+        body: dict[str, Any] = {"name": args.name, "scope": args.scope}
+        if args.topics:
+            body["topics"] = [t for given in args.topics for t in given.split(",") if t]
+        if args.expires_in:
+            body["expires_in"] = _duration(args.expires_in)
+        made = client.call("POST", "/keys", body)
+        topics = f", topics {', '.join(made['topics'])}" if made["topics"] else ""
+        expires = f"; expires {made['expires']}" if made["expires"] else ""
+        print(
+            f"Made the key {made['name']!r} (scope {made['scope']}{topics}{expires})."
+        )
+        print("It is shown this once: keep it now.")
+        print(made["key"])
+    elif args.action == "list":
+        keys = client.call("GET", "/keys")["keys"]
+        if not keys:
+            print("No API keys yet (the push token is the admin key).")
+            return
+        rows = [("NAME", "SCOPE", "TOPICS", "CREATED", "LAST USED", "EXPIRES")]
+        for key in keys:
+            expires = key["expires"] or "never"
+            rows.append(
+                (
+                    key["name"],
+                    key["scope"],
+                    ",".join(key["topics"] or []) or "-",
+                    key["created"],
+                    key["last_used"] or "never",
+                    f"{expires} (expired)" if key["expired"] else expires,
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    else:
+        client.call("DELETE", f"/keys/{urllib.parse.quote(args.name, safe='')}")
+        print(f"Revoked the key {args.name!r}: it no longer works.")
+
+
+def _user_token_command(args: argparse.Namespace) -> None:
+    secret = os.environ.get("USER_TOKEN_SECRET", "")
+    if len(secret) < 32:
+        raise ClientError(
+            "USER_TOKEN_SECRET is not set: set it (at least 32 characters) to the "
+            "server's secret"
+            if not secret
+            else "USER_TOKEN_SECRET must be at least 32 characters"
+        )
+    if not 1 <= args.ttl <= USER_TOKEN_MAX_TTL:
+        raise ClientError(
+            f"--ttl must be from 1 to {USER_TOKEN_MAX_TTL} seconds (30 days)"
+        )
+    if not 1 <= len(args.user) <= MAX_USER_LENGTH or not args.user.isprintable():
+        raise ClientError(
+            f"the user id must be 1-{MAX_USER_LENGTH} printable characters"
+        )
+    print(sign_user_token(secret, args.user, args.ttl))
+
+
+def _command_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="api.py")
     commands = parser.add_subparsers(dest="command", required=True)
     token = commands.add_parser(
@@ -8077,24 +8685,44 @@ def run_command(argv: list[str]) -> int:
         metavar="SECONDS",
         help="how long it lasts, at most 30 days (default: 86400, a day)",
     )
-    args = parser.parse_args(argv)
-    secret = os.environ.get("USER_TOKEN_SECRET", "")
-    problem = None
-    if len(secret) < 32:
-        problem = (
-            "USER_TOKEN_SECRET is not set: set it (at least 32 characters) to the "
-            "server's secret"
-            if not secret
-            else "USER_TOKEN_SECRET must be at least 32 characters"
-        )
-    elif not 1 <= args.ttl <= USER_TOKEN_MAX_TTL:
-        problem = f"--ttl must be from 1 to {USER_TOKEN_MAX_TTL} seconds (30 days)"
-    elif not 1 <= len(args.user) <= MAX_USER_LENGTH or not args.user.isprintable():
-        problem = f"the user id must be 1-{MAX_USER_LENGTH} printable characters"
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    print(sign_user_token(secret, args.user, args.ttl))
+    keys = commands.add_parser(
+        "keys",
+        help="make, list and revoke API keys (needs an admin key)",
+        description="API keys on the server at WEBPUSH_URL (default: this "
+        "machine's, on PORT), with WEBPUSH_TOKEN (an admin key; default, for "
+        "this machine's server: the push token in VAPID_DIR).",
+    )
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key; it is printed last, once")
+    create.add_argument("--name", required=True, help="what the key is for, e.g. ci")
+    create.add_argument("--scope", required=True, choices=KEY_SCOPES)
+    create.add_argument(
+        "--topics",
+        action="append",
+        metavar="TOPIC[,TOPIC]",
+        help="a send key may send only to these topics",
+    )
+    create.add_argument(
+        "--expires-in", metavar="DURATION", help="e.g. 90d, 12h, 30m (default: never)"
+    )
+    actions.add_parser("list", help="every key: name, scope, last used, expiry")
+    revoke = actions.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("name")
+    return parser
+
+
+def run_command(argv: list[str]) -> int:
+    """``python3 api.py user-token|keys ...``: the commands that do not
+    serve; a problem is one line on stderr and a non-zero exit status."""
+    args = _command_parser().parse_args(argv)
+    try:
+        if args.command == "user-token":
+            _user_token_command(args)
+        else:
+            _keys_command(args, ApiClient(dict(os.environ)))
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if args.command == "user-token" else 1
     return 0
 
 

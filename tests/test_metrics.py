@@ -34,10 +34,13 @@ def test_metrics_need_the_push_token_by_default(app):
     assert scrape(app)
 
 
-def test_metrics_token_guards_metrics_in_place_of_the_push_token(app_with):
+def test_metrics_token_reads_metrics_and_nothing_else(app_with):
     client = app_with(metrics_token="metrics-token-0123456789")
-    client.get("/metrics", headers=AUTH, status=401)
-    assert scrape(client, {"Authorization": "Bearer metrics-token-0123456789"})
+    guard = {"Authorization": "Bearer metrics-token-0123456789"}
+    assert scrape(client, guard)
+    client.get("/topics", headers=guard, status=403)
+    client.post_json("/push", {"title": "t"}, headers=guard, status=403)
+    assert scrape(client, AUTH)  # the push token is the admin key: it may too
 
 
 def test_metrics_count_a_known_fan_out(app, push_service):

@@ -36,6 +36,7 @@ DOCUMENT_FIELDS = {
     "topic",
     "audience",
     "named",
+    "created_by",
     "created",
     "send_at",
     "started",
