@@ -1,9 +1,9 @@
 // The push console's story: sign in with the push token or an API key, and
 // see what that key may do: compose a notification while its preview draws
 // itself, send it and watch it go out, keep the history and the subscribers
-// in view, and look a person up to write to them or erase them. The API is
-// this page's own origin; the key lives in this tab's sessionStorage and
-// nowhere else.
+// in view, look a person up to write to them or erase them, and make and
+// revoke keys. The API is this page's own origin; the key lives in this
+// tab's sessionStorage and nowhere else.
 
 const TOKEN_KEY = "webpush-admin-token";
 const CALLER_KEY = "webpush-admin-caller"; // who the key is: {name, scope, topics}
@@ -209,6 +209,7 @@ function showScope(who) {
   $("console").dataset.scope = who.scope;
   for (const id of ["compose", "preview-card"]) $(id).hidden = !may("send");
   for (const id of ["audience", "people", "history"]) $(id).hidden = !may("read");
+  $("keys").hidden = !may("admin");
   $("erase-person").hidden = !may("admin");
   $("write-to-person").hidden = !may("send") || narrowed;
   $("topic-field").hidden = $("user-field").hidden = narrowed;
@@ -237,6 +238,7 @@ function signOut(reason = "") {
   $("people-form").reset();
   showPerson(null);
   lastHistory = lastTopics = "";
+  forgetKeys();
   $("progress").hidden = true;
   $("console").hidden = true;
   $("sign-out").hidden = true;
@@ -251,6 +253,7 @@ function refresh() {
   if (!session()) return;
   loadHistory();
   loadAudience();
+  loadKeys();
 }
 
 // -- compose and preview -----------------------------------------------------------
@@ -660,6 +663,178 @@ async function erasePerson() {
   }
 }
 
+// -- keys -------------------------------------------------------------------------
+
+const SCOPE_WORDS = { send: "Send", read: "Read", admin: "Admin" };
+let lastKeys = "";
+let keysTurn = 0;
+let revoking = null; // the name of the key whose revocation is being asked
+
+async function loadKeys() {
+  if (!may("admin")) return;
+  const turn = ++keysTurn;
+  try {
+    const { keys } = await api("GET", "/keys");
+    if (turn !== keysTurn) return;
+    say("keys-error", "");
+    drawKeys(keys || []);
+  } catch (error) {
+    if (turn === keysTurn && session()) say("keys-error", `Could not load the keys: ${error.message}`);
+  }
+}
+
+function drawKeys(keys) {
+  if (revoking) return; // not under the question being asked; drawn once it is answered
+  const text = JSON.stringify(keys);
+  if (text === lastKeys) return; // unchanged: keep the focus where it is
+  lastKeys = text;
+  const focused = document.activeElement?.dataset?.revoke;
+  $("key-list").replaceChildren(...keys.map(keyItem));
+  $("keys-empty").hidden = keys.length > 0;
+  if (focused) document.querySelector(`[data-revoke="${CSS.escape(focused)}"]`)?.focus();
+}
+
+function keyItem(key) {
+  const detail = [key.topics?.length ? `only to ${key.topics.join(", ")}` : null, `made ${shortTime(key.created)}`];
+  detail.push(key.last_used ? `last used ${shortTime(key.last_used)}` : "last used never");
+  if (key.expires) detail.push(`${key.expired ? "expired" : "expires"} ${shortTime(key.expires)}`);
+  else detail.push("never expires");
+  return el(
+    "li",
+    { dataset: { name: key.name }, className: key.expired ? "expired" : "" },
+    el(
+      "div",
+      { className: "key-head" },
+      el("span", { className: "key-name" }, key.name),
+      el("span", { className: `status scope-${key.scope}` }, SCOPE_WORDS[key.scope] || key.scope),
+      key.expired ? el("span", { className: "status expired" }, "Expired") : null,
+      el("button", { type: "button", className: "quiet danger", dataset: { revoke: key.name }, "aria-label": `Revoke “${key.name}”…` }, "Revoke…"),
+    ),
+    el("span", { className: "device-detail" }, detail.filter(Boolean).join(" · ")),
+  );
+}
+
+/** The POST /keys body the form describes (the server judges the name). */
+function keyWanted() {
+  const body = { name: $("key-name").value.trim(), scope: document.querySelector('input[name="key-scope"]:checked').value };
+  if (!body.name) throw new InputError("Give the key a name: who or what will use it, such as “ci”.");
+  const topics = $("key-topics").value.split(",").map((t) => t.trim()).filter(Boolean);
+  if (body.scope === "send" && topics.length) body.topics = topics;
+  const expiry = $("key-expiry").value;
+  if (expiry) body.expires_in = Number(expiry);
+  return body;
+}
+
+function showKeyScope() {
+  const scope = document.querySelector('input[name="key-scope"]:checked').value;
+  $("key-topics-field").hidden = scope !== "send";
+}
+
+async function makeKey(event) {
+  event.preventDefault();
+  say("key-error", "");
+  say("keys-done", "");
+  let body;
+  try {
+    body = keyWanted();
+  } catch (error) {
+    say("key-error", error.message);
+    return $("key-name").focus();
+  }
+  $("make-key").disabled = true;
+  try {
+    const made = await api("POST", "/keys", { body });
+    $("key-form").reset();
+    showKeyScope();
+    say("key-made-text", `Here is the key “${made.name}”, which ${abilities(made)}. Copy it now: it will not be shown again.`);
+    $("key-secret").value = made.key;
+    say("copy-done", "");
+    $("key-made").hidden = false;
+    $("copy-key").focus();
+    loadKeys();
+  } catch (error) {
+    say("key-error", `Could not make the key: ${error.message}`);
+  } finally {
+    $("make-key").disabled = false;
+  }
+}
+
+async function copyKey() {
+  const field = $("key-secret");
+  say("copy-done", "");
+  try {
+    await navigator.clipboard.writeText(field.value);
+  } catch {
+    // No clipboard here (a page served over plain HTTP has none): selected
+    // for the person to copy.
+    field.focus();
+    field.select();
+    $("copy-done").className = "hint";
+    return say("copy-done", "This browser does not let the page copy it: it is selected, so copy it with Ctrl+C (⌘C on a Mac).");
+  }
+  $("copy-done").className = "ok";
+  say("copy-done", "Copied.");
+}
+
+function askToRevoke(name) {
+  closeRevoke();
+  const item = [...$("key-list").children].find((li) => li.dataset.name === name);
+  if (!item) return;
+  revoking = name;
+  const self = caller()?.name === name ? " You are signed in with it, so you will be signed out." : "";
+  item.append(
+    el(
+      "div",
+      { id: "revoke-confirm", className: "confirm", role: "group", "aria-labelledby": "revoke-question" },
+      el("p", { id: "revoke-question" }, `Revoke “${name}”? Whatever uses it is refused from now on. This cannot be undone.${self}`),
+      el(
+        "div",
+        { className: "buttons" },
+        el("button", { id: "revoke-yes", type: "button", className: "danger" }, "Revoke it"),
+        el("button", { id: "revoke-no", type: "button", className: "quiet" }, "Keep it"),
+      ),
+    ),
+  );
+  $("revoke-no").focus();
+}
+
+function closeRevoke() {
+  $("revoke-confirm")?.remove();
+  const name = revoking;
+  revoking = null;
+  return name;
+}
+
+async function revokeKey() {
+  const name = revoking;
+  $("revoke-yes").disabled = true;
+  say("keys-error", "");
+  say("keys-done", "");
+  try {
+    await api("DELETE", `/keys/${encodeURIComponent(name)}`);
+  } catch (error) {
+    if (!session()) return; // refused as signed out: signOut said why
+    $("revoke-yes").disabled = false;
+    say("keys-error", `Could not revoke it: ${error.message}`);
+    return;
+  }
+  if (caller()?.name === name) return signOut(`The key “${name}” is revoked: sign in with another.`);
+  closeRevoke();
+  say("keys-done", `“${name}” is revoked: the server refuses it from now on.`);
+  loadKeys();
+}
+
+function forgetKeys() {
+  closeRevoke();
+  lastKeys = "";
+  $("key-form").reset();
+  showKeyScope();
+  $("key-secret").value = "";
+  $("key-made").hidden = true;
+  $("key-list").replaceChildren();
+  for (const id of ["key-error", "keys-error", "keys-done", "copy-done", "key-made-text"]) say(id, "");
+}
+
 // -- wiring -----------------------------------------------------------------------
 
 function main() {
@@ -676,6 +851,20 @@ function main() {
   $("erase-no").addEventListener("click", () => {
     $("erase-confirm").hidden = true;
     $("erase-person").focus();
+  });
+  $("key-form").addEventListener("submit", makeKey);
+  $("key-form").addEventListener("change", showKeyScope);
+  $("copy-key").addEventListener("click", copyKey);
+  $("key-list").addEventListener("click", (event) => {
+    const button = event.target.closest("button");
+    if (!button) return;
+    if (button.dataset.revoke) askToRevoke(button.dataset.revoke);
+    else if (button.id === "revoke-yes") revokeKey();
+    else if (button.id === "revoke-no") {
+      const name = closeRevoke();
+      document.querySelector(`[data-revoke="${CSS.escape(name)}"]`)?.focus();
+      loadKeys(); // what changed while asking
+    }
   });
   $("history-table").addEventListener("click", (event) => {
     const button = event.target.closest("button[data-cancel]");

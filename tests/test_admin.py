@@ -509,7 +509,77 @@ def test_a_server_without_topics_says_so_and_the_rest_still_works(console, serve
     expect(console.page.locator("#history-table tbody tr")).to_have_count(1)
 
 
-# -- what a key may do (README "API keys") ---------------------------------------
+# -- keys (README "API keys") ------------------------------------------------------
+
+
+@ON_BOTH_STORES
+def test_an_admin_makes_a_key_sees_it_once_copies_it_and_revokes_it_after_asking(
+    browser, server
+):
+    console = Console(
+        browser, server, permissions=["clipboard-read", "clipboard-write"]
+    )
+    page = console.page
+    console.sign_in()
+    expect(page.locator("#keys-empty")).to_be_visible()
+    page.fill("#key-name", "ci")
+    page.check('input[name="key-scope"][value="send"]')
+    page.fill("#key-topics", "deploys")
+    page.select_option("#key-expiry", label="In 30 days")
+    with page.expect_response(
+        lambda r: r.url.endswith("/keys") and r.request.method == "POST"
+    ) as answer:
+        page.click("#make-key")
+    made = answer.value.json()
+    key = made["key"]
+    assert (answer.value.status, made["scope"], made["topics"]) == (
+        201,
+        "send",
+        ["deploys"],
+    )
+    expect(page.locator("#key-secret")).to_have_value(key)
+    expect(page.locator("#key-made-text")).to_contain_text(
+        "Copy it now: it will not be shown again."
+    )
+    page.click("#copy-key")
+    expect(page.locator("#copy-done")).to_have_text("Copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    item = page.locator('#key-list li[data-name="ci"]')
+    expect(item).to_contain_text("only to deploys")
+    expect(item).to_contain_text("last used never")
+    expect(item).to_contain_text("expires")
+    assert who_is(server, key).json() == {
+        "name": "ci",
+        "scope": "send",
+        "topics": ["deploys"],
+    }
+
+    page.reload()  # shown once: the list knows its name, nothing has the key
+    expect(item).not_to_contain_text("last used never")
+    assert page.is_hidden("#key-made")
+    values = page.eval_on_selector_all("input", "inputs => inputs.map((i) => i.value)")
+    assert key not in page.content() + json.dumps([values, console.storage()])
+
+    revoke = item.get_by_role("button", name="Revoke “ci”…")
+    revoke.click()
+    expect(page.locator("#revoke-question")).to_contain_text(
+        "Revoke “ci”? Whatever uses it is refused from now on."
+    )
+    page.click("#revoke-no")
+    expect(page.locator("#revoke-confirm")).to_have_count(0)
+    expect(revoke).to_be_focused()
+    assert who_is(server, key).status_code == 200
+    revoke.click()
+    page.click("#revoke-yes")
+    expect(page.locator("#keys-done")).to_have_text(
+        "“ci” is revoked: the server refuses it from now on."
+    )
+    expect(item).to_have_count(0)
+    expect(page.locator("#keys-empty")).to_be_visible()
+    assert who_is(server, key).status_code == 401
+    console.close()
+    assert console.errors == []
+    assert console.forbidden() == []
 
 
 @ON_BOTH_STORES
@@ -672,8 +742,18 @@ def test_nothing_overflows_sideways_from_a_phone_to_a_desktop(
     send_some(console, server, push_service)
     assert page.evaluate(OVERFLOWING) == []
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    # A key shown once, and a list of them with a question asked.
+    make_key(
+        server, "a-rather-long-name-for-the-nightly-deploy-job", "send", topics=["news"]
+    )
+    page.fill("#key-name", "ci")
+    page.click("#make-key")
+    expect(page.locator("#key-list li")).to_have_count(2)
+    page.locator("#key-list button[data-revoke]").first.click()
+    expect(page.locator("#revoke-confirm")).to_be_visible()
+    assert page.evaluate(OVERFLOWING) == []
     # One column: every card starts at the same left edge.
-    cards = ["#preview-card", "#compose", "#progress", "#audience", "#history"]
+    cards = ["#preview-card", "#compose", "#progress", "#audience", "#history", "#keys"]
     lefts = {round(page.locator(card).bounding_box()["x"]) for card in cards}
     assert len(lefts) == 1
     for width in (768, 1024, 1101, 1280):  # a tablet, laptops; the history a table
