@@ -1,10 +1,19 @@
-// The push console's story: sign in with the push token, compose a
-// notification while its preview draws itself, send it and watch it go out,
-// keep the history and the subscribers in view, and look a person up to
-// write to them or erase them. The API is this page's
-// own origin; the token lives in this tab's sessionStorage and nowhere else.
+// The push console's story: sign in with the push token or an API key, and
+// see what that key may do: compose a notification while its preview draws
+// itself, send it and watch it go out, keep the history and the subscribers
+// in view, look a person up to write to them or erase them, and make and
+// revoke keys. The API is this page's own origin; the key lives in this
+// tab's sessionStorage and nowhere else.
 
 const TOKEN_KEY = "webpush-admin-token";
+const CALLER_KEY = "webpush-admin-caller"; // who the key is: {name, scope, topics}
+// What each scope may do, as the server's SCOPE_GRANTS says: the page asks
+// only for what its key may have, so that nothing it does is refused.
+const GRANTS = {
+  send: new Set(["send", "own"]),
+  read: new Set(["read", "own"]),
+  admin: new Set(["send", "own", "read", "admin"]),
+};
 const FINISHED = new Set(["done", "cancelled", "expired", "failed"]);
 const CANCELLABLE = new Set(["scheduled", "queued", "sending"]);
 const STATUS_WORDS = {
@@ -59,7 +68,7 @@ async function api(method, path, { body, token = session(), headers = {} } = {})
     const said = data && typeof data.error === "string" ? data.error : `HTTP ${response.status} ${response.statusText}`.trim();
     const error = new ApiError(said, response.status);
     if (response.status === 401 && token && token === session()) {
-      signOut("The server no longer accepts this push token (was it changed?). Sign in again.");
+      signOut("The server no longer accepts this key: it may have been revoked, have expired or been changed. Sign in again.");
     }
     throw error;
   }
@@ -117,26 +126,51 @@ function session() {
   return sessionStorage.getItem(TOKEN_KEY);
 }
 
+/** Who the key of this tab is, as GET /key said at sign-in; null if unknown. */
+function caller() {
+  try {
+    const who = JSON.parse(sessionStorage.getItem(CALLER_KEY));
+    return who && GRANTS[who.scope] ? who : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Whether this tab's key may do what the server calls ``need``. */
+function may(need) {
+  return Boolean(GRANTS[caller()?.scope]?.has(need));
+}
+
+/** What a key may do, in a few words: "can send to deploys". */
+function abilities({ scope, topics }) {
+  if (scope === "admin") return "can do everything";
+  if (scope === "read") return "can look, not send";
+  return topics?.length ? `can send to ${topics.join(", ")}` : "can send";
+}
+
 async function signIn(event) {
   event.preventDefault();
   const token = $("token").value.trim();
   say("sign-in-error", "");
   if (!token) {
-    say("sign-in-error", "Enter the push token.");
+    say("sign-in-error", "Enter the push token or your key.");
     return $("token").focus();
   }
   if (!/^[\x21-\x7e]+$/.test(token)) {
-    say("sign-in-error", "That is not a push token: a token is letters, digits and punctuation, without spaces.");
+    say("sign-in-error", "That is not a key: a key is letters, digits and punctuation, without spaces.");
     return $("token").select();
   }
   $("sign-in-button").disabled = true;
   try {
-    await api("GET", "/notifications?limit=1", { token });
+    const who = await api("GET", "/key", { token });
     sessionStorage.setItem(TOKEN_KEY, token);
+    sessionStorage.setItem(CALLER_KEY, JSON.stringify({ name: who.name, scope: who.scope, topics: who.topics ?? null }));
     $("token").value = "";
     enter();
   } catch (error) {
-    const message = error.status === 401 ? `That push token is not the right one. The server said: ${error.message}` : error.message;
+    let message = error.message; // could not reach the server: already a sentence
+    if (error.status === 401) message = "That key is not accepted: it may be mistyped, revoked or expired.";
+    else if (error.status) message = `The server could not check the key: ${error.message}`;
     say("sign-in-error", message);
     $("token").select();
   } finally {
@@ -144,7 +178,18 @@ async function signIn(event) {
   }
 }
 
-function enter() {
+async function enter() {
+  if (!caller()) {
+    // A tab signed in before the console knew keys: ask the server who it is.
+    try {
+      const who = await api("GET", "/key");
+      sessionStorage.setItem(CALLER_KEY, JSON.stringify({ name: who.name, scope: who.scope, topics: who.topics ?? null }));
+    } catch (error) {
+      if (session()) signOut(error.message);
+      return;
+    }
+  }
+  showScope(caller());
   $("sign-in").hidden = true;
   $("console").hidden = false;
   $("sign-out").hidden = false;
@@ -152,11 +197,35 @@ function enter() {
   loadPeopleSetting();
   clearInterval(timers.refresh);
   timers.refresh = setInterval(() => document.hidden || refresh(), REFRESH_MS);
-  $("title").focus();
+  if (may("send")) $("title").focus();
+}
+
+/** Only the cards and buttons this key may use; a key narrowed to topics
+ * chooses among them, and may not write to a person. */
+function showScope(who) {
+  const narrowed = who.scope === "send" && who.topics?.length > 0;
+  say("who", `Signed in as ${who.name} (${abilities(who)})`);
+  $("who").hidden = false;
+  $("console").dataset.scope = who.scope;
+  for (const id of ["compose", "preview-card"]) $(id).hidden = !may("send");
+  for (const id of ["audience", "people", "history"]) $(id).hidden = !may("read");
+  $("keys").hidden = !may("admin");
+  $("erase-person").hidden = !may("admin");
+  $("write-to-person").hidden = !may("send") || narrowed;
+  $("topic-field").hidden = $("user-field").hidden = narrowed;
+  $("topic-choice-field").hidden = !narrowed;
+  $("topic-choice").replaceChildren(...(narrowed ? who.topics : []).map((topic) => el("option", { value: topic }, topic)));
+  $("compose-scope").hidden = !narrowed;
+  if (narrowed) {
+    const topics = who.topics.map((topic) => `“${topic}”`);
+    const list = topics.length === 1 ? `the topic ${topics[0]}` : `the topics ${topics.slice(0, -1).join(", ")} and ${topics.at(-1)}`;
+    say("compose-scope", `This key may send only to ${list}: not to everyone, nor to one person.`);
+  }
 }
 
 function signOut(reason = "") {
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(CALLER_KEY);
   clearInterval(timers.refresh);
   clearTimeout(timers.poll);
   watched = null;
@@ -169,9 +238,12 @@ function signOut(reason = "") {
   $("people-form").reset();
   showPerson(null);
   lastHistory = lastTopics = "";
+  forgetKeys();
   $("progress").hidden = true;
   $("console").hidden = true;
   $("sign-out").hidden = true;
+  $("who").hidden = true;
+  say("who", "");
   $("sign-in").hidden = false;
   say("sign-in-error", reason);
   $("token").focus();
@@ -181,6 +253,7 @@ function refresh() {
   if (!session()) return;
   loadHistory();
   loadAudience();
+  loadKeys();
 }
 
 // -- compose and preview -----------------------------------------------------------
@@ -232,7 +305,8 @@ function composed() {
     const value = $(name).value.trim();
     if (value) body[name] = value;
   }
-  const user = $("user").value.trim();
+  if (!$("topic-choice-field").hidden) body.topic = $("topic-choice").value;
+  const user = $("user-field").hidden ? "" : $("user").value.trim();
   if (user && body.topic) throw new InputError("Write to a topic or to a person, not both: clear one of the two.");
   if (user) body.users = [user];
   const ttl = $("ttl");
@@ -327,7 +401,8 @@ function drawProgress(doc) {
   const audience = doc.audience === "users" ? "devices of this person" : doc.topic ? `subscribers of “${doc.topic}”` : "subscribers";
   let text;
   if (doc.status === "scheduled") {
-    text = `Scheduled for ${full.format(new Date(doc.send_at))}, to ${plural(total, "subscriber")} as of now. Cancel it in the history below.`;
+    text = `Scheduled for ${full.format(new Date(doc.send_at))}, to ${plural(total, "subscriber")} as of now.`;
+    if (may("admin")) text += " Cancel it in the history below.";
   } else if (doc.status === "queued") {
     text = `Queued for ${plural(total, "subscriber")}…`;
   } else if (doc.status === "sending") {
@@ -366,6 +441,7 @@ let lastHistory = "";
 let historyTurn = 0; // only the latest answer is drawn, however they arrive
 
 async function loadHistory() {
+  if (!may("read")) return;
   const turn = ++historyTurn;
   try {
     const { notifications } = await api("GET", "/notifications?limit=50");
@@ -398,7 +474,7 @@ function historyRow(doc) {
   const cause = doc.errors?.[0] ? el("span", { className: "cause" }, describeError(doc.errors[0])) : null;
   const cell = (props, ...content) => el("td", { role: "cell", ...props }, ...content);
   const number = (label, value) => cell({ className: "num", dataset: { label } }, value.toLocaleString());
-  const cancel = CANCELLABLE.has(doc.status)
+  const cancel = CANCELLABLE.has(doc.status) && may("admin")
     ? el("button", { type: "button", className: "quiet", dataset: { cancel: doc.id }, "aria-label": `Cancel “${doc.title || doc.id}”` }, "Cancel")
     : null;
   return el(
@@ -442,7 +518,7 @@ let audienceTurn = 0;
 
 async function loadAudience() {
   const turn = ++audienceTurn;
-  const [health, topics] = await Promise.allSettled([api("GET", "/health", { token: null }), api("GET", "/topics")]);
+  const [health, topics] = await Promise.allSettled([api("GET", "/health", { token: null }), may("read") ? api("GET", "/topics") : null]);
   if (turn !== audienceTurn || !session()) return;
   if (health.status === "fulfilled") {
     const { subscriptions = 0, fcm_tokens = 0, version } = health.value;
@@ -450,6 +526,7 @@ async function loadAudience() {
   } else {
     say("totals", health.reason.status === 0 ? "Server out of reach" : "");
   }
+  if (!may("read")) return; // the totals only
   if (topics.status === "fulfilled") {
     say("topics-error", "");
     const list = Array.isArray(topics.value) ? topics.value : topics.value?.topics || [];
@@ -479,6 +556,7 @@ let person = null; // the person looked up: {user, subscriptions}
 
 /** Whether the server knows signed-in people (USER_TOKEN_SECRET is set). */
 async function loadPeopleSetting() {
+  if (!may("read")) return;
   try {
     const { users } = await api("GET", "/subscription", { token: null });
     $("people-off").hidden = users !== false;
@@ -585,6 +663,178 @@ async function erasePerson() {
   }
 }
 
+// -- keys -------------------------------------------------------------------------
+
+const SCOPE_WORDS = { send: "Send", read: "Read", admin: "Admin" };
+let lastKeys = "";
+let keysTurn = 0;
+let revoking = null; // the name of the key whose revocation is being asked
+
+async function loadKeys() {
+  if (!may("admin")) return;
+  const turn = ++keysTurn;
+  try {
+    const { keys } = await api("GET", "/keys");
+    if (turn !== keysTurn) return;
+    say("keys-error", "");
+    drawKeys(keys || []);
+  } catch (error) {
+    if (turn === keysTurn && session()) say("keys-error", `Could not load the keys: ${error.message}`);
+  }
+}
+
+function drawKeys(keys) {
+  if (revoking) return; // not under the question being asked; drawn once it is answered
+  const text = JSON.stringify(keys);
+  if (text === lastKeys) return; // unchanged: keep the focus where it is
+  lastKeys = text;
+  const focused = document.activeElement?.dataset?.revoke;
+  $("key-list").replaceChildren(...keys.map(keyItem));
+  $("keys-empty").hidden = keys.length > 0;
+  if (focused) document.querySelector(`[data-revoke="${CSS.escape(focused)}"]`)?.focus();
+}
+
+function keyItem(key) {
+  const detail = [key.topics?.length ? `only to ${key.topics.join(", ")}` : null, `made ${shortTime(key.created)}`];
+  detail.push(key.last_used ? `last used ${shortTime(key.last_used)}` : "last used never");
+  if (key.expires) detail.push(`${key.expired ? "expired" : "expires"} ${shortTime(key.expires)}`);
+  else detail.push("never expires");
+  return el(
+    "li",
+    { dataset: { name: key.name }, className: key.expired ? "expired" : "" },
+    el(
+      "div",
+      { className: "key-head" },
+      el("span", { className: "key-name" }, key.name),
+      el("span", { className: `status scope-${key.scope}` }, SCOPE_WORDS[key.scope] || key.scope),
+      key.expired ? el("span", { className: "status expired" }, "Expired") : null,
+      el("button", { type: "button", className: "quiet danger", dataset: { revoke: key.name }, "aria-label": `Revoke “${key.name}”…` }, "Revoke…"),
+    ),
+    el("span", { className: "device-detail" }, detail.filter(Boolean).join(" · ")),
+  );
+}
+
+/** The POST /keys body the form describes (the server judges the name). */
+function keyWanted() {
+  const body = { name: $("key-name").value.trim(), scope: document.querySelector('input[name="key-scope"]:checked').value };
+  if (!body.name) throw new InputError("Give the key a name: who or what will use it, such as “ci”.");
+  const topics = $("key-topics").value.split(",").map((t) => t.trim()).filter(Boolean);
+  if (body.scope === "send" && topics.length) body.topics = topics;
+  const expiry = $("key-expiry").value;
+  if (expiry) body.expires_in = Number(expiry);
+  return body;
+}
+
+function showKeyScope() {
+  const scope = document.querySelector('input[name="key-scope"]:checked').value;
+  $("key-topics-field").hidden = scope !== "send";
+}
+
+async function makeKey(event) {
+  event.preventDefault();
+  say("key-error", "");
+  say("keys-done", "");
+  let body;
+  try {
+    body = keyWanted();
+  } catch (error) {
+    say("key-error", error.message);
+    return $("key-name").focus();
+  }
+  $("make-key").disabled = true;
+  try {
+    const made = await api("POST", "/keys", { body });
+    $("key-form").reset();
+    showKeyScope();
+    say("key-made-text", `Here is the key “${made.name}”, which ${abilities(made)}. Copy it now: it will not be shown again.`);
+    $("key-secret").value = made.key;
+    say("copy-done", "");
+    $("key-made").hidden = false;
+    $("copy-key").focus();
+    loadKeys();
+  } catch (error) {
+    say("key-error", `Could not make the key: ${error.message}`);
+  } finally {
+    $("make-key").disabled = false;
+  }
+}
+
+async function copyKey() {
+  const field = $("key-secret");
+  say("copy-done", "");
+  try {
+    await navigator.clipboard.writeText(field.value);
+  } catch {
+    // No clipboard here (a page served over plain HTTP has none): selected
+    // for the person to copy.
+    field.focus();
+    field.select();
+    $("copy-done").className = "hint";
+    return say("copy-done", "This browser does not let the page copy it: it is selected, so copy it with Ctrl+C (⌘C on a Mac).");
+  }
+  $("copy-done").className = "ok";
+  say("copy-done", "Copied.");
+}
+
+function askToRevoke(name) {
+  closeRevoke();
+  const item = [...$("key-list").children].find((li) => li.dataset.name === name);
+  if (!item) return;
+  revoking = name;
+  const self = caller()?.name === name ? " You are signed in with it, so you will be signed out." : "";
+  item.append(
+    el(
+      "div",
+      { id: "revoke-confirm", className: "confirm", role: "group", "aria-labelledby": "revoke-question" },
+      el("p", { id: "revoke-question" }, `Revoke “${name}”? Whatever uses it is refused from now on. This cannot be undone.${self}`),
+      el(
+        "div",
+        { className: "buttons" },
+        el("button", { id: "revoke-yes", type: "button", className: "danger" }, "Revoke it"),
+        el("button", { id: "revoke-no", type: "button", className: "quiet" }, "Keep it"),
+      ),
+    ),
+  );
+  $("revoke-no").focus();
+}
+
+function closeRevoke() {
+  $("revoke-confirm")?.remove();
+  const name = revoking;
+  revoking = null;
+  return name;
+}
+
+async function revokeKey() {
+  const name = revoking;
+  $("revoke-yes").disabled = true;
+  say("keys-error", "");
+  say("keys-done", "");
+  try {
+    await api("DELETE", `/keys/${encodeURIComponent(name)}`);
+  } catch (error) {
+    if (!session()) return; // refused as signed out: signOut said why
+    $("revoke-yes").disabled = false;
+    say("keys-error", `Could not revoke it: ${error.message}`);
+    return;
+  }
+  if (caller()?.name === name) return signOut(`The key “${name}” is revoked: sign in with another.`);
+  closeRevoke();
+  say("keys-done", `“${name}” is revoked: the server refuses it from now on.`);
+  loadKeys();
+}
+
+function forgetKeys() {
+  closeRevoke();
+  lastKeys = "";
+  $("key-form").reset();
+  showKeyScope();
+  $("key-secret").value = "";
+  $("key-made").hidden = true;
+  $("key-list").replaceChildren();
+  for (const id of ["key-error", "keys-error", "keys-done", "copy-done", "key-made-text"]) say(id, "");
+}
+
 // -- wiring -----------------------------------------------------------------------
 
 function main() {
@@ -601,6 +851,20 @@ function main() {
   $("erase-no").addEventListener("click", () => {
     $("erase-confirm").hidden = true;
     $("erase-person").focus();
+  });
+  $("key-form").addEventListener("submit", makeKey);
+  $("key-form").addEventListener("change", showKeyScope);
+  $("copy-key").addEventListener("click", copyKey);
+  $("key-list").addEventListener("click", (event) => {
+    const button = event.target.closest("button");
+    if (!button) return;
+    if (button.dataset.revoke) askToRevoke(button.dataset.revoke);
+    else if (button.id === "revoke-yes") revokeKey();
+    else if (button.id === "revoke-no") {
+      const name = closeRevoke();
+      document.querySelector(`[data-revoke="${CSS.escape(name)}"]`)?.focus();
+      loadKeys(); // what changed while asking
+    }
   });
   $("history-table").addEventListener("click", (event) => {
     const button = event.target.closest("button[data-cancel]");

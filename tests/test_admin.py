@@ -29,6 +29,7 @@ PHONE = {"width": 390, "height": 844}
 TIMEZONE = "Asia/Kolkata"
 OFFSET = timezone(timedelta(hours=5, minutes=30))
 TOKEN_KEY = "webpush-admin-token"
+CALLER_KEY = "webpush-admin-caller"
 
 require_chromium()
 
@@ -67,7 +68,8 @@ ON_BOTH_STORES = pytest.mark.parametrize("server", BACKENDS, indirect=True)
 
 
 class Console:
-    """The console in a fresh browser context, with its errors and requests watched."""
+    """The console in a fresh browser context, with its errors, requests and
+    responses watched."""
 
     def __init__(self, browser, server: Server, viewport: dict = DESKTOP, **options):
         self.server = server
@@ -77,9 +79,14 @@ class Console:
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.urls: list[str] = []
+        self.answers: list[tuple[int, str, str]] = []  # status, method, URL
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("request", lambda r: self.urls.append(r.url))
+        self.page.on(
+            "response",
+            lambda r: self.answers.append((r.status, r.request.method, r.url)),
+        )
         self.page.goto(server.url + "/admin")
 
     def _console(self, message) -> None:
@@ -87,11 +94,20 @@ class Console:
         if message.type == "error" and "Failed to load resource" not in message.text:
             self.errors.append(message.text)
 
-    def sign_in(self, token: str = TOKEN) -> None:
-        self.page.fill("#token", token)
-        self.page.click("#sign-in-button")
-        if token == TOKEN:
+    def sign_in(self, key: str = TOKEN, refused: bool = False) -> None:
+        """Sign in with the push token or an API key; once the server has
+        answered, if ``refused``."""
+        self.page.fill("#token", key)
+        with self.page.expect_response(lambda r: r.url.endswith("/key")):
+            self.page.click("#sign-in-button")
+        if not refused:
             expect(self.page.locator("#console")).to_be_visible()
+
+    def forbidden(self) -> list[str]:
+        """The requests answered 403: a request the key may not make."""
+        return [
+            f"{method} {url}" for status, method, url in self.answers if status == 403
+        ]
 
     def compose(self, **fields: str) -> None:
         """Fill in a fresh form: ``title="..."``, ``send_at="2030-01-01T09:00"``..."""
@@ -135,6 +151,19 @@ def console(browser, server):
     yield console
     console.close()
     assert console.errors == []
+    assert console.forbidden() == []
+
+
+def make_key(server: Server, name: str, scope: str, **extra) -> str:
+    """What an admin makes with POST /keys: the key, shown this once."""
+    body = {"name": name, "scope": scope, **extra}
+    response = requests.post(server.url + "/keys", json=body, headers=AUTH)
+    assert response.status_code == 201, response.text
+    return response.json()["key"]
+
+
+def who_is(server: Server, key: str) -> requests.Response:
+    return requests.get(server.url + "/key", headers={"Authorization": f"Bearer {key}"})
 
 
 def store(server: Server, subscriber, topics: list[str] = ()) -> None:
@@ -169,14 +198,18 @@ def report(server: Server, delivery, event: str) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_a_wrong_token_shows_the_servers_error_and_stays_signed_out(console, server):
-    said = requests.get(
-        server.url + "/notifications?limit=1", headers={"Authorization": "Bearer nope"}
-    ).json()["error"]
+def test_a_wrong_or_revoked_key_is_refused_in_a_plain_sentence_and_stays_signed_out(
+    console, server
+):
+    revoked = make_key(server, "old", "send")
+    assert requests.delete(server.url + "/keys/old", headers=AUTH).status_code == 204
     assert console.page.get_attribute("#token", "type") == "password"
-    console.sign_in("nope")
     alert = console.page.locator("#sign-in-error")
-    expect(alert).to_contain_text(said)
+    for key in ("nope", revoked):  # the page clears the alert as it asks
+        console.sign_in(key, refused=True)
+        expect(alert).to_have_text(
+            "That key is not accepted: it may be mistyped, revoked or expired."
+        )
     assert alert.get_attribute("role") == "alert"
     assert console.page.is_hidden("#console") and console.page.is_hidden("#sign-out")
     assert console.storage()["session"] == {}
@@ -184,11 +217,16 @@ def test_a_wrong_token_shows_the_servers_error_and_stays_signed_out(console, ser
 
 def test_the_right_token_signs_in_and_is_kept_in_session_storage_only(console):
     console.sign_in()
-    assert console.storage() == {
-        "session": {TOKEN_KEY: TOKEN},
-        "local": {},
-        "cookies": "",
+    expect(console.page.locator("#who")).to_have_text(
+        "Signed in as admin (can do everything)"
+    )
+    kept = console.storage()
+    assert json.loads(kept["session"].pop(CALLER_KEY)) == {
+        "name": "admin",
+        "scope": "admin",
+        "topics": None,
     }
+    assert kept == {"session": {TOKEN_KEY: TOKEN}, "local": {}, "cookies": ""}
     console.page.reload()  # the same tab keeps it...
     expect(console.page.locator("#console")).to_be_visible()
     other_tab = console.context.new_page()  # ...and no other one has it
@@ -471,6 +509,148 @@ def test_a_server_without_topics_says_so_and_the_rest_still_works(console, serve
     expect(console.page.locator("#history-table tbody tr")).to_have_count(1)
 
 
+# -- keys (README "API keys") ------------------------------------------------------
+
+
+@ON_BOTH_STORES
+def test_an_admin_makes_a_key_sees_it_once_copies_it_and_revokes_it_after_asking(
+    browser, server
+):
+    console = Console(
+        browser, server, permissions=["clipboard-read", "clipboard-write"]
+    )
+    page = console.page
+    console.sign_in()
+    expect(page.locator("#keys-empty")).to_be_visible()
+    page.fill("#key-name", "ci")
+    page.check('input[name="key-scope"][value="send"]')
+    page.fill("#key-topics", "deploys")
+    page.select_option("#key-expiry", label="In 30 days")
+    with page.expect_response(
+        lambda r: r.url.endswith("/keys") and r.request.method == "POST"
+    ) as answer:
+        page.click("#make-key")
+    made = answer.value.json()
+    key = made["key"]
+    assert (answer.value.status, made["scope"], made["topics"]) == (
+        201,
+        "send",
+        ["deploys"],
+    )
+    expect(page.locator("#key-secret")).to_have_value(key)
+    expect(page.locator("#key-made-text")).to_contain_text(
+        "Copy it now: it will not be shown again."
+    )
+    page.click("#copy-key")
+    expect(page.locator("#copy-done")).to_have_text("Copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    item = page.locator('#key-list li[data-name="ci"]')
+    expect(item).to_contain_text("only to deploys")
+    expect(item).to_contain_text("last used never")
+    expect(item).to_contain_text("expires")
+    assert who_is(server, key).json() == {
+        "name": "ci",
+        "scope": "send",
+        "topics": ["deploys"],
+    }
+
+    page.reload()  # shown once: the list knows its name, nothing has the key
+    expect(item).not_to_contain_text("last used never")
+    assert page.is_hidden("#key-made")
+    values = page.eval_on_selector_all("input", "inputs => inputs.map((i) => i.value)")
+    assert key not in page.content() + json.dumps([values, console.storage()])
+
+    revoke = item.get_by_role("button", name="Revoke “ci”…")
+    revoke.click()
+    expect(page.locator("#revoke-question")).to_contain_text(
+        "Revoke “ci”? Whatever uses it is refused from now on."
+    )
+    page.click("#revoke-no")
+    expect(page.locator("#revoke-confirm")).to_have_count(0)
+    expect(revoke).to_be_focused()
+    assert who_is(server, key).status_code == 200
+    revoke.click()
+    page.click("#revoke-yes")
+    expect(page.locator("#keys-done")).to_have_text(
+        "“ci” is revoked: the server refuses it from now on."
+    )
+    expect(item).to_have_count(0)
+    expect(page.locator("#keys-empty")).to_be_visible()
+    assert who_is(server, key).status_code == 401
+    console.close()
+    assert console.errors == []
+    assert console.forbidden() == []
+
+
+@ON_BOTH_STORES
+def test_a_send_key_sees_only_compose_chooses_among_its_topics_and_follows_its_send_to_done(
+    browser, server, push_service
+):
+    deploys, _ = subscribe(server, push_service, ["deploys"], [])
+    key = make_key(server, "ci", "send", topics=["deploys", "releases"])
+    console = Console(browser, server)
+    page = console.page
+    console.sign_in(key)
+    expect(page.locator("#who")).to_have_text(
+        "Signed in as ci (can send to deploys, releases)"
+    )
+    for shown in ("#compose", "#preview-card"):
+        expect(page.locator(shown)).to_be_visible()
+    for hidden in ("#history", "#audience", "#people", "#keys", "#topic", "#user"):
+        expect(page.locator(hidden)).to_be_hidden()
+    expect(page.locator("#compose-scope")).to_have_text(
+        "This key may send only to the topics “deploys” and “releases”: "
+        "not to everyone, nor to one person."
+    )
+    offered = page.eval_on_selector_all(
+        "#topic-choice option", "options => options.map((o) => o.value)"
+    )
+    assert offered == ["deploys", "releases"]
+    page.fill("#title", "Deploy done")
+    page.select_option("#topic-choice", "deploys")
+    answer = console.send()
+    assert (answer["code"], answer["subscriptions"]) == (202, 1)
+    expect(page.locator("#progress-text")).to_contain_text("Done: 1 of 1 sent")
+    assert [d.subscriber for d in push_service.wait_for(1)] == [deploys.id]
+    console.close()
+    assert console.errors == []
+    assert console.forbidden() == []
+    asked = " ".join(console.urls)
+    assert all(route not in asked for route in ("/notifications?", "/topics", "/keys"))
+
+
+def test_a_read_key_sees_the_history_and_audience_but_cannot_send_cancel_or_manage_keys(
+    browser, server, push_service
+):
+    subscribe(server, push_service, ["news"], [])
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    scheduled = requests.post(
+        server.url + "/push",
+        json={"title": "Maintenance tonight", "send_at": later.isoformat()},
+        headers=AUTH,
+    ).json()
+    key = make_key(server, "dashboard", "read")
+    console = Console(browser, server)
+    page = console.page
+    console.sign_in(key)
+    expect(page.locator("#who")).to_have_text(
+        "Signed in as dashboard (can look, not send)"
+    )
+    row = console.row(scheduled["id"])
+    expect(row).to_have_attribute("data-status", "scheduled")
+    assert row.get_by_role("button").count() == 0  # no Cancel
+    expect(page.locator("#topics li")).to_have_count(2)
+    for hidden in ("#compose", "#preview-card", "#keys"):
+        expect(page.locator(hidden)).to_be_hidden()
+    page.fill("#person", "ana")
+    page.click("#look-up")
+    expect(page.locator("#people-error")).to_contain_text("No device of “ana”")
+    console.close()
+    assert console.errors == []
+    assert console.forbidden() == []
+    assert not any(url.endswith(("/push", "/keys")) for url in console.urls)
+
+
 # What the console sends for each: the same bytes, so the same answer.
 REFUSED = {
     "a body over the server's limit": {"title": "Big", "body": "x" * 40000},
@@ -562,13 +742,32 @@ def test_nothing_overflows_sideways_from_a_phone_to_a_desktop(
     send_some(console, server, push_service)
     assert page.evaluate(OVERFLOWING) == []
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    # A key shown once, and a list of them with a question asked.
+    make_key(
+        server, "a-rather-long-name-for-the-nightly-deploy-job", "send", topics=["news"]
+    )
+    page.fill("#key-name", "ci")
+    page.click("#make-key")
+    expect(page.locator("#key-list li")).to_have_count(2)
+    page.locator("#key-list button[data-revoke]").first.click()
+    expect(page.locator("#revoke-confirm")).to_be_visible()
+    assert page.evaluate(OVERFLOWING) == []
     # One column: every card starts at the same left edge.
-    cards = ["#preview-card", "#compose", "#progress", "#audience", "#history"]
+    cards = ["#preview-card", "#compose", "#progress", "#audience", "#history", "#keys"]
     lefts = {round(page.locator(card).bounding_box()["x"]) for card in cards}
     assert len(lefts) == 1
     for width in (768, 1024, 1101, 1280):  # a tablet, laptops; the history a table
         page.set_viewport_size({"width": width, "height": 800})
         assert page.evaluate(OVERFLOWING) == [], width
+    # A key narrowed to topics, its name long: what it may do, on a phone.
+    page.set_viewport_size(PHONE)
+    page.click("#sign-out")
+    narrowed = make_key(
+        server, "deploy-bot-for-the-staging-cluster", "send", topics=["news", "alerts"]
+    )
+    console.sign_in(narrowed)
+    expect(page.locator("#compose-scope")).to_be_visible()
+    assert page.evaluate(OVERFLOWING) == []
     console.close()
     assert console.errors == []
 
