@@ -2686,15 +2686,14 @@ class JsonKeyStore:
         self._by_hash: dict[str, dict] = {}
         if path.is_file():
             try:
-                records = json.loads(path.read_text())["keys"]
+                for record in json.loads(path.read_text())["keys"]:
+                    self._by_name[record["name"]] = record
+                    self._by_hash[record["hash"]] = record
             except (ValueError, KeyError, TypeError) as e:
                 raise SettingError(
                     f"{path} is not the API keys file this server writes ({e}); "
                     "restore it from a backup, or delete it to revoke every key"
                 ) from None
-            for record in records:
-                self._by_name[record["name"]] = record
-                self._by_hash[record["hash"]] = record
 
     def _write(self, records: dict[str, dict]) -> None:
         """Replace the file with ``records`` (OSError, the file unchanged, if
@@ -7031,7 +7030,7 @@ class KeyRing:
             return None
         record = self.store.find(api_key_hash(given))
         now = self.clock()
-        if record is None or (record["expires"] or now + 1) <= now:
+        if record is None or record["expires"] is not None and record["expires"] <= now:
             return None
         name = record["name"]
         if now - self._touched.get(name, 0.0) >= KEY_TOUCH_STEP:

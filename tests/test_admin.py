@@ -801,6 +801,7 @@ def test_screenshots_show_the_console_after_a_send(
     )
     desktop.page.click("#refresh")
     expect(desktop.page.locator("#history-table tbody tr")).to_have_count(4)
+    desktop.page.evaluate("scrollTo(0, 0)")  # the picture shows the page's top
     for name, console in [("desktop", desktop), ("phone", phone)]:
         path = STATIC / f"admin-{name}.png" if update else tmp_path / f"{name}.png"
         console.page.screenshot(path=str(path))
