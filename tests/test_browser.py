@@ -84,8 +84,9 @@ def server(request, tmp_path):
 ON_BOTH_STORES = pytest.mark.parametrize("server", BACKENDS, indirect=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
+    """One Chromium for the module; each test has a fresh context of its own."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         yield browser
@@ -395,23 +396,18 @@ def test_a_page_hosted_elsewhere_uses_the_api_across_origins(
         api_server.stop()
 
 
-def test_an_insecure_origin_is_explained(server):
+def test_an_insecure_origin_is_explained(browser, server):
     """http:// on a real host name is no secure context (127.0.0.1 would be)."""
     port = server.url.rsplit(":", 1)[1]
     rules = "--host-resolver-rules=MAP push.test 127.0.0.1"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=[*FLAGS, rules]
-        )
-        page = browser.new_page()
-        page.goto(f"http://push.test:{port}/")
-        assert page.evaluate("window.isSecureContext") is False
-        page.wait_for_function(
-            "document.querySelector('#status').className === 'error'"
-        )
-        assert "secure context" in page.inner_text("#status")
-        assert page.is_disabled("#enable")
-        browser.close()
+    mapped = browser.browser_type.launch(executable_path=CHROMIUM, args=[*FLAGS, rules])
+    page = mapped.new_page()
+    page.goto(f"http://push.test:{port}/")
+    assert page.evaluate("window.isSecureContext") is False
+    page.wait_for_function("document.querySelector('#status').className === 'error'")
+    assert "secure context" in page.inner_text("#status")
+    assert page.is_disabled("#enable")
+    mapped.close()
 
 
 def test_a_browser_without_web_push_is_told_so(browser, server):
