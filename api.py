@@ -47,6 +47,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import html
 import itertools
 import json
 import logging
@@ -8232,8 +8233,29 @@ def create_app(
     return app
 
 
+# What "/" and "/admin" answer when api.py was copied without static/.
+NO_STATIC_PAGE = """<!doctype html>
+<html lang="en"><meta charset="utf-8"><title>Page missing</title>
+<body style="font: 16px/1.5 system-ui, sans-serif; max-width: 40rem; margin: 2rem auto">
+<h1>This page is missing</h1>
+<p>The push server is running, but the <code>static/</code> folder is not
+next to <code>api.py</code>, so the demo page and the console cannot be
+shown. Copy <code>static/</code> from the same place as <code>api.py</code>
+(the project's repository) into <code>{folder}</code>, then reload.</p>
+<p>The API works without it: <a href="/health">/health</a>.</p>
+</body></html>
+"""
+PAGES = ("index.html", "admin.html")
+
+
 def serve_static(name: str) -> bottle.HTTPResponse:
-    """A file from static/, never one outside it (no '..', no symlinks out)."""
+    """A file from static/, never one outside it (no '..', no symlinks out);
+    for a missing page, one that says where static/ comes from."""
+    if name in PAGES and not (STATIC_DIR / name).is_file():
+        page = NO_STATIC_PAGE.format(folder=html.escape(str(STATIC_DIR.parent)))
+        return bottle.HTTPResponse(
+            page, 404, {"Content-Type": "text/html; charset=utf-8"}
+        )
     root = STATIC_DIR.resolve()
     if "\0" in name:  # no file has one; the OS would refuse the name
         return bottle.HTTPError(404, "Not found")
@@ -8522,7 +8544,7 @@ def serve_worker_metrics(settings: Settings, metrics: Metrics) -> Any:
     return server
 
 
-CLIENT_COMMANDS = ("user-token", "keys")
+CLIENT_COMMANDS = ("user-token", "keys", "send", "status", "notifications")
 DURATION_RE = re.compile(r"([0-9]{1,10})([smhdw]?)")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 CLIENT_TIMEOUT = 30  # seconds a command waits for the server's answer
@@ -8558,7 +8580,13 @@ class ApiClient:
                 f"set WEBPUSH_TOKEN to an API key (or the push token) for {self.url}"
             )
 
-    def call(self, method: str, path: str, body: dict | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         """The JSON answer of one request, or ClientError in words."""
         import requests
 
@@ -8567,7 +8595,7 @@ class ApiClient:
                 method,
                 self.url + path,
                 json=body,
-                headers={"Authorization": f"Bearer {self.token}"},
+                headers={"Authorization": f"Bearer {self.token}", **(headers or {})},
                 timeout=CLIENT_TIMEOUT,
             )
         except requests.RequestException as e:
@@ -8646,6 +8674,130 @@ def _keys_command(args: argparse.Namespace, client: ApiClient) -> None:
         print(f"Revoked the key {args.name!r}: it no longer works.")
 
 
+WAIT_POLL = 0.5  # seconds between looks at a notification's progress
+
+
+def _outcome(document: dict) -> str:
+    """A notification's outcome in a line, with its commonest error."""
+    line = (
+        f"{document['status']}: {document['sent']} sent, {document['failed']} "
+        f"failed, {document['removed']} removed (gone) of {document['total']}"
+    )
+    if document["errors"]:
+        cause = document["errors"][0]
+        status = f" ({cause['status']})" if cause.get("status") else ""
+        line += (
+            f"; commonest error: {cause.get('reason') or 'refused'}{status} from "
+            f"{cause.get('origin')}, {cause['count']} times"
+        )
+    return line
+
+
+def _audience_words(document: dict) -> str:
+    if document["audience"] in ("users", "subscriptions"):
+        return f"{document['named']} {document['audience']}"
+    return f"topic {document['topic']}" if document["topic"] else "everyone"
+
+
+def _follow(client: ApiClient, notification_id: str, out: Any) -> dict:
+    """Poll a notification until it ends, drawing its progress on ``out``:
+    a bar on a terminal, else a plain line whenever it moves."""
+    path = f"/notifications/{notification_id}"
+    terminal, said = out.isatty(), None
+    while True:
+        document = client.call("GET", path)
+        total = document["total"]
+        done = document["sent"] + document["failed"] + document["removed"]
+        if document["status"] == "scheduled":
+            line = f"scheduled for {document['send_at']}; waiting"
+        else:
+            line = f"{document['status']}: {done} of {total} handled"
+        if terminal:
+            filled = round(30 * done / total) if total else 30
+            bar = "#" * filled + "." * (30 - filled)
+            out.write(f"\r[{bar}] {line}\033[K")
+            out.flush()
+        elif line != said:
+            print(line, file=out, flush=True)
+        said = line
+        if document["status"] in FINISHED:
+            if terminal:
+                out.write("\n")
+            return document
+        time.sleep(WAIT_POLL)
+
+
+def _send_command(args: argparse.Namespace, client: ApiClient) -> int:
+    """``send``: the notification's id first (for scripts), then, with
+    --wait, its progress and outcome; 1 when it reached none of its
+    subscribers."""
+    body: dict[str, Any] = {"title": args.title}
+    for name in ("body", "url", "topic", "ttl", "urgency"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if args.user:
+        body["users"] = args.user
+    if args.subscription:
+        body["subscriptions"] = args.subscription
+    if args.at:
+        when = DURATION_RE.fullmatch(args.at.strip())
+        if when:
+            body["delay"] = _duration(args.at)
+        else:
+            body["send_at"] = args.at
+    key = {"Idempotency-Key": secrets.token_hex(16)}  # a retried request sends once
+    answer = client.call("POST", "/push", body, key)
+    print(answer["id"], flush=True)
+    if not args.wait:
+        print(
+            f"{answer['status']} for {answer['subscriptions']} subscribers; "
+            f"'python3 api.py status {answer['id']}' shows how it goes",
+            file=sys.stderr,
+        )
+        return 0
+    document = _follow(client, answer["id"], sys.stderr)
+    print(_outcome(document))
+    return 1 if document["total"] and not document["sent"] else 0
+
+
+def _status_command(args: argparse.Namespace, client: ApiClient) -> int:
+    path = f"/notifications/{urllib.parse.quote(args.id, safe='')}"
+    document = client.call("GET", path)
+    print(f"{document['title'] or '(no title)'} ({document['id']})")
+    print(f"  to {_audience_words(document)}, by {document['created_by'] or '-'}")
+    print(f"  created {document['created']}, finished {document['finished'] or '-'}")
+    print(f"  {_outcome(document)}; {document['pending']} pending")
+    print(
+        f"  receipts: {document['delivered']} delivered, {document['clicked']} "
+        f"clicked, {document['closed']} closed"
+    )
+    return 0
+
+
+def _notifications_command(args: argparse.Namespace, client: ApiClient) -> int:
+    found = client.call("GET", f"/notifications?limit={args.limit}")["notifications"]
+    if not found:
+        print("No notifications yet.")
+        return 0
+    rows = [("ID", "STATUS", "SENT", "FAILED", "TOTAL", "CREATED", "TITLE")]
+    for d in found:
+        rows.append(
+            (
+                d["id"],
+                d["status"],
+                str(d["sent"]),
+                str(d["failed"]),
+                str(d["total"]),
+                d["created"],
+                d["title"] or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
 def _user_token_command(args: argparse.Namespace) -> None:
     secret = os.environ.get("USER_TOKEN_SECRET", "")
     if len(secret) < 32:
@@ -8707,6 +8859,51 @@ def _command_parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="every key: name, scope, last used, expiry")
     revoke = actions.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("name")
+    client = "on the server at WEBPUSH_URL with WEBPUSH_TOKEN (see 'keys --help')"
+    send = commands.add_parser(
+        "send",
+        help="send a notification",
+        description=f"Send a notification {client}. Prints its id; with --wait, "
+        "its progress and outcome (exit status 1 when it reached none of its "
+        "subscribers).",
+    )
+    send.add_argument("title")
+    send.add_argument("--body")
+    send.add_argument("--url", help="what a click opens")
+    audience = send.add_mutually_exclusive_group()
+    audience.add_argument("--topic", help="only this topic's subscribers")
+    audience.add_argument(
+        "--user", action="extend", nargs="+", metavar="ID", help="only these users"
+    )
+    audience.add_argument(
+        "--subscription",
+        action="extend",
+        nargs="+",
+        metavar="ID",
+        help="only these subscriptions",
+    )
+    send.add_argument("--ttl", type=int, metavar="SECONDS")
+    send.add_argument("--urgency", choices=("very-low", "low", "normal", "high"))
+    send.add_argument(
+        "--at",
+        metavar="TIME",
+        help="when: 2026-12-24T09:00:00+01:00, or a delay such as 30m",
+    )
+    send.add_argument(
+        "--wait", action="store_true", help="follow it until it ends, then say how"
+    )
+    status = commands.add_parser(
+        "status",
+        help="how a notification went",
+        description=f"A notification {client}.",
+    )
+    status.add_argument("id")
+    listing = commands.add_parser(
+        "notifications",
+        help="the newest notifications",
+        description=f"The newest notifications {client}.",
+    )
+    listing.add_argument("--limit", type=int, default=20, metavar="N")
     return parser
 
 
@@ -8714,15 +8911,47 @@ def run_command(argv: list[str]) -> int:
     """``python3 api.py user-token|keys ...``: the commands that do not
     serve; a problem is one line on stderr and a non-zero exit status."""
     args = _command_parser().parse_args(argv)
+    commands = {
+        "send": _send_command,
+        "status": _status_command,
+        "notifications": _notifications_command,
+        "keys": _keys_command,
+    }
     try:
         if args.command == "user-token":
             _user_token_command(args)
-        else:
-            _keys_command(args, ApiClient(dict(os.environ)))
+            return 0
+        return commands[args.command](args, ApiClient(dict(os.environ))) or 0
     except ClientError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if args.command == "user-token" else 1
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C while --wait follows it: it goes on
+        print("\nstopped following; the notification goes on", file=sys.stderr)
+        return 130
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why this process could not listen on ``host:port`` (another program
+    holds it, say), found before anything is printed or made; None if free."""
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as e:
+        return f"HOST={host!r} is not an address of this machine ({e})"
+    family, kind, protocol, _, address = found[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (
+                    f"port {port} is in use by another program: stop it, or start "
+                    f"this server with another PORT (PORT={port + 1} python3 api.py)"
+                )
+            return f"cannot listen on {host}:{port}: {e.strerror}"
+    return None
 
 
 def _few_malloc_arenas() -> None:
@@ -8754,6 +8983,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     except SettingError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    serving = not any(modes.values())
+    problem = port_problem(settings.host, settings.port) if serving else None
+    if problem:  # said first: no key made, no token printed for a server that is not
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -8902,7 +9136,14 @@ def main(argv: list[str] | None = None) -> int:
         request_threads.shutdown(timeout=0)
         app.config["webpush.close"]()
         return 2
-    log.info("serving on %s (demo page at %s/)", url, url)  # bound and listening
+    if (STATIC_DIR / "index.html").is_file():  # bound and listening
+        log.info("serving on %s (demo page at %s/, console at %s/admin)", url, url, url)
+    else:
+        log.info(
+            "serving on %s; no static/ beside api.py, so no demo page or console "
+            "(the API works without them)",
+            url,
+        )
 
     stopping = threading.Event()  # a signal came: drain, then stop
     drained = threading.Event()  # drained (or timed out): stop the loop now
