@@ -1229,7 +1229,7 @@ def test_a_busy_port_is_a_clear_error(server_factory):
     second.log.parent.mkdir()
     second.start(wait=False)
     assert second.proc.wait(15) == 2
-    assert "cannot listen" in second.output()
+    assert "is in use by another program" in second.output()
     assert "serving on" not in second.output()  # logged once the port is bound
     assert "serving on" in first.output()
 
