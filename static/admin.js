@@ -24,6 +24,7 @@ const STATUS_WORDS = {
   cancelled: "Cancelled",
   expired: "Expired",
   failed: "Failed",
+  partial: "Some failed", // done, but some push services refused it
 };
 const POLL_MS = 500;
 const REFRESH_MS = 5000;
@@ -116,6 +117,16 @@ function timeElement(iso) {
 }
 
 const count = (doc, name) => (Number.isFinite(doc[name]) ? doc[name] : 0);
+
+/** How a notification ended, for its colour and its word: a "done" one with
+ * more failures than sends "failed", with some "partial". Subscriptions found
+ * gone (removed) are ordinary life, not failures. */
+function outcome(doc) {
+  if (doc.status !== "done") return doc.status;
+  const failed = count(doc, "failed");
+  if (failed > count(doc, "sent")) return "failed";
+  return failed > 0 ? "partial" : "done";
+}
 
 // -- the session ------------------------------------------------------------------
 
@@ -360,7 +371,7 @@ function watch(answer) {
   clearTimeout(timers.poll);
   watched = answer.id;
   $("progress").hidden = false;
-  $("progress").classList.remove("done");
+  delete $("progress").dataset.outcome;
   $("progress-bar").value = 0;
   say("progress-error", "");
   say("progress-text", answer.status === "scheduled" ? "Scheduled…" : `Queued for ${plural(count(answer, "subscriptions"), "subscriber")}…`);
@@ -395,7 +406,9 @@ function drawProgress(doc) {
   const bar = $("progress-bar");
   bar.value = fraction;
   bar.setAttribute("aria-valuetext", `${Math.round(fraction * 100)}%`);
-  $("progress").classList.toggle("done", doc.status === "done");
+  const ended = outcome(doc);
+  if (FINISHED.has(doc.status)) $("progress").dataset.outcome = ended;
+  else delete $("progress").dataset.outcome;
   const sent = count(doc, "sent");
   const others = `${count(doc, "failed")} failed, ${count(doc, "removed")} removed as gone`;
   const audience = doc.audience === "users" ? "devices of this person" : doc.topic ? `subscribers of “${doc.topic}”` : "subscribers";
@@ -408,7 +421,7 @@ function drawProgress(doc) {
   } else if (doc.status === "sending") {
     text = `Sending: ${settled.toLocaleString()} of ${total.toLocaleString()} handled (${sent.toLocaleString()} sent, ${others}).`;
   } else if (doc.status === "done") {
-    text = total ? `Done: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : `Done: there are no ${audience}, so nothing was sent.`;
+    text = total ? `${STATUS_WORDS[ended]}: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : `Done: there are no ${audience}, so nothing was sent.`;
   } else if (doc.status === "cancelled") {
     text = doc.started ? `Cancelled while sending: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : "Cancelled: it was never sent.";
   } else if (doc.status === "expired") {
@@ -480,7 +493,7 @@ function historyRow(doc) {
   return el(
     "tr",
     { role: "row", dataset: { id: doc.id, status: doc.status } },
-    cell({ className: "status-cell", dataset: { label: "Status" } }, el("span", { className: `status ${doc.status}` }, STATUS_WORDS[doc.status] || doc.status)),
+    cell({ className: "status-cell", dataset: { label: "Status" } }, el("span", { className: `status ${outcome(doc)}` }, STATUS_WORDS[outcome(doc)] || doc.status)),
     cell({ className: "title", dataset: { label: "Title" } }, doc.title || "(no title)", cause),
     cell({ className: "topic", dataset: { label: "Topic" } }, audienceWords(doc) || el("span", { className: "topic-none" }, "everyone")),
     cell({ className: "when", dataset: { label: "Time" } }, ...when),

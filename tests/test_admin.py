@@ -8,6 +8,7 @@ tests read what the console shows and what the server and the stand-in hold.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -377,6 +378,67 @@ def test_the_audience_shows_subscribers_per_topic_and_a_topic_send_reaches_only_
     expect(console.page.locator("#progress-text")).to_contain_text("Done: 1 of 1 sent")
     assert [d.subscriber for d in push_service.wait_for(1)] == [both.id]
     assert console.cell(answer["id"], "Topic") == "alerts"
+
+
+# The colour of an element's right-hand end, as its pixels show it (a progress
+# bar's fill is a pseudo-element, which getComputedStyle does not reach).
+PAINTED = """async (png) => {
+  const image = new Image();
+  image.src = "data:image/png;base64," + png;
+  await image.decode();
+  const canvas = document.createElement("canvas");
+  [canvas.width, canvas.height] = [image.width, image.height];
+  const context = canvas.getContext("2d");
+  context.drawImage(image, 0, 0);
+  const [r, g, b] = context.getImageData(image.width - 6, image.height >> 1, 1, 1).data;
+  return `rgb(${r}, ${g}, ${b})`;
+}"""
+
+
+def painted(page, selector: str) -> str:
+    png = page.locator(selector).screenshot(animations="disabled")
+    return page.evaluate(PAINTED, base64.b64encode(png).decode())
+
+
+def failing(push_service, refusals: int):
+    """A subscriber whose push service refuses its first ``refusals`` messages
+    (400: nothing to retry), then takes the rest."""
+    return push_service.subscriber([400] * refusals)
+
+
+def test_a_send_most_push_services_refuse_shows_failed_in_red_and_some_in_amber(
+    console, server, push_service
+):
+    for subscriber in (failing(push_service, 2), failing(push_service, 1)):
+        store(server, subscriber)
+    console.sign_in()
+    page = console.page
+    progress = page.locator("#progress-text")
+    colour = "(selector) => getComputedStyle(document.querySelector(selector)).color"
+    red, amber = page.evaluate(
+        "() => ['--error', '--warn'].map((name) => { const probe = "
+        "document.createElement('i'); probe.style.color = `var(${name})`; "
+        "document.body.append(probe); const c = getComputedStyle(probe).color; "
+        "probe.remove(); return c; })"
+    )
+
+    console.compose(title="Deploy done")
+    answer = console.send()
+    expect(progress).to_contain_text("Failed: 0 of 2 sent, 2 failed, 0 removed")
+    assert painted(page, "#progress-bar") == red
+    assert page.evaluate(colour, "#progress-text") == red
+    badge = console.row(answer["id"]).locator(".status")
+    expect(badge).to_have_text("Failed")
+    assert page.evaluate(colour, f'tr[data-id="{answer["id"]}"] .status') == red
+
+    console.compose(title="Deploy done, again")
+    answer = console.send()
+    expect(progress).to_contain_text("Some failed: 1 of 2 sent, 1 failed, 0 removed")
+    assert painted(page, "#progress-bar") == amber
+    assert page.evaluate(colour, "#progress-text") == amber
+    badge = console.row(answer["id"]).locator(".status")
+    expect(badge).to_have_text("Some failed")
+    assert page.evaluate(colour, f'tr[data-id="{answer["id"]}"] .status') == amber
 
 
 # -- people (README "Notify one person") ---------------------------------------------
