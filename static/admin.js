@@ -24,6 +24,7 @@ const STATUS_WORDS = {
   cancelled: "Cancelled",
   expired: "Expired",
   failed: "Failed",
+  partial: "Some failed", // done, but some push services refused it
 };
 const POLL_MS = 500;
 const REFRESH_MS = 5000;
@@ -116,6 +117,16 @@ function timeElement(iso) {
 }
 
 const count = (doc, name) => (Number.isFinite(doc[name]) ? doc[name] : 0);
+
+/** How a notification ended, for its colour and its word: a "done" one with
+ * more failures than sends "failed", with some "partial". Subscriptions found
+ * gone (removed) are ordinary life, not failures. */
+function outcome(doc) {
+  if (doc.status !== "done") return doc.status;
+  const failed = count(doc, "failed");
+  if (failed > count(doc, "sent")) return "failed";
+  return failed > 0 ? "partial" : "done";
+}
 
 // -- the session ------------------------------------------------------------------
 
@@ -230,6 +241,7 @@ function signOut(reason = "") {
   clearTimeout(timers.poll);
   watched = null;
   $("compose-form").reset();
+  closeEveryone();
   drawPreview();
   $("history-table").tBodies[0].replaceChildren();
   $("topics").replaceChildren();
@@ -296,43 +308,139 @@ function previewIconFailed() {
   if ($("preview-icon").src !== fallback) $("preview-icon").src = fallback;
 }
 
-class InputError extends Error {}
+class InputError extends Error {
+  constructor(message, field) {
+    super(message);
+    this.field = field; // the id of the field to put right
+  }
+}
 
-/** The POST /push body the form describes (the server judges the values). */
+const EMPTY = "Write a title or a body first: a notification needs something to show.";
+const BAD_LINK = "The link must be a web address (https://…) or a path on your site, such as /changelog.";
+const BAD_ICON = "The icon must be the web address of an image (https://…) or a path on your site, such as /static/icon.png.";
+const TTL_WORDS = "“Time to live” is a whole number of seconds, from 0 to 2,419,200 (28 days); or leave it empty for the server's default.";
+
+/** Whether ``value`` is an address a browser can open (or load, ``schemes``),
+ * on its own or as a path on this site. */
+function isWebAddress(value, schemes = ["http:", "https:"]) {
+  try {
+    return schemes.includes(new URL(value, location.origin).protocol);
+  } catch {
+    return false;
+  }
+}
+
+/** The POST /push body the form describes. What a person commonly gets wrong
+ * is said here, before sending; the server judges the rest. */
 function composed() {
   const body = {};
   for (const name of ["title", "body", "url", "icon", "topic", "urgency"]) {
     const value = $(name).value.trim();
     if (value) body[name] = value;
   }
+  if (!body.title && !body.body) throw new InputError(EMPTY, "title");
+  if (body.url && !isWebAddress(body.url)) throw new InputError(BAD_LINK, "url");
+  if (body.icon && !isWebAddress(body.icon, ["http:", "https:", "data:"])) throw new InputError(BAD_ICON, "icon");
   if (!$("topic-choice-field").hidden) body.topic = $("topic-choice").value;
   const user = $("user-field").hidden ? "" : $("user").value.trim();
-  if (user && body.topic) throw new InputError("Write to a topic or to a person, not both: clear one of the two.");
+  if (user && body.topic) throw new InputError("Write to a topic or to a person, not both: clear one of the two.", "topic");
   if (user) body.users = [user];
   const ttl = $("ttl");
-  if (ttl.validity.badInput) throw new InputError("“Time to live” must be a whole number of seconds.");
+  if (!ttl.validity.valid) throw new InputError(TTL_WORDS, "ttl");
   if (ttl.value !== "") body.ttl = Number(ttl.value);
   const sendAt = $("send-at");
-  if (sendAt.validity.badInput) throw new InputError("“Send at” is incomplete: give a date and a time, or clear it to send now.");
+  if (sendAt.validity.badInput) throw new InputError("“Send at” is incomplete: give a date and a time, or clear it to send now.", "send-at");
   if (sendAt.value) {
     const when = new Date(sendAt.value); // a datetime-local value is this device's local time
-    if (Number.isNaN(when.getTime())) throw new InputError("“Send at” is not a date and time this browser understands.");
+    if (Number.isNaN(when.getTime())) throw new InputError("“Send at” is not a date and time this browser understands.", "send-at");
     body.send_at = when.toISOString();
   }
   return body;
 }
 
+/** The server's refusals a person most often meets, in words for them: each
+ * a pattern of the server's words, and what to say instead. Any other refusal
+ * is shown in the server's own words. */
+const REFUSALS = [
+  [/^nothing to send/, () => EMPTY],
+  [/(\d+) over the \d+-byte limit of an encrypted push message/, (m) => `It is too long to fit in a push message: shorten the body or the title by about ${Number(m[1]).toLocaleString()} characters.`],
+  [/^the body is over the/, () => "It is far too long to fit in a push message, which holds about 4,000 characters: shorten the body."],
+  [/^'ttl' /, () => TTL_WORDS],
+  [/^'url' /, () => BAD_LINK],
+  [/^'topic' names must be 1-(\d+)/, (m) => `A topic's name is made of letters, digits, “.”, “_” or “-”, at most ${m[1]} of them, without spaces.`],
+  [/^'users' ids must be 1-(\d+)/, (m) => `A person is named by their id on your site: 1 to ${m[1]} characters, on one line.`],
+  [/scheduled at most (\d+) days ahead/, (m) => `“Send at” is too far ahead: a notification can be scheduled at most ${m[1]} days from now.`],
+  [/may send only to the topics (.+), not to everyone/, (m) => `This key may send only to the topics ${m[1]}: choose one of them.`],
+  [/has the scope '(\w+)'/, () => "This key may not send notifications: sign in with a send or admin key."],
+  [/try again in (\d+) s$/, (m) => `Too many notifications at once: try again in ${plural(Number(m[1]), "second")}.`],
+];
+
+/** A refused send, said for the person at the form. */
+function refusal(error) {
+  for (const [pattern, words] of REFUSALS) {
+    const match = pattern.exec(error.message);
+    if (match) return words(match);
+  }
+  if (error.status >= 500) return `The server could not take it (${error.message}). Try again in a moment: the same notification will not go out twice.`;
+  return error.message;
+}
+
 let pending = { body: "", key: freshKey() }; // kept while a send may be retried
+let asked = null; // the POST /push body whose sending to everyone is being asked
 
 async function send(event) {
   event.preventDefault();
   say("compose-error", "");
+  closeEveryone();
   let body;
   try {
     body = composed();
   } catch (error) {
-    return say("compose-error", error.message);
+    say("compose-error", error.message);
+    return error.field && $(error.field).focus();
   }
+  // Nothing narrows it: every subscriber gets it, so the page asks first.
+  if (!body.topic && !body.users) return askEveryone(body);
+  post(body);
+}
+
+/** "Send “Deploy done” to all 1,234 subscribers now?", with the number the
+ * server counts at this moment. */
+async function askEveryone(body) {
+  asked = body;
+  const button = $("send");
+  button.disabled = true;
+  let everyone = null;
+  try {
+    const health = await api("GET", "/health", { token: null });
+    everyone = count(health, "subscriptions") + count(health, "fcm_tokens");
+  } catch {
+    // unknown: asked without a number
+  } finally {
+    button.disabled = false;
+  }
+  if (asked !== body) return; // the form changed while counting
+  const text = body.title || body.body;
+  const name = `“${text.length > 60 ? `${text.slice(0, 59).trimEnd()}…` : text}”`;
+  const all = everyone === null ? "all subscribers" : everyone === 1 ? "the one subscriber" : `all ${plural(everyone, "subscriber")}`;
+  const none = everyone === 0 ? " No one has subscribed yet." : "";
+  if (body.send_at) {
+    say("everyone-question", `Schedule ${name} for ${all}, on ${full.format(new Date(body.send_at))}?${none}`);
+    say("everyone-yes", "Schedule for everyone");
+  } else {
+    say("everyone-question", `Send ${name} to ${all} now?${none}`);
+    say("everyone-yes", "Send to everyone");
+  }
+  $("everyone-confirm").hidden = false;
+  $("everyone-no").focus();
+}
+
+function closeEveryone() {
+  asked = null;
+  $("everyone-confirm").hidden = true;
+}
+
+async function post(body) {
   const text = JSON.stringify(body);
   if (text !== pending.body) pending = { body: text, key: freshKey() };
   const button = $("send");
@@ -343,11 +451,12 @@ async function send(event) {
     watch(answer);
     loadHistory();
   } catch (error) {
+    if (!session()) return; // refused as signed out: signOut said why
     if (error.status === 0) {
       say("compose-error", "Could not reach the server. Check that it is running and that this device is online, then send again: the same notification will not go out twice.");
     } else {
       if (error.status < 500) pending = { body: "", key: freshKey() }; // refused: nothing to retry
-      say("compose-error", error.message);
+      say("compose-error", refusal(error));
     }
   } finally {
     button.disabled = false;
@@ -360,7 +469,7 @@ function watch(answer) {
   clearTimeout(timers.poll);
   watched = answer.id;
   $("progress").hidden = false;
-  $("progress").classList.remove("done");
+  delete $("progress").dataset.outcome;
   $("progress-bar").value = 0;
   say("progress-error", "");
   say("progress-text", answer.status === "scheduled" ? "Scheduled…" : `Queued for ${plural(count(answer, "subscriptions"), "subscriber")}…`);
@@ -395,7 +504,9 @@ function drawProgress(doc) {
   const bar = $("progress-bar");
   bar.value = fraction;
   bar.setAttribute("aria-valuetext", `${Math.round(fraction * 100)}%`);
-  $("progress").classList.toggle("done", doc.status === "done");
+  const ended = outcome(doc);
+  if (FINISHED.has(doc.status)) $("progress").dataset.outcome = ended;
+  else delete $("progress").dataset.outcome;
   const sent = count(doc, "sent");
   const others = `${count(doc, "failed")} failed, ${count(doc, "removed")} removed as gone`;
   const audience = doc.audience === "users" ? "devices of this person" : doc.topic ? `subscribers of “${doc.topic}”` : "subscribers";
@@ -408,7 +519,7 @@ function drawProgress(doc) {
   } else if (doc.status === "sending") {
     text = `Sending: ${settled.toLocaleString()} of ${total.toLocaleString()} handled (${sent.toLocaleString()} sent, ${others}).`;
   } else if (doc.status === "done") {
-    text = total ? `Done: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : `Done: there are no ${audience}, so nothing was sent.`;
+    text = total ? `${STATUS_WORDS[ended]}: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : `Done: there are no ${audience}, so nothing was sent.`;
   } else if (doc.status === "cancelled") {
     text = doc.started ? `Cancelled while sending: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : "Cancelled: it was never sent.";
   } else if (doc.status === "expired") {
@@ -480,7 +591,7 @@ function historyRow(doc) {
   return el(
     "tr",
     { role: "row", dataset: { id: doc.id, status: doc.status } },
-    cell({ className: "status-cell", dataset: { label: "Status" } }, el("span", { className: `status ${doc.status}` }, STATUS_WORDS[doc.status] || doc.status)),
+    cell({ className: "status-cell", dataset: { label: "Status" } }, el("span", { className: `status ${outcome(doc)}` }, STATUS_WORDS[outcome(doc)] || doc.status)),
     cell({ className: "title", dataset: { label: "Title" } }, doc.title || "(no title)", cause),
     cell({ className: "topic", dataset: { label: "Topic" } }, audienceWords(doc) || el("span", { className: "topic-none" }, "everyone")),
     cell({ className: "when", dataset: { label: "Time" } }, ...when),
@@ -634,6 +745,7 @@ async function lookUp(event) {
 
 function writeToPerson() {
   $("compose-form").reset();
+  closeEveryone();
   $("user").value = person.user;
   drawPreview();
   say("compose-error", "");
@@ -842,6 +954,18 @@ function main() {
   $("sign-out").addEventListener("click", () => signOut());
   $("compose-form").addEventListener("submit", send);
   $("compose-form").addEventListener("input", drawPreview);
+  // A question about what the form said before: asked again on Send.
+  $("compose-form").addEventListener("input", closeEveryone);
+  $("everyone-yes").addEventListener("click", () => {
+    const body = asked;
+    closeEveryone();
+    $("send").focus();
+    if (body) post(body);
+  });
+  $("everyone-no").addEventListener("click", () => {
+    closeEveryone();
+    $("send").focus();
+  });
   $("preview-icon").addEventListener("error", previewIconFailed);
   $("refresh").addEventListener("click", refresh);
   $("people-form").addEventListener("submit", lookUp);

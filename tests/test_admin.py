@@ -8,6 +8,7 @@ tests read what the console shows and what the server and the stand-in hold.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -119,16 +120,31 @@ class Console:
             else:
                 self.page.fill(field, value)
 
-    def send(self) -> dict:
-        """Press Send (or Schedule): the server's answer to the POST /push."""
+    def send(self, everyone: bool = False) -> dict:
+        """Press Send (or Schedule), and for a send to ``everyone`` say yes
+        when asked: the server's answer to the POST /push. A send to a topic
+        or a person goes without a question."""
         with self.page.expect_response(
-            lambda r: r.url.endswith("/push") and r.request.method == "POST"
+            lambda r: r.url.endswith("/push") and r.request.method == "POST",
+            timeout=10_000,
         ) as answer:
             self.page.click("#send")
+            if everyone:
+                self.page.click("#everyone-yes")
+        assert self.page.is_hidden("#everyone-confirm")
         return {"code": answer.value.status, **answer.value.json()}
+
+    def pushes(self) -> list[str]:
+        """The POST /push requests the page made."""
+        return [url for url in self.urls if url.endswith("/push")]
 
     def row(self, notification_id: str):
         return self.page.locator(f'#history-table tr[data-id="{notification_id}"]')
+
+    def row_titled(self, title: str):
+        return self.page.locator("#history-table tr").filter(
+            has=self.page.locator("td.title", has_text=title)
+        )
 
     def cell(self, notification_id: str, label: str) -> str:
         return (
@@ -281,7 +297,7 @@ def test_a_scheduled_notification_is_cancelled_from_the_history(
     console.compose(
         title="Maintenance tonight", send_at=later.strftime("%Y-%m-%dT%H:%M")
     )
-    answer = console.send()
+    answer = console.send(everyone=True)
     assert (answer["code"], answer["status"]) == (202, "scheduled")
     stored = notification(server, answer["id"])
     # The browser's local time, with its offset, is the instant the server keeps.
@@ -315,7 +331,7 @@ def test_a_send_reaches_every_subscriber_and_its_progress_fills_to_done(
         urgency="high",
         ttl="600",
     )
-    answer = console.send()
+    answer = console.send(everyone=True)
     assert (answer["code"], answer["subscriptions"]) == (202, 3)
     progress = console.page.locator("#progress-text")
     expect(progress).to_contain_text("Sending: 0 of 3")
@@ -350,7 +366,7 @@ def test_a_send_reaches_every_subscriber_and_its_progress_fills_to_done(
 def test_a_send_to_nobody_is_done_at_once_saying_there_are_no_subscribers(console):
     console.sign_in()
     console.compose(title="Anyone there?")
-    assert console.send()["subscriptions"] == 0
+    assert console.send(everyone=True)["subscriptions"] == 0
     expect(console.page.locator("#progress-text")).to_contain_text("no subscribers")
     assert console.page.eval_on_selector("#progress-bar", "bar => bar.value") == 1
 
@@ -377,6 +393,114 @@ def test_the_audience_shows_subscribers_per_topic_and_a_topic_send_reaches_only_
     expect(console.page.locator("#progress-text")).to_contain_text("Done: 1 of 1 sent")
     assert [d.subscriber for d in push_service.wait_for(1)] == [both.id]
     assert console.cell(answer["id"], "Topic") == "alerts"
+
+
+def test_sending_to_everyone_asks_first_with_the_count_and_not_now_sends_nothing(
+    console, server, push_service
+):
+    subscribe(server, push_service, ["news"], [])
+    console.sign_in()
+    page = console.page
+    question = page.locator("#everyone-question")
+    console.compose(title="Deploy done", body="v2 is live")
+    page.click("#send")
+    expect(question).to_have_text("Send “Deploy done” to all 2 subscribers now?")
+    expect(page.locator("#everyone-yes")).to_have_text("Send to everyone")
+    expect(page.locator("#everyone-no")).to_be_focused()
+    page.click("#everyone-no")
+    expect(page.locator("#everyone-confirm")).to_be_hidden()
+    page.click("#send")  # asked again; a change to the form takes the question back
+    expect(question).to_be_visible()
+    page.fill("#body", "v2 is live, at last")
+    expect(page.locator("#everyone-confirm")).to_be_hidden()
+    assert console.pushes() == []
+    answer = console.send(everyone=True)
+    assert (answer["code"], answer["subscriptions"]) == (202, 2)
+    assert len(push_service.wait_for(2)) == 2
+
+    later = (datetime.now(OFFSET) + timedelta(days=1)).strftime("%Y-%m-%dT09:00")
+    console.compose(title="Maintenance tonight", send_at=later)
+    page.click("#send")
+    expect(question).to_contain_text(
+        "Schedule “Maintenance tonight” for all 2 subscribers, on "
+    )
+    expect(page.locator("#everyone-yes")).to_have_text("Schedule for everyone")
+    page.click("#everyone-yes")
+    expect(console.row_titled("Maintenance tonight")).to_have_attribute(
+        "data-status", "scheduled"
+    )
+    assert len(console.pushes()) == 2
+
+
+def test_a_send_to_a_topic_or_a_person_goes_at_once_without_asking(console):
+    console.sign_in()
+    console.compose(title="Storm warning", topic="alerts")
+    assert console.send()["code"] == 202
+    console.compose(title="Your order shipped", user="ana")
+    assert console.send()["code"] == 202
+
+
+# The colour of an element's right-hand end, as its pixels show it (a progress
+# bar's fill is a pseudo-element, which getComputedStyle does not reach).
+PAINTED = """async (png) => {
+  const image = new Image();
+  image.src = "data:image/png;base64," + png;
+  await image.decode();
+  const canvas = document.createElement("canvas");
+  [canvas.width, canvas.height] = [image.width, image.height];
+  const context = canvas.getContext("2d");
+  context.drawImage(image, 0, 0);
+  const [r, g, b] = context.getImageData(image.width - 6, image.height >> 1, 1, 1).data;
+  return `rgb(${r}, ${g}, ${b})`;
+}"""
+
+
+def painted(page, selector: str) -> str:
+    """Asked with reduced motion, so that no transition is under way."""
+    png = page.locator(selector).screenshot(animations="disabled")
+    return page.evaluate(PAINTED, base64.b64encode(png).decode())
+
+
+def failing(push_service, refusals: int):
+    """A subscriber whose push service refuses its first ``refusals`` messages
+    (400: nothing to retry), then takes the rest."""
+    return push_service.subscriber([400] * refusals)
+
+
+def test_a_send_most_push_services_refuse_shows_failed_in_red_and_some_in_amber(
+    console, server, push_service
+):
+    for subscriber in (failing(push_service, 2), failing(push_service, 1)):
+        store(server, subscriber)
+    console.sign_in()
+    page = console.page
+    page.emulate_media(reduced_motion="reduce")  # the bar fills at once
+    progress = page.locator("#progress-text")
+    colour = "(selector) => getComputedStyle(document.querySelector(selector)).color"
+    red, amber = page.evaluate(
+        "() => ['--error', '--warn'].map((name) => { const probe = "
+        "document.createElement('i'); probe.style.color = `var(${name})`; "
+        "document.body.append(probe); const c = getComputedStyle(probe).color; "
+        "probe.remove(); return c; })"
+    )
+
+    console.compose(title="Deploy done")
+    answer = console.send(everyone=True)
+    expect(progress).to_contain_text("Failed: 0 of 2 sent, 2 failed, 0 removed")
+    assert painted(page, "#progress-bar") == red
+    assert page.evaluate(colour, "#progress-text") == red
+    badge = console.row(answer["id"]).locator(".status")
+    expect(badge).to_have_text("Failed")
+    assert page.evaluate(colour, f'tr[data-id="{answer["id"]}"] .status') == red
+
+    console.compose(title="Deploy done, again")
+    answer = console.send(everyone=True)
+    expect(progress).to_contain_text("Some failed: 1 of 2 sent, 1 failed, 0 removed")
+    assert painted(page, "#progress-bar") == amber
+    assert page.evaluate(colour, "#progress-text") == amber
+    badge = console.row(answer["id"]).locator(".status")
+    expect(badge).to_have_text("Some failed")
+    assert page.evaluate(colour, f'tr[data-id="{answer["id"]}"] .status') == amber
 
 
 # -- people (README "Notify one person") ---------------------------------------------
@@ -505,7 +629,7 @@ def test_a_server_without_topics_says_so_and_the_rest_still_works(console, serve
     console.sign_in()
     expect(console.page.locator("#topics-error")).to_contain_text(missing["error"])
     console.compose(title="Still works")
-    console.send()
+    console.send(everyone=True)
     expect(console.page.locator("#history-table tbody tr")).to_have_count(1)
 
 
@@ -651,20 +775,92 @@ def test_a_read_key_sees_the_history_and_audience_but_cannot_send_cancel_or_mana
     assert not any(url.endswith(("/push", "/keys")) for url in console.urls)
 
 
-# What the console sends for each: the same bytes, so the same answer.
+EMPTY = "Write a title or a body first: a notification needs something to show."
+
+
+def test_an_empty_form_asks_for_a_title_or_a_body_before_sending(console):
+    console.sign_in()
+    console.compose(url="/changelog")
+    console.page.click("#send")
+    expect(console.page.locator("#compose-error")).to_have_text(EMPTY)
+    expect(console.page.locator("#title")).to_be_focused()
+    assert console.page.is_hidden("#everyone-confirm")
+    assert console.pushes() == []
+
+
+# What a person commonly gets wrong, put right before anything is sent: the
+# field, what they typed, and what the page says.
+MISTYPED = [
+    (
+        "url",
+        "javascript:alert(1)",
+        (
+            "The link must be a web address (https://…) or a "
+            "path on your site, such as /changelog."
+        ),
+    ),
+    (
+        "icon",
+        "ftp://example.org/icon.png",
+        (
+            "The icon must be the web address of an "
+            "image (https://…) or a path on your site, such as /static/icon.png."
+        ),
+    ),
+    (
+        "ttl",
+        "3000000",
+        (
+            "“Time to live” is a whole number of seconds, from 0 to "
+            "2,419,200 (28 days); or leave it empty for the server's default."
+        ),
+    ),
+]
+
+
+def test_a_bad_link_icon_or_time_to_live_is_explained_before_sending(console):
+    console.sign_in()
+    for field, typed, said in MISTYPED:
+        console.compose(title="Deploy done", **{field: typed})
+        console.page.click("#send")
+        expect(console.page.locator("#compose-error")).to_have_text(said)
+        expect(console.page.locator("#" + field)).to_be_focused()
+    assert console.pushes() == []
+
+
+# What the console sends for each: the same bytes, so the same answer; and
+# what the person reads instead of the server's words for developers.
 REFUSED = {
-    "a body over the server's limit": {"title": "Big", "body": "x" * 40000},
-    "a notification over a push message's size": {"title": "Long", "body": "x" * 4000},
-    "a TTL over 28 days": {"title": "Ttl", "ttl": 3000000},
+    "a body far over a push message's size": (
+        {"title": "Big", "body": "x" * 40000},
+        (
+            "It is too long to fit in a push message: shorten the body or the title "
+            "by about 36,"
+        ),
+    ),
+    "a notification just over a push message's size": (
+        {"title": "Long", "body": "x" * 4000},
+        (
+            "It is too long to fit in a push message: shorten the body or the title "
+            "by about "
+        ),
+    ),
+    "a topic's name with a space": (
+        {"title": "Hello", "topic": "breaking news"},
+        (
+            "A topic's name is made of letters, digits, “.”, “_” or “-”, at most 64 "
+            "of them, without spaces."
+        ),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", REFUSED)
-def test_a_refused_send_shows_the_servers_error_in_words(
+def test_a_send_the_server_refuses_says_in_plain_words_what_to_change(
     console, server, push_service, case
 ):
     subscribe(server, push_service, [])
-    body = REFUSED[case]
+    body, plain = REFUSED[case]
     said = requests.post(
         server.url + "/push",
         data=json.dumps(body, separators=(",", ":")),
@@ -673,10 +869,11 @@ def test_a_refused_send_shows_the_servers_error_in_words(
     assert said.status_code in (400, 413)
     console.sign_in()
     console.compose(**{name: str(value) for name, value in body.items()})
-    assert console.send()["code"] == said.status_code
-    alert = console.page.get_by_role("alert").filter(has_text=said.json()["error"])
+    assert console.send(everyone="topic" not in body)["code"] == said.status_code
+    alert = console.page.get_by_role("alert").filter(has_text=plain)
     expect(alert).to_be_visible()
     assert alert.get_attribute("id") == "compose-error"
+    assert said.json()["error"] not in alert.inner_text()
     expect(console.page.locator("#history-empty")).to_be_visible()
     assert push_service.received() == []
 
@@ -687,6 +884,7 @@ def test_a_server_out_of_reach_is_explained_in_a_sentence(console, server):
     server.stop()
     console.compose(title="Into the void")
     console.page.click("#send")
+    console.page.click("#everyone-yes")  # asked without a count: none can be had
     expect(console.page.locator("#compose-error")).to_contain_text(
         "Could not reach the server"
     )
@@ -720,7 +918,7 @@ def send_some(console: Console, server: Server, push_service) -> None:
         body="Version 2 is live: faster pages and a new dashboard.",
         url="https://example.org/changelog",
     )
-    console.send()
+    console.send(everyone=True)
     expect(console.page.locator("#progress-text")).to_contain_text("Done: 3 of 3 sent")
     # Every message arrives; two of the three deploy notes are clicked.
     for n, delivery in enumerate(push_service.wait_for(4)):
@@ -793,7 +991,7 @@ def test_screenshots_show_the_console_after_a_send(
     phone = Console(browser, server, PHONE)
     phone.sign_in()
     phone.compose(title="Back online", body="The service is up again.")
-    phone.send()
+    phone.send(everyone=True)
     expect(phone.page.locator("#progress-text")).to_contain_text("Done: 3 of 3 sent")
     expect(phone.page.locator("#history-table tbody tr")).to_have_count(4)
     phone.page.evaluate(
