@@ -1362,6 +1362,14 @@ def test_every_link_of_the_readme_and_docs_reaches_its_page_and_heading():
                 assert anchor in _anchors(where.read_text()), f"{page.name}: {target}"
 
 
+def test_the_documented_commands_run_on_a_stock_debian():
+    """Debian has python3, not python: every command says python3 or
+    .venv/bin/python."""
+    for page, text in _documentation().items():
+        bare = re.findall(r"(?<![\w/.-])python [\w./-]+", text)
+        assert bare == [], f"{page.name}: {bare}"
+
+
 def test_the_push_fields_are_one_table_with_every_field():
     """docs/api.md's table of POST /push fields is one table (a paragraph
     inside it would show its second half as raw text), naming every field."""
