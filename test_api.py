@@ -1384,6 +1384,71 @@ def test_the_push_fields_are_one_table_with_every_field():
     assert '{"message": "text"}' in table
 
 
+def _readme_snippet(language: str, section: str) -> str:
+    """The first ```language block of the README's ``## section``."""
+    readme = (ROOT / "README.md").read_text()
+    text = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    code = text.split(f"```{language}\n", 1)[1].split("```")[0]
+    assert len([line for line in code.splitlines() if line.strip()]) <= 5, code
+    return code
+
+
+def _the_one_notification(server: Server) -> dict:
+    answer = requests.get(server.url + "/notifications", headers=AUTH)
+    [notification] = answer.json()["notifications"]
+    return notification
+
+
+def test_the_readme_python_requests_snippet_sends_through_a_real_server(
+    server_factory, monkeypatch, capsys
+):
+    """README "Send from your backend": five lines of Python with requests,
+    reading WEBPUSH_URL and WEBPUSH_TOKEN, make a notification."""
+    server = server_factory().start()
+    monkeypatch.setenv("WEBPUSH_URL", server.url)
+    monkeypatch.setenv("WEBPUSH_TOKEN", TOKEN)
+    code = _readme_snippet("python", "Send from your backend")
+    exec(code, {})  # noqa: S102 - the README's own code
+    status, notification_id = capsys.readouterr().out.split()
+    assert status == "202"
+    notification = _the_one_notification(server)
+    assert (notification["id"], notification["title"]) == (
+        notification_id,
+        "Deploy done",
+    )
+
+
+def test_the_readme_node_fetch_snippet_sends_through_a_real_server(server_factory):
+    """README "Send from your backend": five lines of Node 18+ with its global
+    fetch, as an ES module, make a notification."""
+    if not shutil.which("node"):
+        if os.environ.get("CI"):
+            pytest.fail("node is missing: CI machines have it")
+        pytest.skip("node is not installed")
+    server = server_factory().start()
+    done = subprocess.run(
+        [
+            "node",
+            "--input-type=module",
+            "-e",
+            _readme_snippet("js", "Send from your backend"),
+        ],
+        env={**os.environ, "WEBPUSH_URL": server.url, "WEBPUSH_TOKEN": TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    status, notification_id = done.stdout.split()
+    assert status == "202"
+    notification = _the_one_notification(server)
+    assert (notification["id"], notification["title"]) == (
+        notification_id,
+        "Deploy done",
+    )
+
+
 RUN_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt "
     "&& .venv/bin/python api.py"
