@@ -1,4 +1,4 @@
-"""Tests for api.py, one per promise in README.
+"""Tests for api.py, one per promise in the README and docs/.
 
 Everything talks to real parts: the WSGI app through WebTest, a real
 ``python api.py`` process over HTTP, and a push-service stand-in on 127.0.0.1

@@ -379,7 +379,7 @@ def test_the_audience_shows_subscribers_per_topic_and_a_topic_send_reaches_only_
     assert console.cell(answer["id"], "Topic") == "alerts"
 
 
-# -- people (README "Notify one person") ---------------------------------------------
+# -- people (docs/people.md) --------------------------------------------------------
 
 SECRET = "a-site-backend-secret-0123456789abcdef"
 
@@ -509,7 +509,7 @@ def test_a_server_without_topics_says_so_and_the_rest_still_works(console, serve
     expect(console.page.locator("#history-table tbody tr")).to_have_count(1)
 
 
-# -- keys (README "API keys") ------------------------------------------------------
+# -- keys (docs/api-keys.md) ------------------------------------------------------
 
 
 @ON_BOTH_STORES

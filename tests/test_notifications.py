@@ -1,4 +1,4 @@
-"""Notifications as durable jobs: README's "Notifications" section, one test a
+"""Notifications as durable jobs: docs/notifications.md, one test a
 promise. The app runs in-process through WebTest, or as a real ``python
 api.py`` process where a restart, kill -9 or SIGTERM is the point; pushes go to
 the decrypting stand-in (tests/push_service.py)."""
