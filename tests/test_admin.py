@@ -503,7 +503,7 @@ def test_a_send_most_push_services_refuse_shows_failed_in_red_and_some_in_amber(
     assert page.evaluate(colour, f'tr[data-id="{answer["id"]}"] .status') == amber
 
 
-# -- people (README "Notify one person") ---------------------------------------------
+# -- people (docs/people.md) --------------------------------------------------------
 
 SECRET = "a-site-backend-secret-0123456789abcdef"
 
@@ -633,7 +633,7 @@ def test_a_server_without_topics_says_so_and_the_rest_still_works(console, serve
     expect(console.page.locator("#history-table tbody tr")).to_have_count(1)
 
 
-# -- keys (README "API keys") ------------------------------------------------------
+# -- keys (docs/api-keys.md) ------------------------------------------------------
 
 
 @ON_BOTH_STORES

@@ -255,7 +255,7 @@ def test_disabling_push_unsubscribes_and_deletes_the_subscription_on_the_server(
     assert demo.errors == []
 
 
-# -- the made-up sign-in (README "Notify one person": the demo) -------------------------
+# -- the made-up sign-in (docs/people.md: the demo) -------------------------------------
 
 DEMO_SECRET = "a-site-backend-secret-0123456789abcdef"
 
@@ -358,7 +358,7 @@ def test_the_page_shows_the_curl_command_and_reads_well_on_a_phone(
     assert f"{server.url}/push" in curl and "Bearer <PUSH_TOKEN>" in curl
     width = demo.page.evaluate("document.documentElement.scrollWidth")
     assert width <= 420  # no sideways scrolling at phone width
-    # UPDATE_SCREENSHOT=1 refreshes the picture in README.
+    # UPDATE_SCREENSHOT=1 refreshes the picture in docs/console.md.
     path = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "demo.png"
     demo.page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000

@@ -1,4 +1,4 @@
-"""API keys with scopes: README's "API keys", one test a promise.
+"""API keys with scopes: docs/api-keys.md, one test a promise.
 
 The push token is the admin key; ``POST /keys`` makes others, each with a
 scope (send, read, admin), a send key perhaps narrowed to topics, perhaps

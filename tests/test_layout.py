@@ -1,4 +1,4 @@
-"""api.py reads top to bottom (README "Development", shared STYLE.md): its
+"""api.py reads top to bottom (docs/development.md, shared STYLE.md): its
 banner sections come in a fixed order and each uses only names defined in
 it or in a section above it."""
 

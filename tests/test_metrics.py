@@ -1,4 +1,4 @@
-"""GET /metrics: README's "Metrics" section. The text is read with
+"""GET /metrics: docs/receipts-and-metrics.md, "Metrics". The text is read with
 prometheus_client's own parser and checked against a fan-out whose outcomes
 the test chose (the decrypting stand-in answers each subscriber as scripted)."""
 

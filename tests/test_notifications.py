@@ -1,4 +1,4 @@
-"""Notifications as durable jobs: README's "Notifications" section, one test a
+"""Notifications as durable jobs: docs/notifications.md, one test a
 promise. The app runs in-process through WebTest, or as a real ``python
 api.py`` process where a restart, kill -9 or SIGTERM is the point; pushes go to
 the decrypting stand-in (tests/push_service.py)."""
@@ -595,6 +595,18 @@ def test_forged_or_replayed_receipts_change_nothing(app, settings, push_service)
     document = status_document(app, notification_id)
     assert (document["delivered"], document["clicked"], document["closed"]) == (1, 0, 0)
     assert status_document(app, other_id)["clicked"] == 0
+
+
+def test_a_receipt_posted_to_an_id_no_notification_has_is_403_not_404(
+    app, push_service
+):
+    """docs/api.md: the receipt is checked before the notification is looked
+    up, so an id that was never a notification's answers as a forged receipt
+    does, and says nothing of which ids exist."""
+    _, [message] = _receipts(app, push_service, 1)
+    never = "N" * 16
+    error = _report(app, never, "clicked", message["receipt"], status=403)["error"]
+    assert "not made for this notification" in error
 
 
 def test_receipts_are_rate_limited_per_client_apart_from_subscription_writes(

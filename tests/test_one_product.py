@@ -1,5 +1,5 @@
-"""One notification product on either store: the promises of README's
-"Notifications" (isolation, resumption, counting causes of failure, a full
+"""One notification product on either store: the promises of
+docs/notifications.md (isolation, resumption, counting causes of failure, a full
 disk) held by the one ``NotificationEngine`` over ``JournalJobStore`` (JSON)
 and ``RedisJobStore`` (Redis) alike. Each test runs on both stores unless its
 docstring says why it cannot; a real ``python api.py`` process where a
@@ -36,7 +36,7 @@ from tests.test_scale_out import cluster  # noqa: F401 - a fixture, used by name
 ERROR_FIELDS = {"channel", "origin", "status", "reason", "count"}
 RECEIPT_FIELDS = ("delivered", "clicked", "closed")
 # Refusals a push service may answer, each counted as ``failed`` with the
-# subscription kept (README "Delivery"): no retry, no removal.
+# subscription kept (docs/delivery.md): no retry, no removal.
 REFUSALS = (400, 401, 402, 403, 405, 406, 409, 411, 412, 413, 415, 422)
 
 
@@ -107,7 +107,7 @@ def _check_isolation(url: str, push_service: PushService, subs: dict) -> None:
 def test_a_hung_push_service_delays_neither_its_fan_outs_healthy_subscribers_nor_another_notification(
     server_factory, backend_env, tmp_path, push_service
 ):
-    """README "Isolation", on either store: 2,000 subscribers on a push
+    """docs/notifications.md, "Isolation", on either store: 2,000 subscribers on a push
     service that never answers (PUSH_TIMEOUT=5) and 10 healthy ones in one
     fan-out; the healthy get it within 2 s, and another notification to 10
     other healthy subscribers is done within 2 s while the first still sends."""
@@ -147,7 +147,7 @@ def test_a_hung_push_service_delays_nothing_else_across_workers_on_redis(
 def test_a_small_notification_goes_ahead_of_a_large_fan_out_to_the_same_push_service(
     app_with,
 ):
-    """README "Notifications": a notification to at most 1,000 subscribers
+    """docs/notifications.md: a notification to at most 1,000 subscribers
     has slots of its own and goes ahead of what waits, so a 3,000-subscriber
     fan-out to the same slow push service does not hold it back."""
     with PushService(latency=0.05) as service:
@@ -173,7 +173,7 @@ def test_a_small_notification_goes_ahead_of_a_large_fan_out_to_the_same_push_ser
 def test_a_push_services_backlog_does_not_hold_back_another_push_services_messages(
     json_settings, push_service, monkeypatch
 ):
-    """README "Delivery": a push service that hangs fills only its own slots,
+    """docs/delivery.md: a push service that hangs fills only its own slots,
     and every other push service's messages go out at once. Delivery knows
     no store, so this runs once: 1,000 messages for a hung push service are
     handed over first, then one for a healthy one; the healthy one's is

@@ -1,5 +1,5 @@
-"""What browsers receive, and how a subscription's life ends: README's
-"Payload formats" and "Subscriptions age" sections. Every payload is the
+"""What browsers receive, and how a subscription's life ends: docs/notifications.md,
+"Payload formats" and "Subscriptions age". Every payload is the
 plaintext the decrypting stand-in (tests/push_service.py) got."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Scaling out on Redis (README "Scaling out"): several ``python api.py`` and
+"""Scaling out on Redis (docs/scaling-out.md): several ``python api.py`` and
 ``python api.py --worker`` processes on one real redis-server share the
 subscriptions, the notifications and the work, and survive one of them dying.
 
-Every process here is real, started the way README says; the push service is
+Every process here is real, started the way docs/scaling-out.md says; the push service is
 the decrypting stand-in on 127.0.0.1.
 """
 
@@ -40,7 +40,7 @@ from tests.push_service import PushService
 from tests.redis_server import RedisServer, fresh_prefix
 
 # What one worker may have in flight, so what a kill -9 may send twice
-# (README): BATCHES_PER_PROCESS batches per delivery process of BATCH_SIZE.
+# (docs/scaling-out.md): BATCHES_PER_PROCESS batches per delivery process of BATCH_SIZE.
 WORKER_BOUND = api.BATCHES_PER_PROCESS * api.BATCH_SIZE  # PUSH_PROCESSES=1
 
 

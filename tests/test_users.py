@@ -1,4 +1,4 @@
-"""People, not only browsers: README's "Notify one person", one test a promise.
+"""People, not only browsers: docs/people.md, one test a promise.
 
 A subscription is bound to a user by a token the site's backend signs
 (USER_TOKEN_SECRET, HS256, checked by PyJWT); a push goes to users or to
@@ -533,14 +533,14 @@ def test_a_server_process_sends_to_a_user_and_erases_them(
         assert secret not in output
 
 
-# -- README's snippets, as a site's backend runs them -------------------------------
+# -- docs/people.md's snippets, as a site's backend runs them -----------------------
 
 
 def _readme_block(language: str, after: str) -> str:
-    """The first ```language block of README's "Notify one person" after ``after``."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Notify one person", 1)[1].split("\n## ", 1)[0]
-    return section.split(after, 1)[1].split(f"```{language}\n", 1)[1].split("```")[0]
+    """The first ```language block of docs/people.md ("Notify one person", in
+    full; the README has its short version) after ``after``."""
+    page = (ROOT / "docs" / "people.md").read_text()
+    return page.split(after, 1)[1].split(f"```{language}\n", 1)[1].split("```")[0]
 
 
 def test_the_readme_python_token_snippet_makes_a_token_that_binds(
@@ -556,7 +556,7 @@ def test_the_readme_python_token_snippet_makes_a_token_that_binds(
 
 @pytest.fixture(scope="session")
 def jsonwebtoken(tmp_path_factory) -> str:
-    """A directory with npm's jsonwebtoken installed, as README tells a Node site."""
+    """A directory with npm's jsonwebtoken installed, as docs/people.md tells a Node site."""
     npm = shutil.which("npm")
     if not (npm and shutil.which("node")):
         if os.environ.get("CI"):
