@@ -138,13 +138,18 @@ function askPermission() {
   return new Promise((resolve) => Notification.requestPermission(resolve)?.then(resolve));
 }
 
+// The site's worker did not start: most often, its importScripts() of
+// webpush-sw.js could not reach the push server.
+const NO_WORKER = "The part of this site that shows notifications could not be loaded. Reload the page in a moment.";
+
+/** The registration once its worker is active (push needs one). */
 function activated(registration) {
   if (registration.active) return Promise.resolve(registration);
   const worker = registration.installing || registration.waiting;
   return new Promise((resolve, reject) => {
     worker.addEventListener("statechange", () => {
       if (worker.state === "activated") resolve(registration);
-      if (worker.state === "redundant") reject(new WebPushError("unsupported", "The site's service worker could not be started. Reload the page, then try again."));
+      if (worker.state === "redundant") reject(new WebPushError("server", NO_WORKER));
     });
   });
 }
@@ -159,13 +164,19 @@ function ready() {
 /**
  * Registers the site's own service worker (which takes in webpush-sw.js).
  * `server`: the push server's URL, by default where this module came from.
- * Rejects with "unsupported", "insecure" or "needs-home-screen".
+ * Rejects with "unsupported", "insecure" or "needs-home-screen", or with
+ * "server" when the worker does not start (its importScripts() failed).
  */
 export async function init({ server, serviceWorker, scope } = {}) {
   const base = (server || new URL(".", import.meta.url).href).replace(/\/+$/, "");
   refuseIfUnsupported();
   if (!serviceWorker) throw new TypeError("webpush.init: name the site's service worker, e.g. { serviceWorker: '/sw.js' }");
-  const registration = await navigator.serviceWorker.register(serviceWorker, scope ? { scope } : undefined);
+  let registration;
+  try {
+    registration = await navigator.serviceWorker.register(serviceWorker, scope ? { scope } : undefined);
+  } catch (error) {
+    throw new WebPushError("server", NO_WORKER, { cause: error });
+  }
   setup = { server: base, registration: await activated(registration) };
   return setup;
 }
