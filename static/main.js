@@ -4,15 +4,12 @@
 
 const SIGN_IN_KEY = "webpush-demo-user";
 
-const API = apiBase();
+// Code comes from the page's own origin or the server its <meta> names;
+// ?api= in a link only says which server to talk to, never whose code to run.
+const CLIENT = (document.querySelector('meta[name="webpush-api"]')?.content || location.origin).replace(/\/+$/, "");
+const API = (new URLSearchParams(location.search).get("api") || CLIENT).replace(/\/+$/, "");
 const $ = (id) => document.getElementById(id);
 let webpush; // the client, from the push server: main() imports it
-
-function apiBase() {
-  const fromQuery = new URLSearchParams(location.search).get("api");
-  const fromMeta = document.querySelector('meta[name="webpush-api"]')?.content;
-  return (fromQuery || fromMeta || location.origin).replace(/\/+$/, "");
-}
 
 function say(text, kind = "info") {
   const status = $("status");
@@ -136,11 +133,11 @@ async function main() {
   $("topics").value = localStorage.getItem("webpush-topics") || "";
 
   try {
-    webpush = await import(`${API}/webpush.js`);
+    webpush = await import(`${CLIENT}/webpush.js`);
   } catch {
     return say("The push server could not be reached. Reload the page in a moment.", "error");
   }
-  await webpush.init({ server: API, serviceWorker: `/sw.js?api=${encodeURIComponent(API)}` });
+  await webpush.init({ server: API, serviceWorker: `/sw.js?client=${encodeURIComponent(CLIENT)}&api=${encodeURIComponent(API)}` });
   const current = await currentSubscription();
   show(current);
   const { users: usersKnown } = await api("GET", "/subscription");

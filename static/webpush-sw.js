@@ -11,9 +11,10 @@
   "use strict";
 
   // Served as /webpush-sw.js, the line below names the server that served it,
-  // so a worker on another origin reports to it. Read from static/ as it is,
-  // it falls back to the worker's own origin.
-  const SERVER = self.location.origin; // the server's URL, written in when served
+  // so a worker on another origin reports to it (read from static/ as it is:
+  // the worker's own origin). A worker whose server is not where its code
+  // came from (the demo with ?api=) says so first, in self.webpushServer.
+  const SERVER = self.webpushServer || self.location.origin; // the server's URL, written in when served
 
   // Receipts: each message names its notification ("id") and carries this
   // subscriber's "receipt"; sending it back counts the event once. A
