@@ -70,7 +70,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
+from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -8115,8 +8115,23 @@ def operation_routes(app: bottle.Bottle, http: Http) -> None:
         return metrics_response(http.services.metrics)
 
 
-def page_routes(app: bottle.Bottle) -> None:
-    """What people open: the demo page, the console, their files."""
+# In static/webpush-sw.js, what /webpush-sw.js replaces with the server's URL.
+WORKER_SERVER_MARK = "self.location.origin; // the server's URL, written in when served"
+
+
+def _for_any_site(response: bottle.HTTPResponse) -> bottle.HTTPResponse:
+    """A script of the client: any site may load it (CORS, for a module), and
+    browsers keep it five minutes before they ask again (ETag: a 304)."""
+    response.set_header("Access-Control-Allow-Origin", "*")
+    response.set_header("Content-Type", "text/javascript; charset=utf-8")
+    response.set_header("Cache-Control", "public, max-age=300")
+    return response
+
+
+def page_routes(app: bottle.Bottle, http: Http) -> None:
+    """What people open: the demo page, the console, their files; and the
+    client any site takes in (docs/client.md): ``/webpush.js`` for its
+    pages, ``/webpush-sw.js`` for its service worker."""
 
     @app.get("/")
     def index() -> bottle.HTTPResponse:
@@ -8133,6 +8148,28 @@ def page_routes(app: bottle.Bottle) -> None:
     @app.get("/static/<name:path>")
     def static(name: str) -> bottle.HTTPResponse:
         return serve_static(name)
+
+    @app.get("/webpush.js")
+    def client_module() -> bottle.HTTPResponse:
+        return _for_any_site(serve_static("webpush.js"))
+
+    @app.get("/webpush-sw.js")
+    def client_worker() -> bottle.HTTPResponse:
+        # A site's worker takes this in from another origin, where it cannot
+        # tell where it came from: the server writes its own URL in.
+        try:
+            server = http.public_base().rstrip("/")
+        except ApiError as e:
+            return bottle.HTTPResponse(e.message + "\n", status=e.status)
+        path = STATIC_DIR / "webpush-sw.js"
+        source = path.read_text(encoding="utf-8")
+        body = source.replace(WORKER_SERVER_MARK, json.dumps(server) + ";", 1).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        modified = formatdate(path.stat().st_mtime, usegmt=True)
+        headers = {"ETag": etag, "Last-Modified": modified}
+        if request_header("If-None-Match") == etag:
+            return _for_any_site(bottle.HTTPResponse(status=304, **headers))
+        return _for_any_site(bottle.HTTPResponse(body, **headers))
 
 
 def id_in_path(value: str) -> str:
@@ -8214,7 +8251,7 @@ def create_app(
     operation_routes(app, http)
     if settings.demo_users and settings.user_token_secret:
         demo_routes(app, http)
-    page_routes(app)
+    page_routes(app, http)
     app.config["webpush.in_flight"] = InFlight(app)  # what a shutdown waits for
     for rule in {route.rule for route in app.routes if route.config.get("api")}:
         app.route(rule, "OPTIONS", cors.preflight, api=True)

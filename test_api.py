@@ -739,7 +739,8 @@ def test_demo_page_and_service_worker_are_served(app):
     assert page.content_type == "text/html" and "main.js" in page.text
     worker = app.get("/sw.js")
     assert worker.content_type == "application/javascript"
-    assert "showNotification" in worker.text
+    assert "/webpush-sw.js" in worker.text  # the handlers any site takes in
+    assert "showNotification" in app.get("/webpush-sw.js").text
     assert app.get("/static/main.js").content_type == "application/javascript"
     assert app.get("/static/manifest.webmanifest").json["start_url"] == "/"
 

@@ -1,18 +1,15 @@
-// The demo's story: detect support, register the worker, read the state,
-// subscribe or unsubscribe, and tell the server; and, with a made-up
+// The demo is a user of webpush.js, the client any site takes in from the
+// push server: read the state, subscribe or unsubscribe; and, with a made-up
 // sign-in, bind this browser to a person the server can write to.
-"use strict";
 
 const SIGN_IN_KEY = "webpush-demo-user";
 
-const API = apiBase();
+// Code comes from the page's own origin or the server its <meta> names;
+// ?api= in a link only says which server to talk to, never whose code to run.
+const CLIENT = (document.querySelector('meta[name="webpush-api"]')?.content || location.origin).replace(/\/+$/, "");
+const API = (new URLSearchParams(location.search).get("api") || CLIENT).replace(/\/+$/, "");
 const $ = (id) => document.getElementById(id);
-
-function apiBase() {
-  const fromQuery = new URLSearchParams(location.search).get("api");
-  const fromMeta = document.querySelector('meta[name="webpush-api"]')?.content;
-  return (fromQuery || fromMeta || location.origin).replace(/\/+$/, "");
-}
+let webpush; // the client, from the push server: main() imports it
 
 function say(text, kind = "info") {
   const status = $("status");
@@ -36,6 +33,11 @@ async function api(method, path, body) {
   return data;
 }
 
+async function currentSubscription() {
+  const registration = await navigator.serviceWorker.getRegistration();
+  return (await registration?.pushManager.getSubscription()) || null;
+}
+
 // -- the made-up sign-in -------------------------------------------------------------
 
 /** Who is signed in on this demo: {user, user_token}, or null. */
@@ -50,7 +52,7 @@ function signedIn() {
 /** What the page adds to its subscription: the signed-in person, if any. */
 function person() {
   const who = signedIn();
-  return who ? { user: who.user, user_token: who.user_token } : {};
+  return who ? { user: who.user, userToken: who.user_token } : {};
 }
 
 function showPerson(usersKnown, subscribed) {
@@ -71,7 +73,7 @@ function showPerson(usersKnown, subscribed) {
   showCurl();
 }
 
-async function signIn(registration) {
+async function signIn() {
   const user = $("demo-user").value.trim();
   if (!user) throw new Error("Type a name to sign in as.");
   let token;
@@ -84,42 +86,16 @@ async function signIn(registration) {
     throw error;
   }
   localStorage.setItem(SIGN_IN_KEY, JSON.stringify(token));
-  const subscription = await registration.pushManager.getSubscription();
-  if (subscription) await api("POST", "/subscription", { ...subscription.toJSON(), ...person() });
+  if ((await webpush.state()) === "subscribed") await webpush.subscribe(person());
   return token.user;
 }
 
-async function signOut(registration) {
+async function signOut() {
   const { user } = signedIn() || {};
   localStorage.removeItem(SIGN_IN_KEY);
-  const subscription = await registration.pushManager.getSubscription();
   // Its own keys prove it is this browser's subscription: the server unbinds it.
-  if (subscription) await api("POST", "/subscription", { ...subscription.toJSON(), user: null });
+  if ((await webpush.state()) === "subscribed") await webpush.subscribe({ user: null });
   return user;
-}
-
-function unsupportedReason() {
-  if (!window.isSecureContext) {
-    return "Push needs a secure context: open this page over https, or on http://localhost.";
-  }
-  if (!("serviceWorker" in navigator) || !("PushManager" in window) || !("Notification" in window)) {
-    const iOS = /iPad|iPhone|iPod/.test(navigator.userAgent);
-    return iOS
-      ? "On iPhone and iPad, push works only for sites added to the Home Screen (iOS 16.4 or later): tap Share, then Add to Home Screen, and open it from there."
-      : "This browser does not support Web Push (service workers, PushManager and notifications are all needed).";
-  }
-  return null;
-}
-
-function keyBytes(base64url) {
-  const base64 = (base64url + "=".repeat((4 - (base64url.length % 4)) % 4)).replace(/-/g, "+").replace(/_/g, "/");
-  return Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
-}
-
-function sameKey(buffer, bytes) {
-  if (!buffer) return false;
-  const a = new Uint8Array(buffer);
-  return a.length === bytes.length && a.every((v, i) => v === bytes[i]);
 }
 
 function topics() {
@@ -134,40 +110,15 @@ function show(subscription) {
   $("subscription").textContent = on ? JSON.stringify(subscription.toJSON(), null, 2) : "Not subscribed.";
 }
 
-async function subscribe(registration) {
-  const permission = await Notification.requestPermission();
-  if (permission !== "granted") {
-    throw new Error("Notifications are blocked for this site. Allow them in the browser's site settings, then try again.");
-  }
-  const { public_key } = await api("GET", "/subscription");
-  const serverKey = keyBytes(public_key);
-  let subscription = await registration.pushManager.getSubscription();
-  if (subscription && !sameKey(subscription.options.applicationServerKey, serverKey)) {
-    await subscription.unsubscribe(); // made for another server key: it would never receive
-    subscription = null;
-  }
-  subscription ||= await registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: serverKey });
+async function subscribe() {
   try {
-    await api("POST", "/subscription", { ...subscription.toJSON(), topics: topics(), ...person() });
+    await webpush.subscribe({ topics: topics(), ...person() });
   } catch (error) {
-    if (error.status !== 403) throw error;
+    if (error.status !== 403 || !signedIn()) throw error;
     localStorage.removeItem(SIGN_IN_KEY); // the made-up sign-in expired
-    await api("POST", "/subscription", { ...subscription.toJSON(), topics: topics() });
+    await webpush.subscribe({ topics: topics() });
   }
   localStorage.setItem("webpush-topics", $("topics").value);
-  return subscription;
-}
-
-async function unsubscribe(registration) {
-  const subscription = await registration.pushManager.getSubscription();
-  if (!subscription) return;
-  const { endpoint } = subscription;
-  await subscription.unsubscribe();
-  try {
-    await api("DELETE", "/subscription", { endpoint });
-  } catch (error) {
-    if (!/no subscription/.test(error.message)) throw error; // already gone on the server
-  }
 }
 
 function showCurl() {
@@ -181,18 +132,19 @@ async function main() {
   showCurl();
   $("topics").value = localStorage.getItem("webpush-topics") || "";
 
-  const reason = unsupportedReason();
-  if (reason) return say(reason, "error");
-
-  const registration = await navigator.serviceWorker.register(`/sw.js?api=${encodeURIComponent(API)}`);
-  await navigator.serviceWorker.ready;
-  const current = await registration.pushManager.getSubscription();
+  try {
+    webpush = await import(`${CLIENT}/webpush.js`);
+  } catch {
+    return say("The push server could not be reached. Reload the page in a moment.", "error");
+  }
+  await webpush.init({ server: API, serviceWorker: `/sw.js?client=${encodeURIComponent(CLIENT)}&api=${encodeURIComponent(API)}` });
+  const current = await currentSubscription();
   show(current);
   const { users: usersKnown } = await api("GET", "/subscription");
   if (!usersKnown) localStorage.removeItem(SIGN_IN_KEY);
   showPerson(usersKnown, Boolean(current));
 
-  if (Notification.permission === "denied") {
+  if ((await webpush.state()) === "denied") {
     say("Notifications are blocked for this site. Allow them in the browser's site settings to subscribe.", "error");
   } else {
     say(current ? "Push is enabled for this browser." : "Push is off. Press “Enable push” to subscribe.");
@@ -206,7 +158,7 @@ async function main() {
       } catch (error) {
         say(error.message, "error");
       } finally {
-        const subscription = await registration.pushManager.getSubscription();
+        const subscription = await currentSubscription();
         show(subscription);
         showPerson(usersKnown, Boolean(subscription));
       }
@@ -214,24 +166,23 @@ async function main() {
 
   act("enable", async () => {
     say("Subscribing…");
-    await subscribe(registration);
+    await subscribe();
     say("Push is enabled. Try “Send test notification”.", "ok");
   });
   act("disable", async () => {
-    await unsubscribe(registration);
+    await webpush.unsubscribe();
     say("Push is disabled: this browser is unsubscribed and the server forgot it.", "ok");
   });
   act("sign-in", async () => {
-    const user = await signIn(registration);
+    const user = await signIn();
     say(`Signed in as ${user}.`, "ok");
   });
   act("sign-out", async () => {
-    const user = await signOut(registration);
+    const user = await signOut();
     say(`Signed out: this browser no longer gets ${user}'s notifications.`, "ok");
   });
   act("test", async () => {
-    const subscription = await registration.pushManager.getSubscription();
-    const result = await api("POST", "/subscription/test", subscription.toJSON());
+    const result = await api("POST", "/subscription/test", (await currentSubscription()).toJSON());
     if (result.sent) say("Test notification sent. It should appear in a moment.", "ok");
     else say(`The push service did not accept the test: ${result.results?.[0]?.reason || "see the server log"}`, "error");
   });

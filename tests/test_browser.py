@@ -12,11 +12,15 @@ the notification it shows.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
+import jwt
 import pytest
 import requests
 
@@ -96,10 +100,22 @@ def browser():
 class Demo:
     """The demo page in a fresh browser context, with its console watched."""
 
-    def __init__(self, browser, server: Server, subscriber, query: str = ""):
+    def __init__(
+        self,
+        browser,
+        server: Server,
+        subscriber,
+        query: str = "",
+        site: str | None = None,
+        script: str = "",
+    ):
+        """``site``: the page's origin when it is not the server's (a shop
+        that takes in the client); ``script``: more of an init script, run
+        after the stand-in push manager's."""
         self.server = server
+        self.site = site or server.url
         self.context = browser.new_context(viewport={"width": 420, "height": 900})
-        self.context.grant_permissions(["notifications"], origin=server.url)
+        self.context.grant_permissions(["notifications"], origin=self.site)
         keys = subscriber.subscription["keys"]
         stub = {
             "endpoint": subscriber.endpoint,
@@ -107,13 +123,15 @@ class Demo:
             "auth": keys["auth"],
         }
         self.context.add_init_script(f"({STUB_PUSH_MANAGER})({json.dumps(stub)})")
+        if script:
+            self.context.add_init_script(script)
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on(
             "console", lambda m: m.type == "error" and self.errors.append(m.text)
         )
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.goto(server.url + "/" + query)
+        self.page.goto(self.site + "/" + query)
         self.page.evaluate("navigator.serviceWorker.ready.then(() => true)")
         self.page.wait_for_function(
             "!document.querySelector('#status').textContent.startsWith('Checking')"
@@ -145,11 +163,11 @@ class Demo:
         deadline = time.monotonic() + 10
         while not self.registrations and time.monotonic() < deadline:
             self.page.wait_for_timeout(50)
-        scope = self.server.url + "/"
+        scope = self.site + "/"
         self.cdp.send(
             "ServiceWorker.deliverPushMessage",
             {
-                "origin": self.server.url,
+                "origin": self.site,
                 "registrationId": self.registrations[scope],
                 "data": data,
             },
@@ -390,6 +408,14 @@ def test_a_page_hosted_elsewhere_uses_the_api_across_origins(
         assert api_server.url in demo.page.inner_text("#curl")
         demo.click("#test", "Test notification sent")
         assert push_service.wait_for(1)[0].subscriber == subscriber.id
+        # A link's ?api= names the server to talk to, never whose code runs.
+        loaded = demo.page.evaluate(
+            "performance.getEntriesByType('resource').map((e) => e.name)"
+        )
+        assert f"{server.url}/webpush.js" in loaded
+        assert not [
+            url for url in loaded if url.startswith(api_server.url + "/webpush")
+        ]
         assert demo.errors == []
         demo.close()
     finally:
@@ -577,3 +603,254 @@ def test_a_declarative_message_that_is_not_mutable_still_reports_where_the_worke
     assert shown["title"] == "Fixed"
     delivered = {"delivered": 1, "clicked": 0, "closed": 0}
     assert _receipts_of(server, answer["id"], delivered) == delivered
+
+
+# -- the client any site takes in: webpush.js and webpush-sw.js (docs/client.md) --------
+
+SHOP_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>A shop</title>
+<link rel="icon" href="data:,">
+<p id="status">Checking…</p>
+<script type="module">
+  import * as webpush from "{server}/webpush.js";
+  window.webpush = webpush;
+  await webpush.init({{ serviceWorker: "/sw.js" }});
+  document.querySelector("#status").textContent = await webpush.state();
+</script>
+"""
+
+SHOP_WORKER = 'importScripts("{server}/webpush-sw.js");\n'
+
+
+@contextlib.contextmanager
+def shop_site(directory: Path, server: Server):
+    """A shop on an origin of its own (another port): a page that imports the
+    server's webpush.js, and its own service worker that takes in
+    webpush-sw.js. Served by Python's http.server, which knows nothing of push."""
+    directory.mkdir()
+    (directory / "index.html").write_text(SHOP_PAGE.format(server=server.url))
+    (directory / "sw.js").write_text(SHOP_WORKER.format(server=server.url))
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{site.server_address[1]}"
+    finally:
+        site.shutdown()
+        site.server_close()
+
+
+def test_a_shop_on_another_origin_subscribes_a_signed_in_user_with_webpush_js_and_its_worker_shows_the_push_and_reports_it(
+    browser, tmp_path, push_service
+):
+    server = Server(tmp_path, PUSH_PROCESSES="1", USER_TOKEN_SECRET=DEMO_SECRET)
+    server.start()
+    try:
+        with shop_site(tmp_path / "shop", server) as site:
+            subscriber = push_service.subscriber()
+            shop = Demo(browser, server, subscriber, site=site)
+            assert site != server.url and shop.status() == "unsubscribed"
+            claims = {"sub": "ana", "exp": int(time.time()) + 600}
+            token = jwt.encode(claims, DEMO_SECRET, algorithm="HS256")
+            answer = shop.page.evaluate(
+                "token => webpush.subscribe({ topics: ['deals'], user: 'ana', userToken: token })",
+                token,
+            )
+            assert answer == {"id": api.endpoint_id(subscriber.endpoint), "user": "ana"}
+            assert devices_of(server, "ana") == [answer["id"]]
+
+            pushed = server_pushed(
+                server, {"title": "Your order shipped", "users": ["ana"]}
+            )
+            delivery = push_service.wait_for(1)[0]
+            shop.deliver(delivery.plaintext.decode())
+            [shown] = shop.notifications()
+            assert shown["title"] == "Your order shipped"
+            delivered = {"delivered": 1, "clicked": 0, "closed": 0}
+            assert _receipts_of(server, pushed["id"], delivered) == delivered
+            assert shop.errors == []
+            shop.close()
+    finally:
+        server.stop()
+
+
+STATE = "async () => (await import('/webpush.js')).state()"
+
+# What a call of the client rejects with: its code and its sentence.
+FAILURE = """async (verb) => {
+  const webpush = await import('/webpush.js');
+  try {
+    await webpush[verb]({ serviceWorker: '/sw.js' });
+  } catch (error) {
+    return { code: error.code, message: error.message, isError: error instanceof Error };
+  }
+  return null;
+}"""
+
+
+def test_state_answers_unsubscribed_then_subscribed(demo):
+    assert demo.page.evaluate(STATE) == "unsubscribed"
+    demo.click("#enable", "Push is enabled")
+    assert demo.page.evaluate(STATE) == "subscribed"
+
+
+DENIED = """
+Object.defineProperty(Notification, "permission", { get: () => "denied" });
+Notification.requestPermission = async () => "denied";
+"""
+
+
+def test_denied_permission_is_the_state_and_the_error_denied_with_a_sentence(
+    browser, server, push_service
+):
+    demo = Demo(browser, server, push_service.subscriber(), script=DENIED)
+    assert demo.page.evaluate(STATE) == "denied"
+    failure = demo.page.evaluate(FAILURE, "subscribe")
+    assert failure["isError"] and failure["code"] == "denied"
+    assert failure["message"].startswith("Notifications are blocked for this site.")
+    assert stored(server) == 0
+    demo.close()
+
+
+def test_a_browser_without_push_is_the_state_and_the_error_unsupported_with_a_sentence(
+    browser, server
+):
+    context = browser.new_context()
+    context.add_init_script("delete window.PushManager")
+    page = context.new_page()
+    page.goto(server.url + "/")
+    assert page.evaluate(STATE) == "unsupported"
+    for verb in ("init", "subscribe"):
+        failure = page.evaluate(FAILURE, verb)
+        assert failure["isError"] and failure["code"] == "unsupported", verb
+        assert "does not support Web Push" in failure["message"]
+    context.close()
+
+
+# Chrome's answer in a private window, where notifications can be allowed but
+# there is no push service; and its answer when the push service is down.
+REFUSING_PUSH = """
+PushManager.prototype.subscribe = async () => {{
+  throw new DOMException({message!r}, {name!r});
+}};
+"""
+
+
+@pytest.mark.parametrize(
+    "name, message, explained",
+    [
+        (
+            "NotAllowedError",
+            "Registration failed - permission denied",
+            "Private windows can't receive notifications. Open this page in a normal window.",
+        ),
+        (
+            "AbortError",
+            "Registration failed - push service not available",
+            "The browser's push service could not be reached.",
+        ),
+    ],
+    ids=["private window", "push service down"],
+)
+def test_the_demo_explains_a_private_window_and_an_unreachable_push_service(
+    browser, server, push_service, name, message, explained
+):
+    script = REFUSING_PUSH.format(name=name, message=message)
+    demo = Demo(browser, server, push_service.subscriber(), script=script)
+    demo.click("#enable", explained)
+    assert demo.page.get_attribute("#status", "class") == "error"
+    assert demo.page.is_enabled("#enable")
+    assert stored(server) == 0
+    demo.close()
+
+
+NEVER_ANSWERING = """
+PushManager.prototype.subscribe = () => {
+  window.__subscribing = true;
+  return new Promise(() => {});
+};
+"""
+
+
+def test_the_demo_gives_up_on_a_silent_push_service_after_10_seconds_and_says_so(
+    browser, server, push_service
+):
+    demo = Demo(browser, server, push_service.subscriber(), script=NEVER_ANSWERING)
+    demo.page.clock.install()  # the page's timers, moved on by the test
+    demo.page.click("#enable")
+    demo.page.wait_for_function("window.__subscribing === true")
+    assert demo.status() == "Subscribing…"
+    demo.page.clock.run_for(9_000)
+    assert demo.status() == "Subscribing…"
+    demo.page.clock.run_for(1_000)
+    demo.page.wait_for_function(
+        "document.querySelector('#status').className === 'error'"
+    )
+    assert demo.status().startswith(
+        "No answer from the browser's push service within 10 seconds."
+    )
+    assert demo.page.is_enabled("#enable")
+    demo.close()
+
+
+def test_webpush_js_and_webpush_sw_js_are_served_to_any_site_and_cached(server):
+    for path in ("/webpush.js", "/webpush-sw.js"):
+        response = requests.get(server.url + path)
+        assert response.status_code == 200, path
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert response.headers["Cache-Control"] == "public, max-age=300"
+        assert response.headers["Last-Modified"]
+        again = requests.get(
+            server.url + path, headers={"If-None-Match": response.headers["ETag"]}
+        )
+        assert again.status_code == 304, path
+    worker = requests.get(server.url + "/webpush-sw.js").text
+    assert f'|| "{server.url}";' in worker  # its receipts reach it from anywhere
+    assert (
+        "export async function subscribe"
+        in requests.get(server.url + "/webpush.js").text
+    )
+
+
+# The browser rotating a subscription, as the Push API builds the event (the
+# test cannot make real PushSubscription objects: these have their toJSON()).
+SUBSCRIPTION_CHANGE = """([old, renewed]) => {
+  const subscription = (json) => ({ ...json, options: {}, toJSON: () => json });
+  const event = new ExtendableEvent("pushsubscriptionchange");
+  Object.defineProperty(event, "oldSubscription", { value: subscription(old) });
+  Object.defineProperty(event, "newSubscription", { value: subscription(renewed) });
+  self.dispatchEvent(event);
+}"""
+
+
+def test_a_rotated_subscription_is_reposted_by_the_worker_and_keeps_its_topics_and_person(
+    demo_people, push_service
+):
+    demo, server = demo_people, demo_people.server
+    demo.page.fill("#topics", "news")
+    demo.click("#enable", "Push is enabled")
+    demo.page.fill("#demo-user", "ana")
+    demo.click("#sign-in", "Signed in as ana")
+    renewed = push_service.subscriber()
+    [worker] = demo.context.service_workers
+    worker.evaluate(
+        SUBSCRIPTION_CHANGE, [demo.subscriber.subscription, renewed.subscription]
+    )
+    new_id = api.endpoint_id(renewed.endpoint)
+    deadline = time.monotonic() + 10
+    while devices_of(server, "ana") != [new_id] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert devices_of(server, "ana") == [new_id]
+    topics = requests.get(server.url + "/topics", headers=AUTH).json()
+    assert topics == [{"topic": "news", "subscriptions": 1}]
+    assert stored(server) == 1
