@@ -1288,10 +1288,6 @@ def test_a_bad_setting_stops_the_start_with_one_line_and_status_2(
 # The README is for newcomers; the reference is in docs/, one page a subject.
 
 DOCS = ROOT / "docs"
-# Pages the README links to that are written in another branch (webpush.js's
-# reference): their links are checked once the file exists. Empty this once
-# docs/client.md is merged, so that the link must find it.
-PAGES_IN_ANOTHER_BRANCH = {"docs/client.md"}
 README_MAX_LINES = 250
 
 
@@ -1347,7 +1343,7 @@ def test_the_readme_links_every_docs_page():
 
 def test_every_link_of_the_readme_and_docs_reaches_its_page_and_heading():
     """Relative links (pages, pictures, #anchors) of the README and docs/
-    lead somewhere; a page written in another branch may be missing."""
+    lead somewhere."""
     documentation = _documentation()
     for page, text in documentation.items():
         for target in _links(text):
@@ -1355,9 +1351,6 @@ def test_every_link_of_the_readme_and_docs_reaches_its_page_and_heading():
                 continue
             path, _, anchor = target.partition("#")
             where = (page.parent / path).resolve() if path else page
-            name = where.relative_to(ROOT).as_posix()
-            if name in PAGES_IN_ANOTHER_BRANCH and not where.exists():
-                continue
             assert where.exists(), f"{page.name}: {target} leads nowhere"
             if anchor:
                 assert anchor in _anchors(where.read_text()), f"{page.name}: {target}"

@@ -40,7 +40,7 @@ export class WebPushError extends Error {
   }
 }
 
-let setup = null; // {server, registration}, once init() has run
+let setup = null; // a promise of {server, registration}, from init(): a click before it has settled waits for it
 
 // -- what the browser can do ------------------------------------------------------------
 
@@ -80,7 +80,7 @@ async function call(method, path, body) {
   const asked = (async () => {
     let response;
     try {
-      response = await fetch(setup.server + path, {
+      response = await fetch((await setup).server + path, {
         method,
         headers: body ? { "Content-Type": "application/json" } : {},
         body: body ? JSON.stringify(body) : undefined,
@@ -154,7 +154,7 @@ function activated(registration) {
   });
 }
 
-function ready() {
+async function ready() {
   if (!setup) throw new TypeError("webpush: call init() first");
   return setup;
 }
@@ -167,17 +167,19 @@ function ready() {
  * Rejects with "unsupported", "insecure" or "needs-home-screen", or with
  * "server" when the worker does not start (its importScripts() failed).
  */
-export async function init({ server, serviceWorker, scope } = {}) {
+export function init({ server, serviceWorker, scope } = {}) {
   const base = (server || new URL(".", import.meta.url).href).replace(/\/+$/, "");
-  refuseIfUnsupported();
-  if (!serviceWorker) throw new TypeError("webpush.init: name the site's service worker, e.g. { serviceWorker: '/sw.js' }");
-  let registration;
-  try {
-    registration = await navigator.serviceWorker.register(serviceWorker, scope ? { scope } : undefined);
-  } catch (error) {
-    throw new WebPushError("server", NO_WORKER, { cause: error });
-  }
-  setup = { server: base, registration: await activated(registration) };
+  setup = (async () => {
+    refuseIfUnsupported();
+    if (!serviceWorker) throw new TypeError("webpush.init: name the site's service worker, e.g. { serviceWorker: '/sw.js' }");
+    let registration;
+    try {
+      registration = await navigator.serviceWorker.register(serviceWorker, scope ? { scope } : undefined);
+    } catch (error) {
+      throw new WebPushError("server", NO_WORKER, { cause: error });
+    }
+    return { server: base, registration: await activated(registration) };
+  })();
   return setup;
 }
 
@@ -186,7 +188,7 @@ export async function state() {
   const reason = unsupported();
   if (reason) return reason;
   if (Notification.permission === "denied") return "denied";
-  const registration = setup?.registration || (await navigator.serviceWorker.getRegistration());
+  const registration = (await setup?.catch(() => null))?.registration || (await navigator.serviceWorker.getRegistration());
   const subscription = await registration?.pushManager.getSubscription();
   if (subscription && Notification.permission === "granted") return "subscribed";
   return Notification.permission === "default" ? "default" : "unsubscribed";
@@ -201,7 +203,7 @@ export async function state() {
  */
 export async function subscribe({ topics, user, userToken } = {}) {
   refuseIfUnsupported();
-  const { registration } = ready();
+  const { registration } = await ready();
   const permission = await askPermission();
   if (permission === "denied") throw new WebPushError("denied");
   if (permission !== "granted") throw new WebPushError("dismissed");
@@ -235,7 +237,7 @@ export async function subscribe({ topics, user, userToken } = {}) {
 /** Unsubscribes this browser, and has the server forget it. */
 export async function unsubscribe() {
   refuseIfUnsupported();
-  const { registration } = ready();
+  const { registration } = await ready();
   const subscription = await registration.pushManager.getSubscription();
   if (!subscription) return;
   const { endpoint } = subscription;
