@@ -138,18 +138,7 @@ async function main() {
     return say("The push server could not be reached. Reload the page in a moment.", "error");
   }
   await webpush.init({ server: API, serviceWorker: `/sw.js?client=${encodeURIComponent(CLIENT)}&api=${encodeURIComponent(API)}` });
-  const current = await currentSubscription();
-  show(current);
-  const { users: usersKnown } = await api("GET", "/subscription");
-  if (!usersKnown) localStorage.removeItem(SIGN_IN_KEY);
-  showPerson(usersKnown, Boolean(current));
-
-  if ((await webpush.state()) === "denied") {
-    say("Notifications are blocked for this site. Allow them in the browser's site settings to subscribe.", "error");
-  } else {
-    say(current ? "Push is enabled for this browser." : "Push is off. Press “Enable push” to subscribe.");
-  }
-
+  let usersKnown = false;
   const act = (button, work) =>
     $(button).addEventListener("click", async () => {
       $(button).disabled = true;
@@ -186,6 +175,19 @@ async function main() {
     if (result.sent) say("Test notification sent. It should appear in a moment.", "ok");
     else say(`The push service did not accept the test: ${result.results?.[0]?.reason || "see the server log"}`, "error");
   });
+
+  // Everything is known and every button listens before any button is
+  // enabled: a click can never meet a page still starting.
+  const current = await currentSubscription();
+  usersKnown = (await api("GET", "/subscription")).users;
+  if (!usersKnown) localStorage.removeItem(SIGN_IN_KEY);
+  if ((await webpush.state()) === "denied") {
+    say("Notifications are blocked for this site. Allow them in the browser's site settings to subscribe.", "error");
+  } else {
+    say(current ? "Push is enabled for this browser." : "Push is off. Press “Enable push” to subscribe.");
+  }
+  showPerson(usersKnown, Boolean(current));
+  show(current);
 }
 
 main().catch((error) => say(error.message, "error"));
