@@ -8162,6 +8162,8 @@ def page_routes(app: bottle.Bottle, http: Http) -> None:
         except ApiError as e:
             return bottle.HTTPResponse(e.message + "\n", status=e.status)
         path = STATIC_DIR / "webpush-sw.js"
+        if not path.is_file():  # api.py copied without static/
+            return bottle.HTTPResponse(f"{path} is missing\n", status=404)
         source = path.read_text(encoding="utf-8")
         body = source.replace(WORKER_SERVER_MARK, json.dumps(server) + ";", 1).encode()
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'

@@ -191,6 +191,8 @@ def test_without_static_the_pages_say_what_is_missing_and_the_api_works(tmp_path
             assert answer.status_code == 404
             assert answer.headers["Content-Type"].startswith("text/html")
             assert "static/" in answer.text and str(alone) in answer.text
+        for script in ("/webpush.js", "/webpush-sw.js"):
+            assert requests.get(server.url + script).status_code == 404
         assert requests.get(server.url + "/health").json()["status"] == "ok"
     finally:
         proc.terminate()
