@@ -7584,6 +7584,12 @@ class Http:
         request's origin (behind a proxy, the Host it forwarded)."""
         if self.settings.public_url:
             return self.settings.public_url.rstrip("/") + "/"
+        return self.own_base()
+
+    def own_base(self) -> str:
+        """This server's address as this request reached it (behind a
+        proxy, the Host it forwarded), or ApiError 400 for a Host that is
+        not a host name and port."""
         parts = bottle.request.urlparts
         # A chain of proxies may list hosts (X-Forwarded-Host): the first is
         # the one the client asked for.
@@ -8156,9 +8162,10 @@ def page_routes(app: bottle.Bottle, http: Http) -> None:
     @app.get("/webpush-sw.js")
     def client_worker() -> bottle.HTTPResponse:
         # A site's worker takes this in from another origin, where it cannot
-        # tell where it came from: the server writes its own URL in.
+        # tell where it came from: the server writes in its own address, as
+        # this request reached it (PUBLIC_URL is the site's, not ours).
         try:
-            server = http.public_base().rstrip("/")
+            server = http.own_base().rstrip("/")
         except ApiError as e:
             return bottle.HTTPResponse(e.message + "\n", status=e.status)
         path = STATIC_DIR / "webpush-sw.js"

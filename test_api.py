@@ -734,6 +734,14 @@ def test_unknown_routes_and_methods_answer_json(app):
     assert app.put("/subscription", status=405).json["error"]
 
 
+def test_webpush_sw_names_the_push_server_it_came_from_never_public_url(app_with):
+    """PUBLIC_URL is the site's address; receipts go to the push server."""
+    client = app_with(public_url="https://shop.example.org")
+    body = client.get("/webpush-sw.js", headers={"Host": "push.example.org"}).text
+    assert 'self.webpushServer || "http://push.example.org";' in body
+    assert "shop.example.org" not in body
+
+
 def test_demo_page_and_service_worker_are_served(app):
     page = app.get("/")
     assert page.content_type == "text/html" and "main.js" in page.text
