@@ -1301,8 +1301,11 @@ def new_notification(
 ) -> dict:
     """A notification as both queues keep it, before anything is sent."""
     due = now if send_at is None else send_at
+    notification_id = secrets.token_urlsafe(12)
+    while notification_id.startswith("-"):  # an id a command line takes for an option
+        notification_id = secrets.token_urlsafe(12)
     return {
-        "id": secrets.token_urlsafe(12),
+        "id": notification_id,
         "status": "scheduled" if due > now else "queued",
         "source": source,
         "created_by": created_by,
@@ -8956,6 +8959,9 @@ def _command_parser() -> argparse.ArgumentParser:
 def run_command(argv: list[str]) -> int:
     """``python3 api.py user-token|keys ...``: the commands that do not
     serve; a problem is one line on stderr and a non-zero exit status."""
+    # An id made before ids avoided a leading "-" is an id, not an option.
+    if argv[:1] == ["status"] and len(argv) == 2 and argv[1] not in ("-h", "--help"):
+        argv = ["status", "--", argv[1]]
     args = _command_parser().parse_args(argv)
     commands = {
         "send": _send_command,

@@ -15,6 +15,7 @@ import sys
 import pytest
 import requests
 
+import api
 from conftest import BACKENDS, ROOT, TOKEN, Server, env_of, free_port
 
 
@@ -121,6 +122,22 @@ def test_status_and_notifications_show_what_was_sent_and_by_which_key(
     header, row = listed.stdout.splitlines()
     assert header.split()[:3] == ["ID", "STATUS", "SENT"]
     assert row.split()[:3] == [sent, "done", "1"] and row.endswith("Backup done")
+
+
+def test_status_takes_an_id_that_begins_with_a_dash(shared):
+    """Ids made before new ones avoided a leading "-" still work."""
+    done = cli(shared, "status", "-Io-P92-aCZ2g5Q0")
+    assert done.returncode == 1 and "usage:" not in done.stderr
+    assert "no such notification" in done.stderr
+
+
+def test_no_new_notification_id_begins_with_a_dash():
+    message = api.Message({"title": "t"}, b"{}", 60)
+    made = [
+        api.new_notification(message, api.Audience(), 0.0, None, None, "", "api", 0)
+        for _ in range(300)
+    ]
+    assert not [n["id"] for n in made if n["id"].startswith("-")]
 
 
 @pytest.mark.parametrize(
