@@ -88,9 +88,10 @@ def server(request, tmp_path):
 ON_BOTH_STORES = pytest.mark.parametrize("server", BACKENDS, indirect=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def browser():
-    """One Chromium for the module; each test has a fresh context of its own."""
+    """A Chromium of each test's own: notifications shown by one must not be
+    seen, nor held up, by the next."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         yield browser
