@@ -14,7 +14,6 @@ import dataclasses
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import api
+from tests.ports import free_port
 from tests.push_service import PushService, b64url
 from tests.redis_server import RedisServer, fresh_prefix, require_redis_server
 
@@ -132,12 +132,6 @@ def app_with(settings):
 @pytest.fixture
 def store(app):
     return app.app.config["webpush.store"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

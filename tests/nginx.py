@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import time
 
+from tests.ports import free_port
 from tests.push_service import PushService, make_certificate
 
 NGINX = "/usr/sbin/nginx"
@@ -104,7 +105,7 @@ class Nginx:
         try:
             self._write_certificate()
             for attempt in range(5):  # the free port may be taken before nginx binds
-                self.port = _free_port()
+                self.port = free_port()
                 self._write_config()
                 if self._start(last_try=attempt == 4):
                     break
@@ -382,12 +383,6 @@ http {{
                     pass
             process.wait(5)
         self.pid = 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _accepts(port: int) -> bool:

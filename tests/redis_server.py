@@ -22,13 +22,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from tests.ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -58,14 +59,6 @@ def fresh_prefix() -> str:
     """A key prefix no other caller in this process gets, like ``t3-9f2c1a0b:``,
     so tests sharing one server each see only their own keys."""
     return f"t{next(_prefixes)}-{secrets.token_hex(4)}:"
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel
-    picks it; redis-server binds it a moment later, hence the retry in start)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:
@@ -130,10 +123,10 @@ class RedisServer:
             self.url = f"unix://{self.socket_path}?db=0"
             self._launch()
             return
-        # The free port can be taken between _free_port() and redis-server's
+        # The free port can be taken between free_port() and redis-server's
         # bind; try a few ports before giving up.
         for attempt in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             self.url = f"redis://127.0.0.1:{self.port}/0"
             try:
                 self._launch()
