@@ -47,7 +47,6 @@ import functools
 import hashlib
 import heapq
 import hmac
-import html
 import itertools
 import json
 import logging
@@ -7875,7 +7874,13 @@ def notification_routes(app: bottle.Bottle, http: Http) -> None:
         # "push:", apart from webhook deliveries' ids, and each key's apart
         # from another's: none swallows, or shows, another's notification.
         if key:
-            key = f"push:{key}" if caller.name == ADMIN else f"push:{caller.name}:{key}"
+            # "pushkey:", never a prefix of "push:": no Idempotency-Key of the
+            # admin's ("ci:x") is another key's ("x" of "ci").
+            key = (
+                f"push:{key}"
+                if caller.name == ADMIN
+                else f"pushkey:{caller.name}:{key}"
+            )
         try:
             _, document, replayed = http.accept(
                 body, key, body_hash(body), caller=caller
@@ -8069,7 +8074,9 @@ def webhook_routes(app: bottle.Bottle, http: Http) -> None:
             bottle.response.status = 202
             return {"ignored": f"{source} {event!r} of this kind sends no notification"}
         delivery_id = request_header(kind.delivery_header)
-        key = f"webhook:{source}:{delivery_id}" if delivery_id else None
+        # A key's delivery ids are its own: none can claim, or see, another's.
+        sender = f"{caller.name}:" if caller else ""
+        key = f"webhook:{source}:{sender}{delivery_id}" if delivery_id else None
         try:  # a redelivery has the same id: it makes no second notification
             message, document, replayed = http.accept(
                 fields,
@@ -8173,15 +8180,22 @@ def page_routes(app: bottle.Bottle, http: Http) -> None:
             return bottle.HTTPResponse(e.message + "\n", status=e.status)
         path = STATIC_DIR / "webpush-sw.js"
         if not path.is_file():  # api.py copied without static/
-            return bottle.HTTPResponse(f"{path} is missing\n", status=404)
+            log.warning("GET /webpush-sw.js: %s is missing", path)
+            return bottle.HTTPResponse("static/webpush-sw.js is missing\n", status=404)
         source = path.read_text(encoding="utf-8")
         body = source.replace(WORKER_SERVER_MARK, json.dumps(server) + ";", 1).encode()
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         modified = formatdate(path.stat().st_mtime, usegmt=True)
         headers = {"ETag": etag, "Last-Modified": modified}
         if request_header("If-None-Match") == etag:
-            return _for_any_site(bottle.HTTPResponse(status=304, **headers))
-        return _for_any_site(bottle.HTTPResponse(body, **headers))
+            answer = _for_any_site(bottle.HTTPResponse(status=304, **headers))
+        else:
+            answer = _for_any_site(bottle.HTTPResponse(body, **headers))
+        # Made from this request's Host: no shared cache may hand one
+        # client's copy to another; browsers revalidate it (a 304).
+        answer.set_header("Cache-Control", "no-cache")
+        answer.set_header("Vary", "Host, X-Forwarded-Host, X-Forwarded-Proto")
+        return answer
 
 
 def id_in_path(value: str) -> str:
@@ -8290,7 +8304,8 @@ NO_STATIC_PAGE = """<!doctype html>
 <p>The push server is running, but the <code>static/</code> folder is not
 next to <code>api.py</code>, so the demo page and the console cannot be
 shown. Copy <code>static/</code> from the same place as <code>api.py</code>
-(the project's repository) into <code>{folder}</code>, then reload.</p>
+(the project's repository) into the folder that holds <code>api.py</code>,
+then reload.</p>
 <p>The API works without it: <a href="/health">/health</a>.</p>
 </body></html>
 """
@@ -8301,7 +8316,7 @@ def serve_static(name: str) -> bottle.HTTPResponse:
     """A file from static/, never one outside it (no '..', no symlinks out);
     for a missing page, one that says where static/ comes from."""
     if name in PAGES and not (STATIC_DIR / name).is_file():
-        page = NO_STATIC_PAGE.format(folder=html.escape(str(STATIC_DIR.parent)))
+        page = NO_STATIC_PAGE  # the folder's path is for the log, not for visitors
         return bottle.HTTPResponse(
             page, 404, {"Content-Type": "text/html; charset=utf-8"}
         )
@@ -8614,11 +8629,15 @@ class ApiClient:
         if not self.url:
             port = environ.get("PORT", "8080")
             self.url = f"http://127.0.0.1:{port}"
-            token_file = Path(environ.get("VAPID_DIR", "vapid")) / PUSH_TOKEN_FILE
+            vapid_dir = environ.get("VAPID_DIR") or str(HERE / "vapid")
+            token_file = Path(vapid_dir) / PUSH_TOKEN_FILE
             if not self.token and token_file.is_file():
                 with contextlib.suppress(OSError):
                     self.token = token_file.read_text().strip()
-        parts = urlsplit(self.url)
+        try:
+            parts = urlsplit(self.url)
+        except ValueError:  # "http://[::1", say
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ClientError(
                 f"WEBPUSH_URL must be the server's http or https address, such as "
@@ -8627,6 +8646,11 @@ class ApiClient:
         if not self.token:
             raise ClientError(
                 f"set WEBPUSH_TOKEN to an API key (or the push token) for {self.url}"
+            )
+        if not (self.token.isascii() and self.token.isprintable()):
+            raise ClientError(
+                "WEBPUSH_TOKEN holds a character no key has (a curly quote, a "
+                "space?): copy the key again"
             )
 
     def call(
@@ -8666,6 +8690,11 @@ class ApiClient:
         if response.status_code >= 400:
             raise ClientError(
                 said or f"the server answered HTTP {response.status_code}"
+            )
+        if response.status_code != 204 and not isinstance(answer, dict):
+            raise ClientError(
+                f"{self.url} answered with something other than the push server's "
+                "JSON: is WEBPUSH_URL the push server's address?"
             )
         return answer
 
@@ -8980,28 +9009,39 @@ def run_command(argv: list[str]) -> int:
     except KeyboardInterrupt:  # Ctrl-C while --wait follows it: it goes on
         print("\nstopped following; the notification goes on", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # "| head": the reader has all it wanted
+        sys.stderr.close()
+        return 0
 
 
 def port_problem(host: str, port: int) -> str | None:
     """Why this process could not listen on ``host:port`` (another program
     holds it, say), found before anything is printed or made; None if free."""
+    name = host.strip("[]")  # as waitress takes them: "[::1]", and "*" for all
     try:
         found = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            None if name in ("", "*") else name,
+            port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
         )
     except (socket.gaierror, UnicodeError) as e:
         return f"HOST={host!r} is not an address of this machine ({e})"
-    family, kind, protocol, _, address = found[0]
-    with socket.socket(family, kind, protocol) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress
+    for family, kind, protocol, _, address in found:  # waitress binds them all
         try:
-            probe.bind(address)
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # as waitress: IPv6 apart from IPv4
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 return (
                     f"port {port} is in use by another program: stop it, or start "
                     f"this server with another PORT (PORT={port + 1} python3 api.py)"
                 )
+            if e.errno == errno.EAFNOSUPPORT:  # no IPv6 here: waitress says so
+                continue
             return f"cannot listen on {host}:{port}: {e.strerror}"
     return None
 

@@ -146,6 +146,7 @@ const NO_WORKER = "The part of this site that shows notifications could not be l
 function activated(registration) {
   if (registration.active) return Promise.resolve(registration);
   const worker = registration.installing || registration.waiting;
+  if (!worker) return Promise.reject(new WebPushError("server", NO_WORKER));
   return new Promise((resolve, reject) => {
     worker.addEventListener("statechange", () => {
       if (worker.state === "activated") resolve(registration);
@@ -178,7 +179,8 @@ export function init({ server, serviceWorker, scope } = {}) {
     } catch (error) {
       throw new WebPushError("server", NO_WORKER, { cause: error });
     }
-    return { server: base, registration: await activated(registration) };
+    // A worker whose importScripts() hangs is a timeout, not a wait forever.
+    return { server: base, registration: await inTime(activated(registration), "server") };
   })();
   return setup;
 }
@@ -203,10 +205,12 @@ export async function state() {
  */
 export async function subscribe({ topics, user, userToken } = {}) {
   refuseIfUnsupported();
-  const { registration } = await ready();
+  // Asked first, while the person's click still counts (Safari and Firefox
+  // show the prompt only then), before waiting on the worker.
   const permission = await askPermission();
   if (permission === "denied") throw new WebPushError("denied");
   if (permission !== "granted") throw new WebPushError("dismissed");
+  const { registration } = await ready();
   const about = await call("GET", "/subscription");
   const serverKey = keyBytes(about.public_key);
   let subscription;

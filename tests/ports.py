@@ -17,7 +17,12 @@ BASE = 20000
 BLOCK = 3000  # ports per worker: gw0 to gw3 fit below 32768
 
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-_start = BASE + (int(_worker) if _worker.isdigit() else 0) % 4 * BLOCK
+_index = int(_worker) if _worker.isdigit() else 0
+if _index >= 4:  # a fifth block would reach into the ephemeral range
+    raise RuntimeError(
+        "tests/ports.py has port blocks for 4 workers: run -n 4 or fewer"
+    )
+_start = BASE + _index * BLOCK
 _ports = itertools.cycle(range(_start, _start + BLOCK))
 _lock = threading.Lock()
 

@@ -804,12 +804,19 @@ def test_the_demo_gives_up_on_a_silent_push_service_after_10_seconds_and_says_so
 
 
 def test_webpush_js_and_webpush_sw_js_are_served_to_any_site_and_cached(server):
-    for path in ("/webpush.js", "/webpush-sw.js"):
+    """The worker's script is made from the request's Host: browsers
+    revalidate it, and no shared cache hands one client's copy to another."""
+    caching = {
+        "/webpush.js": ("public, max-age=300", None),
+        "/webpush-sw.js": ("no-cache", "Host, X-Forwarded-Host, X-Forwarded-Proto"),
+    }
+    for path, (cache_control, vary) in caching.items():
         response = requests.get(server.url + path)
         assert response.status_code == 200, path
         assert response.headers["Access-Control-Allow-Origin"] == "*"
         assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
-        assert response.headers["Cache-Control"] == "public, max-age=300"
+        assert response.headers["Cache-Control"] == cache_control
+        assert response.headers.get("Vary") == vary
         assert response.headers["Last-Modified"]
         again = requests.get(
             server.url + path, headers={"If-None-Match": response.headers["ETag"]}

@@ -149,6 +149,8 @@ def test_no_new_notification_id_begins_with_a_dash():
         (["send", "Hi", "--at", "tomorrow"], {}, "send_at"),
         (["status", "nope"], {}, "no such notification"),
         (["notifications", "--limit", "0"], {}, "'limit'"),
+        (["notifications"], {"WEBPUSH_TOKEN": "wpk_\u2019pasted"}, "a character no key has"),
+        (["notifications"], {"WEBPUSH_URL": "http://[::1"}, "WEBPUSH_URL must be"),
     ],
 )  # fmt: skip
 def test_a_refused_command_says_why_in_one_line_without_a_traceback(
@@ -207,10 +209,15 @@ def test_without_static_the_pages_say_what_is_missing_and_the_api_works(tmp_path
             answer = requests.get(server.url + page)
             assert answer.status_code == 404
             assert answer.headers["Content-Type"].startswith("text/html")
-            assert "static/" in answer.text and str(alone) in answer.text
+            assert "static/" in answer.text and str(alone) not in answer.text
         for script in ("/webpush.js", "/webpush-sw.js"):
             assert requests.get(server.url + script).status_code == 404
         assert requests.get(server.url + "/health").json()["status"] == "ok"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "*", "", "localhost"])
+def test_the_early_port_check_takes_the_hosts_waitress_takes(host):
+    assert api.port_problem(host, free_port()) is None

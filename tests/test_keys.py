@@ -246,6 +246,28 @@ def test_a_key_reusing_another_keys_idempotency_key_makes_its_own_notification(a
     assert again["id"] == second["id"]
 
 
+def test_an_admin_idempotency_key_is_never_another_keys(app):
+    ci = bearer(make_key(app, "ci", "send")["key"])
+    by_admin = {**AUTH, "Idempotency-Key": "ci:x"}
+    by_ci = {**ci, "Idempotency-Key": "x"}
+    first = app.post_json("/push", {"title": "t"}, headers=by_admin).json["id"]
+    second = app.post_json("/push", {"title": "t"}, headers=by_ci).json["id"]
+    assert first != second
+
+
+def test_a_keys_webhook_delivery_id_is_its_own(app_with):
+    client = app_with(webhook_secret=WEBHOOK_SECRET)
+    ci = bearer(make_key(client, "ci", "send")["key"])
+    raw = json.dumps({"title": "from a webhook"}).encode()
+    signature = hmac.new(WEBHOOK_SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    same = {"Content-Type": "application/json", "X-Delivery-Id": "d-1"}
+    claimed = client.post("/webhooks/generic", raw, headers={**ci, **same})
+    assert claimed.status_int == 202
+    signed = {**same, "X-Signature-256": f"sha256={signature}"}
+    real = client.post("/webhooks/generic", raw, headers=signed)
+    assert real.status_int == 202 and real.json["id"] != claimed.json["id"]
+
+
 # -- who did what ---------------------------------------------------------------------
 
 
