@@ -1491,8 +1491,10 @@ UNFINISHED = ("scheduled", "queued", "sending")
 # its files or keys.
 
 # A record's last successful delivery is rewritten at most this often (seconds).
-LAST_SUCCESS_STEP = 3600
-LAST_SUCCESS_RE = re.compile(rb'"last_success":([0-9]+)')
+# The JSON store keeps each subscription's last success beside its records,
+# in a map written whole at most once a minute (and at a clean stop): a
+# success rewrites no record line. A crash loses at most that minute's.
+LAST_SUCCESS_FLUSH = 60.0
 
 
 class StoreLocked(Exception):
@@ -1960,7 +1962,7 @@ class SubscriptionStore(Protocol):
     ) -> list[str]:
         """One more refusal in a row for each of ``failed`` (removed at
         ``limit``); for each of ``succeeded`` none, and its ``last_success``
-        ``now`` (to within LAST_SUCCESS_STEP); the ids removed."""
+        ``now``; the ids removed."""
 
     def close(self) -> None:
         """Close the file or connection."""
@@ -1990,7 +1992,53 @@ class JsonSubscriptionStore(JsonLinesStore):
         self._plans: dict[tuple, tuple[list[int], list[str], list[str]]] = {}
         self._users: dict[str, list[str]] = {}  # user -> ids of their records
         self._user_of: dict[str, str] = {}  # id -> user, for records bound to one
+        self._last: dict[str, int] = {}  # id -> last success (LAST_SUCCESS_FLUSH)
+        self._last_changed = False
+        self._last_written = time.monotonic()
         super().__init__(path)
+        try:
+            kept = json.loads(self._last_path().read_text())
+        except FileNotFoundError:
+            kept = {}
+        except (OSError, ValueError) as e:  # only times: start without them
+            log.warning("ignored %s: %s", self._last_path(), e)
+            kept = {}
+        if isinstance(kept, dict):
+            self._last = {
+                i: int(t)
+                for i, t in kept.items()
+                if i in self._records and isinstance(t, (int, float))
+            }
+
+    def _last_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".last")
+
+    def _write_last(self, force: bool = False) -> None:
+        """Write the last successes, if changed, at most every
+        LAST_SUCCESS_FLUSH seconds (``force``: now); a failure is logged and
+        tried again later (they are times, not what a client was told)."""
+        with self._mutex:
+            due = time.monotonic() - self._last_written >= LAST_SUCCESS_FLUSH
+            if not self._last_changed or not (due or force):
+                return
+            data = json.dumps(self._last, separators=(",", ":")).encode()
+            self._last_changed = False
+            self._last_written = time.monotonic()
+        temporary = self._last_path().with_name(self._last_path().name + ".new")
+        try:
+            with open(temporary, "wb", opener=_private_opener) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self._last_path())
+        except OSError as e:
+            log.warning("could not write %s: %s", self._last_path(), e)
+            with self._mutex:
+                self._last_changed = True
+
+    def close(self) -> None:
+        self._write_last(force=True)
+        super().close()
 
     def count(self, kind: str, topic: str | None = None) -> int:
         """How many records of a kind (a record's ``kind``, "webpush" if it has
@@ -2052,9 +2100,9 @@ class JsonSubscriptionStore(JsonLinesStore):
     ) -> list[str]:
         """One more refusal in a row for each of ``failed`` (removed at
         ``limit``); for each of ``succeeded`` none, and its last success
-        ``now`` (rewritten at most every LAST_SUCCESS_STEP); the ids removed.
-        Read and written under the mutex, so a subscribe in between is never
-        undone."""
+        ``now`` (in the map beside the records: no line is rewritten for it);
+        the ids removed. Read and written under the mutex, so a subscribe in
+        between is never undone."""
         with self._mutex:
             upserts, removals = [], []
             for record_id in failed:
@@ -2067,21 +2115,22 @@ class JsonSubscriptionStore(JsonLinesStore):
                     removals.append(record_id)
                 else:
                     upserts.append(record)
+            when = int(now)
             for record_id in succeeded:
                 line = self._records.get(record_id)
                 if line is None:
                     continue
-                last = LAST_SUCCESS_RE.search(line)
-                stale = last is None or now - int(last[1]) >= LAST_SUCCESS_STEP
-                if stale or b'"failures":' in line:
+                self._last[record_id] = when
+                self._last_changed = True
+                if b'"failures":' in line:
                     record = json.loads(line)
                     record.pop("failures", None)
-                    record["last_success"] = int(now)
                     upserts.append(record)
             lines = [(r["id"], _record_line(r).encode("utf-8"), r) for r in upserts]
             write = self._write_locked(lines, removals)
         if write is not None:
             self._wait_synced(write)
+        self._write_last()
         return removals
 
     def topics(self) -> dict[str, int]:
@@ -2094,10 +2143,14 @@ class JsonSubscriptionStore(JsonLinesStore):
         return dict(counts)
 
     def get(self, record_id: str) -> dict | None:
-        """The record with that id (a copy), without its place in line."""
+        """The record with that id (a copy), without its place in line, with
+        its last success."""
         record = super().get(record_id)
         if record is not None:
             record.pop("seq", None)
+            last = self._last.get(record_id)
+            if last is not None and last > (record.get("last_success") or 0):
+                record["last_success"] = last
         return record
 
     def list(self) -> list[dict]:
@@ -2124,7 +2177,10 @@ class JsonSubscriptionStore(JsonLinesStore):
 
     def _put(self, record_id: str, line: bytes, record: dict) -> None:
         known = self._index.get(record_id)
-        super()._put(record_id, line, record)
+        last = self._last.get(record_id)
+        super()._put(record_id, line, record)  # by way of _drop: put it back
+        if last is not None:
+            self._last[record_id] = last
         user = record.get("user")
         if user is not None:
             self._user_of[record_id] = user
@@ -2143,6 +2199,8 @@ class JsonSubscriptionStore(JsonLinesStore):
 
     def _drop(self, record_id: str) -> None:
         super()._drop(record_id)
+        if self._last.pop(record_id, None) is not None:
+            self._last_changed = True
         user = self._user_of.pop(record_id, None)
         if user is not None:
             self._users[user].remove(record_id)

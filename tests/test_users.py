@@ -18,11 +18,13 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import jwt
 import pytest
 import redis
 import requests
+import webtest
 
 import api
 from conftest import (
@@ -30,6 +32,7 @@ from conftest import (
     ROOT,
     TOKEN,
     WAIT,
+    close_app,
     device_token,
     fake_subscription,
     preload,
@@ -357,6 +360,30 @@ def test_a_delivery_sets_last_success_and_a_user_id_may_hold_any_printable_chara
     last = api.parse_rfc3339(device["last_success"])
     assert last is not None and abs(last - time.time()) < 60
     assert api.parse_rfc3339(device["created"]) <= last
+
+
+def test_last_success_outlives_a_restart_and_rewrites_no_subscription_line(
+    settings, push_service
+):
+    """On the JSON store a success is noted beside the records (written at
+    most once a minute and at a stop), never by rewriting a record's line."""
+    first = api.create_app(settings)
+    client = webtest.TestApp(first)
+    bind(client, push_service.subscriber().subscription, "ana")
+    store_file = Path(settings.subscriptions_file)
+    size = store_file.stat().st_size if not settings.redis_url else None
+    pushed(client, {"title": "t", "users": ["ana"]})
+    [device] = client.get("/users/ana", headers=AUTH).json["subscriptions"]
+    assert device["last_success"] is not None
+    if size is not None:
+        assert store_file.stat().st_size == size
+    close_app(first)
+    again = webtest.TestApp(api.create_app(settings))
+    try:
+        [after] = again.get("/users/ana", headers=AUTH).json["subscriptions"]
+        assert after["last_success"] == device["last_success"]
+    finally:
+        close_app(again.app)
 
 
 def _receipt_rows(settings: api.Settings, subscriber: str) -> int:
