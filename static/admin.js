@@ -548,20 +548,26 @@ function describeError(cause) {
 
 // -- history ----------------------------------------------------------------------
 
+const turns = {}; // per list, the latest load: only its answer is drawn, however they arrive
+
+/** GET `path` and draw the answer, or say in `errorId` why `what` could not be loaded. */
+async function loadList(list, path, draw, errorId, what) {
+  const turn = (turns[list] = (turns[list] || 0) + 1);
+  try {
+    const answer = await api("GET", path);
+    if (turn !== turns[list]) return;
+    say(errorId, "");
+    draw(answer);
+  } catch (error) {
+    if (turn === turns[list] && session()) say(errorId, `Could not load ${what}: ${error.message}`);
+  }
+}
+
 let lastHistory = "";
-let historyTurn = 0; // only the latest answer is drawn, however they arrive
 
 async function loadHistory() {
   if (!may("read")) return;
-  const turn = ++historyTurn;
-  try {
-    const { notifications } = await api("GET", "/notifications?limit=50");
-    if (turn !== historyTurn) return;
-    say("history-error", "");
-    drawHistory(notifications || []);
-  } catch (error) {
-    if (turn === historyTurn && session()) say("history-error", `Could not load the history: ${error.message}`);
-  }
+  await loadList("history", "/notifications?limit=50", ({ notifications }) => drawHistory(notifications || []), "history-error", "the history");
 }
 
 function drawHistory(docs) {
@@ -779,20 +785,11 @@ async function erasePerson() {
 
 const SCOPE_WORDS = { send: "Send", read: "Read", admin: "Admin" };
 let lastKeys = "";
-let keysTurn = 0;
 let revoking = null; // the name of the key whose revocation is being asked
 
 async function loadKeys() {
   if (!may("admin")) return;
-  const turn = ++keysTurn;
-  try {
-    const { keys } = await api("GET", "/keys");
-    if (turn !== keysTurn) return;
-    say("keys-error", "");
-    drawKeys(keys || []);
-  } catch (error) {
-    if (turn === keysTurn && session()) say("keys-error", `Could not load the keys: ${error.message}`);
-  }
+  await loadList("keys", "/keys", ({ keys }) => drawKeys(keys || []), "keys-error", "the keys");
 }
 
 function drawKeys(keys) {
