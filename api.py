@@ -2024,13 +2024,8 @@ class JsonSubscriptionStore(JsonLinesStore):
             data = json.dumps(self._last, separators=(",", ":")).encode()
             self._last_changed = False
             self._last_written = time.monotonic()
-        temporary = self._last_path().with_name(self._last_path().name + ".new")
         try:
-            with open(temporary, "wb", opener=_private_opener) as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self._last_path())
+            _replace_private(self._last_path(), data)
         except OSError as e:
             log.warning("could not write %s: %s", self._last_path(), e)
             with self._mutex:
@@ -2239,13 +2234,7 @@ def repair_store(path: Path) -> tuple[int, int, Path | None]:
             side = path.with_name(f"{path.name}.damaged-{int(time.time())}")
             with open(side, "wb", opener=_private_opener) as f:
                 f.write(b"\n".join(bad) + b"\n")
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb", opener=_private_opener) as f:
-            f.write(b"".join(line + b"\n" for line in good))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _replace_private(path, b"".join(line + b"\n" for line in good))
     finally:
         lock.close()
     store = JsonSubscriptionStore(path)  # the replay keeps the last state of each id
@@ -2283,6 +2272,25 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _replace_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole or not at all (a crash leaves the
+    old file or the new one): written to a new private (0600) file beside
+    it, synced, renamed over it, its folder synced. OSError, the file
+    unchanged, if the disk refuses."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)  # created afresh: 0600 whatever was there
+    try:
+        with open(temporary, "wb", opener=_private_opener) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 class StoreUnavailable(OSError):
@@ -2760,16 +2768,8 @@ class JsonKeyStore:
         """Replace the file with ``records`` (OSError, the file unchanged, if
         the disk refuses)."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".new")
-        temporary.unlink(missing_ok=True)
         data = json.dumps({"keys": list(records.values())}, indent=1).encode()
-        try:
-            _write_secret(temporary, data)
-            os.replace(temporary, self.path)
-        except OSError:
-            temporary.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path.parent)
+        _replace_private(self.path, data)
 
     def _changed(self, records: dict[str, dict]) -> None:
         self._write(records)
@@ -8757,6 +8757,13 @@ class ApiClient:
         return answer
 
 
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows, the first a header, in columns as wide as their widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
 def _duration(text: str) -> int:
     """Seconds in ``90d``, ``12h``, ``30m``, ``2w`` or ``3600``."""
     match = DURATION_RE.fullmatch(text.strip())
@@ -8802,9 +8809,7 @@ def _keys_command(args: argparse.Namespace, client: ApiClient) -> None:
                     f"{expires} (expired)" if key["expired"] else expires,
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        _print_table(rows)
     else:
         client.call("DELETE", f"/keys/{urllib.parse.quote(args.name, safe='')}")
         print(f"Revoked the key {args.name!r}: it no longer works.")
@@ -8928,9 +8933,7 @@ def _notifications_command(args: argparse.Namespace, client: ApiClient) -> int:
                 d["title"] or "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    _print_table(rows)
     return 0
 
 
