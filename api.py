@@ -6429,12 +6429,33 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
+# The deepest nesting a body may have. json.loads recurses once per level,
+# and a body nested near Python's recursion limit leaves no stack for anything
+# the collector finalizes meanwhile (its errors surface as "Exception ignored"),
+# so depth is bounded before parsing; real bodies and webhooks nest under 20.
+MAX_JSON_DEPTH = 100
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``text`` nests arrays and objects deeper than ``limit`` (brackets
+    inside strings do not count). Two counts suffice for almost every body."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    brackets = _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text))
+    steps = (1 if c in "[{" else -1 for c in brackets)
+    return max(itertools.accumulate(steps), default=0) > limit
+
+
 def strict_json(raw: bytes | str, what: str) -> Any:
     """JSON that can be stored and sent on as it is, or ApiError (400): UTF-8,
     no NaN or Infinity (nor a number too large for a float), no lone surrogate
-    escapes, nesting within Python's recursion limit."""
+    escapes, nesting at most MAX_JSON_DEPTH deep."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        if json_depth_exceeds(text):
+            raise ValueError("nested too deeply")
         value = json.loads(
             text, parse_constant=_refuse_constant, parse_float=_finite_float
         )
@@ -6442,7 +6463,8 @@ def strict_json(raw: bytes | str, what: str) -> Any:
     except (ValueError, RecursionError):  # UnicodeError is a ValueError
         raise ApiError(
             400,
-            f"{what} is not valid JSON (UTF-8, finite numbers, no lone surrogates); "
+            f"{what} is not valid JSON (UTF-8, finite numbers, no lone surrogates, "
+            f"nested at most {MAX_JSON_DEPTH} deep); "
             "send Content-Type: application/json",
         ) from None
     return value

@@ -2266,6 +2266,30 @@ def test_surrogates_nesting_and_non_finite_numbers_get_a_400_and_change_nothing(
     assert push_service.received() == []
 
 
+def nested(depth: int, inner: str = "1") -> str:
+    return '{"a": ' * depth + inner + "}" * depth
+
+
+def test_bodies_nest_at_most_100_deep_and_brackets_in_strings_do_not_count():
+    assert not api.json_depth_exceeds(nested(100))
+    assert api.json_depth_exceeds(nested(101))
+    assert not api.json_depth_exceeds("[" * 99 + '"[[[{{{"' + "]" * 99)
+    assert not api.json_depth_exceeds(json.dumps(["[{" * 500, '\\"[' * 500]))
+    assert not api.json_depth_exceeds(json.dumps([[1]] * 5000))  # wide, not deep
+    with pytest.raises(api.ApiError, match="nested at most 100 deep"):
+        api.strict_json(nested(101), "the body")
+    assert api.strict_json(nested(100), "the body")["a"]["a"]
+
+
+def test_a_push_whose_data_nests_100_deep_is_sent(app, push_service):
+    app.post_json("/subscription", push_service.subscriber().subscription)
+    body = '{"title": "deep", "data": ' + nested(99) + "}"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    assert app.post("/push", body, headers=headers).status_int == 202
+    message = push_service.wait_for(1)[0].message
+    assert message["data"] == json.loads(nested(99))
+
+
 def test_a_generic_webhook_with_a_lone_surrogate_gets_a_400(hook_app, push_service):
     body = json.dumps({"title": SURROGATE}).encode()
     answer = hook_app.post(
