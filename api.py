@@ -12,6 +12,7 @@
 #     "redis>=5.0",
 #     "PyJWT>=2.8,<3",
 #     "prometheus_client>=0.20",
+#     "tzdata>=2024.1",
 # ]
 # ///
 """A self-hosted Web Push server in one file.
@@ -144,6 +145,20 @@ def _regex(value: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def known_timezone(name: str) -> bool:
+    """Whether ``name`` is an IANA time zone this machine knows (zoneinfo)."""
+    import zoneinfo
+
+    if not isinstance(name, str) or not 1 <= len(name) <= 64 or "\\" in name:
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
 def address_set(text: str) -> frozenset[str]:
     """The addresses of a comma-separated setting (TRUSTED_PROXIES)."""
     return frozenset(p.strip() for p in text.split(",") if p.strip())
@@ -262,6 +277,36 @@ class Settings:
         "PRUNE_AFTER_FAILURES",
         "remove a subscription its push service refused (400, 403, 413) on this "
         "many fan-outs in a row with no success between (0: never)",
+        check=_at_least(0),
+    )
+    max_rate: int = _setting(
+        0,
+        "MAX_RATE",
+        "most messages per minute one notification is sent at, whatever its "
+        "'rate' says (0: unlimited)",
+        check=lambda v: (
+            None if v == 0 or 60 <= v <= 1_000_000 else "must be 0 or 60 to 1000000"
+        ),
+    )
+    default_timezone: str = _setting(
+        "UTC",
+        "DEFAULT_TIMEZONE",
+        "the time zone (IANA name) of subscribers who gave none, for a push's "
+        "send_at_local",
+        check=lambda v: None if known_timezone(v) else "is not an IANA time zone",
+    )
+    max_per_day: int = _setting(
+        0,
+        "MAX_PER_DAY",
+        "most notifications one subscription receives in 24 hours; the next are "
+        "not sent to it (counted as capped), but urgency high ones (0: no cap)",
+        check=_at_least(0),
+    )
+    stale_after_days: int = _setting(
+        60,
+        "STALE_AFTER_DAYS",
+        "remove a subscription with no successful delivery for this many days (or "
+        "since it was stored) at the next fan-out to it (0: never)",
         check=_at_least(0),
     )
     cors_origins: str = _setting(
@@ -993,6 +1038,8 @@ PUSH_FIELDS = (
     "mutable",
     "users",
     "subscriptions",
+    "rate",
+    "send_at_local",
     *OPTIONAL_FIELDS,
 )
 
@@ -1218,7 +1265,7 @@ EXPIRED = (
 
 
 FINISHED = ("done", "cancelled", "expired")
-COUNTS = ("sent", "failed", "removed", "retried")
+COUNTS = ("sent", "failed", "removed", "capped", "retried")
 MAX_SCHEDULE_AHEAD = 30 * 86400
 IDEMPOTENCY_SECONDS = 86400
 MAX_ERRORS = 10  # causes of failure kept per notification, the commonest
@@ -1262,15 +1309,40 @@ def parse_rfc3339(text: str) -> float | None:
     return moment.timestamp() + float(fraction or 0) + (second == 60)
 
 
+# Delivery policy (a push's "rate" and "send_at_local"; MAX_PER_DAY and
+# STALE_AFTER_DAYS), applied by NotificationEngine.
+MIN_RATE, MAX_RATE_ALLOWED = 60, 1_000_000  # messages per minute
+DAY = 86400
+# The earliest wall clock on Earth is UTC+14 (Kiritimati): a send_at_local
+# is due there first, and nowhere later than at UTC-12.
+EARLIEST_OFFSET = 14 * 3600
+LOCAL_TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2})?")
+STALE = "stale"  # the cause of a removal for STALE_AFTER_DAYS
+CAPPED = "MAX_PER_DAY reached"
+AGE_BOUNDS = (1, 7, 30)  # days: GET /subscriptions/ages, with STALE_AFTER_DAYS
+
+
+@functools.lru_cache(maxsize=4096)
+def local_instant(local: str, zone: str) -> float:
+    """When the wall-clock time ``local`` (no offset) comes in ``zone`` (an
+    IANA name), in seconds since the epoch; a time a clock change skips is
+    taken as the clocks show it just after (fold 0, as zoneinfo does)."""
+    import zoneinfo
+
+    moment = datetime.fromisoformat(local).replace(tzinfo=zoneinfo.ZoneInfo(zone))
+    return moment.timestamp()
+
+
 def _zero_counts() -> dict[str, dict[str, int]]:
     return {channel: dict.fromkeys(COUNTS, 0) for channel in CHANNELS}
 
 
 def message_of(record: dict, now: float) -> Message:
     """A notification's message as sent now: its TTL counted from when it was
-    due, so a message sent late expires when it would have on time."""
+    due, so a message sent late expires when it would have on time; one sent
+    late on purpose (a ``rate``, a ``send_at_local``) keeps its whole TTL."""
     spec = record["message"]
-    late = max(0.0, now - record["due"])
+    late = 0.0 if record.get("policy") else max(0.0, now - record["due"])
     payload_format = spec.get("format", "classic")  # journals from before formats
     payload, receipt_at = render_payload(
         spec["notification"], payload_format, record["id"]
@@ -1297,8 +1369,14 @@ def new_notification(
     source: str,
     total: int,
     created_by: str | None = None,
+    policy: dict | None = None,
 ) -> dict:
-    """A notification as both queues keep it, before anything is sent."""
+    """A notification as both queues keep it, before anything is sent;
+    ``policy``: its ``rate`` and ``send_at_local``, if any."""
+    policy = {k: v for k, v in (policy or {}).items() if v is not None}
+    if policy.get("send_at_local"):  # due first where that time comes first
+        send_at = local_instant(policy["send_at_local"], "UTC") - EARLIEST_OFFSET
+        send_at = max(now, send_at)
     due = now if send_at is None else send_at
     notification_id = secrets.token_urlsafe(12)
     while notification_id.startswith("-"):  # an id a command line takes for an option
@@ -1324,6 +1402,7 @@ def new_notification(
             "format": message.format,
         },
         "idempotency": key_hash and {"key": key_hash, "body": body_hash},
+        "policy": policy,
         "total": total,
         "counts": _zero_counts(),
         "errors": [],
@@ -1334,6 +1413,9 @@ def status_document(record: dict, receipts: dict[str, int] | None = None) -> dic
     """What ``GET /notifications/<id>`` says of a notification, with its
     receipts counted so far."""
     channels = record["counts"]
+    for values in channels.values():  # kept before a count was added
+        for name in COUNTS:
+            values.setdefault(name, 0)
     counts = {name: sum(c[name] for c in channels.values()) for name in COUNTS}
     # Once planned, it goes to those queued; either way not to those who
     # unsubscribed before their batch was sent.
@@ -1341,6 +1423,13 @@ def status_document(record: dict, receipts: dict[str, int] | None = None) -> dic
     total = record["enqueued"] if planned else record["total"]
     total = max(0, total - record.get("vanished", 0))
     audience = Audience.of(record)
+    settled = sum(counts[name] for name in COUNTS if name != "retried")
+    pending = max(0, total - settled)
+    policy = record.get("policy") or {}
+    finish = None  # estimated, for a throttled notification under way
+    if policy.get("rate") and record["status"] in UNFINISHED:
+        start = max(time.time(), record["due"])
+        finish = start + pending * 60 / policy["rate"]
     return {
         "id": record["id"],
         "status": record["status"],
@@ -1355,9 +1444,10 @@ def status_document(record: dict, receipts: dict[str, int] | None = None) -> dic
         "finished": rfc3339(record["finished"]),
         "total": total,
         **counts,
-        "pending": max(
-            0, total - counts["sent"] - counts["failed"] - counts["removed"]
-        ),
+        "pending": pending,
+        "rate": policy.get("rate"),
+        "send_at_local": policy.get("send_at_local"),
+        "finish": rfc3339(finish),
         **{event: (receipts or {}).get(event, 0) for event in RECEIPT_EVENTS},
         "channels": channels,
         "errors": record["errors"][:MAX_ERRORS],
@@ -1420,7 +1510,7 @@ def _add_counts(into: dict, counts: dict) -> None:
     """Add counts by channel to others."""
     for channel, values in counts.items():
         for name, value in values.items():
-            into[channel][name] += value
+            into[channel][name] = into[channel].get(name, 0) + value
 
 
 def _add_causes(into: collections.Counter, causes: dict[tuple, int]) -> None:
@@ -1468,7 +1558,7 @@ class Tally:
         for o in reached:
             counts[f"{o.channel}.{o.result}"] += 1
             counts[f"{o.channel}.retried"] += o.tries > 1
-            if o.result == "failed":
+            if o.result == "failed" or o.reason == STALE:
                 causes[(o.channel, o.origin, o.status, o.reason)] += 1
         return cls(
             [o.record_id for o in reached],
@@ -1958,11 +2048,21 @@ class SubscriptionStore(Protocol):
         """Those of ``record_ids`` stored: (place, id, push service origin)."""
 
     def note_deliveries(
-        self, failed: list[str], succeeded: list[str], limit: int, now: float
+        self,
+        failed: list[str],
+        succeeded: list[str],
+        limit: int,
+        now: float,
+        recent: int = 0,
     ) -> list[str]:
         """One more refusal in a row for each of ``failed`` (removed at
-        ``limit``); for each of ``succeeded`` none, and its ``last_success``
-        ``now``; the ids removed."""
+        ``limit``); for each of ``succeeded`` none, its ``last_success``
+        ``now``, and ``now`` among its ``recent`` (the times of its last
+        ``recent`` successes in 24 hours, for MAX_PER_DAY); the ids removed."""
+
+    def seen(self) -> Any:
+        """Each record's (created, last_success), either possibly None, a
+        list at a time: how long since each was last reached."""
 
     def close(self) -> None:
         """Close the file or connection."""
@@ -1993,25 +2093,38 @@ class JsonSubscriptionStore(JsonLinesStore):
         self._users: dict[str, list[str]] = {}  # user -> ids of their records
         self._user_of: dict[str, str] = {}  # id -> user, for records bound to one
         self._last: dict[str, int] = {}  # id -> last success (LAST_SUCCESS_FLUSH)
+        self._recent: dict[str, list[int]] = {}  # id -> success times (MAX_PER_DAY)
         self._last_changed = False
         self._last_written = time.monotonic()
         super().__init__(path)
-        try:
-            kept = json.loads(self._last_path().read_text())
-        except FileNotFoundError:
-            kept = {}
-        except (OSError, ValueError) as e:  # only times: start without them
-            log.warning("ignored %s: %s", self._last_path(), e)
-            kept = {}
-        if isinstance(kept, dict):
-            self._last = {
-                i: int(t)
-                for i, t in kept.items()
-                if i in self._records and isinstance(t, (int, float))
-            }
+        self._last = {
+            i: int(t)
+            for i, t in self._read_side(".last").items()
+            if isinstance(t, (int, float))
+        }
+        self._recent = {
+            i: [int(t) for t in times if isinstance(t, (int, float))]
+            for i, times in self._read_side(".recent").items()
+            if isinstance(times, list)
+        }
 
-    def _last_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".last")
+    def _side_path(self, suffix: str) -> Path:
+        return self.path.with_name(self.path.name + suffix)
+
+    def _read_side(self, suffix: str) -> dict:
+        """A map beside the records (id -> times) as it was last written,
+        for the records still stored; {} when it is missing or unreadable."""
+        path = self._side_path(suffix)
+        try:
+            kept = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # only times: start without them
+            log.warning("ignored %s: %s", path, e)
+            return {}
+        if not isinstance(kept, dict):
+            return {}
+        return {i: t for i, t in kept.items() if i in self._records}
 
     def _write_last(self, force: bool = False) -> None:
         """Write the last successes, if changed, at most every
@@ -2021,13 +2134,24 @@ class JsonSubscriptionStore(JsonLinesStore):
             due = time.monotonic() - self._last_written >= LAST_SUCCESS_FLUSH
             if not self._last_changed or not (due or force):
                 return
-            data = json.dumps(self._last, separators=(",", ":")).encode()
+            cut = time.time() - DAY
+            self._recent = {
+                i: kept
+                for i, times in self._recent.items()
+                if (kept := [t for t in times if t > cut])
+            }
+            maps = {".last": self._last, ".recent": self._recent}
+            data = {
+                k: json.dumps(v, separators=(",", ":")).encode()
+                for k, v in maps.items()
+            }
             self._last_changed = False
             self._last_written = time.monotonic()
         try:
-            _replace_private(self._last_path(), data)
+            for suffix, written in data.items():
+                _replace_private(self._side_path(suffix), written)
         except OSError as e:
-            log.warning("could not write %s: %s", self._last_path(), e)
+            log.warning("could not write %s: %s", self._side_path(".last"), e)
             with self._mutex:
                 self._last_changed = True
 
@@ -2091,12 +2215,18 @@ class JsonSubscriptionStore(JsonLinesStore):
             return [(entry[2], i, entry[0]) for i, entry in found if entry]
 
     def note_deliveries(
-        self, failed: list[str], succeeded: list[str], limit: int, now: float
+        self,
+        failed: list[str],
+        succeeded: list[str],
+        limit: int,
+        now: float,
+        recent: int = 0,
     ) -> list[str]:
         """One more refusal in a row for each of ``failed`` (removed at
-        ``limit``); for each of ``succeeded`` none, and its last success
-        ``now`` (in the map beside the records: no line is rewritten for it);
-        the ids removed. Read and written under the mutex, so a subscribe in
+        ``limit``); for each of ``succeeded`` none, its last success ``now``
+        and its ``recent`` success times (in maps beside the records, written
+        at most once a minute: no line is rewritten for them); the ids
+        removed. Read and written under the mutex, so a subscribe in
         between is never undone."""
         with self._mutex:
             upserts, removals = [], []
@@ -2117,6 +2247,10 @@ class JsonSubscriptionStore(JsonLinesStore):
                     continue
                 self._last[record_id] = when
                 self._last_changed = True
+                if recent:
+                    times = self._recent.get(record_id, [])
+                    times = [t for t in times if t > when - DAY][1 - recent :]
+                    self._recent[record_id] = [*times, when] if recent > 1 else [when]
                 if b'"failures":' in line:
                     record = json.loads(line)
                     record.pop("failures", None)
@@ -2146,6 +2280,8 @@ class JsonSubscriptionStore(JsonLinesStore):
             last = self._last.get(record_id)
             if last is not None and last > (record.get("last_success") or 0):
                 record["last_success"] = last
+            if record_id in self._recent:
+                record["recent"] = list(self._recent[record_id])
         return record
 
     def list(self) -> list[dict]:
@@ -2158,11 +2294,22 @@ class JsonSubscriptionStore(JsonLinesStore):
         """The records of ``record_ids``, in order; None for those not stored."""
         return [self.get(record_id) for record_id in record_ids]
 
+    def seen(self) -> Any:
+        """As SubscriptionStore.seen: from the records and the map beside them."""
+        with self._mutex:
+            ids = list(self._records)
+        for start in range(0, len(ids), 1000):
+            records = self.get_many(ids[start : start + 1000])
+            yield [(r.get("created"), r.get("last_success")) for r in records if r]
+
     def _stored(self, record: dict) -> dict:
         """A new id takes the next place in line; a stored one keeps its own.
         Places are microseconds since the epoch (or one more than the last),
         so one is never given twice, even once the record that held the last
-        was removed and the file compacted before a restart."""
+        was removed and the file compacted before a restart. A record's
+        recent successes stay beside it (what ``get`` gave is not stored)."""
+        if "recent" in record:
+            record = {k: v for k, v in record.items() if k != "recent"}
         if "seq" in record:
             return record
         known = self._index.get(record["id"])
@@ -2173,9 +2320,12 @@ class JsonSubscriptionStore(JsonLinesStore):
     def _put(self, record_id: str, line: bytes, record: dict) -> None:
         known = self._index.get(record_id)
         last = self._last.get(record_id)
-        super()._put(record_id, line, record)  # by way of _drop: put it back
+        recent = self._recent.get(record_id)
+        super()._put(record_id, line, record)  # by way of _drop: put them back
         if last is not None:
             self._last[record_id] = last
+        if recent is not None:
+            self._recent[record_id] = recent
         user = record.get("user")
         if user is not None:
             self._user_of[record_id] = user
@@ -2194,6 +2344,7 @@ class JsonSubscriptionStore(JsonLinesStore):
 
     def _drop(self, record_id: str) -> None:
         super()._drop(record_id)
+        self._recent.pop(record_id, None)
         if self._last.pop(record_id, None) is not None:
             self._last_changed = True
         user = self._user_of.pop(record_id, None)
@@ -2406,6 +2557,7 @@ local function unindex(id)
   redis.call('HDEL', p .. 'fails', id)
   redis.call('HDEL', p .. 'origin', id)
   redis.call('HDEL', p .. 'last', id)
+  redis.call('HDEL', p .. 'recent', id)
   return true, score
 end
 """
@@ -2417,6 +2569,7 @@ for n = 1, tonumber(ARGV[2]) do
   local id, line, kind, user = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 4]
   local last, topics = ARGV[i + 5], tonumber(ARGV[i + 6])
   if last == '' then last = redis.call('HGET', p .. 'last', id) end
+  local recent = redis.call('HGET', p .. 'recent', id)
   local existed, score = unindex(id)
   results[n] = existed and 0 or 1
   if not score then score = redis.call('INCR', p .. 'seq') end
@@ -2425,6 +2578,7 @@ for n = 1, tonumber(ARGV[2]) do
   redis.call('ZADD', p .. 'ix:' .. kind, score, id)
   if user ~= '' then redis.call('ZADD', p .. 'ux:' .. user, score, id) end
   if last then redis.call('HSET', p .. 'last', id, last) end
+  if recent then redis.call('HSET', p .. 'recent', id, recent) end
   for t = 1, topics do
     redis.call('ZADD', p .. 'tx:' .. kind .. ':' .. ARGV[i + 6 + t], score, id)
   end
@@ -2442,14 +2596,16 @@ end
 return results
 """
 )
-# Refusals in a row (PRUNE_AFTER_FAILURES) and last successes. ARGV: prefix,
-# limit, now, the number of failed ids, those ids, then the ids that
+# Refusals in a row (PRUNE_AFTER_FAILURES), last successes and recent ones
+# (MAX_PER_DAY). ARGV: prefix, limit, now, how many recent successes to keep
+# (0: none), the number of failed ids, those ids, then the ids that
 # succeeded. Returns the ids removed.
 SUBSCRIPTION_DELIVERIES_LUA = (
     SUBSCRIPTION_UNINDEX_LUA
     + """
-local limit, now, failed, removed = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), {}
-for j = 5, 4 + failed do
+local limit, now, keep = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local failed, removed = tonumber(ARGV[5]), {}
+for j = 6, 5 + failed do
   local id = ARGV[j]
   if redis.call('HEXISTS', subs, id) == 1 then
     if redis.call('HINCRBY', p .. 'fails', id, 1) >= limit then
@@ -2459,11 +2615,21 @@ for j = 5, 4 + failed do
     end
   end
 end
-if #ARGV > 4 + failed then
-  redis.call('HDEL', p .. 'fails', unpack(ARGV, 5 + failed))
-  for j = 5 + failed, #ARGV do
-    if redis.call('HEXISTS', subs, ARGV[j]) == 1 then
-      redis.call('HSET', p .. 'last', ARGV[j], now)
+if #ARGV > 5 + failed then
+  redis.call('HDEL', p .. 'fails', unpack(ARGV, 6 + failed))
+  for j = 6 + failed, #ARGV do
+    local id = ARGV[j]
+    if redis.call('HEXISTS', subs, id) == 1 then
+      redis.call('HSET', p .. 'last', id, now)
+      if keep > 0 then
+        local times, old = {}, redis.call('HGET', p .. 'recent', id)
+        for t in string.gmatch(old or '', '[^,]+') do
+          if tonumber(t) > tonumber(now) - 86400 then times[#times + 1] = t end
+        end
+        while #times > keep - 1 do table.remove(times, 1) end
+        times[#times + 1] = now
+        redis.call('HSET', p .. 'recent', id, table.concat(times, ','))
+      end
     end
   end
 end
@@ -2511,11 +2677,14 @@ class RedisSubscriptionStore:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hmget(self.prefix + "subs", record_ids)
             pipe.hmget(self.prefix + "last", record_ids)
-            lines, lasts = pipe.execute()
+            pipe.hmget(self.prefix + "recent", record_ids)
+            lines, lasts, recents = pipe.execute()
         records = [None if line is None else json.loads(line) for line in lines]
-        for record, last in zip(records, lasts):
+        for record, last, recent in zip(records, lasts, recents):
             if record is not None and last is not None:
                 record["last_success"] = int(last)
+            if record is not None and recent:
+                record["recent"] = [int(t) for t in recent.split(",")]
         return records
 
     def ids(self) -> list[str]:
@@ -2530,8 +2699,8 @@ class RedisSubscriptionStore:
                 cursor, lines = self.redis.hscan(
                     self.prefix + "subs", cursor, count=chunk
                 )
-            if lines:
-                yield [json.loads(line) for line in lines.values()]
+            if lines:  # as get_many gives them: with their last success
+                yield [r for r in self.get_many(list(lines)) if r is not None]
             if not cursor:
                 return
 
@@ -2554,7 +2723,7 @@ class RedisSubscriptionStore:
             topics = record.get("topics") or []
             last = record.get("last_success")  # kept in ``last``, not the line
             line = _record_line(
-                {k: v for k, v in record.items() if k != "last_success"}
+                {k: v for k, v in record.items() if k not in ("last_success", "recent")}
             )
             args += [record["id"], line, record.get("kind", "webpush")]
             args += [record_origin(record), record.get("user") or ""]
@@ -2570,17 +2739,35 @@ class RedisSubscriptionStore:
             return self.redis.zcard(self.index_key(kind, topic))
 
     def note_deliveries(
-        self, failed: list[str], succeeded: list[str], limit: int, now: float
+        self,
+        failed: list[str],
+        succeeded: list[str],
+        limit: int,
+        now: float,
+        recent: int = 0,
     ) -> list[str]:
         """As JsonSubscriptionStore.note_deliveries, in one script (the count
         of each is the hash ``fails``, forgotten when it is stored again; the
-        last success is the hash ``last``)."""
+        last success is the hash ``last``, the recent ones ``recent``)."""
         if not failed and not succeeded:
             return []
         with _redis_errors("counting refusals"):
             return self._deliveries(
-                args=[self.prefix, limit, int(now), len(failed), *failed, *succeeded]
+                args=[
+                    self.prefix,
+                    limit,
+                    int(now),
+                    recent,
+                    len(failed),
+                    *failed,
+                    *succeeded,
+                ]
             )
+
+    def seen(self) -> Any:
+        """As SubscriptionStore.seen."""
+        for records in self.scan():
+            yield [(r.get("created"), r.get("last_success")) for r in records]
 
     def of_users(self, users: list[str]) -> list[tuple[int, str, str]]:
         """As JsonSubscriptionStore.of_users: from the ``ux:<user>`` indexes."""
@@ -3957,7 +4144,7 @@ class RedisJobStore:
 
     def insert(self, record: dict, key_hash: str | None) -> str | None:
         fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
-        fixed += ("users", "subscriptions", "created_by")
+        fixed += ("users", "subscriptions", "created_by", "policy")
         doc = {k: record[k] for k in (*fixed, "idempotency")}
         with _redis_errors("storing a notification"):
             return self._scripts["create"](
@@ -5366,13 +5553,17 @@ REFUSALS = (400, 403, 413)
 
 
 def apply_outcomes(
-    store: SubscriptionStore, outcomes: list[PushOutcome], prune_after: int = 0
+    store: SubscriptionStore,
+    outcomes: list[PushOutcome],
+    prune_after: int = 0,
+    recent: int = 0,
 ) -> None:
     """What outcomes mean for the store: a subscription its push service says
-    is gone (404, 410), or whose expirationTime passed, is removed; one
-    refused (400, 403, 413) on ``prune_after`` fan-outs in a row is removed
-    too; one sent to has its last success now; failures are logged, one line
-    per cause."""
+    is gone (404, 410), whose expirationTime passed, or that is stale, is
+    removed; one refused (400, 403, 413) on ``prune_after`` fan-outs in a row
+    is removed too; one sent to has its last success now (and its last
+    ``recent`` successes kept, for MAX_PER_DAY); failures are logged, one
+    line per cause."""
     refused = [
         o
         for o in outcomes
@@ -5382,7 +5573,7 @@ def apply_outcomes(
     if refused or sent:
         try:
             pruned = store.note_deliveries(
-                [o.record_id for o in refused], sent, prune_after, time.time()
+                [o.record_id for o in refused], sent, prune_after, time.time(), recent
             )
         except OSError as e:  # counted at the next fan-out instead
             log.warning("cannot count refused subscriptions yet: %s", e)
@@ -5409,7 +5600,11 @@ def apply_outcomes(
                 log.info(
                     "removed subscription %s: %s",
                     o.record_id,
-                    f"{o.origin} answered {o.status}" if o.status else o.reason,
+                    f"{o.origin} answered {o.status}"
+                    if o.status
+                    else "stale, no successful delivery for STALE_AFTER_DAYS"
+                    if o.reason == STALE
+                    else o.reason,
                 )
     causes = collections.Counter(
         (o.origin, o.status, o.reason) for o in outcomes if o.result == "failed"
@@ -5450,6 +5645,38 @@ PRIORITY_MAX = 1000
 PRIORITY_LANE = "!"
 
 
+@dataclass
+class PlanCursor:
+    """Where a notification's plan is, as the job store keeps it (text):
+    the channel (CHANNELS' number, from 1) and the last place in line
+    planned; for a ``send_at_local``, the pass under way, which plans the
+    subscribers whose wall-clock time came in (``lo``, ``hi``], and the
+    soonest later one it met (``later``: the next pass); for a ``rate``,
+    when its next second's worth is due (``turn``). 0 is "not yet"."""
+
+    index: int = 1
+    after: int = 0
+    lo: float = -math.inf
+    hi: float = 0.0
+    later: float = math.inf
+    turn: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> PlanCursor:
+        parts = text.split(" ")
+        index, after = int(parts[0]), 0 if parts[1] == "-inf" else int(float(parts[1]))
+        if len(parts) < 6:  # a plan as earlier versions kept it
+            return cls(index, after)
+        lo, hi, later, turn = (float(p) for p in parts[2:6])
+        return cls(index, after, lo, hi, later, turn)
+
+    def __str__(self) -> str:
+        if not self.hi and not self.turn:
+            return f"{self.index} {self.after}"
+        times = (repr(float(t)) for t in (self.lo, self.hi, self.later, self.turn))
+        return f"{self.index} {self.after} {' '.join(times)}"
+
+
 class NotificationEngine:
     """Notifications as durable jobs, on either job store: accepted at once,
     planned, delivered in batches, counted, resumed after a crash.
@@ -5484,6 +5711,9 @@ class NotificationEngine:
         self.delivery = delivery
         self.retention = settings.notification_retention
         self.prune_after = settings.prune_after_failures
+        self.default_zone = settings.default_timezone
+        self.max_per_day = settings.max_per_day
+        self.stale_after = settings.stale_after_days * DAY
         self.lease = settings.worker_timeout
         self.batch_size = BATCH_SIZE
         self.per_origin = BATCHES_PER_PROCESS * delivery.processes
@@ -5526,6 +5756,7 @@ class NotificationEngine:
         body_hash: str = "",
         source: str = "api",
         created_by: str | None = None,
+        policy: dict | None = None,
     ) -> tuple[dict, bool]:
         """Keep a notification (OSError if the store refuses); its status
         document, and whether it is an earlier one with the same
@@ -5542,6 +5773,7 @@ class NotificationEngine:
                 source,
                 self.subscribers(audience),
                 created_by,
+                policy,
             )
             earlier = self.jobs.insert(record, key_hash)
             if earlier is None:
@@ -5634,6 +5866,34 @@ class NotificationEngine:
                 self._lock.wait(min(pause, left))  # woken by an end here
             pause = min(pause * 2, 0.25)
 
+    def ages(self) -> dict:
+        """How long since each subscription was last reached (or stored, if
+        never): how many in each span of days, up to STALE_AFTER_DAYS and
+        beyond (``GET /subscriptions/ages``)."""
+        stale_days = self.stale_after // DAY
+        bounds = [days for days in AGE_BOUNDS if not stale_days or days < stale_days]
+        bounds += [stale_days] if stale_days else []  # beyond it: stale
+        counts = [0] * (len(bounds) + 1)
+        never = unknown = 0
+        now = time.time()
+        for chunk in self.store.seen():
+            for created, last in chunk:
+                never += not last
+                if not (last or created):  # stored before times were kept
+                    unknown += 1
+                    continue
+                days = (now - (last or created)) / DAY
+                counts[bisect.bisect_left(bounds, days)] += 1
+        return {
+            "stale_after_days": stale_days or None,
+            "never_reached": never,
+            "unknown": unknown,
+            "ages": [
+                {"up_to_days": days, "subscriptions": n}
+                for days, n in zip([*bounds, None], counts)
+            ],
+        }
+
     def delivering(self) -> int:
         """How many processes said in the last WORKER_TIMEOUT seconds that they
         deliver: the workers, and the api.py processes that deliver."""
@@ -5657,7 +5917,7 @@ class NotificationEngine:
             outcomes = [
                 PushOutcome(record["id"], record_origin(record), None, "failed", reason)
             ]
-        apply_outcomes(self.store, outcomes, self.prune_after)
+        apply_outcomes(self.store, outcomes, self.prune_after, self.max_per_day)
         return outcomes
 
     def stop(self, timeout: float) -> bool:
@@ -5712,7 +5972,9 @@ class NotificationEngine:
         if record is None:
             return
         now = time.time()
+        policy = record.get("policy") or {}
         late = now - record["due"] > record["message"]["ttl"] + EXPIRY_SLACK
+        late = late and not policy.get("send_at_local")  # late for no one yet
         if late and record["status"] in ("scheduled", "queued"):
             if self.jobs.change(
                 notification_id, "expired", ("scheduled", "queued"), now
@@ -5749,39 +6011,113 @@ class NotificationEngine:
                     notification_id,
                     self.lease,
                 )
-        page_size = self.batch_size * 4
         lane = PRIORITY_LANE if total <= PRIORITY_MAX else ""
+        complete = self._plan_pages(
+            notification_id, cursor, policy, audience, named, plan_max, lane
+        )
+        if complete and self.jobs.planned(notification_id, complete, time.time()) == 2:
+            self._ended(notification_id)
+
+    def _plan_pages(
+        self,
+        notification_id: str,
+        cursor: str,
+        policy: dict,
+        audience: Audience,
+        named: list[tuple[int, str, str]] | None,
+        plan_max: int,
+        lane: str,
+    ) -> str | None:
+        """Queue a notification's subscribers in batches from ``cursor``
+        on: its whole plan, or as much as its policy allows now (a second's
+        worth at its ``rate``; for a ``send_at_local``, those whose time has
+        come), leasing it to whichever process plans the rest when it is due.
+        The cursor of a complete plan, or None (the rest is for later, or it
+        was cancelled, or another process plans it now)."""
+        local = policy.get("send_at_local")
+        per_second = (policy.get("rate") or 0) / 60
+        place = PlanCursor.parse(cursor)
+        now = time.time()
+        if local and not place.hi:  # the first pass: all whose time has come
+            place.hi = now
+        budget = math.inf
+        if per_second:
+            if place.turn > now:  # handed over early: wait for its turn
+                self.jobs.enqueue(notification_id, cursor, cursor, place.turn, [])
+                return None
+            if place.turn < now - 1:  # the first turn, or late (a restart): no burst
+                place.turn = now
+            budget = max(1, round(per_second))
+        used = 0
         while True:
             if self._stopping:  # another process takes the plan over now
                 self.jobs.hand_over(notification_id, time.time())
-                return
-            number, after = cursor.split(" ")
-            index = int(number)
-            if index > len(CHANNELS):
-                break
-            kind = CHANNELS[index - 1]
-            page = []
+                return None
+            if place.index > len(CHANNELS):
+                if local and place.later < math.inf:  # the next zone's turn
+                    after = PlanCursor(
+                        1, 0, place.hi, place.later, math.inf, place.turn
+                    )
+                    self.jobs.enqueue(
+                        notification_id, cursor, str(after), place.later, []
+                    )
+                    return None
+                return cursor
+            kind = CHANNELS[place.index - 1]
+            page: list[tuple[int, str, str]] = []
             if self.delivery.sends_to(kind):
-                last = 0 if after == "-inf" else int(float(after))
+                size = int(min(self.batch_size * 4, budget - used))
                 if named is None:
                     page = self.store.page(
-                        kind, audience.topic, last, plan_max, page_size
+                        kind, audience.topic, place.after, plan_max, size
                     )
                 else:  # as the store pages a topic: in line, after last, to plan_max
                     page = [
                         p
                         for p in named
-                        if origin_channel(p[2]) == kind and last < p[0] <= plan_max
-                    ][:page_size]
-            later = f"{index} {page[-1][0]}" if page else f"{index + 1} 0"
-            batches = self._batches(page, lane)
+                        if origin_channel(p[2]) == kind
+                        and place.after < p[0] <= plan_max
+                    ][:size]
+            after = dataclasses.replace(place)
+            after.index, after.after = (
+                (place.index, page[-1][0]) if page else (place.index + 1, 0)
+            )
+            if local:
+                page, soonest = self._come(page, local, place.lo, place.hi)
+                after.later = min(place.later, soonest)
+            used += len(page)
+            paced = used >= budget
+            until = time.time() + self.lease
+            if paced:  # the next second's worth, when it is due
+                after.turn = until = place.turn + used / per_second
             if not self.jobs.enqueue(
-                notification_id, cursor, later, time.time() + self.lease, batches
+                notification_id, cursor, str(after), until, self._batches(page, lane)
             ):
-                return  # cancelled, or another process plans it now
-            cursor = later
-        if self.jobs.planned(notification_id, cursor, time.time()) == 2:
-            self._ended(notification_id)
+                return None  # cancelled, or another process plans it now
+            cursor, place = str(after), after
+            if paced:
+                return None
+
+    def _come(
+        self, page: list[tuple[int, str, str]], local: str, lo: float, hi: float
+    ) -> tuple[list[tuple[int, str, str]], float]:
+        """Those of ``page`` whose wall clock showed ``local`` in (lo, hi] (in
+        their ``timezone``, or DEFAULT_TIMEZONE), and the soonest instant
+        after ``hi`` of the others."""
+        records = self.store.get_many([record_id for _, record_id, _ in page])
+        come, soonest = [], math.inf
+        for placed, record in zip(page, records):
+            if record is None:  # unsubscribed since: in no pass
+                continue
+            zone = record.get("timezone") or self.default_zone
+            if not known_timezone(zone):  # gone from this machine's database
+                zone = self.default_zone
+            instant = local_instant(local, zone)
+            if lo < instant <= hi:
+                come.append(placed)
+            elif instant > hi:
+                soonest = min(soonest, instant)
+        return come, soonest
 
     def _named(self, audience: Audience) -> list[tuple[int, str, str]]:
         """The subscribers a notification to users or subscription ids goes
@@ -5862,27 +6198,9 @@ class NotificationEngine:
             return
         present = [r for r in self.store.get_many(ids) if r is not None]
         vanished = len(ids) - len(present)  # unsubscribed since the plan
-        # Planned by a process with FCM settings, and this one has none: they
-        # fail, visibly, rather than go back to the store for ever.
-        sendable: list[dict] = []
-        failed: list[PushOutcome] = []
-        for record in present:
-            if self.delivery.sends_to(record.get("kind", "webpush")):
-                sendable.append(record)
-            else:
-                failed.append(
-                    PushOutcome(
-                        record["id"],
-                        "fcm",
-                        None,
-                        "failed",
-                        FCM_ELSEWHERE,
-                        channel="fcm",
-                    )
-                )
-        if failed:
-            log.warning("notification %s: %s", batch.notification, FCM_ELSEWHERE)
+        sendable, failed = self._policy(present, message, batch.notification)
         if not sendable:
+            apply_outcomes(self.store, failed, self.prune_after, self.max_per_day)
             self._complete(batch, failed, [], vanished)
             return
         with self._lock:
@@ -5909,6 +6227,41 @@ class NotificationEngine:
         future.add_done_callback(
             functools.partial(self._batch_done, batch, sent_to, vanished, failed)
         )
+
+    def _policy(
+        self, records: list[dict], message: Message, notification_id: str
+    ) -> tuple[list[dict], list[PushOutcome]]:
+        """Of the subscribers a batch goes to, those to send to, and the
+        outcomes of the others: stale (no success in STALE_AFTER_DAYS:
+        removed), capped (MAX_PER_DAY reached, and the message is not of
+        urgency high), or planned by a process with FCM settings, and this
+        one has none (failed, visibly, rather than back to the store for ever)."""
+        now = time.time()
+        capping = self.max_per_day and message.urgency != "high"
+        sendable: list[dict] = []
+        settled: list[PushOutcome] = []
+        for record in records:
+            channel = record.get("kind", "webpush")
+            seen = record.get("last_success") or record.get("created")
+            if not self.delivery.sends_to(channel):
+                verdict = ("failed", FCM_ELSEWHERE)
+            elif self.stale_after and seen and seen < now - self.stale_after:
+                verdict = ("removed", STALE)
+            elif capping and self.max_per_day <= sum(
+                t > now - DAY for t in record.get("recent", ())
+            ):
+                verdict = ("capped", CAPPED)
+            else:
+                sendable.append(record)
+                continue
+            outcome = (record["id"], record_origin(record), None, *verdict)
+            settled.append(PushOutcome(*outcome, channel=channel))
+        if any(o.reason == FCM_ELSEWHERE for o in settled):
+            log.warning("notification %s: %s", notification_id, FCM_ELSEWHERE)
+        if settled:  # counted as the delivery's outcomes are
+            for observe in self.delivery.observers:
+                observe(settled)
+        return sendable, settled
 
     def _message(self, notification_id: str) -> tuple[str | None, Message | None]:
         """A notification's status (read at most once a second) and message
@@ -6002,7 +6355,7 @@ class NotificationEngine:
             outcomes = []
         reached = failed + [o for o in outcomes if o.result != "unsent"]
         done = {o.record_id for o in reached}
-        apply_outcomes(self.store, reached, self.prune_after)
+        apply_outcomes(self.store, reached, self.prune_after, self.max_per_day)
         return batch, reached, [i for i in ids if i not in done], vanished
 
     def _complete(
@@ -6405,7 +6758,7 @@ PUSH_SUBSCRIPTION_FIELDS = ("endpoint", "expirationTime", "keys")  # its toJSON(
 SUBSCRIPTION_KEYS = ("p256dh", "auth")
 SUBSCRIPTION_TOKEN_FIELDS = ("subscription_token", "topics")  # the blog's wrapper
 USER_FIELDS = ("user", "user_token")  # a subscription's binding to a user
-FCM_TOKEN_FIELDS = ("fcm_token", "topics", "replaces", *USER_FIELDS)
+FCM_TOKEN_FIELDS = ("fcm_token", "topics", "timezone", "replaces", *USER_FIELDS)
 # An endpoint or a token; the rest of a PushSubscription may come with it.
 UNSUBSCRIBE_FIELDS = ("endpoint", "fcm_token", "expirationTime", "keys")
 ACTION_FIELDS = ("action", "title", "url", "icon")
@@ -6987,6 +7340,57 @@ class Validator:
                 "days ahead",
             )
         return when
+
+    def policy(self, body: dict) -> dict:
+        """A POST /push body's delivery policy: its ``rate`` (messages per
+        minute, capped by MAX_RATE, which is also the rate of those that give
+        none) and ``send_at_local`` (a wall-clock time, no offset)."""
+        rate = body.get("rate")
+        if rate is not None and (
+            isinstance(rate, bool)
+            or not isinstance(rate, int)
+            or not MIN_RATE <= rate <= MAX_RATE_ALLOWED
+        ):
+            raise ApiError(
+                400,
+                f"'rate' must be whole messages per minute from {MIN_RATE} to "
+                f"{MAX_RATE_ALLOWED:,}",
+            )
+        if self.settings.max_rate:
+            rate = min(rate or self.settings.max_rate, self.settings.max_rate)
+        local = body.get("send_at_local")
+        if local is not None:
+            given = [n for n in ("send_at", "delay") if body.get(n) is not None]
+            if given:
+                raise ApiError(400, f"give 'send_at_local' or '{given[0]}', not both")
+            try:
+                if not isinstance(local, str) or not LOCAL_TIME_RE.fullmatch(local):
+                    raise ValueError
+                earliest = local_instant(local, "UTC") - EARLIEST_OFFSET
+            except (ValueError, OverflowError):
+                raise ApiError(
+                    400,
+                    "'send_at_local' must be a date and time without an offset, "
+                    "like 2026-12-24T09:00: each subscriber gets it when their own "
+                    "clock shows it",
+                ) from None
+            if earliest - time.time() > MAX_SCHEDULE_AHEAD:
+                raise ApiError(
+                    400,
+                    f"'send_at_local' may be at most {MAX_SCHEDULE_AHEAD // DAY} "
+                    "days ahead",
+                )
+        return {"rate": rate, "send_at_local": local}
+
+    def timezone(self, value: Any) -> str:
+        """A subscription's time zone: an IANA name zoneinfo knows."""
+        if not isinstance(value, str) or not known_timezone(value):
+            raise ApiError(
+                400,
+                "'timezone' must be an IANA time zone name, like Europe/Paris (what "
+                "Intl.DateTimeFormat().resolvedOptions().timeZone gives)",
+            )
+        return value
 
     def receipt(self, body: dict) -> tuple[str, str]:
         """The event and receipt of a POST /notifications/<id>/events body."""
@@ -7707,12 +8111,20 @@ class Http:
         with the same key (IdempotencyConflict if with another body)."""
         message, audience = self.validate.push(fields, self.public_base())
         send_at = self.validate.send_at(fields)
+        policy = self.validate.policy(fields)
         if caller is not None:
             refused = caller.may_send_to(audience.topic, audience.named is not None)
             if refused:
                 raise ApiError(403, refused)
         document, replayed = self.services.engine.create(
-            message, audience, send_at, key, body, source, caller and caller.name
+            message,
+            audience,
+            send_at,
+            key,
+            body,
+            source,
+            caller and caller.name,
+            policy,
         )
         if not replayed:
             log.info(
@@ -7792,10 +8204,12 @@ class Http:
             return document
         bottle.response.status = 202
         bottle.response.set_header("Location", f"/notifications/{document['id']}")
+        policy = {k: document[k] for k in ("rate", "send_at_local") if document[k]}
         return {
             "id": document["id"],
             "status": document["status"],
             "subscriptions": document["total"],
+            **policy,  # when given
         }
 
 
@@ -7860,7 +8274,7 @@ def subscription_routes(app: bottle.Bottle, http: Http) -> None:
         else:
             # fcm_token is never in this body: named for the misspelled one
             record = validate.subscription(
-                body, also=("replaces", "fcm_token", *USER_FIELDS)
+                body, also=("replaces", "fcm_token", "timezone", *USER_FIELDS)
             )
         previous = store.get(record["id"]) or {}
         replaced, old_auth = None, None
@@ -7892,6 +8306,13 @@ def subscription_routes(app: bottle.Bottle, http: Http) -> None:
             record["last_success"] = previous["last_success"]
         if record["topics"] is None:  # re-posted, or rotated by its push service
             record["topics"] = (previous or replaced or {}).get("topics", [])
+        zone = None
+        if "timezone" not in body:  # kept, as topics are ("timezone": null drops it)
+            zone = (previous or replaced or {}).get("timezone")
+        elif body["timezone"] is not None:
+            zone = validate.timezone(body["timezone"])
+        if zone is not None:
+            record["timezone"] = zone
         if user is not None:
             record["user"] = user
         created = store.upsert(record, replaced and replaced["id"])
@@ -8205,6 +8626,10 @@ def operation_routes(app: bottle.Bottle, http: Http) -> None:
         return json.dumps(
             [{"topic": t, "subscriptions": counts[t]} for t in sorted(counts)]
         )
+
+    @app.get("/subscriptions/ages", api=True, auth="read")
+    def subscription_ages() -> dict:
+        return engine.ages()
 
     @app.get("/metrics", api=True, auth="metrics")
     def get_metrics() -> bottle.HTTPResponse:

@@ -646,7 +646,7 @@ def test_gone_subscriptions_are_removed_and_failures_kept(app, push_service, sto
 
 
 def test_push_with_no_subscribers_sends_nothing(app):
-    zero = {"sent": 0, "failed": 0, "removed": 0, "retried": 0}
+    zero = dict.fromkeys(api.COUNTS, 0)
     result = pushed(app, {"title": "t"})
     assert result["status"] == "done"
     assert {k: result[k] for k in ("total", "pending", *zero)} == {
@@ -3047,11 +3047,14 @@ def test_the_generic_webhook_carries_every_push_field(hook_app, push_service):
         "require_interaction": True,
         "actions": [{"action": "open", "title": "Open", "url": "/b/1"}],
         "image": "/big.png",
+        "rate": 600,
     }
-    # "body" is "message", "send_at" is "delay" another way; topic is tested
-    # above, users and subscriptions in tests/test_users.py
+    # "body" is "message", "send_at" and "send_at_local" are "delay" other
+    # ways; topic is tested above, users and subscriptions in
+    # tests/test_users.py
     audiences = {"topic", "users", "subscriptions"}
-    assert set(fields) | {"body", "send_at"} | audiences == set(api.PUSH_FIELDS)
+    others = {"body", "send_at", "send_at_local"}
+    assert set(fields) | others | audiences == set(api.PUSH_FIELDS)
     started = time.monotonic()
     answer = hook_app.post_json("/webhooks/generic", fields, headers=AUTH, status=202)
     assert answer.json["status"] == "scheduled"

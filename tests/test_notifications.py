@@ -45,8 +45,12 @@ DOCUMENT_FIELDS = {
     "sent",
     "failed",
     "removed",
+    "capped",
     "retried",
     "pending",
+    "rate",
+    "send_at_local",
+    "finish",
     "channels",
     "errors",
 }
