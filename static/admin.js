@@ -219,7 +219,7 @@ function showScope(who) {
   $("who").hidden = false;
   $("console").dataset.scope = who.scope;
   for (const id of ["compose", "preview-card"]) $(id).hidden = !may("send");
-  for (const id of ["audience", "people", "history"]) $(id).hidden = !may("read");
+  for (const id of ["audience", "ages", "people", "history"]) $(id).hidden = !may("read");
   $("keys").hidden = !may("admin");
   $("erase-person").hidden = !may("admin");
   $("write-to-person").hidden = !may("send") || narrowed;
@@ -246,10 +246,11 @@ function signOut(reason = "") {
   $("history-table").tBodies[0].replaceChildren();
   $("topics").replaceChildren();
   $("topic-list").replaceChildren();
-  for (const id of ["compose-error", "history-error", "topics-error", "progress-error", "totals", "people-error", "people-done"]) say(id, "");
+  $("age-list").replaceChildren();
+  for (const id of ["compose-error", "history-error", "topics-error", "ages-error", "ages-hint", "progress-error", "totals", "people-error", "people-done"]) say(id, "");
   $("people-form").reset();
   showPerson(null);
-  lastHistory = lastTopics = "";
+  lastHistory = lastTopics = lastAges = "";
   forgetKeys();
   $("progress").hidden = true;
   $("console").hidden = true;
@@ -265,6 +266,7 @@ function refresh() {
   if (!session()) return;
   loadHistory();
   loadAudience();
+  loadAges();
   loadKeys();
 }
 
@@ -665,6 +667,51 @@ function drawTopics(topics, health) {
   $("topics").replaceChildren(...chips);
   $("topics-empty").hidden = topics.length > 0;
   $("topic-list").replaceChildren(...topics.map((t) => el("option", { value: t.topic }, plural(count(t, "subscriptions"), "subscriber"))));
+}
+
+// -- subscriptions by last success ------------------------------------------------
+
+let lastAges = "";
+
+async function loadAges() {
+  if (!may("read")) return;
+  await loadList("ages", "/subscriptions/ages", drawAges, "ages-error", "how recently subscriptions were reached");
+}
+
+/** Each span of days as a person says it ("Reached in the last day", "1 to 7
+ * days ago"), the oldest saying that the next send removes them, when this
+ * server removes subscriptions that go unreached. */
+function ageRows({ stale_after_days: stale, ages = [] }) {
+  let since = 0; // where the span starts, in days ago
+  return ages.map(({ up_to_days: days, subscriptions }) => {
+    const n = Number.isFinite(subscriptions) ? subscriptions : 0;
+    if (days === null) {
+      const over = `Over ${plural(since, "day")} ago`;
+      return { words: stale ? `${over} (removed at the next send)` : over, n, stale: Boolean(stale) };
+    }
+    let words = `${since.toLocaleString()} to ${plural(days, "day")} ago`;
+    if (!since) words = days === 1 ? "Reached in the last day" : `Reached in the last ${plural(days, "day")}`;
+    since = days;
+    return { words, n };
+  });
+}
+
+function drawAges(answer) {
+  answer ||= {};
+  const text = JSON.stringify(answer);
+  if (text === lastAges) return; // unchanged: keep what is drawn
+  lastAges = text;
+  const rows = ageRows(answer);
+  const never = count(answer, "never_reached");
+  const unknown = count(answer, "unknown");
+  // Not spans of days: counts of their own, set apart.
+  if (never) rows.push({ words: "Never reached yet", n: never, apart: true });
+  if (unknown) rows.push({ words: "Not known (stored before the server kept dates)", n: unknown, apart: !never });
+  const row = ({ words, n, stale, apart }) =>
+    el("div", { className: [stale && n ? "stale" : "", apart ? "apart" : ""].join(" ").trim() }, el("dt", {}, words), el("dd", {}, n.toLocaleString()));
+  $("age-list").replaceChildren(...rows.map(row));
+  const kept = answer.stale_after_days ? "" : " This server keeps subscriptions however long they go unreached.";
+  say("ages-hint", `Counted from each one's last delivery, or from when it was stored if it has not been reached yet.${kept}`);
 }
 
 // -- people -----------------------------------------------------------------------

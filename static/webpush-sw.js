@@ -149,7 +149,7 @@
 
   // The browser rotated the subscription: post the new one with the old one
   // it "replaces" (its toJSON(), whose auth secret proves it), and the server
-  // moves the old one's topics and person over to it.
+  // moves the old one's topics, time zone and person over to it.
   self.addEventListener("pushsubscriptionchange", (event) => {
     event.waitUntil(
       (async () => {
@@ -162,7 +162,6 @@
           }));
         const body = { ...subscription.toJSON() };
         if (event.oldSubscription) body.replaces = event.oldSubscription.toJSON();
-        if (server.timezone === true) body.timezone = Intl.DateTimeFormat().resolvedOptions().timeZone;
         await fetch(`${SERVER}/subscription`, {
           method: "POST",
           headers: { "Content-Type": "application/json" },

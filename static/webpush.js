@@ -200,7 +200,8 @@ export async function state() {
  * Asks permission, subscribes with the server's key and stores the
  * subscription on the server with its `topics` (kept as they were when not
  * given) and, when given, the signed-in `user` and the `userToken` the site
- * signed for them (`user: null` unbinds). Resolves to the server's answer,
+ * signed for them (`user: null` unbinds), and with the browser's time zone
+ * (for messages sent at a local hour). Resolves to the server's answer,
  * {id, user}.
  */
 export async function subscribe({ topics, user, userToken } = {}) {
@@ -233,9 +234,28 @@ export async function subscribe({ topics, user, userToken } = {}) {
   if (topics !== undefined) body.topics = topics;
   if (user !== undefined) body.user = user;
   if (userToken !== undefined) body.user_token = userToken;
-  // Sent only to a server that says it takes it: others refuse unknown fields.
-  if (about.timezone === true) body.timezone = Intl.DateTimeFormat().resolvedOptions().timeZone;
-  return call("POST", "/subscription", body);
+  const zone = timeZone();
+  if (!zone) return call("POST", "/subscription", body);
+  try {
+    return await call("POST", "/subscription", { ...body, timezone: zone });
+  } catch (error) {
+    // A server that does not know this zone (its zone database is older than
+    // the browser's) or the field itself (an older server) refuses it: the
+    // subscription matters more than its local time, so it is posted again
+    // without.
+    if (error.status !== 400 || !/timezone/.test(error.error || "")) throw error;
+    return call("POST", "/subscription", body);
+  }
+}
+
+/** The browser's IANA time zone ("Europe/Paris"), or null when it has none. */
+function timeZone() {
+  try {
+    const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    return typeof zone === "string" && zone ? zone : null;
+  } catch {
+    return null;
+  }
 }
 
 /** Unsubscribes this browser, and has the server forget it. */

@@ -634,6 +634,101 @@ def test_a_server_without_topics_says_so_and_the_rest_still_works(console, serve
     expect(console.page.locator("#history-table tbody tr")).to_have_count(1)
 
 
+# -- subscriptions by last success -----------------------------------------------
+
+# Each row of the card: what it says, and its count.
+AGE_ROWS = """() => [...document.querySelectorAll("#age-list > div")].map(
+  (row) => `${row.querySelector("dt").textContent}: ${row.querySelector("dd").textContent}`)"""
+
+
+def age_rows(console: Console, first: str) -> list[str]:
+    """The card's rows, once its first one reads ``first``."""
+    expect(console.page.locator("#age-list > div").first).to_have_text(
+        first.replace(": ", "")
+    )
+    return console.page.evaluate(AGE_ROWS)
+
+
+@ON_BOTH_STORES
+def test_subscriptions_by_last_success_counts_new_ones_in_the_last_day_until_reached(
+    console, server, push_service
+):
+    subscribe(server, push_service, ["news"], [], [])
+    console.sign_in()
+    expect(console.page.locator("#ages-title")).to_have_text(
+        "Subscriptions by last success"
+    )
+    assert age_rows(console, "Reached in the last day: 3") == [
+        "Reached in the last day: 3",
+        "1 to 7 days ago: 0",
+        "7 to 30 days ago: 0",
+        "30 to 60 days ago: 0",
+        "Over 60 days ago (removed at the next send): 0",
+        "Never reached yet: 3",
+    ]
+    expect(console.page.locator("#ages-hint")).to_have_text(
+        "Counted from each one's last delivery, or from when it was stored if it "
+        "has not been reached yet."
+    )
+    console.compose(title="Hello")
+    console.send(everyone=True)
+    expect(console.page.locator("#progress-text")).to_contain_text("Done: 3 of 3 sent")
+    console.page.click("#refresh")  # with the history, as every few seconds
+    expect(console.page.get_by_text("Never reached yet")).to_have_count(0)
+    assert age_rows(console, "Reached in the last day: 3")[1:] == [
+        "1 to 7 days ago: 0",
+        "7 to 30 days ago: 0",
+        "30 to 60 days ago: 0",
+        "Over 60 days ago (removed at the next send): 0",
+    ]
+
+
+def test_without_stale_removal_the_oldest_subscriptions_are_only_older(
+    browser, tmp_path, push_service
+):
+    server = Server(tmp_path, PUSH_PROCESSES="1", STALE_AFTER_DAYS="0").start()
+    try:
+        subscribe(server, push_service, [])
+        console = Console(browser, server)
+        console.sign_in()
+        assert age_rows(console, "Reached in the last day: 1") == [
+            "Reached in the last day: 1",
+            "1 to 7 days ago: 0",
+            "7 to 30 days ago: 0",
+            "Over 30 days ago: 0",
+            "Never reached yet: 1",
+        ]
+        expect(console.page.locator("#ages-hint")).to_contain_text(
+            "This server keeps subscriptions however long they go unreached."
+        )
+        console.close()
+        assert console.errors == []
+    finally:
+        server.stop()
+
+
+def test_subscriptions_by_last_success_show_to_a_read_key_and_not_to_a_send_key(
+    browser, server, push_service
+):
+    subscribe(server, push_service, [], [])
+    for name, scope in (("dashboard", "read"), ("ci", "send")):
+        console = Console(browser, server)
+        console.sign_in(make_key(server, name, scope))
+        expect(console.page.locator("#totals")).not_to_be_empty()  # refreshed
+        if scope == "read":
+            expect(console.page.locator("#ages")).to_be_visible()
+            assert age_rows(console, "Reached in the last day: 2")[-1] == (
+                "Never reached yet: 2"
+            )
+        else:
+            expect(console.page.locator("#ages")).to_be_hidden()
+        asked = any(url.endswith("/subscriptions/ages") for url in console.urls)
+        assert asked == (scope == "read"), scope
+        console.close()
+        assert console.errors == []
+        assert console.forbidden() == []
+
+
 # -- keys (docs/api-keys.md) ------------------------------------------------------
 
 
@@ -895,6 +990,10 @@ def test_a_server_out_of_reach_is_explained_in_a_sentence(console, server):
     )
     expect(console.page.locator("#topics-error")).to_contain_text(
         "Could not reach the server"
+    )
+    expect(console.page.locator("#ages-error")).to_contain_text(
+        "Could not load how recently subscriptions were reached: Could not reach "
+        "the server"
     )
 
 

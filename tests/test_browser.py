@@ -25,7 +25,15 @@ import pytest
 import requests
 
 import api
-from conftest import AUTH, BACKENDS, TOKEN, Server, env_of, server_pushed
+from conftest import (
+    AUTH,
+    BACKENDS,
+    TOKEN,
+    Server,
+    env_of,
+    server_pushed,
+    subscription_store,
+)
 from tests.chromium import CHROMIUM, FLAGS, require_chromium
 from tests.push_service import PushService
 
@@ -109,13 +117,18 @@ class Demo:
         query: str = "",
         site: str | None = None,
         script: str = "",
+        timezone_id: str | None = None,
     ):
         """``site``: the page's origin when it is not the server's (a shop
         that takes in the client); ``script``: more of an init script, run
-        after the stand-in push manager's."""
+        after the stand-in push manager's; ``timezone_id``: the browser's time
+        zone, when not the machine's."""
         self.server = server
         self.site = site or server.url
-        self.context = browser.new_context(viewport={"width": 420, "height": 900})
+        options = {"timezone_id": timezone_id} if timezone_id else {}
+        self.context = browser.new_context(
+            viewport={"width": 420, "height": 900}, **options
+        )
         self.context.grant_permissions(["notifications"], origin=self.site)
         keys = subscriber.subscription["keys"]
         stub = {
@@ -828,6 +841,47 @@ def test_webpush_js_and_webpush_sw_js_are_served_to_any_site_and_cached(server):
         "export async function subscribe"
         in requests.get(server.url + "/webpush.js").text
     )
+
+
+def stored_record(server: Server, tmp_path: Path, endpoint: str) -> dict:
+    """What ``server`` (on the JSON store in ``tmp_path``) stored for the
+    subscription of ``endpoint``, read from its store once it has stopped."""
+    server.stop()
+    with subscription_store({}, tmp_path) as store:
+        return store.get(api.endpoint_id(endpoint))
+
+
+def test_webpush_js_stores_the_browsers_time_zone_with_its_subscription(
+    browser, server, push_service, tmp_path
+):
+    subscriber = push_service.subscriber()
+    demo = Demo(browser, server, subscriber, timezone_id="Pacific/Kiritimati")
+    demo.click("#enable", "Push is enabled")
+    assert demo.errors == []
+    demo.close()
+    record = stored_record(server, tmp_path, subscriber.endpoint)
+    assert record["timezone"] == "Pacific/Kiritimati"
+
+
+# A browser whose zone database names a zone this server's does not know.
+UNKNOWN_ZONE = """
+const resolved = Intl.DateTimeFormat.prototype.resolvedOptions;
+Intl.DateTimeFormat.prototype.resolvedOptions = function () {
+  return { ...resolved.call(this), timeZone: "Mars/Olympus_Mons" };
+};
+"""
+
+
+def test_a_time_zone_the_server_does_not_know_still_subscribes_the_browser_without_it(
+    browser, server, push_service, tmp_path
+):
+    subscriber = push_service.subscriber()
+    demo = Demo(browser, server, subscriber, script=UNKNOWN_ZONE)
+    demo.click("#enable", "Push is enabled")
+    demo.close()
+    record = stored_record(server, tmp_path, subscriber.endpoint)
+    assert record["endpoint"] == subscriber.endpoint
+    assert "timezone" not in record
 
 
 # The browser rotating a subscription, as the Push API builds the event (the

@@ -453,7 +453,7 @@ def _json_store_with(path: Path, count: int) -> list[dict]:
     return records
 
 
-def test_migrate_store_copies_json_into_redis_and_back_idempotently(
+def test_migrate_store_copies_json_into_redis_and_back_idempotently_with_last_successes(
     tmp_path, redis_server
 ):
     source = tmp_path / "subscriptions.json"
@@ -476,6 +476,8 @@ def test_migrate_store_copies_json_into_redis_and_back_idempotently(
         records, key=lambda r: r["id"]
     )
     redis_store.remove(records[0]["id"])
+    reached = 1_700_000_000  # a last success, and a recent one, go back too
+    redis_store.note_deliveries([], [records[2]["id"]], 5, reached, 2)
     back = tmp_path / "back.json"
     result = _migrate(str(back), **env, REDIS_URL=redis_server.url)
     assert result.returncode == 0, result.stderr
@@ -487,6 +489,7 @@ def test_migrate_store_copies_json_into_redis_and_back_idempotently(
     copy = api.JsonSubscriptionStore(back)
     assert len(copy) == 2_499
     assert copy.get(records[1]["id"]) == records[1]
+    assert copy.get(records[2]["id"]) == {**records[2], "last_success": reached}
     copy.close()
     redis_store.close()
 
