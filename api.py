@@ -8926,6 +8926,10 @@ def existing_vapid_key(settings: Settings) -> str | None:
     return None
 
 
+def _without_recent(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "recent"}
+
+
 def migrate_store(settings: Settings, target: str) -> int:
     """``--migrate-store TARGET``: copy every subscription from the JSON file
     into the Redis at TARGET, or from REDIS_URL into the JSON file TARGET.
@@ -8988,12 +8992,14 @@ def migrate_store(settings: Settings, target: str) -> int:
         else:
             chunks = redis_store.scan(1000)
         for chunk in chunks:
-            records = [r for r in chunk if r is not None]
+            # A day's success times (MAX_PER_DAY) stay where they were counted.
+            records = [_without_recent(r) for r in chunk if r is not None]
             there = (
                 redis_store.get_many([r["id"] for r in records])
                 if to_redis
                 else [json_store.get(r["id"]) for r in records]
             )
+            there = [old and _without_recent(old) for old in there]
             changed = [r for r, old in zip(records, there) if old != r]
             destination.write(changed)
             copied += len(changed)
