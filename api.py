@@ -2280,8 +2280,9 @@ class JsonSubscriptionStore(JsonLinesStore):
             last = self._last.get(record_id)
             if last is not None and last > (record.get("last_success") or 0):
                 record["last_success"] = last
-            if record_id in self._recent:
-                record["recent"] = list(self._recent[record_id])
+            recent = self._recent.get(record_id)  # the map may be replaced meanwhile
+            if recent is not None:
+                record["recent"] = list(recent)
         return record
 
     def list(self) -> list[dict]:
@@ -3297,10 +3298,11 @@ class JobStore(Protocol):
 
     def enqueue(
         self, notification_id: str, cursor: str, after: str, until: float, batches: Plan
-    ) -> bool:
+    ) -> int | None:
         """Queue batches and move the cursor to ``after`` (lease the plan
         until ``until``), if the cursor is still ``cursor`` and it is
-        sending; whether it did."""
+        sending: how many subscribers it queued (those sent before a
+        restart are not queued again), or None if it did not."""
 
     def planned(self, notification_id: str, cursor: str, now: float) -> int:
         """Its plan is complete: 2 if so is the notification (every batch came
@@ -3541,13 +3543,14 @@ class JournalJobStore:
 
     def enqueue(
         self, notification_id: str, cursor: str, after: str, until: float, batches: Plan
-    ) -> bool:
+    ) -> int | None:
         with self._lock:
             held = self._held.get(notification_id)
             if held is None or held.cursor != cursor:
-                return False
+                return None
             if held.record["status"] != "sending":
-                return False
+                return None
+            queued = 0
             for origin, ids in batches:
                 if held.done:  # sent before the restart
                     ids = [i for i in ids if i not in held.done]
@@ -3555,10 +3558,11 @@ class JournalJobStore:
                     self._queue(notification_id, origin, ids)
                     held.batches += 1
                     held.enqueued += len(ids)
+                    queued += len(ids)
             held.cursor = after
             held.lease = until
             self._lock.notify_all()
-            return True
+            return queued
 
     def planned(self, notification_id: str, cursor: str, now: float) -> int:
         with self._writing, self._lock:  # an end and its write: see load
@@ -4237,7 +4241,7 @@ class RedisJobStore:
 
     def enqueue(
         self, notification_id: str, cursor: str, after: str, until: float, batches: Plan
-    ) -> bool:
+    ) -> int | None:
         args: list[Any] = [self.prefix, notification_id, cursor, after, until]
         for origin, ids in batches:
             args += [self._stream(origin), ",".join(ids), len(ids)]
@@ -4245,7 +4249,7 @@ class RedisJobStore:
             queued = bool(self._scripts["enqueue"](args=args))
         if queued and any(self._stream(o) not in self._streams for o, _ in batches):
             self._unblock()  # this process's read waits on the streams it knew
-        return queued
+        return sum(len(ids) for _, ids in batches) if queued else None
 
     def planned(self, notification_id: str, cursor: str, now: float) -> int:
         with _redis_errors("planning a notification"):
@@ -6085,17 +6089,20 @@ class NotificationEngine:
             if local:
                 page, soonest = self._come(page, local, place.lo, place.hi)
                 after.later = min(place.later, soonest)
-            used += len(page)
-            paced = used >= budget
-            until = time.time() + self.lease
-            if paced:  # the next second's worth, when it is due
-                after.turn = until = place.turn + used / per_second
-            if not self.jobs.enqueue(
-                notification_id, cursor, str(after), until, self._batches(page, lane)
-            ):
+            queued = self.jobs.enqueue(
+                notification_id,
+                cursor,
+                str(after),
+                time.time() + self.lease,
+                self._batches(page, lane),
+            )
+            if queued is None:
                 return None  # cancelled, or another process plans it now
             cursor, place = str(after), after
-            if paced:
+            used += queued  # not those a restart found sent already
+            if used >= budget:  # the next second's worth, when it is due
+                paced = dataclasses.replace(place, turn=place.turn + used / per_second)
+                self.jobs.enqueue(notification_id, cursor, str(paced), paced.turn, [])
                 return None
 
     def _come(
@@ -6200,7 +6207,7 @@ class NotificationEngine:
         vanished = len(ids) - len(present)  # unsubscribed since the plan
         sendable, failed = self._policy(present, message, batch.notification)
         if not sendable:
-            apply_outcomes(self.store, failed, self.prune_after, self.max_per_day)
+            self._settle(failed)
             self._complete(batch, failed, [], vanished)
             return
         with self._lock:
@@ -6258,10 +6265,16 @@ class NotificationEngine:
             settled.append(PushOutcome(*outcome, channel=channel))
         if any(o.reason == FCM_ELSEWHERE for o in settled):
             log.warning("notification %s: %s", notification_id, FCM_ELSEWHERE)
-        if settled:  # counted as the delivery's outcomes are
+        return sendable, settled
+
+    def _settle(self, settled: list[PushOutcome]) -> None:
+        """Apply the outcomes ``_policy`` decided (a stale one is removed) and
+        count them as the delivery's are counted (metrics), once: when their
+        batch is recorded, not when it goes back to the store."""
+        apply_outcomes(self.store, settled, self.prune_after, self.max_per_day)
+        if settled:
             for observe in self.delivery.observers:
                 observe(settled)
-        return sendable, settled
 
     def _message(self, notification_id: str) -> tuple[str | None, Message | None]:
         """A notification's status (read at most once a second) and message
@@ -6353,9 +6366,11 @@ class NotificationEngine:
         except Exception:  # a bug: the batch goes back, not lost
             log.exception("notification %s: a batch failed", batch.notification)
             outcomes = []
-        reached = failed + [o for o in outcomes if o.result != "unsent"]
-        done = {o.record_id for o in reached}
+        self._settle(failed)
+        reached = [o for o in outcomes if o.result != "unsent"]
         apply_outcomes(self.store, reached, self.prune_after, self.max_per_day)
+        reached = failed + reached
+        done = {o.record_id for o in reached}
         return batch, reached, [i for i in ids if i not in done], vanished
 
     def _complete(
