@@ -9292,6 +9292,8 @@ def _outcome(document: dict) -> str:
         f"{document['status']}: {document['sent']} sent, {document['failed']} "
         f"failed, {document['removed']} removed (gone) of {document['total']}"
     )
+    if document.get("capped"):
+        line += f", {document['capped']} not sent (their daily limit, MAX_PER_DAY)"
     if document["errors"]:
         cause = document["errors"][0]
         status = f" ({cause['status']})" if cause.get("status") else ""
@@ -9316,7 +9318,7 @@ def _follow(client: ApiClient, notification_id: str, out: Any) -> dict:
     while True:
         document = client.call("GET", path)
         total = document["total"]
-        done = document["sent"] + document["failed"] + document["removed"]
+        done = total - document["pending"]
         if document["status"] == "scheduled":
             line = f"scheduled for {document['send_at']}; waiting"
         else:
@@ -9341,9 +9343,11 @@ def _send_command(args: argparse.Namespace, client: ApiClient) -> int:
     --wait, its progress and outcome; 1 when it reached none of its
     subscribers."""
     body: dict[str, Any] = {"title": args.title}
-    for name in ("body", "url", "topic", "ttl", "urgency"):
+    for name in ("body", "url", "topic", "ttl", "urgency", "rate"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
+    if args.local_time:
+        body["send_at_local"] = args.local_time
     if args.user:
         body["users"] = args.user
     if args.subscription:
@@ -9495,6 +9499,17 @@ def _command_parser() -> argparse.ArgumentParser:
         "--at",
         metavar="TIME",
         help="when: 2026-12-24T09:00:00+01:00, or a delay such as 30m",
+    )
+    send.add_argument(
+        "--local-time",
+        metavar="TIME",
+        help="when each subscriber's own clock shows TIME, such as 2026-12-24T09:00",
+    )
+    send.add_argument(
+        "--rate",
+        type=int,
+        metavar="N",
+        help="at most N messages a minute (60 to 1000000), so clicks come gradually",
     )
     send.add_argument(
         "--wait", action="store_true", help="follow it until it ends, then say how"

@@ -79,6 +79,25 @@ def test_send_exits_non_zero_when_it_reached_none_of_its_subscribers(
     assert done.stdout.splitlines()[1].startswith("done: 0 sent, 1 failed")
 
 
+def test_send_takes_a_rate_and_a_local_time(shared, push_service):
+    for _ in range(2):
+        store(shared, push_service.subscriber(), ["paced"])
+    local = "2026-01-01T09:00"  # passed in every zone: sent at once, at the rate
+    done = cli(shared, "send", "Paced", "--topic", "paced", "--rate", "60", "--local-time", local, "--wait")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    notification_id, outcome = done.stdout.splitlines()
+    assert outcome.startswith("done: 2 sent")
+    document = requests.get(
+        f"{shared.url}/notifications/{notification_id}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ).json()
+    assert (document["rate"], document["send_at_local"]) == (60, local)
+    refused = cli(shared, "send", "Too fast", "--rate", "5")
+    assert refused.returncode != 0
+    assert "'rate' must be whole messages per minute" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_send_with_wait_draws_a_progress_bar_on_a_terminal(shared, push_service):
     store(shared, push_service.subscriber(), ["bar"])
     ours, theirs = pty.openpty()
