@@ -116,6 +116,24 @@ function timeElement(iso) {
   return el("time", { dateTime: iso, title: full.format(new Date(iso)) }, shortTime(iso));
 }
 
+/** A wall-clock time with no offset (a datetime-local value, a
+ * send_at_local) as a person reads it: "24 Dec 2026, 09:00", the same in
+ * every zone. */
+const wallClock = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short", timeZone: "UTC" });
+function localWords(local) {
+  const [date, time] = local.split("T");
+  const [year, month, day] = date.split("-").map(Number);
+  const [hour, minute] = time.split(":").map(Number);
+  return wallClock.format(new Date(Date.UTC(year, month - 1, day, hour, minute)));
+}
+
+/** When a wall-clock time comes where it comes first (UTC+14) and last
+ * (UTC-12), in milliseconds: between the two it is going out, zone by zone. */
+function localSpan(local) {
+  const asUtc = new Date(`${local}Z`).getTime();
+  return { first: asUtc - 14 * 3600e3, last: asUtc + 12 * 3600e3 };
+}
+
 const count = (doc, name) => (Number.isFinite(doc[name]) ? doc[name] : 0);
 
 /** How a notification ended, for its colour and its word: a "done" one with
@@ -288,10 +306,17 @@ function drawPreview() {
   $("preview-host").textContent = linkHost($("url").value.trim());
   // A time already past sends at once, as the server does with it.
   const sendAt = $("send-at").value;
-  $("send").textContent = sendAt && new Date(sendAt) > new Date() ? "Schedule" : "Send now";
+  $("send").textContent = sendAt && dueLater(sendAt, $("send-local").checked) ? "Schedule" : "Send now";
   clearTimeout(iconTimer);
   // A moment's pause, so that a half-typed address is not fetched at each key.
   iconTimer = setTimeout(drawIcon, 300);
+}
+
+/** Whether a "Send at" value is still to come: for this device's clock, or,
+ * in each subscriber's own time zone, for the last zone on Earth. */
+function dueLater(sendAt, local) {
+  const when = local ? localSpan(sendAt).last : new Date(sendAt).getTime();
+  return when > Date.now();
 }
 
 function drawIcon() {
@@ -321,6 +346,9 @@ const EMPTY = "Write a title or a body first: a notification needs something to 
 const BAD_LINK = "The link must be a web address (https://…) or a path on your site, such as /changelog.";
 const BAD_ICON = "The icon must be the web address of an image (https://…) or a path on your site, such as /static/icon.png.";
 const TTL_WORDS = "“Time to live” is a whole number of seconds, from 0 to 2,419,200 (28 days); or leave it empty for the server's default.";
+const RATE_WORDS = "“Pace” is a whole number of notifications a minute, from 60 to 1,000,000; or leave it empty to send as fast as possible.";
+const LOCAL_WORDS = "“Send at” must be a date and a time, such as 24 Dec at 09:00, for each subscriber to get it when their own clock shows it.";
+const tooFar = (days) => `“Send at” is too far ahead: a notification can be scheduled at most ${days} days from now.`;
 
 /** Whether ``value`` is an address a browser can open (or load, ``schemes``),
  * on its own or as a path on this site. */
@@ -350,9 +378,16 @@ function composed() {
   const ttl = $("ttl");
   if (!ttl.validity.valid) throw new InputError(TTL_WORDS, "ttl");
   if (ttl.value !== "") body.ttl = Number(ttl.value);
+  const rate = $("rate");
+  if (!rate.validity.valid) throw new InputError(RATE_WORDS, "rate");
+  if (rate.value !== "") body.rate = Number(rate.value);
   const sendAt = $("send-at");
   if (sendAt.validity.badInput) throw new InputError("“Send at” is incomplete: give a date and a time, or clear it to send now.", "send-at");
-  if (sendAt.value) {
+  if (sendAt.value && $("send-local").checked) {
+    // Each subscriber's own wall clock: sent as typed, with no offset.
+    if (!/^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?$/.test(sendAt.value)) throw new InputError(LOCAL_WORDS, "send-at");
+    body.send_at_local = sendAt.value;
+  } else if (sendAt.value) {
     const when = new Date(sendAt.value); // a datetime-local value is this device's local time
     if (Number.isNaN(when.getTime())) throw new InputError("“Send at” is not a date and time this browser understands.", "send-at");
     body.send_at = when.toISOString();
@@ -371,7 +406,11 @@ const REFUSALS = [
   [/^'url' /, () => BAD_LINK],
   [/^'topic' names must be 1-(\d+)/, (m) => `A topic's name is made of letters, digits, “.”, “_” or “-”, at most ${m[1]} of them, without spaces.`],
   [/^'users' ids must be 1-(\d+)/, (m) => `A person is named by their id on your site: 1 to ${m[1]} characters, on one line.`],
-  [/scheduled at most (\d+) days ahead/, (m) => `“Send at” is too far ahead: a notification can be scheduled at most ${m[1]} days from now.`],
+  [/scheduled at most (\d+) days ahead/, (m) => tooFar(m[1])],
+  [/^'rate' /, () => RATE_WORDS],
+  [/^'send_at_local' may be at most (\d+) days ahead/, (m) => tooFar(m[1])],
+  [/^'send_at_local' /, () => LOCAL_WORDS],
+  [/^give 'send_at_local' or /, () => "Send it at one moment for everyone or at a time in each subscriber's own time zone, not both."],
   [/may send only to the topics (.+), not to everyone/, (m) => `This key may send only to the topics ${m[1]}: choose one of them.`],
   [/has the scope '(\w+)'/, () => "This key may not send notifications: sign in with a send or admin key."],
   [/try again in (\d+) s$/, (m) => `Too many notifications at once: try again in ${plural(Number(m[1]), "second")}.`],
@@ -426,7 +465,10 @@ async function askEveryone(body) {
   const name = `“${text.length > 60 ? `${text.slice(0, 59).trimEnd()}…` : text}”`;
   const all = everyone === null ? "all subscribers" : everyone === 1 ? "the one subscriber" : `all ${plural(everyone, "subscriber")}`;
   const none = everyone === 0 ? " No one has subscribed yet." : "";
-  if (body.send_at) {
+  if (body.send_at_local && dueLater(body.send_at_local, true)) {
+    say("everyone-question", `Schedule ${name} for ${all}, at ${localWords(body.send_at_local)} in each subscriber's own time zone?${none}`);
+    say("everyone-yes", "Schedule for everyone");
+  } else if (body.send_at) {
     say("everyone-question", `Schedule ${name} for ${all}, on ${full.format(new Date(body.send_at))}?${none}`);
     say("everyone-yes", "Schedule for everyone");
   } else {
@@ -498,9 +540,26 @@ async function poll(id) {
   timers.poll = setTimeout(() => poll(id), POLL_MS);
 }
 
+/** The words for what the daily limit (MAX_PER_DAY) held back, if any:
+ * "2 held back by the daily limit". */
+function heldBack(doc) {
+  const capped = count(doc, "capped");
+  return capped ? `${capped.toLocaleString()} held back by the daily limit` : "";
+}
+
+/** When a throttled notification still going out should be done, in this
+ * device's time: "expected to finish around 14:05". */
+function finishing(doc) {
+  if (!doc.rate || !doc.finish || !["queued", "sending"].includes(doc.status)) return "";
+  return `expected to finish around ${shortTime(doc.finish)}`;
+}
+
 function drawProgress(doc) {
   const total = count(doc, "total");
-  const settled = count(doc, "sent") + count(doc, "failed") + count(doc, "removed");
+  // Handled: sent, failed, removed or held back; the rest is still to go.
+  const settled = Number.isFinite(doc.pending)
+    ? Math.max(0, total - doc.pending)
+    : count(doc, "sent") + count(doc, "failed") + count(doc, "removed") + count(doc, "capped");
   const finished = FINISHED.has(doc.status);
   const fraction = total ? Math.min(1, settled / total) : finished ? 1 : 0;
   const bar = $("progress-bar");
@@ -510,16 +569,21 @@ function drawProgress(doc) {
   if (FINISHED.has(doc.status)) $("progress").dataset.outcome = ended;
   else delete $("progress").dataset.outcome;
   const sent = count(doc, "sent");
-  const others = `${count(doc, "failed")} failed, ${count(doc, "removed")} removed as gone`;
+  const held = heldBack(doc);
+  const others = `${count(doc, "failed")} failed, ${count(doc, "removed")} removed as gone${held ? `, ${held}` : ""}`;
   const audience = doc.audience === "users" ? "devices of this person" : doc.topic ? `subscribers of “${doc.topic}”` : "subscribers";
   let text;
-  if (doc.status === "scheduled") {
+  if (doc.status === "scheduled" && doc.send_at_local) {
+    text = `Scheduled for ${localWords(doc.send_at_local)} in each subscriber's own time zone, to ${plural(total, "subscriber")} as of now.`;
+    if (may("admin")) text += " Cancel it in the history below.";
+  } else if (doc.status === "scheduled") {
     text = `Scheduled for ${full.format(new Date(doc.send_at))}, to ${plural(total, "subscriber")} as of now.`;
     if (may("admin")) text += " Cancel it in the history below.";
   } else if (doc.status === "queued") {
     text = `Queued for ${plural(total, "subscriber")}…`;
   } else if (doc.status === "sending") {
     text = `Sending: ${settled.toLocaleString()} of ${total.toLocaleString()} handled (${sent.toLocaleString()} sent, ${others}).`;
+    if (doc.send_at_local) text += ` Each subscriber gets it at ${localWords(doc.send_at_local)} on their own clock.`;
   } else if (doc.status === "done") {
     text = total ? `${STATUS_WORDS[ended]}: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.` : `Done: there are no ${audience}, so nothing was sent.`;
   } else if (doc.status === "cancelled") {
@@ -529,6 +593,8 @@ function drawProgress(doc) {
   } else {
     text = `${STATUS_WORDS[doc.status] || doc.status}: ${sent.toLocaleString()} of ${total.toLocaleString()} sent, ${others}.`;
   }
+  const finish = finishing(doc);
+  if (finish) text += ` At most ${plural(doc.rate, "message")} a minute: ${finish}.`;
   const cause = doc.errors?.[0];
   if (cause) text += ` Commonest failure: ${describeError(cause)}.`;
   say("progress-text", text);
@@ -589,7 +655,18 @@ function historyRow(doc) {
   const clicked = count(doc, "clicked");
   const rate = delivered ? `${Math.round((clicked / delivered) * 100)}%` : "—";
   const scheduled = doc.status === "scheduled" && doc.send_at;
-  const when = scheduled ? ["due ", timeElement(doc.send_at)] : [timeElement(doc.started || doc.created)];
+  const note = (text) => (text ? el("span", { className: "note" }, text) : null);
+  let when = scheduled ? ["due ", timeElement(doc.send_at)] : [timeElement(doc.started || doc.created)];
+  if (doc.send_at_local) {
+    // Each subscriber's own wall clock: the same words in every zone.
+    const local = localWords(doc.send_at_local);
+    when = scheduled ? [`due ${local}`, note("in each subscriber's own time zone")] : [...when, note(`for ${local} in each subscriber's own time zone`)];
+  }
+  const finish = finishing(doc);
+  const notes = [
+    doc.rate ? note(`at most ${plural(doc.rate, "message")} a minute${finish ? `, ${finish}` : ""}`) : null,
+    note(heldBack(doc)),
+  ];
   const cause = doc.errors?.[0] ? el("span", { className: "cause" }, describeError(doc.errors[0])) : null;
   const cell = (props, ...content) => el("td", { role: "cell", ...props }, ...content);
   const number = (label, value) => cell({ className: "num", dataset: { label } }, value.toLocaleString());
@@ -600,7 +677,7 @@ function historyRow(doc) {
     "tr",
     { role: "row", dataset: { id: doc.id, status: doc.status } },
     cell({ className: "status-cell", dataset: { label: "Status" } }, el("span", { className: `status ${outcome(doc)}` }, STATUS_WORDS[outcome(doc)] || doc.status)),
-    cell({ className: "title", dataset: { label: "Title" } }, doc.title || "(no title)", cause),
+    cell({ className: "title", dataset: { label: "Title" } }, doc.title || "(no title)", ...notes, cause),
     cell({ className: "topic", dataset: { label: "Topic" } }, audienceWords(doc) || el("span", { className: "topic-none" }, "everyone")),
     cell({ className: "when", dataset: { label: "Time" } }, ...when),
     number("Sent", count(doc, "sent")),
