@@ -2069,6 +2069,12 @@ class SubscriptionStore(Protocol):
         """Close the file or connection."""
 
 
+def _a_time(value: Any) -> bool:
+    """Whether a value read from a side map is a time (a hand-edited one may
+    hold anything json takes, NaN and Infinity too)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 class JsonSubscriptionStore(JsonLinesStore):
     """Push subscriptions and FCM tokens by id (see JsonLinesStore), with an
     index of each one's channel, push service origin, topics and place in
@@ -2099,12 +2105,10 @@ class JsonSubscriptionStore(JsonLinesStore):
         self._last_written = time.monotonic()
         super().__init__(path)
         self._last = {
-            i: int(t)
-            for i, t in self._read_side(".last").items()
-            if isinstance(t, (int, float))
+            i: int(t) for i, t in self._read_side(".last").items() if _a_time(t)
         }
         self._recent = {
-            i: [int(t) for t in times if isinstance(t, (int, float))]
+            i: [int(t) for t in times if _a_time(t)]
             for i, times in self._read_side(".recent").items()
             if isinstance(times, list)
         }

@@ -10,6 +10,7 @@ import dataclasses
 import signal
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -469,3 +470,19 @@ def test_stale_after_days_0_never_removes_and_the_ages_show_no_stale_bound(
         assert [a["up_to_days"] for a in ages["ages"]] == [1, 7, 30, None]
         assert ages["ages"][-1]["subscriptions"] == 1
         assert pushed(app, {"title": "t"})["sent"] == 1
+
+
+def test_success_maps_beside_the_json_store_that_were_damaged_by_hand_do_not_stop_it(
+    json_settings, push_service
+):
+    with running(json_settings, max_per_day=1) as app:
+        (subscriber,) = subscribed(app, push_service, 1)
+        record_id = api.endpoint_id(subscriber.endpoint)
+    path = json_settings.subscriptions_file
+    Path(path + ".last").write_text(f'{{"{record_id}": NaN, "other": 1}}')
+    Path(path + ".recent").write_text(f'{{"{record_id}": [Infinity, "x", 1e400]}}')
+    with running(json_settings, max_per_day=1) as app:
+        stored = app.app.config["webpush.store"].get(record_id)
+        assert "last_success" not in stored and stored["recent"] == []
+        assert pushed(app, {"title": "still here"})["sent"] == 1
+        assert pushed(app, {"title": "capped"})["capped"] == 1
