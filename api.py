@@ -896,11 +896,19 @@ def api_key_hash(key: str) -> str:
 class Caller:
     """Who made a request: an API key's name, scope and, for a send key, the
     topics it may send to (None: any). The push token is the admin key
-    named "admin"."""
+    named "admin". ``id``: the key's own, given when it was made, so a new
+    key that takes a revoked one's name is not its owner (keys made before
+    ids have none: their name is their owner)."""
 
     name: str
     scope: str
     topics: tuple[str, ...] | None = None
+    id: str = ""
+
+    @property
+    def owner(self) -> str:
+        """Whose notifications, Idempotency-Keys and webhook ids these are."""
+        return self.id or self.name
 
     def may(self, need: str) -> bool:
         return need in SCOPE_GRANTS[self.scope]
@@ -1371,6 +1379,7 @@ def new_notification(
     total: int,
     created_by: str | None = None,
     policy: dict | None = None,
+    owner: str | None = None,
 ) -> dict:
     """A notification as both queues keep it, before anything is sent;
     ``policy``: its ``rate`` and ``send_at_local``, if any."""
@@ -1387,6 +1396,7 @@ def new_notification(
         "status": "scheduled" if due > now else "queued",
         "source": source,
         "created_by": created_by,
+        "owner": owner or created_by,  # the key's id (Caller.owner)
         "created": now,
         "due": due,
         "send_at": send_at,
@@ -4153,7 +4163,7 @@ class RedisJobStore:
 
     def insert(self, record: dict, key_hash: str | None) -> str | None:
         fixed = ("id", "source", "created", "due", "send_at", "topic", "message")
-        fixed += ("users", "subscriptions", "created_by", "policy")
+        fixed += ("users", "subscriptions", "created_by", "owner", "policy")
         doc = {k: record[k] for k in (*fixed, "idempotency")}
         with _redis_errors("storing a notification"):
             return self._scripts["create"](
@@ -5768,6 +5778,7 @@ class NotificationEngine:
         source: str = "api",
         created_by: str | None = None,
         policy: dict | None = None,
+        owner: str | None = None,
     ) -> tuple[dict, bool]:
         """Keep a notification (OSError if the store refuses); its status
         document, and whether it is an earlier one with the same
@@ -5785,6 +5796,7 @@ class NotificationEngine:
                 self.subscribers(audience),
                 created_by,
                 policy,
+                owner,
             )
             earlier = self.jobs.insert(record, key_hash)
             if earlier is None:
@@ -5818,6 +5830,11 @@ class NotificationEngine:
     def get(self, notification_id: str) -> dict | None:
         record = self.jobs.load(notification_id)
         return None if record is None else status_document(record, record["receipts"])
+
+    def owner(self, notification_id: str) -> str | None:
+        """Whose a notification is (Caller.owner of the key that made it)."""
+        record = self.jobs.load(notification_id)
+        return record and (record.get("owner") or record.get("created_by"))
 
     def count_receipt(
         self, notification_id: str, event: str, subscriber: str
@@ -7562,7 +7579,9 @@ class KeyRing:
             except OSError as e:  # the key still works; its last use is older
                 log.warning("could not note the use of API key %r: %s", name, e)
         topics = record.get("topics")
-        return Caller(name, record["scope"], topics and tuple(topics))
+        return Caller(
+            name, record["scope"], topics and tuple(topics), record.get("id", "")
+        )
 
     def create(
         self, name: str, scope: str, topics: list[str] | None, expires_in: int | None
@@ -7571,6 +7590,7 @@ class KeyRing:
         key, now = new_api_key(), self.clock()
         record = {
             "name": name,
+            "id": secrets.token_urlsafe(9),  # never reused, as a name may be
             "hash": api_key_hash(key),
             "scope": scope,
             "topics": topics,
@@ -8160,6 +8180,7 @@ class Http:
             source,
             caller and caller.name,
             policy,
+            caller and caller.owner,
         )
         if not replayed:
             log.info(
@@ -8415,7 +8436,7 @@ def notification_routes(app: bottle.Bottle, http: Http) -> None:
             key = (
                 f"push:{key}"
                 if caller.name == ADMIN
-                else f"pushkey:{caller.name}:{key}"
+                else f"pushkey:{caller.owner}:{key}"
             )
         try:
             _, document, replayed = http.accept(
@@ -8442,7 +8463,7 @@ def notification_routes(app: bottle.Bottle, http: Http) -> None:
         if document is None:
             raise ApiError(404, "no such notification; it may be past its retention")
         caller = http.auth.caller()
-        if not caller.may("read") and document["created_by"] != caller.name:
+        if not caller.may("read") and engine.owner(id) != caller.owner:
             raise ApiError(
                 403,
                 f"the key {caller.name!r} has the scope 'send', which may not GET "
@@ -8611,7 +8632,7 @@ def webhook_routes(app: bottle.Bottle, http: Http) -> None:
             return {"ignored": f"{source} {event!r} of this kind sends no notification"}
         delivery_id = request_header(kind.delivery_header)
         # A key's delivery ids are its own: none can claim, or see, another's.
-        sender = f"{caller.name}:" if caller else ""
+        sender = f"{caller.owner}:" if caller else ""
         key = f"webhook:{source}:{sender}{delivery_id}" if delivery_id else None
         try:  # a redelivery has the same id: it makes no second notification
             message, document, replayed = http.accept(

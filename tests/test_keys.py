@@ -246,6 +246,20 @@ def test_a_key_reusing_another_keys_idempotency_key_makes_its_own_notification(a
     assert again["id"] == second["id"]
 
 
+def test_a_new_key_that_takes_a_revoked_keys_name_owns_none_of_what_it_sent(app):
+    old = bearer(make_key(app, "ci", "send")["key"])
+    same = {"Idempotency-Key": "deploy-42"}
+    first = app.post_json("/push", {"title": "t"}, headers={**old, **same}).json["id"]
+    app.delete("/keys/ci", headers=AUTH, status=204)
+    new = bearer(make_key(app, "ci", "send")["key"])
+    app.get(f"/notifications/{first}", headers=new, status=403)
+    second = app.post_json("/push", {"title": "t"}, headers={**new, **same}).json["id"]
+    assert second != first  # not a replay of the old key's notification
+    document = app.get(f"/notifications/{second}", headers=new).json
+    assert document["created_by"] == "ci"
+    assert app.get(f"/notifications/{first}", headers=AUTH).json["created_by"] == "ci"
+
+
 def test_an_admin_idempotency_key_is_never_another_keys(app):
     ci = bearer(make_key(app, "ci", "send")["key"])
     by_admin = {**AUTH, "Idempotency-Key": "ci:x"}
