@@ -476,10 +476,29 @@ def _receipts_of(server: Server, notification_id: str, wanted: dict) -> dict:
 
 # The OS would fire these; a test dispatches them in the worker. The worker
 # must send its receipt before anything that needs a real (trusted) event.
-DISPATCH = """async (type) => {
+# Dispatches a made-up event in the worker and resolves, once what its
+# handler gave event.waitUntil has settled, with its error (null if none): a
+# made-up event does not keep the worker alive, so the test must, or a
+# loaded machine may stop the worker mid-way (a notification never shown, a
+# receipt never sent).
+UNTIL = """const until = (event) => {
+  let given = Promise.resolve();
+  Object.defineProperty(event, "waitUntil", { value: (p) => { given = Promise.resolve(p); } });
+  self.dispatchEvent(event);
+  return given.then(() => null, (error) => String(error));
+};"""
+
+DISPATCH = (
+    """async (type) => {
   const [shown] = await self.registration.getNotifications();
-  self.dispatchEvent(new NotificationEvent(type, { notification: shown }));
+  """
+    + UNTIL
+    + """
+  // A made-up click may not open a window (no user gesture): its error is
+  // given back, and its receipt is sent first all the same.
+  return await until(new NotificationEvent(type, { notification: shown }));
 }"""
+)
 
 
 @ON_BOTH_STORES
@@ -577,13 +596,19 @@ def test_a_newer_notification_with_the_same_tag_replaces_the_older(
 # Safari's "pushnotification" event (a mutable declarative message, where the
 # browser shows those itself), which Chromium does not fire: dispatched here
 # with the declared notification, as the Push API builds it.
-PUSH_NOTIFICATION = """(message) => {
+PUSH_NOTIFICATION = (
+    """async (message) => {
+  """
+    + UNTIL
+    + """
   const event = new ExtendableEvent("pushnotification");
   const declared = message.notification;
   Object.defineProperty(event, "notification", { value: { ...declared } });
   Object.defineProperty(event, "appBadge", { value: message.app_badge ?? null });
-  self.dispatchEvent(event);
+  const error = await until(event);
+  if (error) throw new Error(error);
 }"""
+)
 
 
 def test_a_mutable_declarative_message_lets_the_worker_show_it_and_report_it(
@@ -886,13 +911,19 @@ def test_a_time_zone_the_server_does_not_know_still_subscribes_the_browser_witho
 
 # The browser rotating a subscription, as the Push API builds the event (the
 # test cannot make real PushSubscription objects: these have their toJSON()).
-SUBSCRIPTION_CHANGE = """([old, renewed]) => {
+SUBSCRIPTION_CHANGE = (
+    """async ([old, renewed]) => {
+  """
+    + UNTIL
+    + """
   const subscription = (json) => ({ ...json, options: {}, toJSON: () => json });
   const event = new ExtendableEvent("pushsubscriptionchange");
   Object.defineProperty(event, "oldSubscription", { value: subscription(old) });
   Object.defineProperty(event, "newSubscription", { value: subscription(renewed) });
-  self.dispatchEvent(event);
+  const error = await until(event);
+  if (error) throw new Error(error);
 }"""
+)
 
 
 def test_a_rotated_subscription_is_reposted_by_the_worker_and_keeps_its_topics_and_person(
