@@ -145,6 +145,9 @@ def _regex(value: str) -> str | None:
     return None
 
 
+MIN_RATE, MAX_RATE_ALLOWED = 60, 1_000_000  # messages per minute: rate, MAX_RATE
+
+
 @functools.lru_cache(maxsize=1024)
 def known_timezone(name: str) -> bool:
     """Whether ``name`` is an IANA time zone this machine knows (zoneinfo)."""
@@ -285,7 +288,9 @@ class Settings:
         "most messages per minute one notification is sent at, whatever its "
         "'rate' says (0: unlimited)",
         check=lambda v: (
-            None if v == 0 or 60 <= v <= 1_000_000 else "must be 0 or 60 to 1000000"
+            None
+            if v == 0 or MIN_RATE <= v <= MAX_RATE_ALLOWED
+            else f"must be 0 or {MIN_RATE} to {MAX_RATE_ALLOWED}"
         ),
     )
     default_timezone: str = _setting(
@@ -1319,7 +1324,6 @@ def parse_rfc3339(text: str) -> float | None:
 
 # Delivery policy (a push's "rate" and "send_at_local"; MAX_PER_DAY and
 # STALE_AFTER_DAYS), applied by NotificationEngine.
-MIN_RATE, MAX_RATE_ALLOWED = 60, 1_000_000  # messages per minute
 DAY = 86400
 # The earliest wall clock on Earth is UTC+14 (Kiritimati): a send_at_local
 # is due there first, and nowhere later than at UTC-12.
@@ -1340,6 +1344,11 @@ def local_instant(local: str, zone: str) -> float:
 
     moment = datetime.fromisoformat(local).replace(tzinfo=zoneinfo.ZoneInfo(zone))
     return moment.timestamp()
+
+
+def earliest_instant(local: str) -> float:
+    """When the wall-clock time ``local`` comes first anywhere (UTC+14)."""
+    return local_instant(local, "UTC") - EARLIEST_OFFSET
 
 
 def _zero_counts() -> dict[str, dict[str, int]]:
@@ -1385,8 +1394,7 @@ def new_notification(
     ``policy``: its ``rate`` and ``send_at_local``, if any."""
     policy = {k: v for k, v in (policy or {}).items() if v is not None}
     if policy.get("send_at_local"):  # due first where that time comes first
-        send_at = local_instant(policy["send_at_local"], "UTC") - EARLIEST_OFFSET
-        send_at = max(now, send_at)
+        send_at = max(now, earliest_instant(policy["send_at_local"]))
     due = now if send_at is None else send_at
     notification_id = secrets.token_urlsafe(12)
     while notification_id.startswith("-"):  # an id a command line takes for an option
@@ -6304,11 +6312,15 @@ class NotificationEngine:
             log.warning("notification %s: %s", notification_id, FCM_ELSEWHERE)
         return sendable, settled
 
-    def _settle(self, settled: list[PushOutcome]) -> None:
-        """Apply the outcomes ``_policy`` decided (a stale one is removed) and
-        count them as the delivery's are counted (metrics), once: when their
-        batch is recorded, not when it goes back to the store."""
-        apply_outcomes(self.store, settled, self.prune_after, self.max_per_day)
+    def _settle(
+        self, settled: list[PushOutcome], delivered: list[PushOutcome] = ()
+    ) -> None:
+        """Apply a batch's outcomes, those ``_policy`` decided (a stale one is
+        removed) with the ``delivered`` ones, and count the former as the
+        delivery counts the latter (metrics), once: when their batch is
+        recorded, not when it goes back to the store."""
+        outcomes = [*settled, *delivered]
+        apply_outcomes(self.store, outcomes, self.prune_after, self.max_per_day)
         if settled:
             for observe in self.delivery.observers:
                 observe(settled)
@@ -6403,9 +6415,8 @@ class NotificationEngine:
         except Exception:  # a bug: the batch goes back, not lost
             log.exception("notification %s: a batch failed", batch.notification)
             outcomes = []
-        self._settle(failed)
         reached = [o for o in outcomes if o.result != "unsent"]
-        apply_outcomes(self.store, reached, self.prune_after, self.max_per_day)
+        self._settle(failed, reached)
         reached = failed + reached
         done = {o.record_id for o in reached}
         return batch, reached, [i for i in ids if i not in done], vanished
@@ -7418,7 +7429,7 @@ class Validator:
             try:
                 if not isinstance(local, str) or not LOCAL_TIME_RE.fullmatch(local):
                     raise ValueError
-                earliest = local_instant(local, "UTC") - EARLIEST_OFFSET
+                earliest = earliest_instant(local)
             except (ValueError, OverflowError):
                 raise ApiError(
                     400,
